@@ -1,0 +1,1 @@
+//! Throughput benchmarks live under benches/benches/.

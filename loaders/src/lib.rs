@@ -1,0 +1,1 @@
+//! mmkd-loaders

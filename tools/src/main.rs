@@ -1,0 +1,40 @@
+//! `mmkd`: the command line of the engine.
+//!
+//! Subcommands are grouped by the crate they drive; each group lives in its own
+//! module and is flattened into one top-level command list.
+
+mod data;
+mod kernel;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "mmkd", version, about = "Multi-teacher distillation of biomedical CLIP students")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Data(data::DataCommand),
+    #[command(flatten)]
+    Kernel(kernel::KernelCommand),
+    #[command(flatten)]
+    Train(train::TrainCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Data(c) => data::run(c),
+        Command::Kernel(c) => kernel::run(c),
+        Command::Train(c) => train::run(c),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
