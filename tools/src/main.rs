@@ -10,7 +10,11 @@ mod train;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "mmkd", version, about = "Multi-teacher distillation of biomedical CLIP students")]
+#[command(
+    name = "mmkd",
+    version,
+    about = "Multi-teacher distillation of biomedical CLIP students"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,30 @@
+//! GPU timing of the tensor-core GEMM and the fused attention at the student model's shapes,
+//! after a correctness check of each against its CPU reference (see
+//! `mmkd_kernels::gemm_attn_bench`). The PyTorch side of the comparison is
+//! `tools/torch_gemm_attn_bench.py`, with the same cases.
+//!
+//! Run: `cargo bench -p mmkd-benches --bench gemm_attn` (JSON to `$MMKD_BENCH_JSON` when set).
+//! Without a GPU it says so and exits successfully; a failed check exits with an error.
+
+use anyhow::{bail, Context, Result};
+use mmkd_kernels::gemm_attn_bench::{run, BenchConfig};
+use mmkd_kernels::{Device, DeviceRequest};
+
+fn main() -> Result<()> {
+    let gpu = match Device::select(DeviceRequest::Auto)? {
+        Device::Cuda(g) => g,
+        Device::Cpu => {
+            println!("no GPU: gemm_attn benchmark not run");
+            return Ok(());
+        }
+    };
+    let report = run(&gpu, &BenchConfig::default())?;
+    print!("{}", report.render());
+    if let Ok(path) = std::env::var("MMKD_BENCH_JSON") {
+        std::fs::write(&path, report.to_json()?).with_context(|| format!("writing {path}"))?;
+    }
+    if !report.passed() {
+        bail!("a GEMM or attention kernel disagrees with its CPU reference (see the checks above)");
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Row helpers shared by the losses: L2 normalisation with its backward, and cross-entropy of a
+//! score matrix against its diagonal with an optional column mask.
+
+/// `F.normalize`'s floor on the norm: `x / max(‖x‖, EPS)`.
+const EPS: f64 = 1e-12;
+
+/// Normalises each row of `x` `[N, D]`; returns the normalised rows and each row's divisor
+/// `max(‖x_i‖, EPS)`.
+pub(crate) fn normalize(x: &[f64], d: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut out = x.to_vec();
+    let mut norms = Vec::with_capacity(x.len() / d.max(1));
+    for row in out.chunks_exact_mut(d) {
+        let n = row.iter().map(|v| v * v).sum::<f64>().sqrt().max(EPS);
+        row.iter_mut().for_each(|v| *v /= n);
+        norms.push(n);
+    }
+    (out, norms)
+}
+
+/// Backward of [`normalize`]: given `g = dL/dx̂`, returns `dL/dx = (g − x̂ (g·x̂)) / ‖x‖` per row.
+/// (Below the floor the divisor is constant and the map is linear: `dL/dx = g / EPS`.)
+pub(crate) fn normalize_backward(xhat: &[f64], norms: &[f64], g: &[f64], d: usize) -> Vec<f64> {
+    let mut out = vec![0.0; g.len()];
+    for (i, (o, (gr, xr))) in out
+        .chunks_exact_mut(d)
+        .zip(g.chunks_exact(d).zip(xhat.chunks_exact(d)))
+        .enumerate()
+    {
+        let n = norms[i];
+        if n <= EPS {
+            o.iter_mut().zip(gr).for_each(|(o, g)| *o = g / n);
+            continue;
+        }
+        let dot: f64 = gr.iter().zip(xr).map(|(a, b)| a * b).sum();
+        for ((o, g), x) in o.iter_mut().zip(gr).zip(xr) {
+            *o = (g - x * dot) / n;
+        }
+    }
+    out
+}
+
+/// Dot product of two equal-length rows.
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Cross-entropy of one row of logits `z` against target column `target`, restricted to the
+/// columns where `keep` is true. Returns the loss and writes `softmax − onehot` (zero on dropped
+/// columns) into `dz`, the gradient of the loss with respect to `z`.
+pub(crate) fn ce_row(
+    z: &[f64],
+    keep: impl Fn(usize) -> bool,
+    target: usize,
+    dz: &mut [f64],
+) -> f64 {
+    let mut m = f64::NEG_INFINITY;
+    for (j, &v) in z.iter().enumerate() {
+        if keep(j) && v > m {
+            m = v;
+        }
+    }
+    let mut sum = 0.0;
+    for (j, &v) in z.iter().enumerate() {
+        dz[j] = if keep(j) { (v - m).exp() } else { 0.0 };
+        sum += dz[j];
+    }
+    dz.iter_mut().for_each(|p| *p /= sum);
+    dz[target] -= 1.0;
+    // −log softmax(z)_target = logsumexp(z) − z_target.
+    m + sum.ln() - z[target]
+}
+
+/// Gradients returned by [`contrastive`].
+pub(crate) struct ContrastiveGrads {
+    /// dL/da `[N, D]`.
+    pub(crate) da: Vec<f64>,
+    /// dL/db `[N, D]`.
+    pub(crate) db: Vec<f64>,
+    /// dL/dscale.
+    pub(crate) dscale: f64,
+}
+
+/// `L = Σ_i w_i · CE(scale · a_i Bᵀ, i)` over rows `a_i` of `a` `[N, D]` against the rows of `b`
+/// `[N, D]`, where only the columns `j` with `keep[j]` enter the softmax and rows with `w_i = 0`
+/// are skipped. With `w_i = 1/N` and everything kept this is the mean cross-entropy against the
+/// diagonal used by CLIP. Gradients: with `p_ij` the masked softmax and `G_ij = w_i (p_ij − δ_ij)`,
+/// `dL/da_i = scale Σ_j G_ij b_j`, `dL/db_j = scale Σ_i G_ij a_i`, `dL/dscale = Σ_ij G_ij a_i·b_j`.
+pub(crate) fn contrastive(
+    a: &[f64],
+    b: &[f64],
+    scale: f64,
+    w: &[f64],
+    keep: &[bool],
+    d: usize,
+) -> (f64, ContrastiveGrads) {
+    let n = w.len();
+    let mut loss = 0.0;
+    let mut da = vec![0.0; n * d];
+    let mut db = vec![0.0; n * d];
+    let mut dscale = 0.0;
+    let mut sim = vec![0.0; n];
+    let mut g = vec![0.0; n];
+    for i in 0..n {
+        if w[i] == 0.0 {
+            continue;
+        }
+        let ai = &a[i * d..(i + 1) * d];
+        for (j, s) in sim.iter_mut().enumerate() {
+            *s = if keep[j] {
+                scale * dot(ai, &b[j * d..(j + 1) * d])
+            } else {
+                0.0
+            };
+        }
+        loss += w[i] * ce_row(&sim, |j| keep[j], i, &mut g);
+        for j in 0..n {
+            let gij = w[i] * g[j];
+            if gij == 0.0 {
+                continue;
+            }
+            // sim holds scale·a_i·b_j, so a_i·b_j = sim / scale; recompute instead to stay exact
+            // when scale is 0.
+            let bj = &b[j * d..(j + 1) * d];
+            dscale += gij * dot(ai, bj);
+            let dai = &mut da[i * d..(i + 1) * d];
+            for (o, v) in dai.iter_mut().zip(bj) {
+                *o += scale * gij * v;
+            }
+            let dbj = &mut db[j * d..(j + 1) * d];
+            for (o, v) in dbj.iter_mut().zip(ai) {
+                *o += scale * gij * v;
+            }
+        }
+    }
+    (loss, ContrastiveGrads { da, db, dscale })
+}

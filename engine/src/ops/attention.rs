@@ -1,0 +1,287 @@
+//! Fused multi-head self-attention core (after the QKV projection, before the output one).
+//!
+//! Input `qkv (B, L, 3W)` packed as `[Q | K | V]` along the last axis, each split into `H` heads
+//! of width `d = W/H` (open_clip `in_proj` and BERT query/key/value order). Output `o (B, L, W)`.
+//! Per batch `b` and head `h`:
+//!   `S = Q Kᵀ / √d + M` (L, L), where `M` is −∞ at keys `j ≥ len[b]` (key padding) and at
+//!   `j > i` (causal);  `P = softmax_rows(S)`;  `O = P V`.
+//! A row whose keys are all masked has `P = 0` and output zero (never NaN).
+//! Backward (P saved, `(B, H, L, L)`):
+//!   `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ∘ (dP − rowsum(dP ∘ P))`,
+//!   `dQ = dS K / √d`, `dK = dSᵀ Q / √d`.
+//! Work is parallel over the batch; each batch item owns its slab of `o`, `P` and `dqkv`, so
+//! there are no write races.
+
+use crate::error::{shape_err, EngineError, Result};
+use crate::ops::matmul::{gemm, Mat};
+use crate::real::Real;
+use crate::tape::{Grads, Node, Op, Tape, Var};
+use rayon::prelude::*;
+
+/// Attention geometry and masking.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttnSpec {
+    /// Batch size B.
+    pub batch: usize,
+    /// Sequence length L.
+    pub len: usize,
+    /// Number of heads H.
+    pub heads: usize,
+    /// Model width W (= H · d).
+    pub width: usize,
+    /// Valid keys per batch item (key-padding mask); `None` = all L keys valid.
+    pub lengths: Option<Vec<usize>>,
+    /// Mask keys after the query position.
+    pub causal: bool,
+}
+
+impl AttnSpec {
+    fn valid(&self, b: usize) -> usize {
+        self.lengths
+            .as_ref()
+            .map_or(self.len, |l| l[b].min(self.len))
+    }
+}
+
+/// Softmax of the masked, scaled score rows of one (batch, head) in place.
+fn softmax_rows<T: Real>(p: &mut [T], l: usize, valid: usize, causal: bool, scale: T) {
+    for i in 0..l {
+        let row = &mut p[i * l..(i + 1) * l];
+        let end = if causal { valid.min(i + 1) } else { valid };
+        if end == 0 {
+            row.iter_mut().for_each(|v| *v = T::zero());
+            continue;
+        }
+        let mut mx = row[0] * scale;
+        for v in &row[..end] {
+            mx = mx.max(*v * scale);
+        }
+        let mut sum = T::zero();
+        for v in &mut row[..end] {
+            *v = (*v * scale - mx).exp();
+            sum += *v;
+        }
+        let inv = T::one() / sum;
+        for v in &mut row[..end] {
+            *v *= inv;
+        }
+        row[end..].iter_mut().for_each(|v| *v = T::zero());
+    }
+}
+
+/// CPU forward. `probs` (B·H·L·L) receives P when given (training); otherwise a scratch buffer
+/// per batch item is used.
+pub fn forward<T: Real>(qkv: &[T], spec: &AttnSpec, out: &mut [T], probs: Option<&mut [T]>) {
+    let (l, w, h) = (spec.len, spec.width, spec.heads);
+    let d = w / h;
+    let scale = T::from_f64(1.0 / (d as f64).sqrt());
+    let body = |b: usize, ob: &mut [T], pb: &mut [T], per_head: bool| {
+        let xb = &qkv[b * l * 3 * w..(b + 1) * l * 3 * w];
+        let valid = spec.valid(b);
+        for hd in 0..h {
+            let p = if per_head {
+                &mut pb[hd * l * l..(hd + 1) * l * l]
+            } else {
+                &mut pb[..]
+            };
+            let q = Mat {
+                data: &xb[hd * d..],
+                rs: 3 * w,
+                cs: 1,
+            };
+            let kt = Mat {
+                data: &xb[w + hd * d..],
+                rs: 1,
+                cs: 3 * w,
+            };
+            gemm(l, l, d, p, l, q, kt, false, false);
+            softmax_rows(p, l, valid, spec.causal, scale);
+            let v = Mat {
+                data: &xb[2 * w + hd * d..],
+                rs: 3 * w,
+                cs: 1,
+            };
+            gemm(
+                l,
+                d,
+                l,
+                &mut ob[hd * d..],
+                w,
+                Mat::rm(p, l),
+                v,
+                false,
+                false,
+            );
+        }
+    };
+    match probs {
+        Some(pr) => out
+            .par_chunks_mut(l * w)
+            .zip(pr.par_chunks_mut(h * l * l))
+            .enumerate()
+            .for_each(|(b, (ob, pb))| body(b, ob, pb, true)),
+        None => out.par_chunks_mut(l * w).enumerate().for_each(|(b, ob)| {
+            let mut scratch = vec![T::zero(); l * l];
+            body(b, ob, &mut scratch, false)
+        }),
+    }
+}
+
+/// CPU backward: accumulates into `dqkv (B, L, 3W)`.
+pub fn backward_cpu<T: Real>(qkv: &[T], probs: &[T], dout: &[T], spec: &AttnSpec, dqkv: &mut [T]) {
+    let (l, w, h) = (spec.len, spec.width, spec.heads);
+    let d = w / h;
+    let scale = T::from_f64(1.0 / (d as f64).sqrt());
+    dqkv.par_chunks_mut(l * 3 * w)
+        .enumerate()
+        .for_each(|(b, dxb)| {
+            let xb = &qkv[b * l * 3 * w..(b + 1) * l * 3 * w];
+            let dob = &dout[b * l * w..(b + 1) * l * w];
+            let mut ds = vec![T::zero(); l * l];
+            for hd in 0..h {
+                let p = &probs[(b * h + hd) * l * l..(b * h + hd + 1) * l * l];
+                let dout_h = Mat {
+                    data: &dob[hd * d..],
+                    rs: w,
+                    cs: 1,
+                };
+                // dV (L, d) += Pᵀ dO
+                gemm(
+                    l,
+                    d,
+                    l,
+                    &mut dxb[2 * w + hd * d..],
+                    3 * w,
+                    Mat::rm_t(p, l),
+                    dout_h,
+                    true,
+                    false,
+                );
+                // dP (L, L) = dO Vᵀ
+                let vt = Mat {
+                    data: &xb[2 * w + hd * d..],
+                    rs: 1,
+                    cs: 3 * w,
+                };
+                gemm(l, l, d, &mut ds, l, dout_h, vt, false, false);
+                // dS = P ∘ (dP − rowsum(dP ∘ P)), with the 1/√d of S folded in.
+                for i in 0..l {
+                    let (pr, dr) = (&p[i * l..(i + 1) * l], &mut ds[i * l..(i + 1) * l]);
+                    let mut dot = T::zero();
+                    for j in 0..l {
+                        dot += pr[j] * dr[j];
+                    }
+                    for j in 0..l {
+                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+                    }
+                }
+                // dQ (L, d) += dS K ;  dK (L, d) += dSᵀ Q
+                let k = Mat {
+                    data: &xb[w + hd * d..],
+                    rs: 3 * w,
+                    cs: 1,
+                };
+                gemm(
+                    l,
+                    d,
+                    l,
+                    &mut dxb[hd * d..],
+                    3 * w,
+                    Mat::rm(&ds, l),
+                    k,
+                    true,
+                    false,
+                );
+                let q = Mat {
+                    data: &xb[hd * d..],
+                    rs: 3 * w,
+                    cs: 1,
+                };
+                gemm(
+                    l,
+                    d,
+                    l,
+                    &mut dxb[w + hd * d..],
+                    3 * w,
+                    Mat::rm_t(&ds, l),
+                    q,
+                    true,
+                    false,
+                );
+            }
+        });
+}
+
+pub(crate) struct Saved {
+    qkv: Var,
+    spec: AttnSpec,
+    probs: Vec<f32>,
+}
+
+impl Saved {
+    pub(crate) fn bytes(&self) -> usize {
+        self.probs.len() * 4
+    }
+}
+
+impl Tape {
+    /// Multi-head attention over packed `qkv (B, L, 3W)` → `(B, L, W)`. `lengths` (one per
+    /// batch item, at most L) masks padded keys; `causal` masks future keys.
+    pub fn attention(
+        &mut self,
+        qkv: Var,
+        heads: usize,
+        lengths: Option<&[usize]>,
+        causal: bool,
+    ) -> Result<Var> {
+        self.check_var("attention", qkv)?;
+        let s = self.shape(qkv).to_vec();
+        if s.len() != 3 || s[2] % 3 != 0 || heads == 0 || (s[2] / 3) % heads != 0 {
+            return shape_err(
+                "attention",
+                format!("qkv must be (B, L, 3W) with W divisible by {heads} heads, got {s:?}"),
+            );
+        }
+        if let Some(lens) = lengths {
+            if lens.len() != s[0] {
+                return Err(EngineError::Input(format!(
+                    "attention: {} lengths for a batch of {}",
+                    lens.len(),
+                    s[0]
+                )));
+            }
+        }
+        self.dispatch("attention")?;
+        let spec = AttnSpec {
+            batch: s[0],
+            len: s[1],
+            heads,
+            width: s[2] / 3,
+            lengths: lengths.map(|l| l.to_vec()),
+            causal,
+        };
+        let mut out = vec![0.0f32; s[0] * s[1] * spec.width];
+        let record = self.is_recording();
+        let mut probs = if record {
+            vec![0.0f32; s[0] * heads * s[1] * s[1]]
+        } else {
+            Vec::new()
+        };
+        forward(
+            self.value(qkv),
+            &spec,
+            &mut out,
+            record.then_some(&mut probs[..]),
+        );
+        let shape = vec![s[0], s[1], spec.width];
+        let ng = self.needs_grad(qkv);
+        Ok(self.push(out, shape, ng, Op::Attention(Saved { qkv, spec, probs })))
+    }
+}
+
+pub(crate) fn backward(s: &Saved, dy: &[f32], nodes: &[Node], g: &mut Grads) {
+    if nodes[s.qkv.0].needs_grad {
+        let x = &nodes[s.qkv.0].value;
+        backward_cpu(x, &s.probs, dy, &s.spec, g.of(nodes, s.qkv));
+    }
+}

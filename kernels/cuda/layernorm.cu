@@ -1,0 +1,156 @@
+// layernorm.cu: LayerNorm fused with the residual add, forward and backward.
+//
+// Forward, per row n of (N, C):   s = x + r  (rounded to bf16 and stored: the residual stream)
+//                                 mean = Σ s / C,  rstd = 1 / sqrt(Σ (s - mean)² / C + eps)
+//                                 y = (s - mean) · rstd · gamma + beta
+// Backward, with xhat = (s - mean) · rstd and g = dy · gamma:
+//                                 ds = rstd · (g - mean(g) - xhat · mean(g · xhat)) + dres
+//                                 dgamma = Σ_n dy · xhat,  dbeta = Σ_n dy
+// ds is the gradient of both x and r. dres is the gradient arriving at s along the residual
+// path (may be null). Storage is bf16, statistics and sums fp32. dgamma/dbeta are reduced in
+// two deterministic passes (per-block partials, then a fixed-order sum), so a rerun is
+// bit-identical: no float atomics.
+//
+// Defines: layernorm_fwd, layernorm_bwd, layernorm_bwd_reduce.
+// Test-only variants (kernels/build.rs, "mmkd-emu-variant" lines below):
+//   MMKD_LN_BROKEN_INDEX   the forward reads x one column too far (off by one)
+//   MMKD_LN_BROKEN_BARRIER the block reduction lacks the barrier before the partials are read
+// mmkd-emu-variant: broken_index MMKD_LN_BROKEN_INDEX
+// mmkd-emu-variant: broken_barrier MMKD_LN_BROKEN_BARRIER
+#include "prelude.cuh"
+
+#define LN_MAX_WARPS 32
+
+MMKD_DEVICE float ln_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum of v over the block, returned to every thread. `scratch` holds one float per warp.
+// Requires blockDim.x to be a multiple of 32.
+MMKD_DEVICE float ln_block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    v = ln_warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+#ifndef MMKD_LN_BROKEN_BARRIER
+    __syncthreads();
+#endif
+    float t = lane < nwarps ? scratch[lane] : 0.0f;
+    t = ln_warp_sum(t);
+    __syncthreads();  // scratch is reused by the next call
+    return t;
+}
+
+// grid (N), block (T: multiple of 32, ≤ 1024)
+MMKD_KERNEL void layernorm_fwd(const mmkd_bf16* __restrict__ x,      // (N, C)
+                               const mmkd_bf16* __restrict__ r,      // (N, C)
+                               const mmkd_bf16* __restrict__ gamma,  // (C)
+                               const mmkd_bf16* __restrict__ beta,   // (C)
+                               mmkd_bf16* __restrict__ s,            // (N, C) out: x + r
+                               mmkd_bf16* __restrict__ y,            // (N, C) out
+                               float* __restrict__ mean,             // (N) out
+                               float* __restrict__ rstd,             // (N) out
+                               int C, float eps) {
+    __shared__ float scratch[LN_MAX_WARPS];
+    const long row = blockIdx.x;
+    const mmkd_bf16* xr = x + row * C;
+    const mmkd_bf16* rr = r + row * C;
+    mmkd_bf16* sr = s + row * C;
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+#ifdef MMKD_LN_BROKEN_INDEX
+        const int cx = c + 1 < C ? c + 1 : c;
+#else
+        const int cx = c;
+#endif
+        // Round the sum to bf16 first: the statistics must describe the stored residual stream.
+        const mmkd_bf16 sb = f32_to_bf16(bf16_to_f32(xr[cx]) + bf16_to_f32(rr[c]));
+        sr[c] = sb;
+        sum += bf16_to_f32(sb);
+    }
+    const float mu = ln_block_sum(sum, scratch) / C;
+    // Second pass over the row (from global memory, cached) for a numerically safe variance.
+    float sq = 0.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        const float d = bf16_to_f32(sr[c]) - mu;
+        sq += d * d;
+    }
+    const float rs = rsqrtf(ln_block_sum(sq, scratch) / C + eps);
+    mmkd_bf16* yr = y + row * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        const float xhat = (bf16_to_f32(sr[c]) - mu) * rs;
+        yr[c] = f32_to_bf16(xhat * bf16_to_f32(gamma[c]) + bf16_to_f32(beta[c]));
+    }
+    if (threadIdx.x == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
+    }
+}
+MMKD_EXPORT(layernorm_fwd)
+
+// grid (G ≤ N), block (T: multiple of 32); dynamic shared memory 2·C floats.
+// Block b handles rows b, b + G, ... and writes its column partials to part[b].
+MMKD_KERNEL void layernorm_bwd(const mmkd_bf16* __restrict__ dy,     // (N, C)
+                               const mmkd_bf16* __restrict__ s,      // (N, C)
+                               const mmkd_bf16* __restrict__ gamma,  // (C)
+                               const float* __restrict__ mean,       // (N)
+                               const float* __restrict__ rstd,       // (N)
+                               const mmkd_bf16* __restrict__ dres,   // (N, C) or null
+                               mmkd_bf16* __restrict__ ds,           // (N, C) out
+                               float* __restrict__ part,             // (G, 2, C) out: dgamma, dbeta
+                               int N, int C) {
+    __shared__ float scratch[LN_MAX_WARPS];
+    MMKD_DYNAMIC_SMEM(float, acc);  // (2, C): this block's dgamma, dbeta
+    // Column c belongs to one thread for the whole kernel, so acc needs no atomics.
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        acc[c] = 0.0f;
+        acc[C + c] = 0.0f;
+    }
+    for (long row = blockIdx.x; row < N; row += gridDim.x) {
+        const mmkd_bf16* dyr = dy + row * C;
+        const mmkd_bf16* sr = s + row * C;
+        const float mu = mean[row], rs = rstd[row];
+        float sg = 0.0f, sgx = 0.0f;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            const float xhat = (bf16_to_f32(sr[c]) - mu) * rs;
+            const float g = bf16_to_f32(dyr[c]) * bf16_to_f32(gamma[c]);
+            sg += g;
+            sgx += g * xhat;
+        }
+        const float mg = ln_block_sum(sg, scratch) / C;
+        const float mgx = ln_block_sum(sgx, scratch) / C;
+        mmkd_bf16* dsr = ds + row * C;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            const float xhat = (bf16_to_f32(sr[c]) - mu) * rs;
+            const float d = bf16_to_f32(dyr[c]);
+            float v = rs * (d * bf16_to_f32(gamma[c]) - mg - xhat * mgx);
+            if (dres != nullptr) v += bf16_to_f32(dres[row * C + c]);
+            dsr[c] = f32_to_bf16(v);
+            acc[c] += d * xhat;
+            acc[C + c] += d;
+        }
+    }
+    float* pb = part + (long)blockIdx.x * 2 * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        pb[c] = acc[c];
+        pb[C + c] = acc[C + c];
+    }
+}
+MMKD_EXPORT(layernorm_bwd)
+
+// grid (ceil(C / T)), block (T). Sums the G partials of each column in block order.
+MMKD_KERNEL void layernorm_bwd_reduce(const float* __restrict__ part,  // (G, 2, C)
+                                      float* __restrict__ dgamma,      // (C) out
+                                      float* __restrict__ dbeta,       // (C) out
+                                      int G, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float g = 0.0f, b = 0.0f;
+    for (int i = 0; i < G; ++i) {
+        g += part[(long)i * 2 * C + c];
+        b += part[(long)i * 2 * C + C + c];
+    }
+    dgamma[c] = g;
+    dbeta[c] = b;
+}
+MMKD_EXPORT(layernorm_bwd_reduce)

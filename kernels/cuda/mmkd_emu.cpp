@@ -1,0 +1,386 @@
+// mmkd_emu.cpp: the fiber scheduler, warp exchange and matrix-fragment emulation behind
+// mmkd_emu.h. Compiled once into the emulation library by kernels/build.rs.
+#include "mmkd_emu.h"
+
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace mmkd_emu {
+namespace {
+
+enum State { RUNNABLE, WAIT_BAR, WAIT_WARP, DONE };
+
+struct Copy {
+    void* dst;
+    const void* src;
+    int bytes;
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    dim3 tid;
+    unsigned linear;
+    State state;
+    std::vector<Copy> open;                 // cp.async issued since the last commit
+    std::vector<std::vector<Copy>> groups;  // committed, not yet waited for
+};
+
+struct Warp {
+    unsigned existing;  // lanes that exist (the last warp of a block may be partial)
+    unsigned arrived;
+    int tag;
+    unsigned mask;
+    uint32_t deposit[32][8];
+    uint32_t snap[32][8];
+};
+
+// Fiber order policy: 0 forward, 1 reverse, 2 seeded shuffle (per block).
+struct Schedule {
+    int mode = -1;
+    uint64_t seed = 0;
+};
+
+struct Block {
+    dim3 bdim, bidx, gdim;
+    unsigned nthreads = 0;
+    unsigned live = 0;
+    unsigned bar_arrived = 0;
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    std::vector<unsigned> order;
+    ucontext_t sched;
+    void (*body)(void*) = nullptr;
+    void* ctx = nullptr;
+    unsigned char* dyn_smem = nullptr;
+    bool failed = false;
+};
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+thread_local Block* g_block = nullptr;
+thread_local Fiber* g_fiber = nullptr;
+thread_local std::string g_error;
+thread_local Schedule g_schedule;
+
+Schedule current_schedule() {
+    if (g_schedule.mode >= 0) return g_schedule;
+    Schedule s;
+    s.mode = 0;
+    if (const char* e = std::getenv("MMKD_EMU_SCHEDULE")) {
+        std::string v(e);
+        if (v == "reverse") s.mode = 1;
+        else if (v.rfind("seed:", 0) == 0) {
+            s.mode = 2;
+            s.seed = std::strtoull(v.c_str() + 5, nullptr, 10);
+        }
+    }
+    return s;
+}
+
+uint64_t splitmix(uint64_t& x) {
+    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void yield_to_scheduler() { swapcontext(&g_fiber->ctx, &g_block->sched); }
+
+void release_barrier(Block& b) {
+    for (auto& f : b.fibers)
+        if (f.state == WAIT_BAR) f.state = RUNNABLE;
+    b.bar_arrived = 0;
+}
+
+unsigned expected_lanes(const Warp& w) { return (unsigned)__builtin_popcount(w.mask & w.existing); }
+
+void release_warp(Block& b, unsigned warp) {
+    Warp& w = b.warps[warp];
+    std::memcpy(w.snap, w.deposit, sizeof(w.snap));
+    w.arrived = 0;
+    unsigned first = warp * 32, last = first + 32 < b.nthreads ? first + 32 : b.nthreads;
+    for (unsigned i = first; i < last; ++i)
+        if (b.fibers[i].state == WAIT_WARP) b.fibers[i].state = RUNNABLE;
+}
+
+void fiber_entry() {
+    Block& b = *g_block;
+    b.body(b.ctx);
+    Fiber& f = *g_fiber;
+    f.state = DONE;
+    b.live--;
+    // An exited thread no longer holds up a barrier.
+    if (b.bar_arrived > 0 && b.bar_arrived == b.live) release_barrier(b);
+    swapcontext(&f.ctx, &b.sched);
+}
+
+bool run_block(Block& b, std::vector<char*>& stacks) {
+    b.live = b.nthreads;
+    b.bar_arrived = 0;
+    for (unsigned w = 0; w < b.warps.size(); ++w) {
+        Warp& wp = b.warps[w];
+        unsigned lanes = b.nthreads - w * 32 < 32 ? b.nthreads - w * 32 : 32;
+        wp.existing = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
+        wp.arrived = 0;
+        wp.tag = 0;
+        wp.mask = 0;
+    }
+    for (unsigned i = 0; i < b.nthreads; ++i) {
+        Fiber& f = b.fibers[i];
+        f.linear = i;
+        f.tid = dim3{i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y)};
+        f.state = RUNNABLE;
+        f.open.clear();
+        f.groups.clear();
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = stacks[i];
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, fiber_entry, 0);
+    }
+    for (;;) {
+        bool progress = false;
+        for (unsigned k = 0; k < b.nthreads; ++k) {
+            Fiber& f = b.fibers[b.order[k]];
+            if (f.state != RUNNABLE) continue;
+            g_fiber = &f;
+            swapcontext(&b.sched, &f.ctx);
+            g_fiber = nullptr;
+            if (b.failed) return false;
+            progress = true;
+        }
+        if (b.live == 0) return true;
+        if (!progress) {
+            unsigned at_bar = 0, at_warp = 0;
+            for (auto& f : b.fibers) {
+                at_bar += f.state == WAIT_BAR;
+                at_warp += f.state == WAIT_WARP;
+            }
+            char buf[256];
+            std::snprintf(buf, sizeof buf,
+                          "deadlock in block (%u,%u,%u): %u threads wait at __syncthreads, %u at a "
+                          "warp operation, %u exited (barrier in divergent code, or a lane of the "
+                          "mask exited)",
+                          b.bidx.x, b.bidx.y, b.bidx.z, at_bar, at_warp, b.nthreads - b.live);
+            g_error = buf;
+            return false;
+        }
+    }
+}
+
+}  // namespace
+
+const dim3& thread_idx() { return g_fiber->tid; }
+const dim3& block_idx() { return g_block->bidx; }
+const dim3& block_dim() { return g_block->bdim; }
+const dim3& grid_dim() { return g_block->gdim; }
+unsigned char* dynamic_smem() { return g_block->dyn_smem; }
+unsigned lane_id() { return g_fiber->linear % 32; }
+
+void fail(const char* msg) {
+    char buf[320];
+    std::snprintf(buf, sizeof buf, "%s (block (%u,%u,%u), thread (%u,%u,%u))", msg, g_block->bidx.x,
+                  g_block->bidx.y, g_block->bidx.z, g_fiber->tid.x, g_fiber->tid.y, g_fiber->tid.z);
+    g_error = buf;
+    g_block->failed = true;
+    g_fiber->state = DONE;
+    swapcontext(&g_fiber->ctx, &g_block->sched);
+    std::abort();  // never resumed
+}
+
+void sync_threads() {
+    Block& b = *g_block;
+    b.bar_arrived++;
+    g_fiber->state = WAIT_BAR;
+    if (b.bar_arrived == b.live) {
+        release_barrier(b);
+        return;
+    }
+    yield_to_scheduler();
+}
+
+const uint32_t (*warp_exchange(int tag, unsigned mask, const uint32_t* words, int n))[8] {
+    Block& b = *g_block;
+    Fiber& f = *g_fiber;
+    unsigned lane = f.linear % 32;
+    Warp& w = b.warps[f.linear / 32];
+    if (!((mask >> lane) & 1u)) fail("warp operation by a lane not in its mask");
+    if (w.arrived == 0) {
+        w.tag = tag;
+        w.mask = mask;
+    } else if (w.tag != tag || w.mask != mask) {
+        fail("lanes of one warp at different warp operations (divergent warp code)");
+    }
+    for (int i = 0; i < n; ++i) w.deposit[lane][i] = words[i];
+    w.arrived++;
+    f.state = WAIT_WARP;
+    if (w.arrived == expected_lanes(w)) {
+        release_warp(b, f.linear / 32);
+    } else {
+        yield_to_scheduler();
+    }
+    // Safe to read after resuming: the snapshot changes only when this lane arrives again.
+    return w.snap;
+}
+
+void cp_async(void* dst, const void* src, int bytes) {
+    if (reinterpret_cast<uintptr_t>(dst) % bytes || reinterpret_cast<uintptr_t>(src) % bytes)
+        fail("cp.async: address not aligned to the copy size");
+    g_fiber->open.push_back(Copy{dst, src, bytes});
+}
+void cp_async_commit() {
+    Fiber& f = *g_fiber;
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+static void perform(const std::vector<Copy>& g) {
+    for (const Copy& c : g) std::memcpy(c.dst, c.src, (size_t)c.bytes);
+}
+void cp_async_wait(int pending_allowed) {
+    Fiber& f = *g_fiber;
+    while (f.groups.size() > (size_t)pending_allowed) {
+        perform(f.groups.front());
+        f.groups.erase(f.groups.begin());
+    }
+}
+void cp_async_wait_all() {
+    Fiber& f = *g_fiber;
+    for (auto& g : f.groups) perform(g);
+    f.groups.clear();
+    perform(f.open);
+    f.open.clear();
+}
+
+// mma.m16n8k16, fragments per the PTX ISA: groupID g = lane/4, t = lane%4.
+//   A (16x16, row-major): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
+//   B (16x8, "col"):      b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
+//   C, D (16x8 f32):      c0,c1 = C[g][2t], C[g][2t+1]; c2,c3 = C[g+8][2t], C[g+8][2t+1]
+// The lower-indexed element of a pair sits in the low 16 bits.
+void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    uint32_t w[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    auto snap = warp_exchange(TAG_MMA, 0xffffffffu, w, 6);
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        int g = l >> 2, t = l & 3;
+        const uint32_t* r = snap[l];
+        auto lo = [](uint32_t v) { return bf16_to_f32((mmkd_bf16)(v & 0xffffu)); };
+        auto hi = [](uint32_t v) { return bf16_to_f32((mmkd_bf16)(v >> 16)); };
+        A[g][2 * t] = lo(r[0]);
+        A[g][2 * t + 1] = hi(r[0]);
+        A[g + 8][2 * t] = lo(r[1]);
+        A[g + 8][2 * t + 1] = hi(r[1]);
+        A[g][2 * t + 8] = lo(r[2]);
+        A[g][2 * t + 9] = hi(r[2]);
+        A[g + 8][2 * t + 8] = lo(r[3]);
+        A[g + 8][2 * t + 9] = hi(r[3]);
+        B[2 * t][g] = lo(r[4]);
+        B[2 * t + 1][g] = hi(r[4]);
+        B[2 * t + 8][g] = lo(r[5]);
+        B[2 * t + 9][g] = hi(r[5]);
+    }
+    int lane = (int)lane_id(), g = lane >> 2, t = lane & 3;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+        float acc = c[i];
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];  // bf16 products are exact in fp32
+        out[i] = acc;
+    }
+    for (int i = 0; i < 4; ++i) d[i] = out[i];  // d may alias c
+}
+
+// ldmatrix.m8n8.b16: lanes 8i..8i+7 give the row addresses of matrix i (16-byte aligned rows of
+// 8 elements). Without .trans lane L receives row L/4, columns 2(L%4), 2(L%4)+1 of each matrix;
+// with .trans it receives column L/4, rows 2(L%4), 2(L%4)+1.
+void ldmatrix(int count, bool trans, unsigned* r, const void* row) {
+    uint64_t p = reinterpret_cast<uint64_t>(row);
+    if (p % 16 != 0) fail("ldmatrix: row address not 16-byte aligned");
+    uint32_t w[2] = {(uint32_t)p, (uint32_t)(p >> 32)};
+    auto snap = warp_exchange(TAG_LDMATRIX, 0xffffffffu, w, 2);
+    int lane = (int)lane_id();
+    for (int i = 0; i < count; ++i) {
+        auto row_ptr = [&](int j) {
+            const uint32_t* s = snap[8 * i + j];
+            return reinterpret_cast<const uint16_t*>((uint64_t)s[0] | ((uint64_t)s[1] << 32));
+        };
+        uint16_t lo, hi;
+        if (!trans) {
+            const uint16_t* rp = row_ptr(lane >> 2);
+            lo = rp[2 * (lane & 3)];
+            hi = rp[2 * (lane & 3) + 1];
+        } else {
+            lo = row_ptr(2 * (lane & 3))[lane >> 2];
+            hi = row_ptr(2 * (lane & 3) + 1)[lane >> 2];
+        }
+        r[i] = (unsigned)lo | ((unsigned)hi << 16);
+    }
+}
+
+const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
+    g_error.clear();
+    if (g_block != nullptr) {
+        g_error = "kernel launched from inside a kernel";
+        return g_error.c_str();
+    }
+    dim3 gd{cfg->grid[0], cfg->grid[1], cfg->grid[2]};
+    dim3 bd{cfg->block[0], cfg->block[1], cfg->block[2]};
+    uint64_t nthreads = (uint64_t)bd.x * bd.y * bd.z;
+    if (gd.x == 0 || gd.y == 0 || gd.z == 0 || nthreads == 0 || nthreads > 1024) {
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "invalid launch: grid (%u,%u,%u), block (%u,%u,%u)", gd.x, gd.y,
+                      gd.z, bd.x, bd.y, bd.z);
+        g_error = buf;
+        return g_error.c_str();
+    }
+    Block b;
+    b.bdim = bd;
+    b.gdim = gd;
+    b.nthreads = (unsigned)nthreads;
+    b.fibers.resize(b.nthreads);
+    b.warps.resize((b.nthreads + 31) / 32);
+    b.order.resize(b.nthreads);
+    b.body = body;
+    b.ctx = ctx;
+    std::vector<unsigned char> smem(cfg->shared_bytes + 16);
+    // Dynamic shared memory starts 16-byte aligned and poisoned (0xff bytes: NaN as float and
+    // bf16), so a read of something no thread wrote shows up.
+    uintptr_t base = reinterpret_cast<uintptr_t>(smem.data());
+    b.dyn_smem = smem.data() + ((16 - base % 16) % 16);
+    std::vector<char*> stacks(b.nthreads);
+    for (auto& s : stacks) s = static_cast<char*>(std::malloc(kStackBytes));
+    Schedule sch = current_schedule();
+    uint64_t rng = sch.seed;
+    bool ok = true;
+    g_block = &b;
+    for (unsigned z = 0; z < gd.z && ok; ++z)
+        for (unsigned y = 0; y < gd.y && ok; ++y)
+            for (unsigned x = 0; x < gd.x && ok; ++x) {
+                b.bidx = dim3{x, y, z};
+                std::memset(b.dyn_smem, 0xff, cfg->shared_bytes);
+                for (unsigned i = 0; i < b.nthreads; ++i) b.order[i] = sch.mode == 1 ? b.nthreads - 1 - i : i;
+                if (sch.mode == 2)
+                    for (unsigned i = b.nthreads; i > 1; --i) {
+                        unsigned j = (unsigned)(splitmix(rng) % i);
+                        unsigned tmp = b.order[i - 1];
+                        b.order[i - 1] = b.order[j];
+                        b.order[j] = tmp;
+                    }
+                ok = run_block(b, stacks);
+            }
+    g_block = nullptr;
+    for (auto s : stacks) std::free(s);
+    return ok ? nullptr : g_error.c_str();
+}
+
+}  // namespace mmkd_emu
+
+/// Sets the fiber order for launches on this OS thread: 0 forward, 1 reverse, 2 shuffled by
+/// `seed`; -1 returns to the default (MMKD_EMU_SCHEDULE, else forward).
+extern "C" void mmkd_emu_set_schedule(int mode, uint64_t seed) {
+    mmkd_emu::g_schedule.mode = mode;
+    mmkd_emu::g_schedule.seed = seed;
+}

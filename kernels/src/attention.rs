@@ -1,0 +1,881 @@
+//! Fused scaled-dot-product attention, head dim 64, forward and backward (`cuda/attention.cu`):
+//! CPU reference, emulation launcher and GPU launcher with the same parameters, and their tests.
+//!
+//! Tensors are (B·H, L, 64) bf16, `lse` and the backward's scratch `delta` (B·H, L) fp32.
+//! Query row i of sequence b attends to key j when `j < seqlens[b]` (key padding; every key
+//! when `seqlens` is `None`) and, with `causal`, `j ≤ i`. A row with no key (`seqlens[b] = 0`)
+//! gets `o = 0`, `lse = −inf` and zero gradients, never a NaN.
+//!
+//! Forward: `o = softmax(scale·q·kᵀ)·v`, `lse = log Σ exp(scale·q·kᵀ)`. Backward (from `o`,
+//! `lse` and `do`): `dq`, `dk`, `dv`, each overwritten; the probabilities are recomputed from
+//! `lse`, `delta = rowsum(do ∘ o)` is written to the caller's scratch first.
+
+use crate::device::Gpu;
+use crate::emu::Emu;
+use crate::launch::{check_len, Arg, LaunchShape};
+use crate::registry::ATTENTION;
+use anyhow::{ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+/// The head dimension the kernels are written for.
+pub const HEAD_DIM: usize = 64;
+const TILE: usize = 64;
+const THREADS: u32 = 128;
+/// Dynamic shared memory (`ATTN_SMEM_BYTES`, `ATTN_DQ_SMEM_BYTES`, `ATTN_DKDV_SMEM_BYTES`).
+const PITCH_TILE_BYTES: u32 = (64 * 72 * 2) as u32;
+const FWD_SMEM: u32 = 5 * PITCH_TILE_BYTES;
+const DQ_SMEM: u32 = 4 * PITCH_TILE_BYTES;
+const DKDV_SMEM: u32 = 4 * PITCH_TILE_BYTES + 4 * 64 * 4;
+// The launchers do not raise the 48 KiB default limit of dynamic shared memory.
+const _: () = assert!(FWD_SMEM <= 48 * 1024 && DQ_SMEM <= 48 * 1024 && DKDV_SMEM <= 48 * 1024);
+
+/// Sizes and options of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    /// Sequences B.
+    pub batch: usize,
+    /// Heads per sequence H.
+    pub heads: usize,
+    /// Tokens per sequence L (queries and keys).
+    pub len: usize,
+    /// Key j is hidden from query i when j > i.
+    pub causal: bool,
+    /// Multiplies q·kᵀ (usually 1/√64).
+    pub scale: f32,
+}
+
+impl AttnShape {
+    fn bh(&self) -> usize {
+        self.batch * self.heads
+    }
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            self.batch > 0 && self.heads > 0 && self.len > 0,
+            "attention: empty shape {self:?}"
+        );
+        ensure!(
+            self.scale.is_finite(),
+            "attention: scale must be finite, got {}",
+            self.scale
+        );
+        ensure!(
+            self.bh() <= 65535,
+            "attention: B·H = {} exceeds the launch grid (65535)",
+            self.bh()
+        );
+        Arg::int("attention B·H·L·64", self.bh() * self.len * HEAD_DIM)?;
+        Ok(())
+    }
+    fn elems(&self) -> usize {
+        self.bh() * self.len * HEAD_DIM
+    }
+    fn rows(&self) -> usize {
+        self.bh() * self.len
+    }
+    fn tiles(&self) -> LaunchShape {
+        LaunchShape {
+            grid: [self.len.div_ceil(TILE) as u32, self.bh() as u32, 1],
+            block: [THREADS, 1, 1],
+            shared_bytes: 0,
+        }
+    }
+    fn with_smem(&self, bytes: u32) -> LaunchShape {
+        LaunchShape {
+            shared_bytes: bytes,
+            ..self.tiles()
+        }
+    }
+    fn dot_launch(&self) -> LaunchShape {
+        LaunchShape::linear(self.rows().div_ceil(4) as u32, THREADS, 0)
+    }
+    fn tail_args(&self) -> Result<[Arg; 4]> {
+        Ok([
+            Arg::int("attention H", self.heads)?,
+            Arg::int("attention L", self.len)?,
+            Arg::F32(self.scale),
+            Arg::I32(i32::from(self.causal)),
+        ])
+    }
+}
+
+/// Checks host-side sequence lengths: one per sequence, each in `0..=L`.
+fn check_seqlens(sh: &AttnShape, seqlens: Option<&[i32]>) -> Result<()> {
+    if let Some(s) = seqlens {
+        ensure!(
+            s.len() == sh.batch,
+            "attention: seqlens holds {} lengths, the batch has {} sequences",
+            s.len(),
+            sh.batch
+        );
+        for (b, &n) in s.iter().enumerate() {
+            ensure!(
+                (0..=sh.len as i64).contains(&i64::from(n)),
+                "attention: seqlens[{b}] = {n} is outside 0..={}",
+                sh.len
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Forward buffer lengths: q, k, v, o, lse.
+fn check_fwd(sh: &AttnShape, lens: [usize; 5]) -> Result<()> {
+    sh.validate()?;
+    let (e, r) = (sh.elems(), sh.rows());
+    for ((name, have), need) in ["q", "k", "v", "o", "lse"]
+        .iter()
+        .zip(lens)
+        .zip([e, e, e, e, r])
+    {
+        check_len("attn_fwd", name, have, need)?;
+    }
+    Ok(())
+}
+
+/// Backward buffer lengths: q, k, v, o, lse, do, dq, dk, dv, delta.
+fn check_bwd(sh: &AttnShape, lens: [usize; 10]) -> Result<()> {
+    sh.validate()?;
+    let (e, r) = (sh.elems(), sh.rows());
+    let names = ["q", "k", "v", "o", "lse", "do", "dq", "dk", "dv", "delta"];
+    for ((name, have), need) in names.iter().zip(lens).zip([e, e, e, e, r, e, e, e, e, r]) {
+        check_len("attn_bwd", name, have, need)?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// CPU reference
+// ------------------------------------------------------------------------------------------
+
+fn widen(v: &[bf16]) -> Vec<f64> {
+    v.iter().map(|x| f64::from(x.to_f32())).collect()
+}
+
+fn visible(sh: &AttnShape, seqlens: Option<&[i32]>, bh: usize, i: usize, j: usize) -> bool {
+    let kvlen = seqlens.map_or(sh.len, |s| s[bh / sh.heads] as usize);
+    j < kvlen && (!sh.causal || j <= i)
+}
+
+/// f64 forward on widened inputs: (o, lse).
+fn forward_f64(
+    sh: &AttnShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    seqlens: Option<&[i32]>,
+) -> (Vec<f64>, Vec<f64>) {
+    let (l, d) = (sh.len, HEAD_DIM);
+    let mut o = vec![0.0; sh.elems()];
+    let mut lse = vec![f64::NEG_INFINITY; sh.rows()];
+    for bh in 0..sh.bh() {
+        let base = bh * l * d;
+        for i in 0..l {
+            let keys: Vec<usize> = (0..l).filter(|&j| visible(sh, seqlens, bh, i, j)).collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let s: Vec<f64> = keys
+                .iter()
+                .map(|&j| {
+                    let dot: f64 = (0..d)
+                        .map(|c| q[base + i * d + c] * k[base + j * d + c])
+                        .sum();
+                    dot * f64::from(sh.scale)
+                })
+                .collect();
+            let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+            lse[bh * l + i] = mx + sum.ln();
+            for (&j, sj) in keys.iter().zip(&s) {
+                let p = (sj - mx).exp() / sum;
+                for c in 0..d {
+                    o[base + i * d + c] += p * v[base + j * d + c];
+                }
+            }
+        }
+    }
+    (o, lse)
+}
+
+/// f64 backward on widened inputs, probabilities from `lse`: (dq, dk, dv, delta).
+#[allow(clippy::too_many_arguments)]
+fn backward_f64(
+    sh: &AttnShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    o: &[f64],
+    lse: &[f64],
+    d_o: &[f64],
+    seqlens: Option<&[i32]>,
+) -> [Vec<f64>; 4] {
+    let (l, d) = (sh.len, HEAD_DIM);
+    let scale = f64::from(sh.scale);
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0; sh.elems()],
+        vec![0.0; sh.elems()],
+        vec![0.0; sh.elems()],
+    );
+    let mut delta = vec![0.0; sh.rows()];
+    for bh in 0..sh.bh() {
+        let base = bh * l * d;
+        let row =
+            |t: &[f64], i: usize| -> Vec<f64> { t[base + i * d..base + (i + 1) * d].to_vec() };
+        for i in 0..l {
+            let (qi, doi) = (row(q, i), row(d_o, i));
+            let di: f64 = doi.iter().zip(row(o, i)).map(|(a, b)| a * b).sum();
+            delta[bh * l + i] = di;
+            for j in (0..l).filter(|&j| visible(sh, seqlens, bh, i, j)) {
+                let (kj, vj) = (row(k, j), row(v, j));
+                let s: f64 = qi.iter().zip(&kj).map(|(a, b)| a * b).sum::<f64>() * scale;
+                let p = (s - lse[bh * l + i]).exp();
+                let dp: f64 = doi.iter().zip(&vj).map(|(a, b)| a * b).sum();
+                let ds = p * (dp - di);
+                for c in 0..d {
+                    dq[base + i * d + c] += scale * ds * kj[c];
+                    dk[base + j * d + c] += scale * ds * qi[c];
+                    dv[base + j * d + c] += p * doi[c];
+                }
+            }
+        }
+    }
+    [dq, dk, dv, delta]
+}
+
+/// CPU reference of the forward, in f64.
+pub fn attention_forward_cpu(
+    sh: &AttnShape,
+    q: &[bf16],              // (BH, L, 64)
+    k: &[bf16],              // (BH, L, 64)
+    v: &[bf16],              // (BH, L, 64)
+    seqlens: Option<&[i32]>, // (B)
+    o: &mut [bf16],          // (BH, L, 64) out
+    lse: &mut [f32],         // (BH, L) out
+) -> Result<()> {
+    check_fwd(sh, [q.len(), k.len(), v.len(), o.len(), lse.len()])?;
+    check_seqlens(sh, seqlens)?;
+    let (of, lf) = forward_f64(sh, &widen(q), &widen(k), &widen(v), seqlens);
+    for (dst, x) in o.iter_mut().zip(of) {
+        *dst = bf16::from_f64(x);
+    }
+    for (dst, x) in lse.iter_mut().zip(lf) {
+        *dst = x as f32;
+    }
+    Ok(())
+}
+
+/// CPU reference of the backward, in f64; probabilities from the given `lse`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_cpu(
+    sh: &AttnShape,
+    q: &[bf16],              // (BH, L, 64)
+    k: &[bf16],              // (BH, L, 64)
+    v: &[bf16],              // (BH, L, 64)
+    o: &[bf16],              // (BH, L, 64) from the forward
+    lse: &[f32],             // (BH, L) from the forward
+    d_o: &[bf16],            // (BH, L, 64)
+    seqlens: Option<&[i32]>, // (B)
+    dq: &mut [bf16],         // (BH, L, 64) out
+    dk: &mut [bf16],         // (BH, L, 64) out
+    dv: &mut [bf16],         // (BH, L, 64) out
+    delta: &mut [f32],       // (BH, L) out: rowsum(do ∘ o)
+) -> Result<()> {
+    check_bwd(
+        sh,
+        [
+            q.len(),
+            k.len(),
+            v.len(),
+            o.len(),
+            lse.len(),
+            d_o.len(),
+            dq.len(),
+            dk.len(),
+            dv.len(),
+            delta.len(),
+        ],
+    )?;
+    check_seqlens(sh, seqlens)?;
+    let lse64: Vec<f64> = lse.iter().map(|&x| f64::from(x)).collect();
+    let [gq, gk, gv, dl] = backward_f64(
+        sh,
+        &widen(q),
+        &widen(k),
+        &widen(v),
+        &widen(o),
+        &lse64,
+        &widen(d_o),
+        seqlens,
+    );
+    for (dst, src) in [(dq, gq), (dk, gk), (dv, gv)] {
+        for (d, x) in dst.iter_mut().zip(src) {
+            *d = bf16::from_f64(x);
+        }
+    }
+    for (d, x) in delta.iter_mut().zip(dl) {
+        *d = x as f32;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Emulation
+// ------------------------------------------------------------------------------------------
+
+/// The forward kernel under the emulation; same parameters as [`attention_forward_cpu`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_emu(
+    emu: &Emu,
+    sh: &AttnShape,
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+    seqlens: Option<&[i32]>,
+    o: &mut [bf16],
+    lse: &mut [f32],
+) -> Result<()> {
+    check_fwd(sh, [q.len(), k.len(), v.len(), o.len(), lse.len()])?;
+    check_seqlens(sh, seqlens)?;
+    let mut args = vec![
+        Arg::host(q),
+        Arg::host(k),
+        Arg::host(v),
+        seqlens.map_or(Arg::Ptr(0), Arg::host),
+        Arg::host_mut(o),
+        Arg::host_mut(lse),
+    ];
+    args.extend(sh.tail_args()?);
+    // SAFETY: every buffer was checked against the shape the kernel indexes.
+    unsafe { emu.launch("attn_fwd", sh.with_smem(FWD_SMEM), &args) }
+}
+
+/// The backward kernels under the emulation; same parameters as [`attention_backward_cpu`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_emu(
+    emu: &Emu,
+    sh: &AttnShape,
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+    o: &[bf16],
+    lse: &[f32],
+    d_o: &[bf16],
+    seqlens: Option<&[i32]>,
+    dq: &mut [bf16],
+    dk: &mut [bf16],
+    dv: &mut [bf16],
+    delta: &mut [f32],
+) -> Result<()> {
+    check_bwd(
+        sh,
+        [
+            q.len(),
+            k.len(),
+            v.len(),
+            o.len(),
+            lse.len(),
+            d_o.len(),
+            dq.len(),
+            dk.len(),
+            dv.len(),
+            delta.len(),
+        ],
+    )?;
+    check_seqlens(sh, seqlens)?;
+    let sl = seqlens.map_or(Arg::Ptr(0), Arg::host);
+    let dot = [
+        Arg::host(o),
+        Arg::host(d_o),
+        Arg::host_mut(delta),
+        Arg::int("attention B·H·L", sh.rows())?,
+    ];
+    let ins = [
+        Arg::host(q),
+        Arg::host(k),
+        Arg::host(v),
+        Arg::host(d_o),
+        Arg::host(lse),
+        Arg::host(delta),
+        sl,
+    ];
+    let mut dkdv = ins.to_vec();
+    dkdv.extend([Arg::host_mut(dk), Arg::host_mut(dv)]);
+    dkdv.extend(sh.tail_args()?);
+    let mut dqa = ins.to_vec();
+    dqa.push(Arg::host_mut(dq));
+    dqa.extend(sh.tail_args()?);
+    // SAFETY: every buffer was checked against the shape the kernels index.
+    unsafe {
+        emu.launch("attn_bwd_dot", sh.dot_launch(), &dot)?;
+        emu.launch("attn_bwd_dkdv", sh.with_smem(DKDV_SMEM), &dkdv)?;
+        emu.launch("attn_bwd_dq", sh.with_smem(DQ_SMEM), &dqa)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// GPU launchers (bf16 buffers as raw u16 bits)
+// ------------------------------------------------------------------------------------------
+
+/// The forward kernel on a GPU; same parameters as [`attention_forward_cpu`], device buffers.
+/// Lengths in `seqlens` outside `0..=L` are clamped by the kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_cuda(
+    gpu: &Gpu,
+    sh: &AttnShape,
+    q: &CudaSlice<u16>,
+    k: &CudaSlice<u16>,
+    v: &CudaSlice<u16>,
+    seqlens: Option<&CudaSlice<i32>>,
+    o: &mut CudaSlice<u16>,
+    lse: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_fwd(sh, [q.len(), k.len(), v.len(), o.len(), lse.len()])?;
+    if let Some(s) = seqlens {
+        check_len("attn_fwd", "seqlens", s.len(), sh.batch)?;
+    }
+    let st = gpu.stream();
+    let (pq, _gq) = q.device_ptr(st);
+    let (pk, _gk) = k.device_ptr(st);
+    let (pv, _gv) = v.device_ptr(st);
+    let (ps, _gs) = match seqlens {
+        Some(s) => {
+            let (p, g) = s.device_ptr(st);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (po, _go) = o.device_ptr_mut(st);
+    let (pl, _gl) = lse.device_ptr_mut(st);
+    let mut args: Vec<Arg> = [pq, pk, pv, ps, po, pl].map(Arg::Ptr).to_vec();
+    args.extend(sh.tail_args()?);
+    // SAFETY: every buffer was checked against the shape the kernel indexes.
+    unsafe { gpu.launch(&ATTENTION, "attn_fwd", sh.with_smem(FWD_SMEM), &args) }
+}
+
+/// The backward kernels on a GPU; same parameters as [`attention_backward_cpu`], device
+/// buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_cuda(
+    gpu: &Gpu,
+    sh: &AttnShape,
+    q: &CudaSlice<u16>,
+    k: &CudaSlice<u16>,
+    v: &CudaSlice<u16>,
+    o: &CudaSlice<u16>,
+    lse: &CudaSlice<f32>,
+    d_o: &CudaSlice<u16>,
+    seqlens: Option<&CudaSlice<i32>>,
+    dq: &mut CudaSlice<u16>,
+    dk: &mut CudaSlice<u16>,
+    dv: &mut CudaSlice<u16>,
+    delta: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_bwd(
+        sh,
+        [
+            q.len(),
+            k.len(),
+            v.len(),
+            o.len(),
+            lse.len(),
+            d_o.len(),
+            dq.len(),
+            dk.len(),
+            dv.len(),
+            delta.len(),
+        ],
+    )?;
+    if let Some(s) = seqlens {
+        check_len("attn_bwd", "seqlens", s.len(), sh.batch)?;
+    }
+    let st = gpu.stream();
+    let (pq, _gq) = q.device_ptr(st);
+    let (pk, _gk) = k.device_ptr(st);
+    let (pv, _gv) = v.device_ptr(st);
+    let (po, _go) = o.device_ptr(st);
+    let (pl, _gl) = lse.device_ptr(st);
+    let (pdo, _gdo) = d_o.device_ptr(st);
+    let (ps, _gs) = match seqlens {
+        Some(s) => {
+            let (p, g) = s.device_ptr(st);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (pdq, _gdq) = dq.device_ptr_mut(st);
+    let (pdk, _gdk) = dk.device_ptr_mut(st);
+    let (pdv, _gdv) = dv.device_ptr_mut(st);
+    let (pd, _gd) = delta.device_ptr_mut(st);
+    let dot = [
+        Arg::Ptr(po),
+        Arg::Ptr(pdo),
+        Arg::Ptr(pd),
+        Arg::int("attention B·H·L", sh.rows())?,
+    ];
+    let ins = [pq, pk, pv, pdo, pl, pd, ps].map(Arg::Ptr);
+    let mut dkdv = ins.to_vec();
+    dkdv.extend([Arg::Ptr(pdk), Arg::Ptr(pdv)]);
+    dkdv.extend(sh.tail_args()?);
+    let mut dqa = ins.to_vec();
+    dqa.push(Arg::Ptr(pdq));
+    dqa.extend(sh.tail_args()?);
+    // SAFETY: every buffer was checked against the shape the kernels index.
+    unsafe {
+        gpu.launch(&ATTENTION, "attn_bwd_dot", sh.dot_launch(), &dot)?;
+        gpu.launch(&ATTENTION, "attn_bwd_dkdv", sh.with_smem(DKDV_SMEM), &dkdv)?;
+        gpu.launch(&ATTENTION, "attn_bwd_dq", sh.with_smem(DQ_SMEM), &dqa)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emu::Schedule;
+    use crate::testing::{bf16_to_f64, fresh_seed, random_bf16, rel_err, rng, BF16_POISON};
+
+    struct Inputs {
+        q: Vec<bf16>,
+        k: Vec<bf16>,
+        v: Vec<bf16>,
+        d_o: Vec<bf16>,
+    }
+
+    fn inputs(sh: &AttnShape, seed: u64) -> Inputs {
+        let mut g = rng(seed);
+        let e = sh.elems();
+        // Wide enough that the softmax is far from uniform, so masking errors show.
+        Inputs {
+            q: random_bf16(&mut g, e, -2.0, 2.0),
+            k: random_bf16(&mut g, e, -2.0, 2.0),
+            v: random_bf16(&mut g, e, -1.0, 1.0),
+            d_o: random_bf16(&mut g, e, -1.0, 1.0),
+        }
+    }
+
+    fn shape(batch: usize, heads: usize, len: usize, causal: bool) -> AttnShape {
+        AttnShape {
+            batch,
+            heads,
+            len,
+            causal,
+            scale: 0.125,
+        }
+    }
+
+    type Fwd = (Vec<bf16>, Vec<f32>);
+
+    fn forward(sh: &AttnShape, i: &Inputs, sl: Option<&[i32]>, emu: Option<&Emu>) -> Fwd {
+        let mut o = vec![BF16_POISON; sh.elems()];
+        let mut lse = vec![f32::NAN; sh.rows()];
+        match emu {
+            Some(e) => attention_forward_emu(e, sh, &i.q, &i.k, &i.v, sl, &mut o, &mut lse),
+            None => attention_forward_cpu(sh, &i.q, &i.k, &i.v, sl, &mut o, &mut lse),
+        }
+        .unwrap();
+        (o, lse)
+    }
+
+    /// (dq, dk, dv, delta) from the given forward outputs.
+    fn backward(
+        sh: &AttnShape,
+        i: &Inputs,
+        f: &Fwd,
+        sl: Option<&[i32]>,
+        emu: Option<&Emu>,
+    ) -> [Vec<f64>; 4] {
+        let e = sh.elems();
+        let (mut dq, mut dk, mut dv) = (
+            vec![BF16_POISON; e],
+            vec![BF16_POISON; e],
+            vec![BF16_POISON; e],
+        );
+        let mut delta = vec![f32::NAN; sh.rows()];
+        let (o, lse) = (&f.0, &f.1);
+        match emu {
+            Some(em) => attention_backward_emu(
+                em, sh, &i.q, &i.k, &i.v, o, lse, &i.d_o, sl, &mut dq, &mut dk, &mut dv, &mut delta,
+            ),
+            None => attention_backward_cpu(
+                sh, &i.q, &i.k, &i.v, o, lse, &i.d_o, sl, &mut dq, &mut dk, &mut dv, &mut delta,
+            ),
+        }
+        .unwrap();
+        [
+            bf16_to_f64(&dq),
+            bf16_to_f64(&dk),
+            bf16_to_f64(&dv),
+            delta.iter().map(|&x| f64::from(x)).collect(),
+        ]
+    }
+
+    /// Relative error of lse: −inf exactly where the reference has it, elsewhere norm-wise.
+    fn lse_err(got: &[f32], want: &[f32]) -> f64 {
+        let mut g = Vec::new();
+        let mut w = Vec::new();
+        for (&a, &b) in got.iter().zip(want) {
+            if b == f32::NEG_INFINITY {
+                if a != f32::NEG_INFINITY {
+                    return f64::INFINITY;
+                }
+            } else {
+                g.push(f64::from(a));
+                w.push(f64::from(b));
+            }
+        }
+        rel_err(&g, &w)
+    }
+
+    /// (B, H, L, causal, seqlens): one token, odd lengths, more than one tile, 197 with padding,
+    /// and a fully padded sequence.
+    type Case = (usize, usize, usize, bool, Option<Vec<i32>>);
+
+    fn cases() -> Vec<Case> {
+        vec![
+            (1, 1, 1, false, None),
+            (2, 1, 7, true, None),
+            (2, 2, 33, false, Some(vec![33, 20])),
+            (2, 1, 70, true, Some(vec![70, 45])),
+            (2, 1, 33, true, Some(vec![0, 33])),
+            (1, 1, 130, false, None),
+            (1, 1, 197, true, Some(vec![150])),
+        ]
+    }
+
+    #[test]
+    fn forward_and_backward_match_reference() {
+        for (b, h, l, causal, sl) in cases() {
+            let sh = shape(b, h, l, causal);
+            let seed = fresh_seed();
+            let i = inputs(&sh, seed);
+            let sl = sl.as_deref();
+            let want = forward(&sh, &i, sl, None);
+            let got = forward(&sh, &i, sl, Some(&Emu::default()));
+            let eo = rel_err(&bf16_to_f64(&got.0), &bf16_to_f64(&want.0));
+            let el = lse_err(&got.1, &want.1);
+            let ctx = format!("B={b} H={h} L={l} causal={causal} seqlens={sl:?} seed {seed}");
+            assert!(eo <= 1e-2 && el <= 1e-4, "{ctx}: o {eo}, lse {el}");
+            // Both backwards from the reference forward, so each is judged on its own.
+            let gw = backward(&sh, &i, &want, sl, None);
+            let gg = backward(&sh, &i, &want, sl, Some(&Emu::default()));
+            for (n, (g, w)) in ["dq", "dk", "dv", "delta"].iter().zip(gg.iter().zip(&gw)) {
+                let e = rel_err(g, w);
+                let tol = if *n == "delta" { 1e-4 } else { 1e-2 };
+                assert!(e <= tol, "{ctx}: {n} {e}");
+            }
+        }
+    }
+
+    /// The launch constants here are the ones `attention.cu` is written for.
+    #[test]
+    fn launch_constants_match_the_source() {
+        let src = ATTENTION.source;
+        for d in [
+            "#define ATTN_D 64",
+            "#define ATTN_TILE 64",
+            "#define ATTN_THREADS 128",
+            "#define ATTN_PITCH (ATTN_D + 8)",
+            "#define ATTN_SMEM_BYTES (5 * ATTN_TILE_ELEMS * 2)",
+            "#define ATTN_DQ_SMEM_BYTES (4 * ATTN_TILE_ELEMS * 2)",
+            "#define ATTN_DKDV_SMEM_BYTES (4 * ATTN_TILE_ELEMS * 2 + 4 * ATTN_TILE * 4)",
+        ] {
+            assert!(src.contains(d), "attention.cu lacks `{d}`");
+        }
+        assert_eq!((HEAD_DIM, TILE, THREADS), (64, 64, 128));
+        assert_eq!(PITCH_TILE_BYTES, 64 * (64 + 8) * 2);
+    }
+
+    /// A sequence with no valid key: zero output, −inf lse, zero gradients, no NaN anywhere.
+    #[test]
+    fn fully_masked_rows_are_zero_not_nan() {
+        let sh = shape(2, 1, 40, false);
+        let i = inputs(&sh, fresh_seed());
+        let sl = [0, 40];
+        let f = forward(&sh, &i, Some(&sl), Some(&Emu::default()));
+        let half = sh.elems() / 2;
+        assert!(f.0[..half].iter().all(|x| x.to_f32() == 0.0));
+        assert!(f.1[..40].iter().all(|&x| x == f32::NEG_INFINITY));
+        assert!(f.0[half..].iter().all(|x| x.is_finite()));
+        let g = backward(&sh, &i, &f, Some(&sl), Some(&Emu::default()));
+        for t in &g[..3] {
+            assert!(t[..half].iter().all(|&x| x == 0.0));
+            assert!(t.iter().all(|x| x.is_finite()));
+        }
+    }
+
+    #[test]
+    fn result_does_not_depend_on_thread_order() {
+        let sh = shape(1, 1, 70, true);
+        let seed = fresh_seed();
+        let i = inputs(&sh, seed);
+        let sl = [61];
+        let f = forward(&sh, &i, Some(&sl), Some(&Emu::default()));
+        let g = backward(&sh, &i, &f, Some(&sl), Some(&Emu::default()));
+        for sched in [Schedule::Reverse, Schedule::Shuffled(seed)] {
+            let e = Emu::default().with_schedule(sched);
+            let f2 = forward(&sh, &i, Some(&sl), Some(&e));
+            assert_eq!(f2.0, f.0, "{sched:?} seed {seed}");
+            assert_eq!(
+                backward(&sh, &i, &f, Some(&sl), Some(&e)),
+                g,
+                "{sched:?} seed {seed}"
+            );
+        }
+    }
+
+    /// Without the online rescale the forward is right for one key tile only; across two it
+    /// must fail the comparison the real kernel passes.
+    #[test]
+    fn broken_rescale_variant_fails() {
+        let sh = shape(1, 1, 128, false);
+        let seed = fresh_seed();
+        let i = inputs(&sh, seed);
+        let want = forward(&sh, &i, None, None);
+        let got = forward(&sh, &i, None, Some(&Emu::variant("broken_rescale")));
+        let e = rel_err(&bf16_to_f64(&got.0), &bf16_to_f64(&want.0));
+        assert!(e > 1e-2, "seed {seed}: missing rescale passed ({e})");
+    }
+
+    /// The reference backward against central differences of the f64 forward: the loss
+    /// Σ do ∘ o, perturbed in q, k and v, with a padded key and the causal mask.
+    #[test]
+    fn reference_backward_is_the_gradient() {
+        let sh = shape(1, 1, 5, true);
+        let seed = fresh_seed();
+        let i = inputs(&sh, seed);
+        let sl = [4];
+        let (q, k, v, d_o) = (widen(&i.q), widen(&i.k), widen(&i.v), widen(&i.d_o));
+        let (o, lse) = forward_f64(&sh, &q, &k, &v, Some(&sl));
+        let [dq, dk, dv, _] = backward_f64(&sh, &q, &k, &v, &o, &lse, &d_o, Some(&sl));
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            let (o, _) = forward_f64(&sh, q, k, v, Some(&sl));
+            o.iter().zip(&d_o).map(|(a, b)| a * b).sum()
+        };
+        let h = 1e-6;
+        let mut g = rng(seed ^ 7);
+        for _ in 0..24 {
+            let idx = rand::Rng::gen_range(&mut g, 0..sh.elems());
+            for (which, grad) in [(0, &dq), (1, &dk), (2, &dv)] {
+                let mut p = [q.clone(), k.clone(), v.clone()];
+                let mut m = p.clone();
+                p[which][idx] += h;
+                m[which][idx] -= h;
+                let num = (loss(&p[0], &p[1], &p[2]) - loss(&m[0], &m[1], &m[2])) / (2.0 * h);
+                assert!(
+                    (num - grad[idx]).abs() <= 1e-6 * num.abs().max(1.0),
+                    "tensor {which} [{idx}]: {} vs {num} (seed {seed})",
+                    grad[idx]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_lengths_are_errors() {
+        let sh = shape(2, 1, 8, false);
+        let i = inputs(&sh, 1);
+        let mut o = vec![bf16::ZERO; sh.elems() - 1];
+        let mut lse = vec![0.0f32; sh.rows()];
+        let e = attention_forward_emu(
+            &Emu::default(),
+            &sh,
+            &i.q,
+            &i.k,
+            &i.v,
+            None,
+            &mut o,
+            &mut lse,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e}").contains("`o` holds 1023 elements, the shape needs 1024"),
+            "{e}"
+        );
+        let mut o = vec![bf16::ZERO; sh.elems()];
+        let e = attention_forward_cpu(&sh, &i.q, &i.k, &i.v, Some(&[3, 9]), &mut o, &mut lse)
+            .unwrap_err();
+        assert!(
+            format!("{e}").contains("seqlens[1] = 9 is outside 0..=8"),
+            "{e}"
+        );
+        let e =
+            attention_forward_cpu(&sh, &i.q, &i.k, &i.v, Some(&[3]), &mut o, &mut lse).unwrap_err();
+        assert!(format!("{e}").contains("holds 1 lengths"), "{e}");
+    }
+
+    /// The same comparison on a GPU when one is present, at the image tower's length; without
+    /// a driver it only checks that selection falls back to the CPU.
+    #[test]
+    fn gpu_matches_reference_when_present() {
+        let gpu = match crate::device::Device::select(crate::device::DeviceRequest::Auto).unwrap() {
+            crate::device::Device::Cuda(g) => g,
+            crate::device::Device::Cpu => {
+                eprintln!("no GPU: attention GPU test not run");
+                return;
+            }
+        };
+        let st = gpu.stream().clone();
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+        let from_bits = |v: Vec<u16>| v.into_iter().map(bf16::from_bits).collect::<Vec<bf16>>();
+        let mut all = cases();
+        all.push((4, 3, 197, false, Some(vec![197, 100, 0, 64])));
+        for (b, h, l, causal, sl) in all {
+            let sh = shape(b, h, l, causal);
+            let seed = fresh_seed();
+            let i = inputs(&sh, seed);
+            let slr = sl.as_deref();
+            let want = forward(&sh, &i, slr, None);
+            let gw = backward(&sh, &i, &want, slr, None);
+            let (dq_, dk_, dv_) = (
+                st.clone_htod(&bits(&i.q)).unwrap(),
+                st.clone_htod(&bits(&i.k)).unwrap(),
+                st.clone_htod(&bits(&i.v)).unwrap(),
+            );
+            let ddo = st.clone_htod(&bits(&i.d_o)).unwrap();
+            let dsl = slr.map(|s| st.clone_htod(s).unwrap());
+            let poison = vec![BF16_POISON.to_bits(); sh.elems()];
+            let mut o = st.clone_htod(&poison).unwrap();
+            let mut lse = st.clone_htod(&vec![f32::NAN; sh.rows()]).unwrap();
+            attention_forward_cuda(&gpu, &sh, &dq_, &dk_, &dv_, dsl.as_ref(), &mut o, &mut lse)
+                .unwrap();
+            let go = from_bits(st.clone_dtoh(&o).unwrap());
+            let gl = st.clone_dtoh(&lse).unwrap();
+            let ctx = format!("GPU B={b} H={h} L={l} causal={causal} seed {seed}");
+            let eo = rel_err(&bf16_to_f64(&go), &bf16_to_f64(&want.0));
+            let el = lse_err(&gl, &want.1);
+            assert!(eo <= 1e-2 && el <= 1e-4, "{ctx}: o {eo}, lse {el}");
+            // Backward from the reference forward's o and lse.
+            let ro = st.clone_htod(&bits(&want.0)).unwrap();
+            let rl = st.clone_htod(&want.1).unwrap();
+            let (mut gq, mut gk, mut gv) = (
+                st.clone_htod(&poison).unwrap(),
+                st.clone_htod(&poison).unwrap(),
+                st.clone_htod(&poison).unwrap(),
+            );
+            let mut delta = st.clone_htod(&vec![f32::NAN; sh.rows()]).unwrap();
+            attention_backward_cuda(
+                &gpu,
+                &sh,
+                &dq_,
+                &dk_,
+                &dv_,
+                &ro,
+                &rl,
+                &ddo,
+                dsl.as_ref(),
+                &mut gq,
+                &mut gk,
+                &mut gv,
+                &mut delta,
+            )
+            .unwrap();
+            for (n, (d, w)) in ["dq", "dk", "dv"]
+                .iter()
+                .zip([&gq, &gk, &gv].iter().zip(&gw))
+            {
+                let e = rel_err(&bf16_to_f64(&from_bits(st.clone_dtoh(*d).unwrap())), w);
+                assert!(e <= 1e-2, "{ctx}: {n} {e}");
+            }
+        }
+    }
+}

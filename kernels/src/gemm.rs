@@ -1,0 +1,810 @@
+//! bf16 matrix products on the tensor cores with fused epilogues (`cuda/gemm.cu`): CPU
+//! reference, emulation launcher and GPU launcher with the same parameters, and their tests.
+//!
+//! `C(m, n) = epilogue(Σ_k A(m, k)·B(k, n))` per batch, fp32 accumulation, with the operands
+//! stored as a linear layer's training step has them ([`GemmLayout`]):
+//!
+//! | layout | A stored | B stored | use |
+//! |---|---|---|---|
+//! | `Forward` | (M, K) | (N, K) | `Y = X·Wᵀ + b` |
+//! | `InputGrad` | (M, K) | (K, N) | `dX = dY·W` |
+//! | `WeightGrad` | (K, M) | (K, N) | `dW = dYᵀ·X`, `db = Σ_tokens dY` |
+//!
+//! Epilogue, in order: `+ bias[n]`, activation ([`Activation`]), `+ residual(m, n)`, then the
+//! store as bf16 or fp32 ([`GemmOut`]). With `WeightGrad`, `dbias(m) = Σ_k A(k, m)` is reduced
+//! in the same pass (fp32, overwritten). All matrices are contiguous; batch `z` of each starts
+//! at `z · rows · cols`; `bias` is shared by the batches, `dbias` is (batch, M).
+
+use crate::device::Gpu;
+use crate::emu::Emu;
+use crate::launch::{check_len, Arg, LaunchShape};
+use crate::registry::GEMM;
+use anyhow::{ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+/// Block tile of the kernel in m and n (`GEMM_BM`, `GEMM_BN` in `gemm.cu`).
+const TILE_M: usize = 128;
+const TILE_N: usize = 64;
+/// Threads per block and dynamic shared memory per block (`GEMM_SMEM_BYTES`).
+const THREADS: u32 = 128;
+const SMEM_BYTES: u32 = 3 * (128 * 40 + 64 * 40) * 2;
+// The launchers do not raise the 48 KiB default limit of dynamic shared memory.
+const _: () = assert!(SMEM_BYTES <= 48 * 1024);
+
+/// How A and B are stored; see the module table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmLayout {
+    /// A (M, K), B (N, K): `Y = X·Wᵀ`.
+    Forward,
+    /// A (M, K), B (K, N): `dX = dY·W`.
+    InputGrad,
+    /// A (K, M), B (K, N): `dW = dYᵀ·X`, optionally with the bias gradient.
+    WeightGrad,
+}
+
+impl GemmLayout {
+    fn entry(self) -> &'static str {
+        match self {
+            GemmLayout::Forward => "gemm_fwd",
+            GemmLayout::InputGrad => "gemm_dgrad",
+            GemmLayout::WeightGrad => "gemm_wgrad",
+        }
+    }
+}
+
+/// The activation applied after the bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Identity.
+    None,
+    /// GELU, tanh approximation: `0.5 v (1 + tanh(√(2/π)(v + 0.044715 v³)))`.
+    Gelu,
+    /// QuickGELU (CLIP): `v · sigmoid(1.702 v)`.
+    QuickGelu,
+}
+
+impl Activation {
+    fn code(self) -> i32 {
+        match self {
+            Activation::None => 0,
+            Activation::Gelu => 1,
+            Activation::QuickGelu => 2,
+        }
+    }
+    fn apply(self, v: f64) -> f64 {
+        match self {
+            Activation::None => v,
+            Activation::Gelu => {
+                0.5 * v * (1.0 + (0.797_884_560_802_865_4 * (v + 0.044715 * v * v * v)).tanh())
+            }
+            Activation::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
+        }
+    }
+}
+
+/// Sizes and layout of one (batched) product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmShape {
+    /// How A and B are stored.
+    pub layout: GemmLayout,
+    /// Independent products in one launch (≥ 1).
+    pub batch: usize,
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// The reduced dimension.
+    pub k: usize,
+    /// The activation of the epilogue.
+    pub act: Activation,
+}
+
+impl GemmShape {
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            self.batch > 0 && self.m > 0 && self.n > 0 && self.k > 0,
+            "gemm: empty shape {self:?}"
+        );
+        ensure!(
+            self.batch <= 65535 && self.m.div_ceil(TILE_M) <= 65535,
+            "gemm: {self:?} exceeds the launch grid (batch and M/128 ≤ 65535)"
+        );
+        for (what, v) in [
+            ("M*K", self.m * self.k),
+            ("N*K", self.n * self.k),
+            ("M*N", self.m * self.n),
+            ("batch*M*K", self.batch * self.m * self.k),
+            ("batch*N*K", self.batch * self.n * self.k),
+            ("batch*M*N", self.batch * self.m * self.n),
+        ] {
+            Arg::int(&format!("gemm {what}"), v)?;
+        }
+        Ok(())
+    }
+    /// Elements of A, B and C over all batches.
+    fn lens(&self) -> (usize, usize, usize) {
+        let b = self.batch;
+        (
+            b * self.m * self.k,
+            b * self.n * self.k,
+            b * self.m * self.n,
+        )
+    }
+    fn launch(&self) -> LaunchShape {
+        LaunchShape {
+            grid: [
+                self.n.div_ceil(TILE_N) as u32,
+                self.m.div_ceil(TILE_M) as u32,
+                self.batch as u32,
+            ],
+            block: [THREADS, 1, 1],
+            shared_bytes: SMEM_BYTES,
+        }
+    }
+    /// Row lengths of the stored A, B and C.
+    fn leading(&self) -> (usize, usize, usize) {
+        match self.layout {
+            GemmLayout::Forward => (self.k, self.k, self.n),
+            GemmLayout::InputGrad => (self.k, self.n, self.n),
+            GemmLayout::WeightGrad => (self.m, self.n, self.n),
+        }
+    }
+}
+
+/// The output buffer of the CPU and emulated launchers: bf16 or fp32, (batch, M, N).
+#[derive(Debug)]
+pub enum GemmOut<'a> {
+    /// Rounded to bf16.
+    Bf16(&'a mut [bf16]),
+    /// Kept in fp32.
+    F32(&'a mut [f32]),
+}
+
+impl GemmOut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            GemmOut::Bf16(s) => s.len(),
+            GemmOut::F32(s) => s.len(),
+        }
+    }
+}
+
+/// The output buffer of the GPU launcher: bf16 (as raw bits) or fp32, (batch, M, N).
+#[derive(Debug)]
+pub enum GemmOutCuda<'a> {
+    /// Rounded to bf16.
+    Bf16(&'a mut CudaSlice<u16>),
+    /// Kept in fp32.
+    F32(&'a mut CudaSlice<f32>),
+}
+
+/// Buffer lengths in parameter order: a, b, bias, residual, out, dbias.
+fn check_lens(sh: &GemmShape, lens: [Option<usize>; 6]) -> Result<()> {
+    sh.validate()?;
+    let kernel = sh.layout.entry();
+    ensure!(
+        lens[5].is_none() || sh.layout == GemmLayout::WeightGrad,
+        "{kernel}: a bias gradient is reduced only by the WeightGrad layout"
+    );
+    let (la, lb, lc) = sh.lens();
+    let names = ["a", "b", "bias", "residual", "out", "dbias"];
+    let needs = [la, lb, sh.n, lc, lc, sh.batch * sh.m];
+    for ((name, have), need) in names.iter().zip(lens).zip(needs) {
+        if let Some(have) = have {
+            check_len(kernel, name, have, need)?;
+        }
+    }
+    Ok(())
+}
+
+/// The kernel's parameters after the six pointers.
+fn scalar_args(sh: &GemmShape, out_f32: bool) -> Result<Vec<Arg>> {
+    let (lda, ldb, ldc) = sh.leading();
+    let (m, n, k) = (sh.m, sh.n, sh.k);
+    Ok(vec![
+        Arg::int("gemm M", m)?,
+        Arg::int("gemm N", n)?,
+        Arg::int("gemm K", k)?,
+        Arg::int("gemm lda", lda)?,
+        Arg::int("gemm ldb", ldb)?,
+        Arg::int("gemm ldc", ldc)?,
+        Arg::int("gemm A stride", m * k)?,
+        Arg::int("gemm B stride", n * k)?,
+        Arg::int("gemm C stride", m * n)?,
+        Arg::I32(sh.act.code()),
+        Arg::I32(i32::from(out_f32)),
+    ])
+}
+
+// ------------------------------------------------------------------------------------------
+// CPU reference
+// ------------------------------------------------------------------------------------------
+
+/// CPU reference: sums and epilogue in f64, one rounding at the store.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_cpu(
+    sh: &GemmShape,
+    a: &[bf16],                    // see the module table
+    b: &[bf16],                    // see the module table
+    bias: Option<&[bf16]>,         // (N)
+    residual: Option<&[bf16]>,     // (batch, M, N)
+    mut out: GemmOut<'_>,          // (batch, M, N) out
+    mut dbias: Option<&mut [f32]>, // (batch, M) out, WeightGrad only
+) -> Result<()> {
+    check_lens(
+        sh,
+        [
+            Some(a.len()),
+            Some(b.len()),
+            bias.map(|s| s.len()),
+            residual.map(|s| s.len()),
+            Some(out.len()),
+            dbias.as_ref().map(|s| s.len()),
+        ],
+    )?;
+    let (m, n, k) = (sh.m, sh.n, sh.k);
+    let at = |z: usize, i: usize, kk: usize| -> f64 {
+        let idx = match sh.layout {
+            GemmLayout::Forward | GemmLayout::InputGrad => i * k + kk,
+            GemmLayout::WeightGrad => kk * m + i,
+        };
+        f64::from(a[z * m * k + idx].to_f32())
+    };
+    let bt = |z: usize, kk: usize, j: usize| -> f64 {
+        let idx = match sh.layout {
+            GemmLayout::Forward => j * k + kk,
+            GemmLayout::InputGrad | GemmLayout::WeightGrad => kk * n + j,
+        };
+        f64::from(b[z * n * k + idx].to_f32())
+    };
+    for z in 0..sh.batch {
+        for i in 0..m {
+            for j in 0..n {
+                let mut v: f64 = (0..k).map(|kk| at(z, i, kk) * bt(z, kk, j)).sum();
+                if let Some(bias) = bias {
+                    v += f64::from(bias[j].to_f32());
+                }
+                v = sh.act.apply(v);
+                let idx = (z * m + i) * n + j;
+                if let Some(r) = residual {
+                    v += f64::from(r[idx].to_f32());
+                }
+                match &mut out {
+                    GemmOut::Bf16(o) => o[idx] = bf16::from_f64(v),
+                    GemmOut::F32(o) => o[idx] = v as f32,
+                }
+            }
+            if let Some(db) = dbias.as_deref_mut() {
+                db[z * m + i] = (0..k).map(|kk| at(z, i, kk)).sum::<f64>() as f32;
+            }
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Emulation
+// ------------------------------------------------------------------------------------------
+
+/// The kernel under the emulation; same parameters as [`gemm_cpu`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_emu(
+    emu: &Emu,
+    sh: &GemmShape,
+    a: &[bf16],
+    b: &[bf16],
+    bias: Option<&[bf16]>,
+    residual: Option<&[bf16]>,
+    out: GemmOut<'_>,
+    dbias: Option<&mut [f32]>,
+) -> Result<()> {
+    check_lens(
+        sh,
+        [
+            Some(a.len()),
+            Some(b.len()),
+            bias.map(|s| s.len()),
+            residual.map(|s| s.len()),
+            Some(out.len()),
+            dbias.as_ref().map(|s| s.len()),
+        ],
+    )?;
+    let (pc, out_f32) = match out {
+        GemmOut::Bf16(o) => (Arg::host_mut(o), false),
+        GemmOut::F32(o) => (Arg::host_mut(o), true),
+    };
+    let mut args = vec![
+        Arg::host(a),
+        Arg::host(b),
+        bias.map_or(Arg::Ptr(0), Arg::host),
+        residual.map_or(Arg::Ptr(0), Arg::host),
+        pc,
+        dbias.map_or(Arg::Ptr(0), Arg::host_mut),
+    ];
+    args.extend(scalar_args(sh, out_f32)?);
+    // SAFETY: every buffer was checked against the shape the kernel indexes.
+    unsafe { emu.launch(sh.layout.entry(), sh.launch(), &args) }
+}
+
+// ------------------------------------------------------------------------------------------
+// GPU launcher (bf16 buffers as raw u16 bits)
+// ------------------------------------------------------------------------------------------
+
+/// The kernel on a GPU; same parameters as [`gemm_cpu`], device buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_cuda(
+    gpu: &Gpu,
+    sh: &GemmShape,
+    a: &CudaSlice<u16>,
+    b: &CudaSlice<u16>,
+    bias: Option<&CudaSlice<u16>>,
+    residual: Option<&CudaSlice<u16>>,
+    out: GemmOutCuda<'_>,
+    dbias: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
+    let out_len = match &out {
+        GemmOutCuda::Bf16(o) => o.len(),
+        GemmOutCuda::F32(o) => o.len(),
+    };
+    check_lens(
+        sh,
+        [
+            Some(a.len()),
+            Some(b.len()),
+            bias.map(|s| s.len()),
+            residual.map(|s| s.len()),
+            Some(out_len),
+            dbias.as_ref().map(|s| s.len()),
+        ],
+    )?;
+    let st = gpu.stream();
+    let (pa, _ga) = a.device_ptr(st);
+    let (pb, _gb) = b.device_ptr(st);
+    let (pbias, _gbias) = match bias {
+        Some(s) => {
+            let (p, g) = s.device_ptr(st);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (pres, _gres) = match residual {
+        Some(s) => {
+            let (p, g) = s.device_ptr(st);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (pc, out_f32, _gc) = match out {
+        GemmOutCuda::Bf16(o) => {
+            let (p, g) = o.device_ptr_mut(st);
+            (p, false, g)
+        }
+        GemmOutCuda::F32(o) => {
+            let (p, g) = o.device_ptr_mut(st);
+            (p, true, g)
+        }
+    };
+    let (pdb, _gdb) = match dbias {
+        Some(s) => {
+            let (p, g) = s.device_ptr_mut(st);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let mut args: Vec<Arg> = [pa, pb, pbias, pres, pc, pdb].map(Arg::Ptr).to_vec();
+    args.extend(scalar_args(sh, out_f32)?);
+    // SAFETY: every buffer was checked against the shape the kernel indexes.
+    unsafe { gpu.launch(&GEMM, sh.layout.entry(), sh.launch(), &args) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emu::Schedule;
+    use crate::testing::{
+        bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng, BF16_POISON,
+    };
+
+    const LAYOUTS: [GemmLayout; 3] = [
+        GemmLayout::Forward,
+        GemmLayout::InputGrad,
+        GemmLayout::WeightGrad,
+    ];
+
+    /// Inputs of one case; `bias`/`residual` present when the case asks for them.
+    struct Case {
+        sh: GemmShape,
+        a: Vec<bf16>,
+        b: Vec<bf16>,
+        bias: Option<Vec<bf16>>,
+        res: Option<Vec<bf16>>,
+        out_f32: bool,
+        dbias: bool,
+    }
+
+    fn case(sh: GemmShape, bias: bool, res: bool, out_f32: bool, seed: u64) -> Case {
+        let mut g = rng(seed);
+        let (la, lb, lc) = sh.lens();
+        Case {
+            sh,
+            a: random_bf16(&mut g, la, -1.0, 1.0),
+            b: random_bf16(&mut g, lb, -1.0, 1.0),
+            bias: bias.then(|| random_bf16(&mut g, sh.n, -1.0, 1.0)),
+            res: res.then(|| random_bf16(&mut g, lc, -1.0, 1.0)),
+            out_f32,
+            dbias: sh.layout == GemmLayout::WeightGrad,
+        }
+    }
+
+    /// Outputs of one run, poisoned before it: C as f64 and the bias gradient.
+    fn run(c: &Case, emu: Option<&Emu>) -> (Vec<f64>, Vec<f64>) {
+        let (_, _, lc) = c.sh.lens();
+        let mut ob = vec![BF16_POISON; lc];
+        let mut of = vec![f32::NAN; lc];
+        let mut db = vec![f32::NAN; c.sh.batch * c.sh.m];
+        let out = if c.out_f32 {
+            GemmOut::F32(&mut of)
+        } else {
+            GemmOut::Bf16(&mut ob)
+        };
+        let dbias = c.dbias.then_some(db.as_mut_slice());
+        let (bias, res) = (c.bias.as_deref(), c.res.as_deref());
+        match emu {
+            Some(e) => gemm_emu(e, &c.sh, &c.a, &c.b, bias, res, out, dbias).unwrap(),
+            None => gemm_cpu(&c.sh, &c.a, &c.b, bias, res, out, dbias).unwrap(),
+        }
+        let outv = if c.out_f32 {
+            f32_to_f64(&of)
+        } else {
+            bf16_to_f64(&ob)
+        };
+        (outv, if c.dbias { f32_to_f64(&db) } else { Vec::new() })
+    }
+
+    /// Errors of the emulated kernel against the reference: (C, dbias).
+    fn errors(c: &Case, emu: &Emu) -> (f64, f64) {
+        let (want, wdb) = run(c, None);
+        let (got, gdb) = run(c, Some(emu));
+        (rel_err(&got, &want), rel_err(&gdb, &wdb))
+    }
+
+    fn assert_close(c: &Case, emu: &Emu, seed: u64) {
+        let (e, edb) = errors(c, emu);
+        let tol = if c.out_f32 { 1e-4 } else { 1e-2 };
+        assert!(
+            e <= tol && edb <= 1e-4,
+            "{:?} bias={} res={} f32={} seed {seed}: C err {e}, dbias err {edb}",
+            c.sh,
+            c.bias.is_some(),
+            c.res.is_some(),
+            c.out_f32
+        );
+    }
+
+    /// Every layout at aligned, tail and one-row sizes, with each epilogue piece.
+    #[test]
+    fn all_layouts_match_reference() {
+        // (M, N, K, act, bias, residual, f32 out)
+        let cases = [
+            (1, 64, 64, Activation::None, false, false, false),
+            (17, 128, 72, Activation::Gelu, true, false, true),
+            (130, 64, 128, Activation::QuickGelu, true, true, false),
+            (33, 99, 40, Activation::None, false, true, true),
+            (5, 72, 100, Activation::Gelu, true, true, false),
+        ];
+        for layout in LAYOUTS {
+            for &(m, n, k, act, bias, res, f32o) in &cases {
+                let sh = GemmShape {
+                    layout,
+                    batch: 1,
+                    m,
+                    n,
+                    k,
+                    act,
+                };
+                let seed = fresh_seed();
+                assert_close(&case(sh, bias, res, f32o, seed), &Emu::default(), seed);
+            }
+        }
+    }
+
+    #[test]
+    fn batched_products_match_reference() {
+        for layout in LAYOUTS {
+            let sh = GemmShape {
+                layout,
+                batch: 3,
+                m: 19,
+                n: 64,
+                k: 96,
+                act: Activation::None,
+            };
+            let seed = fresh_seed();
+            assert_close(&case(sh, true, true, false, seed), &Emu::default(), seed);
+        }
+    }
+
+    #[test]
+    fn result_does_not_depend_on_thread_order() {
+        let sh = GemmShape {
+            layout: GemmLayout::WeightGrad,
+            batch: 1,
+            m: 40,
+            n: 64,
+            k: 100,
+            act: Activation::None,
+        };
+        let seed = fresh_seed();
+        let c = case(sh, false, false, true, seed);
+        let first = run(&c, Some(&Emu::default()));
+        for sched in [Schedule::Reverse, Schedule::Shuffled(seed)] {
+            let got = run(&c, Some(&Emu::default().with_schedule(sched)));
+            assert_eq!(got, first, "{sched:?} seed {seed}");
+        }
+    }
+
+    /// Operands that start 2 bytes past a 16-byte boundary cannot go by cp.async: the kernel
+    /// must notice and copy element by element (the emulation rejects a misaligned cp.async).
+    #[test]
+    fn misaligned_operands_take_the_element_path() {
+        for layout in LAYOUTS {
+            let sh = GemmShape {
+                layout,
+                batch: 1,
+                m: 20,
+                n: 64,
+                k: 64,
+                act: Activation::None,
+            };
+            let seed = fresh_seed();
+            let c = case(sh, false, false, false, seed);
+            // Same values, shifted by one element inside a larger allocation.
+            let shift = |v: &[bf16]| {
+                let mut o = vec![bf16::ZERO; v.len() + 1];
+                o[1..].copy_from_slice(v);
+                o
+            };
+            let (pa, pb) = (shift(&c.a), shift(&c.b));
+            let (_, _, lc) = sh.lens();
+            let mut got = vec![BF16_POISON; lc];
+            let mut db = vec![f32::NAN; sh.m];
+            let dbias = c.dbias.then_some(db.as_mut_slice());
+            gemm_emu(
+                &Emu::default(),
+                &sh,
+                &pa[1..],
+                &pb[1..],
+                None,
+                None,
+                GemmOut::Bf16(&mut got),
+                dbias,
+            )
+            .unwrap();
+            let (want, wdb) = run(&c, None);
+            let e = rel_err(&bf16_to_f64(&got), &want);
+            let edb = if c.dbias {
+                rel_err(&f32_to_f64(&db), &wdb)
+            } else {
+                0.0
+            };
+            assert!(
+                e <= 1e-2 && edb <= 1e-4,
+                "{layout:?} seed {seed}: C {e}, dbias {edb}"
+            );
+        }
+    }
+
+    /// The launch constants here are the tile sizes `gemm.cu` is written for.
+    #[test]
+    fn launch_constants_match_the_source() {
+        let src = GEMM.source;
+        for d in [
+            "#define GEMM_BM 128",
+            "#define GEMM_BN 64",
+            "#define GEMM_BK 32",
+            "#define GEMM_STAGES 3",
+            "#define GEMM_THREADS 128",
+            "#define GEMM_KPITCH (GEMM_BK + 8)",
+        ] {
+            assert!(src.contains(d), "gemm.cu lacks `{d}`");
+        }
+        assert_eq!((TILE_M, TILE_N, THREADS), (128, 64, 128));
+        assert_eq!(SMEM_BYTES, 3 * (128 * (32 + 8) + 64 * (32 + 8)) * 2);
+    }
+
+    /// Waiting for one cp.async group too few reads a tile before it lands: the comparison
+    /// the real kernel passes must fail (K spans several tiles, so the pipeline is exercised).
+    #[test]
+    fn broken_pipeline_variant_fails() {
+        for layout in LAYOUTS {
+            let sh = GemmShape {
+                layout,
+                batch: 1,
+                m: 16,
+                n: 64,
+                k: 128,
+                act: Activation::None,
+            };
+            let seed = fresh_seed();
+            let c = case(sh, false, false, false, seed);
+            let (e, _) = errors(&c, &Emu::variant("broken_wait"));
+            assert!(
+                e > 1e-2,
+                "{layout:?} seed {seed}: missing wait passed ({e})"
+            );
+        }
+    }
+
+    /// The reference itself on a product small enough to write out: the layouts read the
+    /// storage the module table documents.
+    #[test]
+    fn reference_reads_the_documented_layouts() {
+        let v = |x: &[f32]| x.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>();
+        // X (2, 3), W (2 outputs, 3 inputs): Y = X·Wᵀ.
+        let x = v(&[1., 2., 3., 4., 5., 6.]);
+        let w = v(&[1., 0., -1., 2., 1., 0.]);
+        let sh = |layout, m, n, k| GemmShape {
+            layout,
+            batch: 1,
+            m,
+            n,
+            k,
+            act: Activation::None,
+        };
+        let mut y = vec![0.0f32; 4];
+        gemm_cpu(
+            &sh(GemmLayout::Forward, 2, 2, 3),
+            &x,
+            &w,
+            Some(&v(&[0.5, -0.5])),
+            None,
+            GemmOut::F32(&mut y),
+            None,
+        )
+        .unwrap();
+        assert_eq!(y, [-1.5, 3.5, -1.5, 12.5]);
+        // dX = dY·W with dY (2, 2) = identity: dX = W.
+        let dy = v(&[1., 0., 0., 1.]);
+        let mut dx = vec![0.0f32; 6];
+        gemm_cpu(
+            &sh(GemmLayout::InputGrad, 2, 3, 2),
+            &dy,
+            &w,
+            None,
+            None,
+            GemmOut::F32(&mut dx),
+            None,
+        )
+        .unwrap();
+        assert_eq!(dx, [1., 0., -1., 2., 1., 0.]);
+        // dW = dYᵀ·X with dY = [[1, 0], [1, 1]]: dW = [[5, 7, 9], [4, 5, 6]], db = [2, 1].
+        let dy = v(&[1., 0., 1., 1.]);
+        let (mut dw, mut db) = (vec![0.0f32; 6], vec![0.0f32; 2]);
+        gemm_cpu(
+            &sh(GemmLayout::WeightGrad, 2, 3, 2),
+            &dy,
+            &x,
+            None,
+            None,
+            GemmOut::F32(&mut dw),
+            Some(&mut db),
+        )
+        .unwrap();
+        assert_eq!(dw, [5., 7., 9., 4., 5., 6.]);
+        assert_eq!(db, [2., 1.]);
+    }
+
+    #[test]
+    fn wrong_lengths_and_options_are_errors() {
+        let sh = GemmShape {
+            layout: GemmLayout::Forward,
+            batch: 1,
+            m: 4,
+            n: 8,
+            k: 8,
+            act: Activation::None,
+        };
+        let c = case(sh, false, false, false, 1);
+        let mut out = vec![bf16::ZERO; 31];
+        let e = gemm_emu(
+            &Emu::default(),
+            &sh,
+            &c.a,
+            &c.b,
+            None,
+            None,
+            GemmOut::Bf16(&mut out),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e}").contains("`out` holds 31 elements, the shape needs 32"),
+            "{e}"
+        );
+        let mut out = vec![bf16::ZERO; 32];
+        let mut db = vec![0.0f32; 4];
+        let e = gemm_cpu(
+            &sh,
+            &c.a,
+            &c.b,
+            None,
+            None,
+            GemmOut::Bf16(&mut out),
+            Some(&mut db),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e}").contains("only by the WeightGrad layout"),
+            "{e}"
+        );
+        let empty = GemmShape { m: 0, ..sh };
+        assert!(gemm_cpu(&empty, &[], &[], None, None, GemmOut::Bf16(&mut []), None).is_err());
+    }
+
+    /// The same comparison on a GPU when one is present; without a driver it only checks that
+    /// selection falls back to the CPU.
+    #[test]
+    fn gpu_matches_reference_when_present() {
+        let gpu = match crate::device::Device::select(crate::device::DeviceRequest::Auto).unwrap() {
+            crate::device::Device::Cuda(g) => g,
+            crate::device::Device::Cpu => {
+                eprintln!("no GPU: gemm GPU test not run");
+                return;
+            }
+        };
+        let st = gpu.stream().clone();
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+        for layout in LAYOUTS {
+            for &(m, n, k) in &[(1, 64, 64), (130, 128, 72), (197, 768, 768), (33, 100, 40)] {
+                let sh = GemmShape {
+                    layout,
+                    batch: 2,
+                    m,
+                    n,
+                    k,
+                    act: Activation::Gelu,
+                };
+                let seed = fresh_seed();
+                let c = case(sh, true, true, false, seed);
+                let (want, wdb) = run(&c, None);
+                let (a, b) = (
+                    st.clone_htod(&bits(&c.a)).unwrap(),
+                    st.clone_htod(&bits(&c.b)).unwrap(),
+                );
+                let bias = st.clone_htod(&bits(c.bias.as_ref().unwrap())).unwrap();
+                let res = st.clone_htod(&bits(c.res.as_ref().unwrap())).unwrap();
+                let (_, _, lc) = sh.lens();
+                let mut o = st.clone_htod(&vec![BF16_POISON.to_bits(); lc]).unwrap();
+                let mut db = st.clone_htod(&vec![f32::NAN; sh.batch * m]).unwrap();
+                gemm_cuda(
+                    &gpu,
+                    &sh,
+                    &a,
+                    &b,
+                    Some(&bias),
+                    Some(&res),
+                    GemmOutCuda::Bf16(&mut o),
+                    c.dbias.then_some(&mut db),
+                )
+                .unwrap();
+                let got: Vec<bf16> = st
+                    .clone_dtoh(&o)
+                    .unwrap()
+                    .into_iter()
+                    .map(bf16::from_bits)
+                    .collect();
+                let e = rel_err(&bf16_to_f64(&got), &want);
+                let edb = if c.dbias {
+                    rel_err(&f32_to_f64(&st.clone_dtoh(&db).unwrap()), &wdb)
+                } else {
+                    0.0
+                };
+                assert!(
+                    e <= 1e-2 && edb <= 1e-4,
+                    "GPU {sh:?} seed {seed}: C {e}, dbias {edb}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,519 @@
+//! GPU timing of the GEMM ([`crate::gemm`]) and attention ([`crate::attention`]) kernels at
+//! the student model's shapes, the same cases as `tools/torch_gemm_attn_bench.py`, so one GPU
+//! run puts both side by side. Each run first checks every kernel against its CPU reference on
+//! fresh random inputs and reports the errors with the times.
+//!
+//! Times are the median of `iters` launches measured with CUDA events after `warmup` launches,
+//! on random (never zero) inputs. Nothing here runs without a GPU: the entry point is
+//! `cargo bench -p mmkd-benches --bench gemm_attn` (or its executable in the GPU bundle).
+
+use crate::attention::{self, AttnShape, HEAD_DIM};
+use crate::device::Gpu;
+use crate::gemm::{self, Activation, GemmLayout, GemmOut, GemmOutCuda, GemmShape};
+use crate::testing::{bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
+use anyhow::{anyhow, Result};
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+use serde::Serialize;
+use std::sync::Arc;
+
+/// Model sizes (DESIGN.md §2): width 768, 12 heads, MLP ratio 4, joint space 512.
+const WIDTH: usize = 768;
+const HEADS: usize = 12;
+const IMAGE_TOKENS: usize = 197;
+
+/// What to run.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchConfig {
+    /// Samples per batch (M = batch · tokens).
+    pub batch: usize,
+    /// Padded caption length of the text tower.
+    pub context: usize,
+    /// Untimed launches before timing.
+    pub warmup: usize,
+    /// Timed launches; the median is reported.
+    pub iters: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            batch: 256,
+            context: 256,
+            warmup: 3,
+            iters: 20,
+        }
+    }
+}
+
+/// One timed case.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRecord {
+    /// "gemm" or "attention".
+    pub kind: &'static str,
+    /// "image" or "text".
+    pub tower: &'static str,
+    /// Layer (GEMM) or "masked"/"plain" (attention).
+    pub layer: String,
+    /// fwd, dgrad, wgrad (GEMM); fwd, fwd+bwd (attention).
+    pub layout: &'static str,
+    /// The product's M, N, K (GEMM) or B·H, L, 64 (attention).
+    pub dims: [usize; 3],
+    /// Floating-point operations of the case (minimal count).
+    pub flops: f64,
+    /// Median time, ms.
+    pub median_ms: f64,
+    /// flops / median time, TFLOP/s.
+    pub tflops: f64,
+}
+
+/// One correctness check against the CPU reference.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckRecord {
+    /// What was compared.
+    pub name: String,
+    /// Norm-wise relative error (infinite when a NaN came out).
+    pub rel_err: f64,
+    /// Whether it is within the tolerance (1e-2 bf16, 1e-4 fp32).
+    pub passed: bool,
+    /// The seed of the inputs.
+    pub seed: u64,
+}
+
+/// The whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Device name and architecture.
+    pub device: String,
+    /// Correctness checks, run first.
+    pub checks: Vec<CheckRecord>,
+    /// Timed cases.
+    pub cases: Vec<BenchRecord>,
+}
+
+impl BenchReport {
+    /// True when every correctness check passed.
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+
+    /// The report as pretty-printed JSON.
+    pub fn to_json(&self) -> Result<String> {
+        Ok(serde_json::to_string_pretty(self)?)
+    }
+
+    /// A short table: checks, then one line per timed case.
+    pub fn render(&self) -> String {
+        let mut s = format!("device: {}\n", self.device);
+        for c in &self.checks {
+            let verdict = if c.passed { "ok" } else { "FAILED" };
+            s += &format!("check {verdict:6} rel_err {:.2e}  {}\n", c.rel_err, c.name);
+        }
+        for c in &self.cases {
+            s += &format!(
+                "{:9} {:5} {:8} {:7} {:?}: {:9.4} ms  {:7.1} TFLOP/s\n",
+                c.kind, c.tower, c.layer, c.layout, c.dims, c.median_ms, c.tflops
+            );
+        }
+        s
+    }
+}
+
+/// (tower, layer, M, N, K) of `Y (M, N) = X (M, K) · W (N, K)ᵀ`, as in the PyTorch script.
+pub fn gemm_cases(
+    batch: usize,
+    context: usize,
+) -> Vec<(&'static str, &'static str, usize, usize, usize)> {
+    let mut out = Vec::new();
+    for (tower, m) in [("image", batch * IMAGE_TOKENS), ("text", batch * context)] {
+        for (layer, n, k) in [
+            ("qkv", 3 * WIDTH, WIDTH),
+            ("attn_out", WIDTH, WIDTH),
+            ("mlp_up", 4 * WIDTH, WIDTH),
+            ("mlp_down", WIDTH, 4 * WIDTH),
+        ] {
+            out.push((tower, layer, m, n, k));
+        }
+    }
+    out.push(("image", "proj", batch, 512, WIDTH));
+    out
+}
+
+/// `n` random bf16 values on the device: a 64 Ki random block repeated, cheap at any size.
+fn device_random(st: &Arc<CudaStream>, n: usize, seed: u64) -> Result<CudaSlice<u16>> {
+    let block: Vec<u16> = random_bf16(&mut rng(seed), 1 << 16, -1.0, 1.0)
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    let host: Vec<u16> = block.iter().copied().cycle().take(n).collect();
+    st.clone_htod(&host)
+        .map_err(|e| anyhow!("copying {n} values to the GPU: {e:?}"))
+}
+
+fn device_buf<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    st: &Arc<CudaStream>,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    st.alloc_zeros::<T>(n)
+        .map_err(|e| anyhow!("allocating {n} elements on the GPU: {e:?}"))
+}
+
+/// Median milliseconds of `f` over `cfg.iters` launches, timed with CUDA events.
+fn time_ms(gpu: &Gpu, cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let st = gpu.stream();
+    for _ in 0..cfg.warmup {
+        f()?;
+    }
+    let ev = |_| {
+        gpu.context()
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| anyhow!("creating a CUDA event: {e:?}"))
+    };
+    let mut times = Vec::with_capacity(cfg.iters);
+    for _ in 0..cfg.iters.max(1) {
+        let (a, b) = (ev(())?, ev(())?);
+        a.record(st)
+            .map_err(|e| anyhow!("recording an event: {e:?}"))?;
+        f()?;
+        b.record(st)
+            .map_err(|e| anyhow!("recording an event: {e:?}"))?;
+        times.push(f64::from(a.elapsed_ms(&b).map_err(|e| {
+            anyhow!("reading an event (a kernel failed?): {e:?}")
+        })?));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn bits(v: &[bf16]) -> Vec<u16> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn from_bits(v: Vec<u16>) -> Vec<bf16> {
+    v.into_iter().map(bf16::from_bits).collect()
+}
+
+/// GEMM, every layout, at a small odd size against [`gemm::gemm_cpu`].
+fn check_gemm(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
+    let st = gpu.stream();
+    for layout in [
+        GemmLayout::Forward,
+        GemmLayout::InputGrad,
+        GemmLayout::WeightGrad,
+    ] {
+        let sh = GemmShape {
+            layout,
+            batch: 2,
+            m: 197,
+            n: 192,
+            k: 264,
+            act: Activation::QuickGelu,
+        };
+        let seed = fresh_seed();
+        let mut g = rng(seed);
+        let (la, lb, lc) = (sh.m * sh.k * 2, sh.n * sh.k * 2, sh.m * sh.n * 2);
+        let (a, b) = (
+            random_bf16(&mut g, la, -1.0, 1.0),
+            random_bf16(&mut g, lb, -1.0, 1.0),
+        );
+        let bias = random_bf16(&mut g, sh.n, -1.0, 1.0);
+        let wg = layout == GemmLayout::WeightGrad;
+        let mut want = vec![bf16::ZERO; lc];
+        let mut wdb = vec![0.0f32; 2 * sh.m];
+        gemm::gemm_cpu(
+            &sh,
+            &a,
+            &b,
+            Some(&bias),
+            None,
+            GemmOut::Bf16(&mut want),
+            wg.then_some(wdb.as_mut_slice()),
+        )?;
+        let da = st.clone_htod(&bits(&a)).map_err(|e| anyhow!("{e:?}"))?;
+        let db = st.clone_htod(&bits(&b)).map_err(|e| anyhow!("{e:?}"))?;
+        let dbias = st.clone_htod(&bits(&bias)).map_err(|e| anyhow!("{e:?}"))?;
+        let mut dc = st
+            .clone_htod(&vec![0x7fffu16; lc])
+            .map_err(|e| anyhow!("{e:?}"))?;
+        let mut ddb = st
+            .clone_htod(&vec![f32::NAN; 2 * sh.m])
+            .map_err(|e| anyhow!("{e:?}"))?;
+        gemm::gemm_cuda(
+            gpu,
+            &sh,
+            &da,
+            &db,
+            Some(&dbias),
+            None,
+            GemmOutCuda::Bf16(&mut dc),
+            wg.then_some(&mut ddb),
+        )?;
+        let got = from_bits(st.clone_dtoh(&dc).map_err(|e| anyhow!("{e:?}"))?);
+        let e = rel_err(&bf16_to_f64(&got), &bf16_to_f64(&want));
+        out.push(CheckRecord {
+            name: format!("gemm {layout:?} {sh:?}"),
+            rel_err: e,
+            passed: e <= 1e-2,
+            seed,
+        });
+        if wg {
+            let gdb = st.clone_dtoh(&ddb).map_err(|e| anyhow!("{e:?}"))?;
+            let e = rel_err(&f32_to_f64(&gdb), &f32_to_f64(&wdb));
+            out.push(CheckRecord {
+                name: format!("gemm dbias {sh:?}"),
+                rel_err: e,
+                passed: e <= 1e-4,
+                seed,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Attention forward and backward at L = 197 with key padding (one sequence fully padded)
+/// against the CPU references.
+fn check_attention(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
+    let st = gpu.stream();
+    for causal in [false, true] {
+        let sh = AttnShape {
+            batch: 3,
+            heads: 2,
+            len: 197,
+            causal,
+            scale: 0.125,
+        };
+        let seed = fresh_seed();
+        let mut g = rng(seed);
+        let e = sh.batch * sh.heads * sh.len * HEAD_DIM;
+        let r = sh.batch * sh.heads * sh.len;
+        let [q, k, v, d_o] = [0; 4].map(|_| random_bf16(&mut g, e, -2.0, 2.0));
+        let sl = [197, 120, 0];
+        let (mut o, mut lse) = (vec![bf16::ZERO; e], vec![0.0f32; r]);
+        attention::attention_forward_cpu(&sh, &q, &k, &v, Some(&sl), &mut o, &mut lse)?;
+        let [mut dq, mut dk, mut dv] = [0; 3].map(|_| vec![bf16::ZERO; e]);
+        let mut delta = vec![0.0f32; r];
+        attention::attention_backward_cpu(
+            &sh,
+            &q,
+            &k,
+            &v,
+            &o,
+            &lse,
+            &d_o,
+            Some(&sl),
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &mut delta,
+        )?;
+        let up = |x: &[bf16]| st.clone_htod(&bits(x)).map_err(|e| anyhow!("{e:?}"));
+        let (gq, gk, gv, gdo, go_ref) = (up(&q)?, up(&k)?, up(&v)?, up(&d_o)?, up(&o)?);
+        let glse_ref = st.clone_htod(&lse).map_err(|e| anyhow!("{e:?}"))?;
+        let gsl = st.clone_htod(&sl).map_err(|e| anyhow!("{e:?}"))?;
+        let poison = vec![0x7fffu16; e];
+        let mut go = st.clone_htod(&poison).map_err(|e| anyhow!("{e:?}"))?;
+        let mut glse = device_buf::<f32>(st, r)?;
+        attention::attention_forward_cuda(gpu, &sh, &gq, &gk, &gv, Some(&gsl), &mut go, &mut glse)?;
+        let mut gdq = st.clone_htod(&poison).map_err(|e| anyhow!("{e:?}"))?;
+        let mut gdk = st.clone_htod(&poison).map_err(|e| anyhow!("{e:?}"))?;
+        let mut gdv = st.clone_htod(&poison).map_err(|e| anyhow!("{e:?}"))?;
+        let mut gdelta = device_buf::<f32>(st, r)?;
+        attention::attention_backward_cuda(
+            gpu,
+            &sh,
+            &gq,
+            &gk,
+            &gv,
+            &go_ref,
+            &glse_ref,
+            &gdo,
+            Some(&gsl),
+            &mut gdq,
+            &mut gdk,
+            &mut gdv,
+            &mut gdelta,
+        )?;
+        let down = |d: &CudaSlice<u16>| -> Result<Vec<f64>> {
+            Ok(bf16_to_f64(&from_bits(
+                st.clone_dtoh(d).map_err(|e| anyhow!("{e:?}"))?,
+            )))
+        };
+        for (name, got, want) in [
+            ("o", down(&go)?, bf16_to_f64(&o)),
+            ("dq", down(&gdq)?, bf16_to_f64(&dq)),
+            ("dk", down(&gdk)?, bf16_to_f64(&dk)),
+            ("dv", down(&gdv)?, bf16_to_f64(&dv)),
+        ] {
+            let e = rel_err(&got, &want);
+            out.push(CheckRecord {
+                name: format!("attention {name} {sh:?} seqlens {sl:?}"),
+                rel_err: e,
+                passed: e <= 1e-2,
+                seed,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs the checks, then times every case. Fails only on CUDA errors; failed checks are in
+/// the report (the caller decides what to do with them).
+pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
+    let mut checks = Vec::new();
+    check_gemm(gpu, &mut checks)?;
+    check_attention(gpu, &mut checks)?;
+    let st = gpu.stream();
+    let mut cases = Vec::new();
+    for (i, (tower, layer, m, n, k)) in gemm_cases(cfg.batch, cfg.context).into_iter().enumerate() {
+        let seed = i as u64 + 1;
+        let x = device_random(st, m * k, seed)?; // (M, K): X, and B of the weight gradient
+        let w = device_random(st, n * k, seed + 100)?; // (N, K)
+        let dy = device_random(st, m * n, seed + 200)?; // (M, N)
+        let bias = device_random(st, n, seed + 300)?;
+        let mut y = device_buf::<u16>(st, m * n)?;
+        let mut dx = device_buf::<u16>(st, m * k)?;
+        let mut dw = device_buf::<f32>(st, n * k)?;
+        let mut db = device_buf::<f32>(st, n)?;
+        let flops = 2.0 * (m * n * k) as f64;
+        let shape = |layout, m, n, k, act| GemmShape {
+            layout,
+            batch: 1,
+            m,
+            n,
+            k,
+            act,
+        };
+        let act = if tower == "image" {
+            Activation::QuickGelu
+        } else {
+            Activation::Gelu
+        };
+        let fwd = shape(GemmLayout::Forward, m, n, k, act);
+        let t_fwd = time_ms(gpu, cfg, || {
+            gemm::gemm_cuda(
+                gpu,
+                &fwd,
+                &x,
+                &w,
+                Some(&bias),
+                None,
+                GemmOutCuda::Bf16(&mut y),
+                None,
+            )
+        })?;
+        let dgrad = shape(GemmLayout::InputGrad, m, k, n, Activation::None);
+        let t_dgrad = time_ms(gpu, cfg, || {
+            gemm::gemm_cuda(
+                gpu,
+                &dgrad,
+                &dy,
+                &w,
+                None,
+                None,
+                GemmOutCuda::Bf16(&mut dx),
+                None,
+            )
+        })?;
+        let wgrad = shape(GemmLayout::WeightGrad, n, k, m, Activation::None);
+        let t_wgrad = time_ms(gpu, cfg, || {
+            gemm::gemm_cuda(
+                gpu,
+                &wgrad,
+                &dy,
+                &x,
+                None,
+                None,
+                GemmOutCuda::F32(&mut dw),
+                Some(&mut db),
+            )
+        })?;
+        for (layout, t) in [("fwd", t_fwd), ("dgrad", t_dgrad), ("wgrad", t_wgrad)] {
+            cases.push(BenchRecord {
+                kind: "gemm",
+                tower,
+                layer: layer.to_string(),
+                layout,
+                dims: [m, n, k],
+                flops,
+                median_ms: t,
+                tflops: flops / (t * 1e-3) / 1e12,
+            });
+        }
+    }
+    for (tower, len) in [("image", IMAGE_TOKENS), ("text", cfg.context)] {
+        let sh = AttnShape {
+            batch: cfg.batch,
+            heads: HEADS,
+            len,
+            causal: false,
+            scale: 0.125,
+        };
+        let (bh, e) = (cfg.batch * HEADS, cfg.batch * HEADS * len * HEAD_DIM);
+        let q = device_random(st, e, 1)?;
+        let k = device_random(st, e, 2)?;
+        let v = device_random(st, e, 3)?;
+        let d_o = device_random(st, e, 4)?;
+        let mut o = device_buf::<u16>(st, e)?;
+        let mut lse = device_buf::<f32>(st, bh * len)?;
+        let mut dq = device_buf::<u16>(st, e)?;
+        let mut dk = device_buf::<u16>(st, e)?;
+        let mut dv = device_buf::<u16>(st, e)?;
+        let mut delta = device_buf::<f32>(st, bh * len)?;
+        let mut g = rng(7);
+        let lens: Vec<i32> = (0..cfg.batch)
+            .map(|_| rand::Rng::gen_range(&mut g, len / 2..=len) as i32)
+            .collect();
+        let gl = st.clone_htod(&lens).map_err(|e| anyhow!("{e:?}"))?;
+        let fl = 4.0 * (bh * len * len * HEAD_DIM) as f64;
+        for (name, sl) in [("plain", None), ("masked", Some(&gl))] {
+            let t_f = time_ms(gpu, cfg, || {
+                attention::attention_forward_cuda(gpu, &sh, &q, &k, &v, sl, &mut o, &mut lse)
+            })?;
+            let t_fb = time_ms(gpu, cfg, || {
+                attention::attention_forward_cuda(gpu, &sh, &q, &k, &v, sl, &mut o, &mut lse)?;
+                attention::attention_backward_cuda(
+                    gpu, &sh, &q, &k, &v, &o, &lse, &d_o, sl, &mut dq, &mut dk, &mut dv, &mut delta,
+                )
+            })?;
+            // Minimal counts: forward two products, backward five.
+            for (layout, t, f) in [("fwd", t_f, fl), ("fwd+bwd", t_fb, 3.5 * fl)] {
+                cases.push(BenchRecord {
+                    kind: "attention",
+                    tower,
+                    layer: name.to_string(),
+                    layout,
+                    dims: [bh, len, HEAD_DIM],
+                    flops: f,
+                    median_ms: t,
+                    tflops: f / (t * 1e-3) / 1e12,
+                });
+            }
+        }
+    }
+    Ok(BenchReport {
+        device: format!("{} ({})", gpu.name, gpu.arch),
+        checks,
+        cases,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The case list is the one the PyTorch script times (tools/torch_gemm_attn_bench.py).
+    #[test]
+    fn cases_match_the_pytorch_script() {
+        let script = include_str!("../../tools/torch_gemm_attn_bench.py");
+        let c = gemm_cases(256, 256);
+        assert_eq!(c.len(), 9);
+        assert_eq!(c[0], ("image", "qkv", 256 * 197, 2304, 768));
+        assert_eq!(c[7], ("text", "mlp_down", 256 * 256, 768, 3072));
+        for (_, layer, ..) in &c {
+            assert!(
+                script.contains(&format!("\"{layer}\"")),
+                "{layer} not in the script"
+            );
+        }
+    }
+}

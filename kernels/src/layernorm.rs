@@ -1,0 +1,882 @@
+//! LayerNorm fused with the residual add (`cuda/layernorm.cu`): CPU reference, emulation
+//! launcher and GPU launcher, all with the same parameters, and their tests.
+//!
+//! Forward: `s = x + r` (stored, bf16), `y = (s − mean)·rstd·gamma + beta` (bf16), `mean`,
+//! `rstd` (fp32, per row). Backward: `ds` (bf16, the gradient of both `x` and `r`, plus the
+//! residual-path gradient `dres` when given), `dgamma`, `dbeta` (fp32, overwritten). The
+//! backward reduces dgamma/dbeta through a caller-provided scratch of per-block partials
+//! ([`backward_scratch_len`]) in a fixed order, so reruns are bit-identical.
+
+use crate::device::Gpu;
+use crate::emu::Emu;
+use crate::launch::{check_len, Arg, LaunchShape};
+use crate::registry::LAYERNORM;
+use anyhow::{ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+/// Rows and columns of a LayerNorm and its epsilon.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LnShape {
+    /// Rows (tokens).
+    pub n: usize,
+    /// Columns (channels), normalised over.
+    pub c: usize,
+    /// Added to the variance before the square root.
+    pub eps: f32,
+}
+
+/// The most backward blocks; each owns a slice of rows and one row of partials.
+const BWD_MAX_BLOCKS: usize = 256;
+/// Dynamic shared memory of the backward (2·C floats) must fit the default 48 KiB.
+const MAX_C: usize = 48 * 1024 / 8;
+
+impl LnShape {
+    fn validate(&self) -> Result<()> {
+        ensure!(self.n > 0 && self.c > 0, "layernorm: empty shape {self:?}");
+        ensure!(
+            self.c <= MAX_C,
+            "layernorm: C = {} exceeds the supported {MAX_C}",
+            self.c
+        );
+        ensure!(
+            self.eps > 0.0 && self.eps.is_finite(),
+            "layernorm: eps must be positive, got {}",
+            self.eps
+        );
+        Arg::int("layernorm N", self.n)?;
+        Arg::int("layernorm N*C", self.n * self.c)?;
+        Ok(())
+    }
+    /// Threads per block: one warp per 32 columns, at most 256 (kernels need a multiple of 32).
+    fn threads(&self) -> u32 {
+        (self.c.div_ceil(32) * 32).clamp(32, 256) as u32
+    }
+    /// Blocks of the backward, G.
+    fn bwd_blocks(&self) -> usize {
+        self.n.min(BWD_MAX_BLOCKS)
+    }
+    fn fwd_launch(&self) -> LaunchShape {
+        LaunchShape::linear(self.n as u32, self.threads(), 0)
+    }
+    fn bwd_launch(&self) -> LaunchShape {
+        LaunchShape::linear(
+            self.bwd_blocks() as u32,
+            self.threads(),
+            (2 * self.c * 4) as u32,
+        )
+    }
+    fn reduce_launch(&self) -> LaunchShape {
+        LaunchShape::linear(self.c.div_ceil(256) as u32, 256, 0)
+    }
+}
+
+/// Length in f32 of the backward's scratch: (G, 2, C) partials.
+pub fn backward_scratch_len(sh: LnShape) -> usize {
+    sh.bwd_blocks() * 2 * sh.c
+}
+
+fn check_fwd_lens(sh: LnShape, lens: [usize; 8]) -> Result<()> {
+    sh.validate()?;
+    let (nc, c, n) = (sh.n * sh.c, sh.c, sh.n);
+    let names = ["x", "r", "gamma", "beta", "s", "y", "mean", "rstd"];
+    for ((name, have), need) in names.iter().zip(lens).zip([nc, nc, c, c, nc, nc, n, n]) {
+        check_len("layernorm_fwd", name, have, need)?;
+    }
+    Ok(())
+}
+
+fn check_bwd_lens(sh: LnShape, lens: [usize; 9], has_dres: bool) -> Result<()> {
+    sh.validate()?;
+    let (nc, c, n) = (sh.n * sh.c, sh.c, sh.n);
+    let names = [
+        "dy", "s", "gamma", "mean", "rstd", "dres", "ds", "dgamma", "dbeta",
+    ];
+    let needs = [nc, nc, c, n, n, if has_dres { nc } else { 0 }, nc, c, c];
+    for ((name, have), need) in names.iter().zip(lens).zip(needs) {
+        check_len("layernorm_bwd", name, have, need)?;
+    }
+    Ok(())
+}
+
+fn fwd_args(sh: LnShape, p: [Arg; 8]) -> Result<Vec<Arg>> {
+    let mut a = p.to_vec();
+    a.push(Arg::int("layernorm C", sh.c)?);
+    a.push(Arg::F32(sh.eps));
+    Ok(a)
+}
+
+// ------------------------------------------------------------------------------------------
+// CPU reference
+// ------------------------------------------------------------------------------------------
+
+/// CPU reference of the forward, statistics in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward_cpu(
+    sh: LnShape,
+    x: &[bf16],       // (N, C)
+    r: &[bf16],       // (N, C)
+    gamma: &[bf16],   // (C)
+    beta: &[bf16],    // (C)
+    s: &mut [bf16],   // (N, C) out
+    y: &mut [bf16],   // (N, C) out
+    mean: &mut [f32], // (N) out
+    rstd: &mut [f32], // (N) out
+) -> Result<()> {
+    check_fwd_lens(
+        sh,
+        [
+            x.len(),
+            r.len(),
+            gamma.len(),
+            beta.len(),
+            s.len(),
+            y.len(),
+            mean.len(),
+            rstd.len(),
+        ],
+    )?;
+    let c = sh.c;
+    for n in 0..sh.n {
+        let row = n * c..(n + 1) * c;
+        for i in row.clone() {
+            s[i] = bf16::from_f32(x[i].to_f32() + r[i].to_f32());
+        }
+        let mu = s[row.clone()]
+            .iter()
+            .map(|v| f64::from(v.to_f32()))
+            .sum::<f64>()
+            / c as f64;
+        let var = s[row.clone()]
+            .iter()
+            .map(|v| (f64::from(v.to_f32()) - mu).powi(2))
+            .sum::<f64>()
+            / c as f64;
+        let rs = 1.0 / (var + f64::from(sh.eps)).sqrt();
+        for (j, i) in row.enumerate() {
+            let xhat = (f64::from(s[i].to_f32()) - mu) * rs;
+            y[i] =
+                bf16::from_f64(xhat * f64::from(gamma[j].to_f32()) + f64::from(beta[j].to_f32()));
+        }
+        mean[n] = mu as f32;
+        rstd[n] = rs as f32;
+    }
+    Ok(())
+}
+
+/// CPU reference of the backward, sums in f64. Row `n` contributes to partial row `n % G` of
+/// `scratch`, as in the kernel, so the partials can be compared too.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_cpu(
+    sh: LnShape,
+    dy: &[bf16],           // (N, C)
+    s: &[bf16],            // (N, C)
+    gamma: &[bf16],        // (C)
+    mean: &[f32],          // (N)
+    rstd: &[f32],          // (N)
+    dres: Option<&[bf16]>, // (N, C)
+    ds: &mut [bf16],       // (N, C) out
+    dgamma: &mut [f32],    // (C) out
+    dbeta: &mut [f32],     // (C) out
+    scratch: &mut [f32],   // (G, 2, C) out
+) -> Result<()> {
+    let lens = [
+        dy.len(),
+        s.len(),
+        gamma.len(),
+        mean.len(),
+        rstd.len(),
+        dres.map_or(0, |d| d.len()),
+        ds.len(),
+        dgamma.len(),
+        dbeta.len(),
+    ];
+    check_bwd_lens(sh, lens, dres.is_some())?;
+    check_len(
+        "layernorm_bwd",
+        "scratch",
+        scratch.len(),
+        backward_scratch_len(sh),
+    )?;
+    let (c, g) = (sh.c, sh.bwd_blocks());
+    let mut part = vec![0.0f64; g * 2 * c];
+    for n in 0..sh.n {
+        let (mu, rs) = (f64::from(mean[n]), f64::from(rstd[n]));
+        let xhat = |j: usize| (f64::from(s[n * c + j].to_f32()) - mu) * rs;
+        let gv = |j: usize| f64::from(dy[n * c + j].to_f32()) * f64::from(gamma[j].to_f32());
+        let mg = (0..c).map(gv).sum::<f64>() / c as f64;
+        let mgx = (0..c).map(|j| gv(j) * xhat(j)).sum::<f64>() / c as f64;
+        let p = &mut part[(n % g) * 2 * c..(n % g + 1) * 2 * c];
+        for j in 0..c {
+            let mut v = rs * (gv(j) - mg - xhat(j) * mgx);
+            if let Some(d) = dres {
+                v += f64::from(d[n * c + j].to_f32());
+            }
+            ds[n * c + j] = bf16::from_f64(v);
+            let d = f64::from(dy[n * c + j].to_f32());
+            p[j] += d * xhat(j);
+            p[c + j] += d;
+        }
+    }
+    for j in 0..c {
+        dgamma[j] = (0..g).map(|b| part[b * 2 * c + j]).sum::<f64>() as f32;
+        dbeta[j] = (0..g).map(|b| part[b * 2 * c + c + j]).sum::<f64>() as f32;
+    }
+    for (o, v) in scratch.iter_mut().zip(&part) {
+        *o = *v as f32;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Emulation launchers
+// ------------------------------------------------------------------------------------------
+
+/// The forward kernel under the emulation; same parameters as [`layernorm_forward_cpu`].
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward_emu(
+    emu: &Emu,
+    sh: LnShape,
+    x: &[bf16],
+    r: &[bf16],
+    gamma: &[bf16],
+    beta: &[bf16],
+    s: &mut [bf16],
+    y: &mut [bf16],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) -> Result<()> {
+    check_fwd_lens(
+        sh,
+        [
+            x.len(),
+            r.len(),
+            gamma.len(),
+            beta.len(),
+            s.len(),
+            y.len(),
+            mean.len(),
+            rstd.len(),
+        ],
+    )?;
+    let ptrs = [
+        Arg::host(x),
+        Arg::host(r),
+        Arg::host(gamma),
+        Arg::host(beta),
+        Arg::host_mut(s),
+        Arg::host_mut(y),
+        Arg::host_mut(mean),
+        Arg::host_mut(rstd),
+    ];
+    // SAFETY: every buffer was checked against the shape the kernel indexes.
+    unsafe { emu.launch("layernorm_fwd", sh.fwd_launch(), &fwd_args(sh, ptrs)?) }
+}
+
+/// The backward kernels under the emulation; same parameters as [`layernorm_backward_cpu`].
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_emu(
+    emu: &Emu,
+    sh: LnShape,
+    dy: &[bf16],
+    s: &[bf16],
+    gamma: &[bf16],
+    mean: &[f32],
+    rstd: &[f32],
+    dres: Option<&[bf16]>,
+    ds: &mut [bf16],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<()> {
+    let lens = [
+        dy.len(),
+        s.len(),
+        gamma.len(),
+        mean.len(),
+        rstd.len(),
+        dres.map_or(0, |d| d.len()),
+        ds.len(),
+        dgamma.len(),
+        dbeta.len(),
+    ];
+    check_bwd_lens(sh, lens, dres.is_some())?;
+    check_len(
+        "layernorm_bwd",
+        "scratch",
+        scratch.len(),
+        backward_scratch_len(sh),
+    )?;
+    let bwd = [
+        Arg::host(dy),
+        Arg::host(s),
+        Arg::host(gamma),
+        Arg::host(mean),
+        Arg::host(rstd),
+        dres.map_or(Arg::Ptr(0), Arg::host),
+        Arg::host_mut(ds),
+        Arg::host_mut(scratch),
+        Arg::int("layernorm N", sh.n)?,
+        Arg::int("layernorm C", sh.c)?,
+    ];
+    let red = [
+        Arg::host(scratch),
+        Arg::host_mut(dgamma),
+        Arg::host_mut(dbeta),
+        Arg::int("layernorm G", sh.bwd_blocks())?,
+        Arg::int("layernorm C", sh.c)?,
+    ];
+    // SAFETY: every buffer was checked against the shape the kernels index.
+    unsafe {
+        emu.launch("layernorm_bwd", sh.bwd_launch(), &bwd)?;
+        emu.launch("layernorm_bwd_reduce", sh.reduce_launch(), &red)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// GPU launchers (bf16 buffers as raw u16 bits)
+// ------------------------------------------------------------------------------------------
+
+/// The forward kernel on a GPU; same parameters as [`layernorm_forward_cpu`], device buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward_cuda(
+    gpu: &Gpu,
+    sh: LnShape,
+    x: &CudaSlice<u16>,
+    r: &CudaSlice<u16>,
+    gamma: &CudaSlice<u16>,
+    beta: &CudaSlice<u16>,
+    s: &mut CudaSlice<u16>,
+    y: &mut CudaSlice<u16>,
+    mean: &mut CudaSlice<f32>,
+    rstd: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_fwd_lens(
+        sh,
+        [
+            x.len(),
+            r.len(),
+            gamma.len(),
+            beta.len(),
+            s.len(),
+            y.len(),
+            mean.len(),
+            rstd.len(),
+        ],
+    )?;
+    let st = gpu.stream();
+    let (px, _gx) = x.device_ptr(st);
+    let (pr, _gr) = r.device_ptr(st);
+    let (pg, _gg) = gamma.device_ptr(st);
+    let (pb, _gb) = beta.device_ptr(st);
+    let (ps, _gs) = s.device_ptr_mut(st);
+    let (py, _gy) = y.device_ptr_mut(st);
+    let (pm, _gm) = mean.device_ptr_mut(st);
+    let (pv, _gv) = rstd.device_ptr_mut(st);
+    let ptrs = [px, pr, pg, pb, ps, py, pm, pv].map(Arg::Ptr);
+    // SAFETY: every buffer was checked against the shape the kernel indexes.
+    unsafe {
+        gpu.launch(
+            &LAYERNORM,
+            "layernorm_fwd",
+            sh.fwd_launch(),
+            &fwd_args(sh, ptrs)?,
+        )
+    }
+}
+
+/// The backward kernels on a GPU; same parameters as [`layernorm_backward_cpu`], device buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_cuda(
+    gpu: &Gpu,
+    sh: LnShape,
+    dy: &CudaSlice<u16>,
+    s: &CudaSlice<u16>,
+    gamma: &CudaSlice<u16>,
+    mean: &CudaSlice<f32>,
+    rstd: &CudaSlice<f32>,
+    dres: Option<&CudaSlice<u16>>,
+    ds: &mut CudaSlice<u16>,
+    dgamma: &mut CudaSlice<f32>,
+    dbeta: &mut CudaSlice<f32>,
+    scratch: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let lens = [
+        dy.len(),
+        s.len(),
+        gamma.len(),
+        mean.len(),
+        rstd.len(),
+        dres.map_or(0, |d| d.len()),
+        ds.len(),
+        dgamma.len(),
+        dbeta.len(),
+    ];
+    check_bwd_lens(sh, lens, dres.is_some())?;
+    check_len(
+        "layernorm_bwd",
+        "scratch",
+        scratch.len(),
+        backward_scratch_len(sh),
+    )?;
+    let st = gpu.stream();
+    let (pdy, _a) = dy.device_ptr(st);
+    let (ps, _b) = s.device_ptr(st);
+    let (pg, _c) = gamma.device_ptr(st);
+    let (pm, _d) = mean.device_ptr(st);
+    let (pr, _e) = rstd.device_ptr(st);
+    let dres_ptr = dres.map(|d| d.device_ptr(st));
+    let (pds, _f) = ds.device_ptr_mut(st);
+    let (pdg, _g) = dgamma.device_ptr_mut(st);
+    let (pdb, _h) = dbeta.device_ptr_mut(st);
+    let (pp, _i) = scratch.device_ptr_mut(st);
+    let bwd = [
+        Arg::Ptr(pdy),
+        Arg::Ptr(ps),
+        Arg::Ptr(pg),
+        Arg::Ptr(pm),
+        Arg::Ptr(pr),
+        Arg::Ptr(dres_ptr.as_ref().map_or(0, |(p, _)| *p)),
+        Arg::Ptr(pds),
+        Arg::Ptr(pp),
+        Arg::int("layernorm N", sh.n)?,
+        Arg::int("layernorm C", sh.c)?,
+    ];
+    let red = [
+        Arg::Ptr(pp),
+        Arg::Ptr(pdg),
+        Arg::Ptr(pdb),
+        Arg::int("layernorm G", sh.bwd_blocks())?,
+        Arg::int("layernorm C", sh.c)?,
+    ];
+    // SAFETY: every buffer was checked against the shape the kernels index.
+    unsafe {
+        gpu.launch(&LAYERNORM, "layernorm_bwd", sh.bwd_launch(), &bwd)?;
+        gpu.launch(&LAYERNORM, "layernorm_bwd_reduce", sh.reduce_launch(), &red)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emu::Schedule;
+    use crate::testing::{
+        bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng, BF16_POISON,
+    };
+
+    /// Sizes: odd and even C, C below one warp, C not a multiple of the block, N = 1.
+    const SHAPES: &[(usize, usize)] = &[(1, 7), (3, 33), (5, 64), (4, 257), (2, 768), (9, 130)];
+
+    struct FwdOut {
+        s: Vec<bf16>,
+        y: Vec<bf16>,
+        mean: Vec<f32>,
+        rstd: Vec<f32>,
+    }
+
+    fn poisoned_fwd(sh: LnShape) -> FwdOut {
+        let nc = sh.n * sh.c;
+        FwdOut {
+            s: vec![BF16_POISON; nc],
+            y: vec![BF16_POISON; nc],
+            mean: vec![f32::NAN; sh.n],
+            rstd: vec![f32::NAN; sh.n],
+        }
+    }
+
+    /// Worst relative error over the forward outputs, bf16 and fp32 paths separately.
+    fn fwd_errors(got: &FwdOut, want: &FwdOut) -> (f64, f64) {
+        let bf = rel_err(&bf16_to_f64(&got.s), &bf16_to_f64(&want.s))
+            .max(rel_err(&bf16_to_f64(&got.y), &bf16_to_f64(&want.y)));
+        let fp = rel_err(&f32_to_f64(&got.mean), &f32_to_f64(&want.mean))
+            .max(rel_err(&f32_to_f64(&got.rstd), &f32_to_f64(&want.rstd)));
+        (bf, fp)
+    }
+
+    struct FwdIn {
+        x: Vec<bf16>,
+        r: Vec<bf16>,
+        gamma: Vec<bf16>,
+        beta: Vec<bf16>,
+    }
+
+    fn fwd_inputs(sh: LnShape, seed: u64) -> FwdIn {
+        let mut g = rng(seed);
+        let nc = sh.n * sh.c;
+        // An offset in x keeps the mean away from zero, so a wrong mean shows.
+        FwdIn {
+            x: random_bf16(&mut g, nc, 0.5, 3.0),
+            r: random_bf16(&mut g, nc, -1.0, 1.0),
+            gamma: random_bf16(&mut g, sh.c, 0.5, 1.5),
+            beta: random_bf16(&mut g, sh.c, -0.5, 0.5),
+        }
+    }
+
+    fn run_fwd(emu: &Emu, sh: LnShape, i: &FwdIn) -> (FwdOut, FwdOut) {
+        let mut want = poisoned_fwd(sh);
+        layernorm_forward_cpu(
+            sh,
+            &i.x,
+            &i.r,
+            &i.gamma,
+            &i.beta,
+            &mut want.s,
+            &mut want.y,
+            &mut want.mean,
+            &mut want.rstd,
+        )
+        .unwrap();
+        let mut got = poisoned_fwd(sh);
+        layernorm_forward_emu(
+            emu,
+            sh,
+            &i.x,
+            &i.r,
+            &i.gamma,
+            &i.beta,
+            &mut got.s,
+            &mut got.y,
+            &mut got.mean,
+            &mut got.rstd,
+        )
+        .unwrap();
+        (got, want)
+    }
+
+    #[test]
+    fn forward_matches_reference() {
+        for &(n, c) in SHAPES {
+            let sh = LnShape { n, c, eps: 1e-5 };
+            let seed = fresh_seed();
+            let (got, want) = run_fwd(&Emu::default(), sh, &fwd_inputs(sh, seed));
+            let (bf, fp) = fwd_errors(&got, &want);
+            assert!(
+                bf <= 1e-2 && fp <= 1e-4,
+                "N={n} C={c} seed {seed}: bf16 err {bf}, fp32 err {fp}"
+            );
+        }
+    }
+
+    #[test]
+    fn forward_result_does_not_depend_on_thread_order() {
+        let sh = LnShape {
+            n: 3,
+            c: 100,
+            eps: 1e-5,
+        };
+        let seed = fresh_seed();
+        let i = fwd_inputs(sh, seed);
+        let (first, _) = run_fwd(&Emu::default(), sh, &i);
+        for sched in [Schedule::Reverse, Schedule::Shuffled(seed)] {
+            let (got, _) = run_fwd(&Emu::default().with_schedule(sched), sh, &i);
+            assert_eq!(got.y, first.y, "{sched:?}");
+            assert_eq!(got.mean, first.mean, "{sched:?}");
+        }
+    }
+
+    /// The deliberately broken variants, built from the same source with a macro, must fail
+    /// the same comparison the real kernel passes.
+    #[test]
+    fn broken_variants_fail_the_comparison() {
+        let sh = LnShape {
+            n: 4,
+            c: 96,
+            eps: 1e-5,
+        };
+        let seed = fresh_seed();
+        let i = fwd_inputs(sh, seed);
+        let (got, want) = run_fwd(&Emu::variant("broken_index"), sh, &i);
+        let (bf, fp) = fwd_errors(&got, &want);
+        assert!(
+            bf > 1e-2 || fp > 1e-4,
+            "seed {seed}: off-by-one passed (bf16 {bf}, fp32 {fp})"
+        );
+        for sched in [Schedule::Forward, Schedule::Reverse] {
+            let (got, want) = run_fwd(&Emu::variant("broken_barrier").with_schedule(sched), sh, &i);
+            let (bf, fp) = fwd_errors(&got, &want);
+            assert!(
+                bf > 1e-2 || fp > 1e-4,
+                "seed {seed} {sched:?}: missing barrier passed (bf16 {bf}, fp32 {fp})"
+            );
+        }
+    }
+
+    #[test]
+    fn backward_matches_reference() {
+        // Include N > BWD_MAX_BLOCKS once, so blocks own several rows.
+        let shapes: Vec<(usize, usize)> = SHAPES.iter().copied().chain([(300, 31)]).collect();
+        for (n, c) in shapes {
+            let sh = LnShape { n, c, eps: 1e-5 };
+            let seed = fresh_seed();
+            let i = fwd_inputs(sh, seed);
+            let mut f = poisoned_fwd(sh);
+            layernorm_forward_cpu(
+                sh,
+                &i.x,
+                &i.r,
+                &i.gamma,
+                &i.beta,
+                &mut f.s,
+                &mut f.y,
+                &mut f.mean,
+                &mut f.rstd,
+            )
+            .unwrap();
+            let mut g = rng(seed ^ 1);
+            let dy = random_bf16(&mut g, n * c, -1.0, 1.0);
+            let dres = random_bf16(&mut g, n * c, -0.5, 0.5);
+            for with_dres in [false, true] {
+                let dr = with_dres.then_some(dres.as_slice());
+                let out = |sh: LnShape| {
+                    (
+                        vec![BF16_POISON; n * c],
+                        vec![f32::NAN; c],
+                        vec![f32::NAN; c],
+                        vec![f32::NAN; backward_scratch_len(sh)],
+                    )
+                };
+                let (mut ds0, mut dg0, mut db0, mut p0) = out(sh);
+                layernorm_backward_cpu(
+                    sh, &dy, &f.s, &i.gamma, &f.mean, &f.rstd, dr, &mut ds0, &mut dg0, &mut db0,
+                    &mut p0,
+                )
+                .unwrap();
+                let (mut ds1, mut dg1, mut db1, mut p1) = out(sh);
+                layernorm_backward_emu(
+                    &Emu::default(),
+                    sh,
+                    &dy,
+                    &f.s,
+                    &i.gamma,
+                    &f.mean,
+                    &f.rstd,
+                    dr,
+                    &mut ds1,
+                    &mut dg1,
+                    &mut db1,
+                    &mut p1,
+                )
+                .unwrap();
+                let e_ds = rel_err(&bf16_to_f64(&ds1), &bf16_to_f64(&ds0));
+                let e_dg = rel_err(&f32_to_f64(&dg1), &f32_to_f64(&dg0));
+                let e_db = rel_err(&f32_to_f64(&db1), &f32_to_f64(&db0));
+                let e_p = rel_err(&f32_to_f64(&p1), &f32_to_f64(&p0));
+                assert!(
+                    e_ds <= 1e-2 && e_dg <= 1e-4 && e_db <= 1e-4 && e_p <= 1e-4,
+                    "N={n} C={c} dres={with_dres} seed {seed}: ds {e_ds}, dgamma {e_dg}, dbeta {e_db}, partials {e_p}"
+                );
+            }
+        }
+    }
+
+    /// The CPU reference itself against central differences of an f64 LayerNorm, so the
+    /// emulated kernels are compared with something known to be the gradient.
+    #[test]
+    fn reference_backward_is_the_gradient() {
+        let sh = LnShape {
+            n: 2,
+            c: 5,
+            eps: 1e-5,
+        };
+        let seed = fresh_seed();
+        let i = fwd_inputs(sh, seed);
+        let mut f = poisoned_fwd(sh);
+        layernorm_forward_cpu(
+            sh,
+            &i.x,
+            &i.r,
+            &i.gamma,
+            &i.beta,
+            &mut f.s,
+            &mut f.y,
+            &mut f.mean,
+            &mut f.rstd,
+        )
+        .unwrap();
+        let dy = random_bf16(&mut rng(seed ^ 2), 10, -1.0, 1.0);
+        let (mut ds, mut dg, mut db, mut p) = (
+            vec![bf16::ZERO; 10],
+            vec![0.0; 5],
+            vec![0.0; 5],
+            vec![0.0; backward_scratch_len(sh)],
+        );
+        layernorm_backward_cpu(
+            sh, &dy, &f.s, &i.gamma, &f.mean, &f.rstd, None, &mut ds, &mut dg, &mut db, &mut p,
+        )
+        .unwrap();
+        // L = Σ dy · LN(s) in f64, as a function of s and gamma.
+        let loss = |s: &[f64], gm: &[f64]| -> f64 {
+            let mut l = 0.0;
+            for n in 0..2 {
+                let row = &s[n * 5..n * 5 + 5];
+                let mu = row.iter().sum::<f64>() / 5.0;
+                let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / 5.0;
+                let rs = 1.0 / (var + 1e-5).sqrt();
+                for j in 0..5 {
+                    l += f64::from(dy[n * 5 + j].to_f32())
+                        * ((row[j] - mu) * rs * gm[j] + f64::from(i.beta[j].to_f32()));
+                }
+            }
+            l
+        };
+        let s0: Vec<f64> = bf16_to_f64(&f.s);
+        let g0: Vec<f64> = bf16_to_f64(&i.gamma);
+        let h = 1e-6;
+        for k in 0..10 {
+            let (mut sp, mut sm) = (s0.clone(), s0.clone());
+            sp[k] += h;
+            sm[k] -= h;
+            let num = (loss(&sp, &g0) - loss(&sm, &g0)) / (2.0 * h);
+            let got = f64::from(ds[k].to_f32());
+            assert!(
+                (num - got).abs() <= 1e-2 * num.abs().max(1.0),
+                "ds[{k}]: {got} vs {num} (seed {seed})"
+            );
+        }
+        for j in 0..5 {
+            let (mut gp, mut gm) = (g0.clone(), g0.clone());
+            gp[j] += h;
+            gm[j] -= h;
+            let num = (loss(&s0, &gp) - loss(&s0, &gm)) / (2.0 * h);
+            assert!(
+                (num - f64::from(dg[j])).abs() <= 1e-5 * num.abs().max(1.0),
+                "dgamma[{j}]: {} vs {num}",
+                dg[j]
+            );
+        }
+    }
+
+    /// The same comparison on a GPU when one is present (`Device::select(Auto)`); on a machine
+    /// without a driver this test only checks that selection falls back to the CPU.
+    #[test]
+    fn gpu_matches_reference_when_present() {
+        let gpu = match crate::device::Device::select(crate::device::DeviceRequest::Auto).unwrap() {
+            crate::device::Device::Cuda(g) => g,
+            crate::device::Device::Cpu => {
+                eprintln!("no GPU: layernorm GPU test not run");
+                return;
+            }
+        };
+        let st = gpu.stream().clone();
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+        let from_bits = |v: Vec<u16>| v.into_iter().map(bf16::from_bits).collect::<Vec<bf16>>();
+        for &(n, c) in SHAPES {
+            let sh = LnShape { n, c, eps: 1e-5 };
+            let seed = fresh_seed();
+            let i = fwd_inputs(sh, seed);
+            let mut want = poisoned_fwd(sh);
+            layernorm_forward_cpu(
+                sh,
+                &i.x,
+                &i.r,
+                &i.gamma,
+                &i.beta,
+                &mut want.s,
+                &mut want.y,
+                &mut want.mean,
+                &mut want.rstd,
+            )
+            .unwrap();
+            let poison = poisoned_fwd(sh);
+            let (x, r) = (
+                st.clone_htod(&bits(&i.x)).unwrap(),
+                st.clone_htod(&bits(&i.r)).unwrap(),
+            );
+            let (g, b) = (
+                st.clone_htod(&bits(&i.gamma)).unwrap(),
+                st.clone_htod(&bits(&i.beta)).unwrap(),
+            );
+            let (mut s, mut y) = (
+                st.clone_htod(&bits(&poison.s)).unwrap(),
+                st.clone_htod(&bits(&poison.y)).unwrap(),
+            );
+            let (mut m, mut v) = (
+                st.clone_htod(&poison.mean).unwrap(),
+                st.clone_htod(&poison.rstd).unwrap(),
+            );
+            layernorm_forward_cuda(&gpu, sh, &x, &r, &g, &b, &mut s, &mut y, &mut m, &mut v)
+                .unwrap();
+            let got = FwdOut {
+                s: from_bits(st.clone_dtoh(&s).unwrap()),
+                y: from_bits(st.clone_dtoh(&y).unwrap()),
+                mean: st.clone_dtoh(&m).unwrap(),
+                rstd: st.clone_dtoh(&v).unwrap(),
+            };
+            let (bf, fp) = fwd_errors(&got, &want);
+            assert!(
+                bf <= 1e-2 && fp <= 1e-4,
+                "GPU N={n} C={c} seed {seed}: bf16 {bf}, fp32 {fp}"
+            );
+
+            let dy = random_bf16(&mut rng(seed ^ 1), n * c, -1.0, 1.0);
+            let len = backward_scratch_len(sh);
+            let (mut ds0, mut dg0, mut db0, mut p0) = (
+                vec![BF16_POISON; n * c],
+                vec![f32::NAN; c],
+                vec![f32::NAN; c],
+                vec![f32::NAN; len],
+            );
+            layernorm_backward_cpu(
+                sh, &dy, &want.s, &i.gamma, &want.mean, &want.rstd, None, &mut ds0, &mut dg0,
+                &mut db0, &mut p0,
+            )
+            .unwrap();
+            let ddy = st.clone_htod(&bits(&dy)).unwrap();
+            let mut dds = st.clone_htod(&bits(&vec![BF16_POISON; n * c])).unwrap();
+            let (mut ddg, mut ddb) = (
+                st.clone_htod(&vec![f32::NAN; c]).unwrap(),
+                st.clone_htod(&vec![f32::NAN; c]).unwrap(),
+            );
+            let mut dp = st.clone_htod(&vec![f32::NAN; len]).unwrap();
+            layernorm_backward_cuda(
+                &gpu, sh, &ddy, &s, &g, &m, &v, None, &mut dds, &mut ddg, &mut ddb, &mut dp,
+            )
+            .unwrap();
+            let e_ds = rel_err(
+                &bf16_to_f64(&from_bits(st.clone_dtoh(&dds).unwrap())),
+                &bf16_to_f64(&ds0),
+            );
+            let e_dg = rel_err(
+                &f32_to_f64(&st.clone_dtoh(&ddg).unwrap()),
+                &f32_to_f64(&dg0),
+            );
+            let e_db = rel_err(
+                &f32_to_f64(&st.clone_dtoh(&ddb).unwrap()),
+                &f32_to_f64(&db0),
+            );
+            assert!(
+                e_ds <= 1e-2 && e_dg <= 1e-4 && e_db <= 1e-4,
+                "GPU N={n} C={c} seed {seed}: ds {e_ds}, dgamma {e_dg}, dbeta {e_db}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_lengths_are_errors() {
+        let sh = LnShape {
+            n: 2,
+            c: 8,
+            eps: 1e-5,
+        };
+        let i = fwd_inputs(sh, 1);
+        let mut o = poisoned_fwd(sh);
+        o.y.pop();
+        let e = layernorm_forward_emu(
+            &Emu::default(),
+            sh,
+            &i.x,
+            &i.r,
+            &i.gamma,
+            &i.beta,
+            &mut o.s,
+            &mut o.y,
+            &mut o.mean,
+            &mut o.rstd,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e}").contains("`y` holds 15 elements, the shape needs 16"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# The one prepared script for a GPU machine (NVIDIA driver, CUDA 13.0 toolkit, PyTorch; no Rust,
+# no network).
+#
+#   tools/gpu-check.sh build            here: builds the release `mmkd` and gathers everything
+#                                       the GPU machine needs into target/gpu-check/ (ignored)
+#   tools/gpu-check.sh run OUTDIR       there (from the repository root or the bundle; MMKD_BIN
+#                                       overrides which binary): runs
+#                                       `mmkd kernels check`, `mmkd selftest --device cuda`,
+#                                       the benchmark binaries present and the PyTorch loss
+#                                       timing, writing JSON and logs into OUTDIR
+#
+# `run` keeps going when a step fails: each step's exit status, time and log land in
+# OUTDIR/steps.json, and the script exits non-zero at the end if any step failed. The whole
+# run finishes in under 6 minutes: each step has its own timeout and none runs past 345 s.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+  echo "usage: $0 build | run OUTDIR" >&2
+  exit 2
+}
+
+build() {
+  local root target bundle
+  root="$(cd "$here/.." && pwd)"
+  target="${CARGO_TARGET_DIR:-$root/target}"
+  bundle="$root/target/gpu-check"
+  (cd "$root" && cargo build --release -p mmkd)
+  # The benchmark executables too; a bench that does not build is reported, not fatal.
+  (cd "$root" && cargo bench --no-run -p mmkd-benches) || echo "warning: benches did not build"
+  rm -rf "$bundle"
+  mkdir -p "$bundle/tools"
+  cp "$target/release/mmkd" "$bundle/mmkd"
+  # Debug info would make the bundle too large to carry (the release profile keeps it).
+  strip --strip-debug "$bundle/mmkd" 2>/dev/null || echo "warning: strip failed; the binary keeps its debug info"
+  cp "$here/gpu-check.sh" "$here/torch_loss_bench.py" "$bundle/tools/"
+  if [ -f "$here/torch_gemm_attn_bench.py" ]; then cp "$here/torch_gemm_attn_bench.py" "$bundle/tools/"; fi
+  # Criterion benchmark executables, when they were built (`cargo bench --no-run`).
+  mkdir -p "$bundle/benches"
+  local b f
+  for b in $(sed -n 's/^name = "\(.*\)"/\1/p' "$root/benches/Cargo.toml" | grep -v '^mmkd'); do
+    for f in "$target"/release/deps/"$b"-*; do
+      if [ -f "$f" ] && [ -x "$f" ]; then
+        cp "$f" "$bundle/benches/$b"
+        strip --strip-debug "$bundle/benches/$b" 2>/dev/null || true
+      fi
+    done
+  done
+  echo "bundle ready: $bundle ($(du -sh "$bundle" | cut -f1))"
+  echo "on the GPU machine: $bundle/tools/gpu-check.sh run OUTDIR"
+}
+
+# Finds NVRTC 13 (toolkit or PyTorch's bundled NVIDIA wheels) when MMKD_NVRTC_PATH is unset;
+# mmkd searches the same places, this only makes the choice visible in the log.
+find_nvrtc() {
+  if [ -n "${MMKD_NVRTC_PATH:-}" ]; then return; fi
+  local c
+  for c in /usr/local/cuda/lib64/libnvrtc.so.13 /usr/local/cuda-13*/lib64/libnvrtc.so.13; do
+    if [ -e "$c" ]; then export MMKD_NVRTC_PATH="$c"; return; fi
+  done
+  c="$(python3 - <<'PY' 2>/dev/null || true
+import glob, site, sys
+for d in site.getsitepackages() + [site.getusersitepackages()]:
+    for p in glob.glob(d + "/nvidia/*/lib/libnvrtc.so.13*") + glob.glob(d + "/nvidia/cu13/lib/libnvrtc.so.13*"):
+        print(p); sys.exit(0)
+PY
+)"
+  if [ -n "$c" ]; then export MMKD_NVRTC_PATH="$c"; fi
+}
+
+run() {
+  local out="$1" bin root
+  mkdir -p "$out"
+  out="$(cd "$out" && pwd)"
+  # The binary: beside tools/ in a bundle, or in a release build of the checkout.
+  root="$(cd "$here/.." && pwd)"
+  if [ -n "${MMKD_BIN:-}" ]; then bin="$MMKD_BIN"
+  elif [ -x "$root/mmkd" ]; then bin="$root/mmkd"
+  elif [ -x "$root/target/gpu-check/mmkd" ]; then bin="$root/target/gpu-check/mmkd"
+  elif [ -x "$root/target/release/mmkd" ]; then bin="$root/target/release/mmkd"
+  else echo "no mmkd binary next to $here (run '$0 build' first)" >&2; exit 1
+  fi
+  find_nvrtc
+  export PATH="/usr/local/cuda/bin:$PATH"
+  local steps="$out/steps.jsonl" failed=0
+  : > "$steps"
+  # The whole run stays under 6 minutes: each step gets at most what is left of 345 s.
+  local deadline=$(( $(date +%s) + 345 ))
+
+  # step NAME TIMEOUT_S CMD...: runs CMD with a timeout, log in OUTDIR/NAME.log, status recorded.
+  step() {
+    local name="$1" limit="$2" rc t0 t1 left
+    shift 2
+    left=$(( deadline - $(date +%s) ))
+    if [ "$left" -lt 5 ]; then
+      echo "=== $name skipped: the 6-minute budget is spent"
+      printf '{"step": "%s", "rc": -1, "seconds": 0, "log": "skipped: out of time"}\n' "$name" >> "$steps"
+      failed=1
+      return 0
+    fi
+    if [ "$limit" -gt "$left" ]; then limit="$left"; fi
+    echo "=== $name ($limit s max)"
+    t0=$(date +%s.%N)
+    set +e
+    timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+    rc=$?
+    set -e
+    t1=$(date +%s.%N)
+    tail -n 40 "$out/$name.log"
+    printf '{"step": "%s", "rc": %d, "seconds": %.1f, "log": "%s.log"}\n' \
+      "$name" "$rc" "$(awk "BEGIN { print $t1 - $t0 }")" "$name" >> "$steps"
+    if [ "$rc" -ne 0 ]; then
+      echo "--- $name failed (rc $rc)"
+      failed=1
+    fi
+  }
+
+  step device 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  echo "MMKD_NVRTC_PATH=${MMKD_NVRTC_PATH:-<search>}" >> "$out/device.log"
+  step kernels_check 60 sh -c "'$bin' kernels check --json > '$out/kernels_check.json'"
+  step selftest 120 "$bin" selftest --device cuda --json "$out/selftest.json"
+  step torch_loss_bench 45 python3 "$here/torch_loss_bench.py" --json "$out/torch_loss_bench.json"
+  # Benchmark executables of the bundle (or of a release build), most relevant first; each may
+  # write JSON through MMKD_BENCH_JSON. Short criterion settings: a smoke run, not a careful
+  # measurement.
+  local b name
+  for name in gemm_attn engine loader; do
+    b="$root/benches/$name"
+    if [ ! -x "$b" ]; then continue; fi
+    MMKD_BENCH_JSON="$out/bench_$name.json" step "bench_$name" 60 "$b" --bench \
+      --warm-up-time 0.5 --measurement-time 1 --sample-size 10
+  done
+  if [ -f "$here/torch_gemm_attn_bench.py" ]; then
+    step torch_gemm_attn_bench 45 python3 "$here/torch_gemm_attn_bench.py" \
+      --json "$out/torch_gemm_attn_bench.json"
+  fi
+  step summary 10 python3 - "$out" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+summary = {}
+try:
+    st = json.loads((out / "selftest.json").read_text())
+    fused = {c["name"]: c for c in st["cases"]}
+    name = "mt_loss bf16 All N=1024 T=8 D=512"
+    summary["fused_loss_median_ms"] = fused.get(name, {}).get("median_ms")
+    summary["selftest_passed"] = all(c["passed"] for c in st["cases"])
+except Exception as e:  # a failed earlier step leaves no file: record why
+    summary["selftest_error"] = repr(e)
+try:
+    tb = json.loads((out / "torch_loss_bench.json").read_text())
+    summary["torch_loss_median_ms"] = tb.get("fp32", {}).get("median_ms")
+    summary["torch_loss_autocast_median_ms"] = tb.get("bf16_autocast", {}).get("median_ms")
+except Exception as e:
+    summary["torch_error"] = repr(e)
+f, t = summary.get("fused_loss_median_ms"), summary.get("torch_loss_median_ms")
+ta = summary.get("torch_loss_autocast_median_ms")
+if f and t:
+    summary["speedup_vs_torch_fp32"] = t / f
+    summary["meets_5x_bar"] = t / f >= 5.0
+if f and ta:
+    summary["speedup_vs_torch_bf16_autocast"] = ta / f
+(out / "summary.json").write_text(json.dumps(summary, indent=2))
+print(json.dumps(summary, indent=2))
+PY
+  python3 -c 'import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=2))' \
+    "$steps" > "$out/steps.json" || true
+  echo "results in $out"
+  return "$failed"
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) [ $# -eq 2 ] || usage; run "$2" ;;
+  *) usage ;;
+esac

@@ -1,0 +1,343 @@
+//! End-to-end tests of `mmkd train`, `eval`, `report` and `demo` on the real binary: resume after
+//! a real SIGKILL is bit-identical, a NaN stops the run without touching the last checkpoint,
+//! and the quick demo runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const MMKD: &str = env!("CARGO_BIN_EXE_mmkd");
+
+/// A very small student whose joint width matches the teachers' projected 512-d targets.
+const CONFIG: &str = r#"
+embed_dim = 512
+seed = 1
+[vision]
+image_size = 16
+patch_size = 8
+width = 32
+layers = 1
+heads = 2
+mlp_ratio = 2.0
+act = "quick_gelu"
+[text]
+vocab_size = 1024
+context_length = 32
+width = 32
+layers = 1
+heads = 2
+mlp_ratio = 2.0
+act = "gelu"
+norm = "post"
+causal = false
+pooling = "cls"
+[train]
+batch_size = 16
+micro_batch = 8
+epochs = 6
+lr = 0.001
+warmup = 3
+save_every = 2
+keep_last = 2
+workers = 2
+"#;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(MMKD).args(args).output().unwrap()
+}
+
+fn ok(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Synthesised and packed once per test binary: (root, train dir, eval dir, config file).
+fn data() -> &'static (PathBuf, PathBuf, PathBuf, PathBuf) {
+    static DATA: OnceLock<(PathBuf, PathBuf, PathBuf, PathBuf)> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let root = std::env::temp_dir().join(format!("mmkd-train-cli-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let raw = root.join("raw");
+        let r = raw.to_str().unwrap();
+        ok(
+            run(&[
+                "synth",
+                "--out",
+                r,
+                "--train",
+                "64",
+                "--eval",
+                "40",
+                "--image-size",
+                "32",
+            ]),
+            "synth",
+        );
+        let train = root.join("train");
+        let eval = root.join("eval");
+        ok(
+            run(&[
+                "pack",
+                "--format",
+                "mmkd-clip",
+                "--input",
+                &format!("{r}/train"),
+                "--out",
+                train.to_str().unwrap(),
+                "--image-size",
+                "16",
+                "--context-length",
+                "32",
+                "--vocab-size",
+                "1024",
+                "--no-progress",
+            ]),
+            "pack train",
+        );
+        ok(
+            run(&[
+                "pack",
+                "--format",
+                "mmkd-clip",
+                "--input",
+                &format!("{r}/eval"),
+                "--out",
+                eval.to_str().unwrap(),
+                "--image-size",
+                "16",
+                "--context-length",
+                "32",
+                "--tokenizer",
+                train.join("tokenizer.json").to_str().unwrap(),
+                "--no-progress",
+            ]),
+            "pack eval",
+        );
+        let cfg = root.join("tiny-test.toml");
+        std::fs::write(&cfg, CONFIG).unwrap();
+        (root, train, eval, cfg)
+    })
+}
+
+fn train_cmd(out: &Path, extra: &[&str]) -> Command {
+    train_stage(out, "kd", extra)
+}
+
+fn train_stage(out: &Path, stage: &str, extra: &[&str]) -> Command {
+    let (_, train, _, cfg) = data();
+    let mut c = Command::new(MMKD);
+    c.args(["train", "--quiet", "--stage", stage, "--config"])
+        .arg(cfg)
+        .arg("--data")
+        .arg(train)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+    c
+}
+
+fn final_weights(run: &Path) -> Vec<u8> {
+    let ck = run.join("checkpoints");
+    let mut dirs: Vec<_> = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    dirs.sort();
+    std::fs::read(dirs.last().unwrap().join("model.safetensors")).unwrap()
+}
+
+fn metric_steps(run: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_then_resume_is_bit_identical() {
+    let (root, ..) = data();
+    let reference = root.join("ref");
+    let out = ok(
+        train_cmd(&reference, &[]).output().unwrap(),
+        "reference run",
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let steps = summary["steps"].as_u64().unwrap();
+    assert_eq!(steps, 24, "64 samples / 16 × 6 epochs");
+    let want = final_weights(&reference);
+
+    // Kill at several points: early (maybe before any checkpoint), after a checkpoint appears,
+    // and later; each resumed run must end bit-identical to the uninterrupted one.
+    for (k, wait_for) in [None, Some("step-00000002"), Some("step-00000008")]
+        .iter()
+        .enumerate()
+    {
+        let dir = root.join(format!("killed-{k}"));
+        let mut child = train_cmd(&dir, &[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        match wait_for {
+            None => std::thread::sleep(Duration::from_millis(300)),
+            Some(name) => {
+                while !dir.join("checkpoints").join(name).exists()
+                    && t0.elapsed() < Duration::from_secs(120)
+                {
+                    if child.try_wait().unwrap().is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        // std's Child::kill sends SIGKILL on Unix.
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        eprintln!("kill point {k}: {status:?} after {:?}", t0.elapsed());
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "kill point {k}: the run ended before the kill"
+        );
+        ok(
+            train_cmd(&dir, &["--resume"]).output().unwrap(),
+            "resumed run",
+        );
+        assert!(
+            final_weights(&dir) == want,
+            "kill point {k}: weights differ after resume"
+        );
+        assert_eq!(
+            metric_steps(&dir),
+            (1..=steps).collect::<Vec<_>>(),
+            "kill point {k}"
+        );
+    }
+}
+
+#[test]
+fn nan_stops_the_run_and_leaves_the_last_checkpoint_untouched() {
+    let (root, ..) = data();
+    let clean = root.join("clean-2");
+    ok(
+        train_cmd(&clean, &["--set", "stop_after=2"])
+            .output()
+            .unwrap(),
+        "clean run",
+    );
+    let bad = root.join("nan");
+    let out = train_cmd(&bad, &["--set", "fault_nan_at_step=3"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("at step 3") && err.contains("task") && err.contains("fd"),
+        "{err}"
+    );
+    assert!(err.contains("step-00000002"), "{err}");
+    let ck = bad.join("checkpoints");
+    let names: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["step-00000002".to_string()]);
+    let a = std::fs::read(ck.join("step-00000002/model.safetensors")).unwrap();
+    let b = std::fs::read(clean.join("checkpoints/step-00000002/model.safetensors")).unwrap();
+    assert!(a == b, "the last good checkpoint changed");
+    assert_eq!(metric_steps(&bad), vec![1, 2]);
+}
+
+#[test]
+fn eval_and_report_commands() {
+    let (root, _, eval, cfg) = data();
+    let run_dir = root.join("eval-run");
+    ok(
+        train_stage(&run_dir, "clip", &["--set", "epochs=1"])
+            .output()
+            .unwrap(),
+        "train",
+    );
+    let ck = run_dir.join("checkpoints/step-00000004");
+    let out = ok(
+        Command::new(MMKD)
+            .args(["eval", "--config"])
+            .arg(cfg)
+            .arg("--ckpt")
+            .arg(&ck)
+            .arg("--data")
+            .arg(eval)
+            .output()
+            .unwrap(),
+        "eval",
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let top1 = r["zero_shot"]["top1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&top1));
+    assert_eq!(r["samples"], 40);
+    let out = ok(
+        Command::new(MMKD)
+            .args(["eval", "--teacher", "BiomedCLIP", "--data"])
+            .arg(eval)
+            .output()
+            .unwrap(),
+        "teacher eval",
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["retrieval"]["i2t"][0].as_f64().unwrap() > 0.5, "{r}");
+    let out = Command::new(MMKD)
+        .args(["eval", "--teacher", "Nobody", "--data"])
+        .arg(eval)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no teacher `Nobody`"));
+    let out = ok(
+        Command::new(MMKD)
+            .arg("report")
+            .arg(&run_dir)
+            .output()
+            .unwrap(),
+        "report",
+    );
+    let png = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+#[test]
+fn quick_demo_runs_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("mmkd-demo-test-{}", std::process::id()));
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = ok(
+        Command::new(MMKD)
+            .current_dir(ws)
+            .args(["demo", "--quick", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap(),
+        "demo --quick",
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("| student stage 1 |") && s.contains("| student stage 2 |"),
+        "{s}"
+    );
+    assert!(dir.join("run-stage2/report.png").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
