@@ -119,7 +119,7 @@ run() {
 
   step device 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
   echo "MMKD_NVRTC_PATH=${MMKD_NVRTC_PATH:-<search>}" >> "$out/device.log"
-  step kernels_check 60 sh -c "'$bin' kernels check --json > '$out/kernels_check.json'"
+  step kernels_check 90 sh -c "'$bin' kernels check --json > '$out/kernels_check.json'"
   step selftest 120 "$bin" selftest --device cuda --json "$out/selftest.json"
   step torch_loss_bench 45 python3 "$here/torch_loss_bench.py" --json "$out/torch_loss_bench.json"
   # Benchmark executables of the bundle (or of a release build), most relevant first; each may

@@ -1,6 +1,7 @@
 //! Batch assembly throughput: 224 px images with random-resized-crop + flip into bf16, one
 //! teacher target per sample, on one thread and on all threads, against a plain memcpy of the
-//! same number of output bytes in the same run.
+//! same number of output bytes in the same run. Each batch is dropped right after use, which
+//! hands its buffer back to the loader for reuse, as in training.
 //!
 //! `cargo bench -p mmkd-benches --bench loader` (set `MMKD_BENCH_SAMPLES` to change the
 //! dataset size, default 512).

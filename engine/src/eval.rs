@@ -130,22 +130,21 @@ pub fn classification_metrics(scores: &[Vec<f32>], labels: &[i32]) -> Result<Zer
     let present: Vec<&(usize, usize)> = per_class.iter().filter(|p| p.1 > 0).collect();
     let balanced =
         present.iter().map(|p| p.0 as f64 / p.1 as f64).sum::<f64>() / present.len() as f64;
-    let mut aucs = Vec::new();
-    for k in 0..c {
-        let pos: Vec<f32> = valid
-            .iter()
-            .filter(|&&i| labels[i] as usize == k)
-            .map(|&i| scores[i][k])
-            .collect();
-        let neg: Vec<f32> = valid
-            .iter()
-            .filter(|&&i| labels[i] as usize != k)
-            .map(|&i| scores[i][k])
-            .collect();
-        if !pos.is_empty() && !neg.is_empty() {
-            aucs.push(auc(&pos, &neg));
-        }
-    }
+    // One-vs-rest AUC of each class's score column.
+    let aucs: Vec<f64> = (0..c)
+        .filter_map(|k| {
+            let (mut pos, mut neg) = (Vec::new(), Vec::new());
+            for &i in &valid {
+                let v = scores[i][k];
+                if labels[i] as usize == k {
+                    pos.push(v)
+                } else {
+                    neg.push(v)
+                }
+            }
+            (!pos.is_empty() && !neg.is_empty()).then(|| auc(&pos, &neg))
+        })
+        .collect();
     let n = valid.len() as f64;
     Ok(ZeroShot {
         top1: top1 as f64 / n,

@@ -300,6 +300,9 @@ pub struct BatchLoss {
     pub d_icl_scale: Option<f32>,
 }
 
+/// A loss over whole-batch (image, text) features `[B, J]`: components and feature gradients.
+pub type FeatureLoss<'a> = dyn FnMut(&[f32], &[f32]) -> Result<BatchLoss> + 'a;
+
 /// The inputs of one batch in model form.
 pub struct BatchInputs {
     /// `(B, 3, S, S)` normalised images.
@@ -356,7 +359,7 @@ pub fn accumulate_gradients(
     model: &mut ClipModel,
     inputs: &BatchInputs,
     micro: usize,
-    loss: &mut dyn FnMut(&[f32], &[f32]) -> Result<BatchLoss>,
+    loss: &mut FeatureLoss<'_>,
 ) -> Result<BatchLoss> {
     let b = inputs.size;
     let j = model.config.embed_dim;
@@ -676,14 +679,21 @@ pub fn train(
             )?);
         }
     }
-    let st = state(step, loader.cursor())?;
-    let fin = checkpoint::save(
-        &ckroot,
-        &model.params,
-        Some((&opt.m, &opt.v)),
-        &st,
-        tc.keep_last,
-    )?;
+    // The final save; skipped when the newest checkpoint already holds this step (re-saving
+    // would briefly remove it).
+    let fin = match last_saved.filter(|p| p.ends_with(checkpoint::checkpoint_name(step))) {
+        Some(p) => p,
+        None => {
+            let st = state(step, loader.cursor())?;
+            checkpoint::save(
+                &ckroot,
+                &model.params,
+                Some((&opt.m, &opt.v)),
+                &st,
+                tc.keep_last,
+            )?
+        }
+    };
     Ok(TrainSummary {
         steps: step,
         checkpoint: fin,

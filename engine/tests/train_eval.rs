@@ -83,7 +83,7 @@ fn linear_probe_separable_and_random() {
     assert_eq!(p.val_accuracy, 1.0);
     // Labels unrelated to identical features: the probe cannot beat the majority rate.
     let xs = vec![1.0f32; 40 * d];
-    let ys: Vec<i32> = (0..40).map(|i| (i % 2) as i32).collect();
+    let ys: Vec<i32> = (0..40).map(|i| i % 2).collect();
     let p = linear_probe(
         (&xs[..20 * d], &ys[..20]),
         (&xs[20 * d..30 * d], &ys[20..30]),

@@ -150,7 +150,8 @@ pub struct BatchLayout {
     pub indices: (usize, usize),
 }
 
-/// One batch in one contiguous buffer. Shapes (B = `size`, S = `image_size`,
+/// One batch in one contiguous buffer; dropping it hands the buffer back to its loader for
+/// reuse (see [`BatchLoader::recycle`]). Shapes (B = `size`, S = `image_size`,
 /// L = `token_len`, T = `num_teachers`):
 /// - images: `f32` or `bf16` `(B, 3, S, S)`, normalised
 /// - tokens: `u32 (B, L)`, padded with 0; lengths: `u32 (B)`; attention_mask: `u8 (B, L)`, 1 = token
@@ -170,6 +171,18 @@ pub struct Batch {
     pub next: Cursor,
     pub layout: BatchLayout,
     buf: Vec<u64>,
+    /// Where the buffer goes when the batch is dropped, so the next batch reuses it.
+    pool: Option<Sender<Vec<u64>>>,
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // Reusing a buffer avoids faulting ~20 MB of fresh pages in per batch; when the pool
+        // is full or its loader is gone the buffer is simply freed.
+        if let Some(pool) = self.pool.take() {
+            let _ = pool.try_send(std::mem::take(&mut self.buf));
+        }
+    }
 }
 
 impl Batch {
@@ -296,6 +309,40 @@ pub struct BatchLoader {
     res_rx: Option<Receiver<(u64, Result<Batch>)>>,
     ready: BTreeMap<u64, Result<Batch>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    pool: Pool,
+    /// Scratch of the calling thread when there are no workers.
+    scratch: Scratch,
+}
+
+/// Buffers of dropped batches, waiting to be reused (lock-free channel, shared by workers).
+#[derive(Clone)]
+struct Pool {
+    tx: Sender<Vec<u64>>,
+    rx: Receiver<Vec<u64>>,
+}
+
+impl Pool {
+    fn new(cap: usize) -> Self {
+        let (tx, rx) = bounded(cap);
+        Pool { tx, rx }
+    }
+
+    /// A buffer of `words` u64, reusing a pooled one when it is large enough. Only the
+    /// first `keep` bytes (which the caller overwrites completely) may hold stale data; the
+    /// rest is zero, as in a fresh buffer.
+    fn take(&self, words: usize, keep: usize) -> Vec<u64> {
+        match self.rx.try_recv() {
+            Ok(mut v) if v.capacity() >= words => {
+                v.truncate(words);
+                let old = v.len();
+                v.resize(words, 0);
+                let from = (keep / 8).min(old);
+                v[from..old].fill(0);
+                v
+            }
+            _ => vec![0u64; words],
+        }
+    }
 }
 
 impl BatchLoader {
@@ -319,6 +366,8 @@ impl BatchLoader {
             bail!("output size and std must be positive");
         }
         let cfg = Arc::new(cfg);
+        // Every buffer alive at once: prefetched, in flight, held by the consumer, spare.
+        let pool = Pool::new(cfg.prefetch.max(1) + 2 * cfg.workers + 2);
         let mut threads = Vec::new();
         let (mut job_tx, mut res_rx) = (None, None);
         if cfg.workers > 0 {
@@ -326,9 +375,11 @@ impl BatchLoader {
             let (rt, rr) = bounded::<(u64, Result<Batch>)>(cfg.prefetch.max(1) + cfg.workers);
             for _ in 0..cfg.workers {
                 let (jr, rt, ds, cfg) = (jr.clone(), rt.clone(), ds.clone(), cfg.clone());
+                let pool = pool.clone();
                 threads.push(std::thread::spawn(move || {
+                    let mut scratch = Scratch::default();
                     while let Ok(job) = jr.recv() {
-                        let b = build_batch(&ds, &cfg, &job);
+                        let b = build_batch(&ds, &cfg, &job, &pool, &mut scratch);
                         if rt.send((job.seq, b)).is_err() {
                             break;
                         }
@@ -350,7 +401,15 @@ impl BatchLoader {
             res_rx,
             ready: BTreeMap::new(),
             threads,
+            pool,
+            scratch: Scratch::default(),
         })
+    }
+
+    /// Hands `batch`'s buffer back for reuse by a later batch. Dropping a batch does the
+    /// same; this only makes the hand-back explicit at the call site.
+    pub fn recycle(&self, batch: Batch) {
+        drop(batch);
     }
 
     /// Samples this rank sees per epoch.
@@ -404,7 +463,7 @@ impl BatchLoader {
         if self.job_tx.is_none() {
             return match self.plan_job() {
                 Some(job) => {
-                    let b = build_batch(&self.ds, &self.cfg, &job)?;
+                    let b = build_batch(&self.ds, &self.cfg, &job, &self.pool, &mut self.scratch)?;
                     self.cursor = b.next;
                     Ok(Some(b))
                 }
@@ -496,14 +555,35 @@ fn region(off: &mut usize, bytes: usize) -> (usize, usize) {
     r
 }
 
-/// Builds one batch for `indices` of `epoch`; public for benchmarks and tests.
-fn build_batch(ds: &Dataset, cfg: &BatchConfig, job: &Job) -> Result<Batch> {
+/// Per-thread reusable memory for building batches, so the per-sample work allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    lens: Vec<usize>,
+    tokens: Vec<u32>,
+    feature: Vec<f32>,
+    image: ImageScratch,
+}
+
+/// Builds one batch for the indices of `job` into a (possibly reused) buffer from `pool`.
+fn build_batch(
+    ds: &Dataset,
+    cfg: &BatchConfig,
+    job: &Job,
+    pool: &Pool,
+    scratch: &mut Scratch,
+) -> Result<Batch> {
     let b = job.indices.len();
     let src = ds.image_size();
     let s = cfg.output_size.unwrap_or(src);
     let ctx = ds.context_length();
     let nt = ds.num_teachers();
-    let mut lens = Vec::with_capacity(b);
+    let Scratch {
+        lens,
+        tokens: tokbuf,
+        feature: tmp,
+        image: iscratch,
+    } = scratch;
+    lens.clear();
     for &i in &job.indices {
         lens.push(ds.token_len(i)?);
     }
@@ -539,13 +619,14 @@ fn build_batch(ds: &Dataset, cfg: &BatchConfig, job: &Job) -> Result<Batch> {
     }
     lay.labels = region(&mut off, b * 4);
     lay.indices = region(&mut off, b * 8);
-    let mut buf = vec![0u64; off / 8];
+    // The images (offset 0) are overwritten completely; everything after them starts zeroed.
+    let mut buf = pool.take(off / 8, lay.images.1);
     let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buf);
-    let (mut tokbuf, mut tmp) = (vec![0u32; ctx], vec![0f32; PROJ_DIM]);
+    tokbuf.resize(ctx, 0);
+    tmp.resize(PROJ_DIM, 0.0);
     // (x / 255 - mean) / std as one multiply-add per value.
     let norm: [(f32, f32); 3] =
         std::array::from_fn(|c| (1.0 / (255.0 * cfg.std[c]), -cfg.mean[c] / cfg.std[c]));
-    let mut scratch = Vec::new();
     for (k, &i) in job.indices.iter().enumerate() {
         let img = ds.image(i)?;
         let aug = cfg
@@ -555,26 +636,26 @@ fn build_batch(ds: &Dataset, cfg: &BatchConfig, job: &Job) -> Result<Batch> {
         let dst = &mut bytes
             [lay.images.0 + k * 3 * s * s * isz..lay.images.0 + (k + 1) * 3 * s * s * isz];
         match cfg.image_dtype {
-            ImageDtype::F32 => render_image::<f32>(
+            ImageDtype::F32 => render_into::<f32>(
                 img,
                 src,
                 s,
                 aug,
                 &norm,
                 bytemuck::cast_slice_mut(dst),
-                &mut scratch,
+                iscratch,
             ),
-            ImageDtype::Bf16 => render_image::<bf16>(
+            ImageDtype::Bf16 => render_into::<bf16>(
                 img,
                 src,
                 s,
                 aug,
                 &norm,
                 bytemuck::cast_slice_mut(dst),
-                &mut scratch,
+                iscratch,
             ),
         }
-        ds.tokens_into(i, &mut tokbuf)?;
+        ds.tokens_into(i, tokbuf)?;
         let n = lens[k].min(l);
         {
             let t: &mut [u32] = bytemuck::cast_slice_mut(
@@ -595,9 +676,9 @@ fn build_batch(ds: &Dataset, cfg: &BatchConfig, job: &Job) -> Result<Batch> {
                         (Tower::Image, lay.teacher_image),
                         (Tower::Text, lay.teacher_text),
                     ] {
-                        ds.proj_into(i, t, tower, &mut tmp)?;
+                        ds.proj_into(i, t, tower, tmp)?;
                         bytes[r.0 + k * PROJ_DIM * 4..r.0 + (k + 1) * PROJ_DIM * 4]
-                            .copy_from_slice(bytemuck::cast_slice(&tmp));
+                            .copy_from_slice(bytemuck::cast_slice(tmp));
                     }
                 }
                 let v = choice.map_or(-1, |t| t as i32);
@@ -613,9 +694,9 @@ fn build_batch(ds: &Dataset, cfg: &BatchConfig, job: &Job) -> Result<Batch> {
                             (Tower::Image, lay.teacher_image),
                             (Tower::Text, lay.teacher_text),
                         ] {
-                            ds.proj_into(i, t, tower, &mut tmp)?;
+                            ds.proj_into(i, t, tower, tmp)?;
                             let o = r.0 + (k * nt + t) * PROJ_DIM * 4;
-                            bytes[o..o + PROJ_DIM * 4].copy_from_slice(bytemuck::cast_slice(&tmp));
+                            bytes[o..o + PROJ_DIM * 4].copy_from_slice(bytemuck::cast_slice(tmp));
                         }
                     }
                 }
@@ -636,6 +717,7 @@ fn build_batch(ds: &Dataset, cfg: &BatchConfig, job: &Job) -> Result<Batch> {
         next: job.next,
         layout: lay,
         buf,
+        pool: Some(pool.tx.clone()),
     })
 }
 
@@ -654,8 +736,39 @@ impl Pixel for f32 {
 impl Pixel for bf16 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
+        bf16::from_bits(f32_to_bf16_bits(x))
     }
+}
+
+/// `f32` → `bf16` bits, rounding to nearest even; NaN stays a quiet NaN of the same sign and
+/// payload top. Bit-identical to `half::bf16::from_f32`, but branch-free so that the pixel
+/// loops vectorise.
+#[inline(always)]
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x0040;
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// Reusable memory of [`render_into`]: interpolation taps and horizontally resampled rows.
+#[derive(Default)]
+struct ImageScratch {
+    /// Per output column: left source column, right source column, weight of the right one
+    /// (separate arrays so the horizontal pass can load them as vectors).
+    x0: Vec<u32>,
+    x1: Vec<u32>,
+    wx: Vec<f32>,
+    /// Per output row: top source row, bottom source row, weight of the bottom one.
+    ys: Vec<(u32, u32, f32)>,
+    /// One source row as `f32`.
+    line: Vec<f32>,
+    /// Horizontally resampled source rows of one channel, `s` values each.
+    rows: Vec<f32>,
 }
 
 /// Writes the normalised planar image `(3, s, s)` of a `(3, src, src)` u8 image into `out`,
@@ -670,26 +783,37 @@ pub fn render_image<T: Pixel>(
     out: &mut [T],
     scratch: &mut Vec<f32>,
 ) {
+    let mut sc = ImageScratch {
+        rows: std::mem::take(scratch),
+        ..Default::default()
+    };
+    render_into(img, src, s, aug, norm, out, &mut sc);
+    *scratch = sc.rows;
+}
+
+/// [`render_image`] with all scratch memory supplied by the caller.
+fn render_into<T: Pixel>(
+    img: &[u8],
+    src: usize,
+    s: usize,
+    aug: Option<(&Augment, ChaCha8Rng)>,
+    norm: &[(f32, f32); 3],
+    out: &mut [T],
+    scratch: &mut ImageScratch,
+) {
+    let full = (0.0, 0.0, src as f32, src as f32);
     let Some((a, mut r)) = aug else {
         if s == src {
-            for (c, &(scale, bias)) in norm.iter().enumerate() {
-                for (o, &v) in out[c * s * s..(c + 1) * s * s]
-                    .iter_mut()
-                    .zip(&img[c * src * src..(c + 1) * src * src])
-                {
-                    *o = T::from_f32(v as f32 * scale + bias);
-                }
-            }
-            return;
+            copy_normalised(img, s, false, norm, out);
+        } else {
+            sample_crop(img, src, s, full, false, norm, out, scratch);
         }
-        let full = (0.0, 0.0, src as f32, src as f32);
-        sample_crop(img, src, s, full, false, norm, out, scratch);
         return;
     };
     // Random resized crop as torchvision draws it: area and log-uniform aspect, ten tries,
     // then the whole image.
     let area = (src * src) as f32;
-    let mut rect = (0.0, 0.0, src as f32, src as f32);
+    let mut rect = full;
     for _ in 0..10 {
         let target = area * r.gen_range(a.scale.0..=a.scale.1);
         let logr = r.gen_range(a.ratio.0.ln()..=a.ratio.1.ln());
@@ -704,12 +828,56 @@ pub fn render_image<T: Pixel>(
         }
     }
     let flip = r.gen::<f32>() < a.flip;
-    sample_crop(img, src, s, rect, flip, norm, out, scratch);
+    if rect == full && s == src {
+        // Bilinear sampling of the whole image at its own size lands exactly on the source
+        // pixels (all weights 0), so a copy gives the same values.
+        copy_normalised(img, s, flip, norm, out);
+    } else {
+        sample_crop(img, src, s, rect, flip, norm, out, scratch);
+    }
+}
+
+/// Normalises an `s × s` planar image without resampling (mirrored when `flip`), through a
+/// per-channel table of the 256 possible output values.
+fn copy_normalised<T: Pixel>(
+    img: &[u8],
+    s: usize,
+    flip: bool,
+    norm: &[(f32, f32); 3],
+    out: &mut [T],
+) {
+    for (c, &(scale, bias)) in norm.iter().enumerate() {
+        let lut: [T; 256] = std::array::from_fn(|v| T::from_f32(v as f32 * scale + bias));
+        let plane = &img[c * s * s..(c + 1) * s * s];
+        let o = &mut out[c * s * s..(c + 1) * s * s];
+        for (orow, irow) in o.chunks_exact_mut(s).zip(plane.chunks_exact(s)) {
+            if flip {
+                for (d, &v) in orow.iter_mut().zip(irow.iter().rev()) {
+                    *d = lut[v as usize];
+                }
+            } else {
+                for (d, &v) in orow.iter_mut().zip(irow) {
+                    *d = lut[v as usize];
+                }
+            }
+        }
+    }
+}
+
+/// Bilinear taps of `n` output samples over `[start, start + len)` of a `src`-long axis:
+/// (left index, right index, weight of the right one).
+fn tap(k: usize, n: usize, src: usize, start: f32, len: f32) -> (u32, u32, f32) {
+    let f = (start + (k as f32 + 0.5) * len / n as f32 - 0.5).clamp(0.0, (src - 1) as f32);
+    let i0 = f as usize;
+    let i1 = (i0 + 1).min(src - 1);
+    (i0 as u32, i1 as u32, f - i0 as f32)
 }
 
 /// Bilinear resampling of `rect` = (x, y, w, h) of the source to `s × s`, separably: each
-/// source row the crop touches is resampled horizontally once into `scratch`, then output
-/// rows are blended from two of those (a contiguous, vectorisable loop).
+/// source row the crop touches is resampled horizontally once into scratch, then output
+/// rows are blended from two of those (a contiguous, vectorisable loop). Uses AVX2 (whose
+/// gathers vectorise the horizontal pass) when the CPU has it; the arithmetic is the same
+/// IEEE operations in the same order either way, so the output is bit-identical.
 #[allow(clippy::too_many_arguments)]
 fn sample_crop<T: Pixel>(
     img: &[u8],
@@ -719,42 +887,105 @@ fn sample_crop<T: Pixel>(
     flip: bool,
     norm: &[(f32, f32); 3],
     out: &mut [T],
-    scratch: &mut Vec<f32>,
+    scratch: &mut ImageScratch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { sample_crop_avx2(img, src, s, rect, flip, norm, out, scratch) };
+        return;
+    }
+    sample_crop_generic(img, src, s, rect, flip, norm, out, scratch);
+}
+
+/// [`sample_crop_generic`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn sample_crop_avx2<T: Pixel>(
+    img: &[u8],
+    src: usize,
+    s: usize,
+    rect: (f32, f32, f32, f32),
+    flip: bool,
+    norm: &[(f32, f32); 3],
+    out: &mut [T],
+    scratch: &mut ImageScratch,
+) {
+    sample_crop_generic(img, src, s, rect, flip, norm, out, scratch);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn sample_crop_generic<T: Pixel>(
+    img: &[u8],
+    src: usize,
+    s: usize,
+    rect: (f32, f32, f32, f32),
+    flip: bool,
+    norm: &[(f32, f32); 3],
+    out: &mut [T],
+    scratch: &mut ImageScratch,
 ) {
     let (rx, ry, rw, rh) = rect;
-    let coords = |n: usize, start: f32, len: f32| -> Vec<(usize, usize, f32)> {
-        (0..n)
-            .map(|k| {
-                let f =
-                    (start + (k as f32 + 0.5) * len / n as f32 - 0.5).clamp(0.0, (src - 1) as f32);
-                let i0 = f as usize;
-                let i1 = (i0 + 1).min(src - 1);
-                (i0, i1, f - i0 as f32)
-            })
-            .collect()
-    };
-    let mut xs = coords(s, rx, rw);
-    if flip {
-        xs.reverse();
+    let ImageScratch {
+        x0,
+        x1,
+        wx,
+        ys,
+        line,
+        rows,
+    } = scratch;
+    x0.clear();
+    x1.clear();
+    wx.clear();
+    for k in 0..s {
+        let (a, b, w) = tap(if flip { s - 1 - k } else { k }, s, src, rx, rw);
+        x0.push(a);
+        x1.push(b);
+        wx.push(w);
     }
-    let ys = coords(s, ry, rh);
-    // Rows are monotone in the output row, so the touched source rows are one range.
-    let ylo = ys[0].0;
-    let rows = ys[s - 1].1 - ylo + 1;
-    scratch.resize(rows * s, 0.0);
+    ys.clear();
+    ys.extend((0..s).map(|k| tap(k, s, src, ry, rh)));
+    // Columns and rows are monotone, so the touched source pixels are one rectangle.
+    let (xlo, xhi) = (x0.iter().min(), x1.iter().max());
+    let (xlo, xhi) = (
+        xlo.copied().unwrap_or(0) as usize,
+        xhi.copied().unwrap_or(0) as usize,
+    );
+    for x in x0.iter_mut().chain(x1.iter_mut()) {
+        *x -= xlo as u32;
+    }
+    let width = xhi - xlo + 1;
+    line.resize(width, 0.0);
+    let ylo = ys[0].0 as usize;
+    let nrows = ys[s - 1].1 as usize - ylo + 1;
+    rows.resize(nrows * s, 0.0);
+    let (x0, x1, wx) = (&x0[..s], &x1[..s], &wx[..s]);
     for (c, &(scale, bias)) in norm.iter().enumerate() {
         let p = &img[c * src * src..(c + 1) * src * src];
-        for (r, trow) in scratch.chunks_exact_mut(s).enumerate() {
-            let srow = &p[(ylo + r) * src..(ylo + r + 1) * src];
-            for (t, &(x0, x1, wx)) in trow.iter_mut().zip(&xs) {
-                let (a, b) = (srow[x0] as f32, srow[x1] as f32);
-                *t = a + (b - a) * wx;
+        for (r, trow) in rows.chunks_exact_mut(s).enumerate() {
+            let srow = &p[(ylo + r) * src + xlo..(ylo + r) * src + xlo + width];
+            for (l, &v) in line.iter_mut().zip(srow) {
+                *l = v as f32;
+            }
+            let line = &line[..width];
+            let last = width - 1;
+            for k in 0..s {
+                // The taps lie inside `line` already; the `min` only lets the compiler drop
+                // the bounds checks so the loop vectorises.
+                let (a, b) = (
+                    line[(x0[k] as usize).min(last)],
+                    line[(x1[k] as usize).min(last)],
+                );
+                trow[k] = a + (b - a) * wx[k];
             }
         }
         let o = &mut out[c * s * s..(c + 1) * s * s];
-        for (orow, &(y0, y1, wy)) in o.chunks_exact_mut(s).zip(&ys) {
-            let t0 = &scratch[(y0 - ylo) * s..(y0 - ylo + 1) * s];
-            let t1 = &scratch[(y1 - ylo) * s..(y1 - ylo + 1) * s];
+        for (orow, &(y0, y1, wy)) in o.chunks_exact_mut(s).zip(ys.iter()) {
+            let (y0, y1) = (y0 as usize - ylo, y1 as usize - ylo);
+            let t0 = &rows[y0 * s..(y0 + 1) * s];
+            let t1 = &rows[y1 * s..(y1 + 1) * s];
             // Normalisation is affine, so applying it after interpolation is exact.
             for ((d, &a), &b) in orow.iter_mut().zip(t0).zip(t1) {
                 *d = T::from_f32((a + (b - a) * wy) * scale + bias);

@@ -903,3 +903,147 @@ fn interrupted_pack_leaves_no_dataset_and_tmp_shards_are_refused() {
         .contains("manifest"));
     assert!(mmkd_loaders::shard::Shard::open(&out.join("shard-00001.mmkd.tmp"), true).is_err());
 }
+
+#[test]
+fn bf16_conversion_matches_half_bit_for_bit() {
+    let specials = [
+        0.0f32,
+        -0.0,
+        1.0,
+        f32::MAX,
+        f32::MIN,
+        f32::MIN_POSITIVE,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7F80_0001), // signalling NaN, payload only in the low half
+        f32::from_bits(0x3F80_8000), // exact tie, even below: rounds down
+        f32::from_bits(0x3F81_8000), // exact tie, odd below: rounds up
+        f32::from_bits(0x7F7F_FFFF), // rounds up to infinity
+    ];
+    let strided = (0..u32::MAX / 1009).map(|k| f32::from_bits(k * 1009));
+    for x in specials.into_iter().chain(strided) {
+        assert_eq!(
+            mmkd_loaders::batch::f32_to_bf16_bits(x),
+            half::bf16::from_f32(x).to_bits(),
+            "{x:e} ({:#010x})",
+            x.to_bits()
+        );
+    }
+}
+
+/// Plain per-pixel bilinear sampling of the whole image at `s × s`, the definition the
+/// loader's separable resampler must reproduce exactly.
+fn reference_resize(raw: &[u8], src: usize, s: usize, c: usize, y: usize, x: usize) -> f32 {
+    let tap = |k: usize| {
+        let f = ((k as f32 + 0.5) * src as f32 / s as f32 - 0.5).clamp(0.0, (src - 1) as f32);
+        let i0 = f as usize;
+        (i0, (i0 + 1).min(src - 1), f - i0 as f32)
+    };
+    let ((y0, y1, wy), (x0, x1, wx)) = (tap(y), tap(x));
+    let p = |yy: usize, xx: usize| raw[c * src * src + yy * src + xx] as f32;
+    let (a, b) = (p(y0, x0), p(y0, x1));
+    let t0 = a + (b - a) * wx;
+    let (a, b) = (p(y1, x0), p(y1, x1));
+    let t1 = a + (b - a) * wx;
+    t0 + (t1 - t0) * wy
+}
+
+#[test]
+fn bf16_images_match_the_reference_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = packed(dir.path(), 4);
+    let src = ds.image_size();
+    let norm: [(f32, f32); 3] =
+        std::array::from_fn(|c| (1.0 / (255.0 * CLIP_STD[c]), -CLIP_MEAN[c] / CLIP_STD[c]));
+    let base = BatchConfig {
+        batch_size: 4,
+        workers: 0,
+        shuffle: false,
+        image_dtype: ImageDtype::Bf16,
+        teachers: TeacherMode::None,
+        ..Default::default()
+    };
+    // Resampled (down and up), at the stored size, and mirrored through a full-image crop.
+    for (out, mirror) in [
+        (Some(37), false),
+        (Some(src + 9), false),
+        (None, false),
+        (None, true),
+    ] {
+        let cfg = BatchConfig {
+            output_size: out,
+            augment: mirror.then_some(Augment {
+                scale: (1.0, 1.0),
+                ratio: (1.0, 1.0),
+                flip: 1.0,
+            }),
+            ..base.clone()
+        };
+        let b = BatchLoader::new(ds.clone(), cfg)
+            .unwrap()
+            .next_batch()
+            .unwrap()
+            .unwrap();
+        let s = b.image_size;
+        let img = b.images_bf16().unwrap();
+        for (k, &i) in b.indices().iter().enumerate() {
+            let raw = ds.image(i).unwrap();
+            for c in 0..3 {
+                for y in 0..s {
+                    for x in 0..s {
+                        let v = match out {
+                            Some(_) => reference_resize(raw, src, s, c, y, x),
+                            None if mirror => raw[c * s * s + y * s + (s - 1 - x)] as f32,
+                            None => raw[c * s * s + y * s + x] as f32,
+                        };
+                        let want = half::bf16::from_f32(v * norm[c].0 + norm[c].1);
+                        let got = img[((k * 3 + c) * s + y) * s + x];
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{out:?} {mirror} {k} {c} {y} {x}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn reused_batch_buffers_give_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = packed(dir.path(), 23);
+    for workers in [0, 2] {
+        // Captions of different lengths make consecutive buffers differ in size, and the last
+        // batch of each epoch is smaller, so reuse must shrink, grow and re-zero buffers.
+        let cfg = BatchConfig {
+            batch_size: 5,
+            seed: 3,
+            epochs: 2,
+            workers,
+            prefetch: 2,
+            augment: Some(Augment::default()),
+            image_dtype: ImageDtype::Bf16,
+            pad_to_longest: true,
+            teachers: TeacherMode::All,
+            ..Default::default()
+        };
+        let kept = all_batches(&mut BatchLoader::new(ds.clone(), cfg.clone()).unwrap());
+        let mut l = BatchLoader::new(ds.clone(), cfg).unwrap();
+        let mut n = 0;
+        while let Some(b) = l.next_batch().unwrap() {
+            assert_eq!(
+                b.as_bytes(),
+                kept[n].as_bytes(),
+                "workers {workers}, batch {n}"
+            );
+            l.recycle(b);
+            n += 1;
+        }
+        assert_eq!(n, kept.len());
+        assert!(kept.windows(2).any(|w| w[0].token_len != w[1].token_len));
+    }
+}

@@ -94,6 +94,9 @@ pub struct DemoArgs {
     /// Model config.
     #[arg(long, default_value = "configs/tiny.toml")]
     config: PathBuf,
+    /// Config overrides for both stages, e.g. `vision.image_size=64`.
+    #[arg(long = "set")]
+    sets: Vec<String>,
 }
 
 /// Which training stage's loss.
@@ -563,8 +566,8 @@ fn demo(a: DemoArgs) -> Result<()> {
             train: 2000,
             eval: 500,
             batch: 64,
-            stage1_epochs: 8,
-            stage2_epochs: 4,
+            stage1_epochs: 10,
+            stage2_epochs: 10,
         }
     };
     let root = a
@@ -572,7 +575,14 @@ fn demo(a: DemoArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("mmkd-demo-{}", std::process::id())));
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let (mc, _) = load_configs(&a.config, &[])?;
+    // The findings are faint overlays that 32-px images barely show; the full demo packs and
+    // trains at 64 px (one run each: stage-1 zero-shot top-1 0.236 at 32 px, 0.280 at 64 px).
+    let mut user_sets: Vec<String> = Vec::new();
+    if !a.quick {
+        user_sets.push("vision.image_size=64".into());
+    }
+    user_sets.extend(a.sets.iter().cloned());
+    let (mc, _) = load_configs(&a.config, &user_sets)?;
     let side = mc.vision.image_size;
     let ctx = mc.text.context_length;
     eprintln!(
@@ -618,6 +628,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         "save_every=0".to_string(),
         "workers=1".to_string(),
     ]);
+    sets.extend(user_sets);
     let (model_cfg, base) = load_configs(&a.config, &sets)?;
     let run1 = root.join("run-stage1");
     let run2 = root.join("run-stage2");
