@@ -58,6 +58,7 @@ pub use tape::{Tape, Var};
 pub use tensor::{DType, Device, Storage, Tensor};
 
 // --- training: losses, optimiser, checkpoints, evaluation, alignment, trainer ---
+pub mod align;
 pub mod checkpoint;
 pub mod eval;
 pub mod loss;

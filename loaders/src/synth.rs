@@ -2,8 +2,10 @@
 //! so the main job needs no downloads and the real importer is what reads it.
 //!
 //! Each sample has a modality (x-ray-, histology-, fundus- or dermoscopy-like texture) and a
-//! finding (none, focal lesion, scattered spots, streaks) drawn as a faint, noisy overlay; the
-//! class is the (modality, finding) pair. Captions are templated from both. Synthetic teachers
+//! finding (none, focal lesion, scattered spots, streaks) drawn as a subtle, noisy overlay (spots
+//! and streaks keep a minimum size in pixels so small images still show them); the class is the
+//! (modality, finding) pair. Captions are templated, and like real ones most of them do not
+//! state the finding, while the expert teachers' features encode it. Synthetic teachers
 //! embed every sample in a shared 512-d latent around a class prototype: cleanly on the
 //! modalities they are expert in, noisily (and sometimes with a confused finding) elsewhere.
 //! A teacher's image and text embeddings of one sample share a sample-specific component, as
@@ -33,7 +35,7 @@ pub struct SynthOptions {
     pub image_size: usize,
     pub seed: u64,
     /// Peak intensity change (0..255 scale) of the finding overlay; per-pixel noise is about
-    /// ±7 plus a textured ±7, so the default 22 is visible but faint.
+    /// ±7 plus a textured ±7, so the default 70 is clearly visible to a small ViT at 64 px.
     pub finding_amplitude: f32,
 }
 
@@ -46,7 +48,7 @@ impl SynthOptions {
             eval: 500,
             image_size: 256,
             seed: 0,
-            finding_amplitude: 22.0,
+            finding_amplitude: 70.0,
         }
     }
 }
@@ -366,6 +368,33 @@ fn write_sample(
     .to_string())
 }
 
+/// Generic captions per modality: they name the modality (or not even that) but not the finding.
+const GENERIC: [[&str; 3]; 4] = [
+    [
+        "chest radiograph, PA view.",
+        "chest x-ray.",
+        "portable study, frontal projection.",
+    ],
+    [
+        "histology image, H&E stain.",
+        "histopathology slide.",
+        "tissue section, 20x.",
+    ],
+    [
+        "retinal fundus photograph.",
+        "fundus image, macula centred.",
+        "colour photograph of the eye.",
+    ],
+    [
+        "dermoscopy image.",
+        "dermoscopic view of a skin lesion.",
+        "skin lesion, polarised light.",
+    ],
+];
+
+/// Caption of a sample. As in real figure captions and reports, most do not state the finding:
+/// 30% name it (with its location), 15% are vague (normal or "an abnormality"), 55% are
+/// generic and name only the modality, or nothing but the acquisition.
 fn caption(r: &mut ChaCha8Rng, modality: usize, finding: usize, loc: &str) -> String {
     let m = MODALITIES[modality];
     let f = FINDINGS[modality][finding];
@@ -376,7 +405,16 @@ fn caption(r: &mut ChaCha8Rng, modality: usize, finding: usize, loc: &str) -> St
         " compare with prior study.",
         " no further comment.",
     ][r.gen_range(0..4)];
-    let body = if finding == 0 {
+    let kind: f64 = r.gen();
+    let body = if kind >= 0.45 {
+        GENERIC[modality][r.gen_range(0..3)].to_string()
+    } else if kind >= 0.30 {
+        if finding == 0 {
+            format!("{lead}{m}, unremarkable.")
+        } else {
+            format!("{lead}{m} with an abnormality in the {loc} region.")
+        }
+    } else if finding == 0 {
         match r.gen_range(0..3) {
             0 => format!("{lead}{m} showing {f}."),
             1 => format!("{lead}{m}: {f}, no focal abnormality."),
@@ -513,14 +551,14 @@ fn render(
             for _ in 0..14 {
                 let x = r.gen_range(0.1f32..0.9) * sz;
                 let y = r.gen_range(0.1f32..0.9) * sz;
-                blob(size, x, y, sz * 0.022, &mut add);
+                blob(size, x, y, (sz * 0.022).max(2.2), &mut add);
             }
         }
         3 => {
             let a: f32 = r.gen_range(0.0..PI);
             let (s, c) = a.sin_cos();
-            let spacing = sz * 0.07;
-            let width = sz * 0.012;
+            let spacing = (sz * 0.07).max(5.0);
+            let width = (sz * 0.012).max(1.3);
             for y in 0..size {
                 for x in 0..size {
                     let (dx, dy) = (x as f32 - cx, y as f32 - cy);
