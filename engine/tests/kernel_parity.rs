@@ -7,9 +7,9 @@ use mmkd_engine::loss::{
     distill_loss, DistillConfig, IclScale, TeacherMode, TeacherNorm, TeacherTargets,
 };
 use mmkd_kernels::mt_loss::{self, LossConfig, LossInputs};
+use mmkd_kernels::testing::{f32_to_f64, fresh_seed, random_f32, rel_err, rng};
 use mmkd_kernels::Emu;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
 struct Case {
     n: usize,
@@ -24,17 +24,12 @@ struct Case {
 }
 
 fn case(n: usize, t: usize, d: usize, seed: u64) -> Case {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut v = |len: usize, scale: f32| -> Vec<f32> {
-        (0..len)
-            .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
-            .collect()
-    };
-    let image = v(n * d, 1.0);
-    let text = v(n * d, 1.0);
+    let mut rng = rng(seed);
+    let image = random_f32(&mut rng, n * d, -1.0, 1.0);
+    let text = random_f32(&mut rng, n * d, -1.0, 1.0);
     // Unnormalised targets, as in the released data (norms well away from 1).
-    let ti = v(n * t * d, 0.2);
-    let tt = v(n * t * d, 0.2);
+    let ti = random_f32(&mut rng, n * t * d, -0.2, 0.2);
+    let tt = random_f32(&mut rng, n * t * d, -0.2, 0.2);
     let mut mask = vec![false; n * t];
     let mut pick = vec![0i32; n];
     for i in 0..n {
@@ -68,19 +63,9 @@ fn gather(src: &[f32], pick: &[i32], t: usize, d: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Norm-wise relative error of f32 gradients (NaN never passes).
 fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
-    let r = (num / den.max(1e-30)).sqrt();
-    if r.is_nan() {
-        f64::INFINITY
-    } else {
-        r
-    }
+    rel_err(&f32_to_f64(a), &f32_to_f64(b))
 }
 
 fn check(c: &Case, mode: TeacherMode, l2: bool, learned: bool) {
@@ -198,9 +183,7 @@ fn check(c: &Case, mode: TeacherMode, l2: bool, learned: bool) {
 
 #[test]
 fn fused_loss_kernel_matches_engine_loss_in_every_mode() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(7, |t| t.as_nanos() as u64);
+    let seed = fresh_seed();
     eprintln!("seed {seed}");
     for (i, &(n, t, d)) in [(5usize, 3usize, 16usize), (13, 4, 40)].iter().enumerate() {
         let c = case(n, t, d, seed.wrapping_add(i as u64));
