@@ -37,6 +37,8 @@ build() {
   strip --strip-debug "$bundle/mmkd" 2>/dev/null || echo "warning: strip failed; the binary keeps its debug info"
   cp "$here/gpu-check.sh" "$here/torch_loss_bench.py" "$bundle/tools/"
   if [ -f "$here/torch_gemm_attn_bench.py" ]; then cp "$here/torch_gemm_attn_bench.py" "$bundle/tools/"; fi
+  cp "$here/torch_reference.py" "$bundle/tools/"
+  cp -r "$root/configs" "$bundle/"
   # Criterion benchmark executables, when they were built (`cargo bench --no-run`).
   mkdir -p "$bundle/benches"
   local b f
@@ -136,6 +138,39 @@ run() {
     step torch_gemm_attn_bench 45 python3 "$here/torch_gemm_attn_bench.py" \
       --json "$out/torch_gemm_attn_bench.json"
   fi
+  # The training-step benchmark (issue 7): mmkd and PyTorch (eager, then torch.compile) on the
+  # paper's student, stage 2, batch 256, same synthetic shapes and caption lengths.
+  local cfg="$root/configs/vit-b16-biomedbert.toml" tref="$here/torch_reference.py"
+  local bargs=(--config "$cfg" --stage kd --batch 256 --steps 10 --warmup 3 --device cuda)
+  if [ ! -f "$cfg" ]; then
+    echo "=== bench_train skipped: $cfg not found"
+  else
+    step bench_train_mmkd 60 "$bin" bench train "${bargs[@]}" --json "$out/bench_train_mmkd.json"
+  fi
+  if [ ! -f "$tref" ] || [ ! -f "$cfg" ]; then
+    echo "=== torch bench_train skipped: it needs $tref and $cfg"
+  elif ! python3 -c 'import torch' 2>/dev/null; then
+    echo "=== torch bench_train skipped: PyTorch is not installed"
+  else
+    step bench_train_torch_eager 60 python3 "$tref" "${bargs[@]}" --json "$out/bench_train_torch_eager.json"
+    step bench_train_torch_compile 150 python3 "$tref" "${bargs[@]}" --compile --json "$out/bench_train_torch_compile.json"
+  fi
+  step bench_train_ratio 10 python3 - "$out" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+runs = {}
+for name in ("mmkd", "torch_eager", "torch_compile"):
+    try:
+        runs[name] = json.loads((out / f"bench_train_{name}.json").read_text())
+    except Exception as e:
+        print(f"{name}: no result ({e!r})")
+for name, r in runs.items():
+    print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['ms_per_step']['total']:.1f} ms/step, mfu {r['mfu']}")
+m = runs.get("mmkd")
+for base in ("torch_eager", "torch_compile"):
+    if m and base in runs:
+        print(f"mmkd / {base} samples/s: {m['samples_per_s'] / runs[base]['samples_per_s']:.3f}")
+PY
   step summary 10 python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

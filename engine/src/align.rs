@@ -8,7 +8,12 @@
 //! reconstructs the clean features (MSE). The distillation targets are the outputs of the
 //! per-teacher *input* layers, computed without noise or dropout.
 //!
-//! The NT-Xent term of the reference is not implemented: the loss is reconstruction only.
+//! Alongside the reconstruction, an NT-Xent term (temperature τ, the reference's 0.07) pulls the
+//! latents of one sample from different teachers together: for every tower and every pair of
+//! teachers, a symmetric cross-entropy over the batch's cosine similarities divided by τ, with the
+//! same sample as the positive and the other samples as negatives. Without it the per-teacher
+//! input layers are free to place each teacher anywhere in the latent, and a student drawing one
+//! teacher at random per sample would chase inconsistent targets.
 
 use crate::error::{EngineError, Result};
 use crate::ops::linear::WLayout;
@@ -42,6 +47,22 @@ pub struct AlignConfig {
     pub noise: f32,
     /// Decoupled weight decay of AdamW (weights only).
     pub weight_decay: f64,
+    /// Weight of the cross-teacher NT-Xent term (`0` = reconstruction only).
+    pub ntxent_weight: f64,
+    /// NT-Xent temperature τ.
+    pub temperature: f64,
+}
+
+/// The losses of one alignment step.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct AlignStepLoss {
+    /// Mean reconstruction MSE over the present (teacher, tower) pairs.
+    pub recon: f64,
+    /// Mean NT-Xent over the (tower, teacher pair) combinations present in the batch (`0` when
+    /// no sample has two teachers or the term is off).
+    pub ntxent: f64,
+    /// `recon + ntxent_weight · ntxent`.
+    pub total: f64,
 }
 
 impl Default for AlignConfig {
@@ -55,6 +76,8 @@ impl Default for AlignConfig {
             dropout: 0.2,
             noise: 0.01,
             weight_decay: 1e-4,
+            ntxent_weight: 1.0,
+            temperature: 0.07,
         }
     }
 }
@@ -268,13 +291,13 @@ impl AlignModel {
         Ok((z, y))
     }
 
-    /// Trains on `ds` with AdamW; `progress(step, loss)` is called after every step with the
-    /// batch's mean reconstruction loss over its (teacher, tower) pairs. Deterministic for a seed.
+    /// Trains on `ds` with AdamW; `progress(step, losses)` is called after every step.
+    /// Deterministic for a seed.
     pub fn train(
         &mut self,
         ds: &Dataset,
         cfg: &AlignConfig,
-        progress: &mut dyn FnMut(usize, f64),
+        progress: &mut dyn FnMut(usize, AlignStepLoss),
     ) -> Result<()> {
         let n = ds.len();
         if n == 0 {
@@ -292,6 +315,14 @@ impl AlignModel {
             return Err(EngineError::Config(format!(
                 "alignment: dropout {} must be in [0, 1)",
                 cfg.dropout
+            )));
+        }
+        let weight_ok = cfg.ntxent_weight >= 0.0 && cfg.ntxent_weight.is_finite();
+        let temperature_ok = cfg.temperature > 0.0 && cfg.temperature.is_finite();
+        if !(weight_ok && temperature_ok) {
+            return Err(EngineError::Config(format!(
+                "alignment: NT-Xent weight {} must be ≥ 0 and temperature {} > 0",
+                cfg.ntxent_weight, cfg.temperature
             )));
         }
         if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
@@ -313,6 +344,8 @@ impl AlignModel {
             let mut tape = Tape::new();
             let mut seeds: Vec<(Var, Vec<f32>)> = Vec::new();
             let mut losses = Vec::new();
+            // Per (teacher, tower): the latent, its batch positions and its values.
+            let mut latents: Vec<(usize, usize, Var, Vec<usize>)> = Vec::new();
             for t in 0..self.dims.len() {
                 for (k, &(tower, _)) in TOWERS.iter().enumerate() {
                     let rows = gather(ds, &idx, t, tower, self.dims[t])?;
@@ -324,8 +357,9 @@ impl AlignModel {
                         .iter()
                         .map(|&v| v + cfg.noise * gaussian(&mut rng))
                         .collect();
-                    let (_, y) =
+                    let (z, y) =
                         self.forward(&mut tape, t, k, noisy, Some((&mut rng, cfg.dropout)))?;
+                    latents.push((t, k, z, rows.pos.clone()));
                     let diff: Vec<f32> = tape
                         .value(y)
                         .iter()
@@ -344,7 +378,13 @@ impl AlignModel {
                 let c = 2.0 / (d.len() as f32 * pairs);
                 d.iter_mut().for_each(|v| *v *= c);
             }
-            let loss = losses.iter().sum::<f64>() / losses.len() as f64;
+            let recon = losses.iter().sum::<f64>() / losses.len() as f64;
+            let ntxent = if cfg.ntxent_weight > 0.0 {
+                self.ntxent(&tape, &latents, cfg, &mut seeds)?
+            } else {
+                0.0
+            };
+            let loss = recon + cfg.ntxent_weight * ntxent;
             if !loss.is_finite() {
                 return Err(EngineError::Input(format!(
                     "alignment: non-finite loss {loss} at step {step}; lower --lr"
@@ -354,9 +394,90 @@ impl AlignModel {
             let refs: Vec<(Var, &[f32])> = seeds.iter().map(|(v, d)| (*v, d.as_slice())).collect();
             tape.backward(&mut self.params, &refs)?;
             opt.step(&mut self.params, cfg.lr);
-            progress(step, loss);
+            progress(
+                step,
+                AlignStepLoss {
+                    recon,
+                    ntxent,
+                    total: loss,
+                },
+            );
         }
         Ok(())
+    }
+
+    /// The cross-teacher NT-Xent of one batch: returns its mean over the (tower, teacher pair)
+    /// combinations that share at least two samples, and appends the weighted gradients of the
+    /// latents to `seeds`.
+    fn ntxent(
+        &self,
+        tape: &Tape,
+        latents: &[(usize, usize, Var, Vec<usize>)],
+        cfg: &AlignConfig,
+        seeds: &mut Vec<(Var, Vec<f32>)>,
+    ) -> Result<f64> {
+        let scale = (1.0 / cfg.temperature).ln() as f32;
+        let mut grads: Vec<Vec<f32>> = latents
+            .iter()
+            .map(|(_, _, z, _)| vec![0.0; tape.value(*z).len()])
+            .collect();
+        let mut terms = Vec::new();
+        for a in 0..latents.len() {
+            for b in a + 1..latents.len() {
+                let (ta, ka, za, pa) = &latents[a];
+                let (tb, kb, zb, pb) = &latents[b];
+                if ka != kb || ta == tb {
+                    continue;
+                }
+                // Rows of a and b holding the same batch position.
+                let pairs: Vec<(usize, usize)> = pa
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(ra, p)| pb.binary_search(p).ok().map(|rb| (ra, rb)))
+                    .collect();
+                if pairs.len() < 2 {
+                    continue;
+                }
+                let rows = |v: Var, pick: &dyn Fn(&(usize, usize)) -> usize| -> Vec<f32> {
+                    let x = tape.value(v);
+                    pairs
+                        .iter()
+                        .flat_map(|p| x[pick(p) * LATENT..(pick(p) + 1) * LATENT].iter().copied())
+                        .collect()
+                };
+                let xa = rows(*za, &|p| p.0);
+                let xb = rows(*zb, &|p| p.1);
+                let (l, g) = crate::loss::clip_loss(&xa, &xb, scale, pairs.len(), LATENT)?;
+                terms.push((l, pairs, g.image, g.text, a, b));
+            }
+        }
+        if terms.is_empty() {
+            return Ok(0.0);
+        }
+        let w = (cfg.ntxent_weight / terms.len() as f64) as f32;
+        let mut sum = 0.0;
+        for (l, pairs, ga, gb, a, b) in &terms {
+            sum += l;
+            for (r, &(ra, rb)) in pairs.iter().enumerate() {
+                let src = r * LATENT..(r + 1) * LATENT;
+                for (d, s) in grads[*a][ra * LATENT..(ra + 1) * LATENT]
+                    .iter_mut()
+                    .zip(&ga[src.clone()])
+                {
+                    *d += w * s;
+                }
+                for (d, s) in grads[*b][rb * LATENT..(rb + 1) * LATENT]
+                    .iter_mut()
+                    .zip(&gb[src])
+                {
+                    *d += w * s;
+                }
+            }
+        }
+        for ((_, _, z, _), g) in latents.iter().zip(grads) {
+            seeds.push((*z, g));
+        }
+        Ok(sum / terms.len() as f64)
     }
 
     /// Projects samples `0..limit` (all when `None`) without noise or dropout, in chunks of

@@ -40,7 +40,9 @@
 //!   cross-checks.
 
 pub mod config;
+pub mod cuda;
 pub mod error;
+pub mod flops;
 pub mod model;
 pub mod ops;
 pub mod params;

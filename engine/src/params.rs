@@ -225,6 +225,13 @@ impl ParamStore {
     /// with the same shape, and every table entry must be present; f32, f16 and bf16 files are
     /// accepted (converted to f32).
     pub fn load_safetensors(&mut self, path: &Path) -> Result<()> {
+        self.load_safetensors_except(path, &[])
+    }
+
+    /// Like [`ParamStore::load_safetensors`], but tensors named in `skip` may be in the file
+    /// without being parameters here (e.g. the trainer's learned icl scale when a stage-2
+    /// checkpoint is loaded as a plain student).
+    pub fn load_safetensors_except(&mut self, path: &Path, skip: &[&str]) -> Result<()> {
         let werr = |msg: String| EngineError::Weights {
             path: path.to_path_buf(),
             msg,
@@ -235,7 +242,7 @@ impl ParamStore {
         })?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| werr(e.to_string()))?;
         for name in st.names() {
-            if !self.by_name.contains_key(AsRef::<str>::as_ref(&name)) {
+            if !self.by_name.contains_key(name) && !skip.contains(&name) {
                 return Err(werr(format!(
                     "tensor `{name}` is not a parameter of this model"
                 )));

@@ -467,16 +467,28 @@ fn batch_loss(
     }
 }
 
-/// Loads initial weights from a checkpoint directory or a safetensors file.
+/// Loads initial weights from a safetensors file, a checkpoint directory, or a run directory
+/// (its newest checkpoint).
 pub fn load_init(model: &mut ClipModel, init: &Path) -> Result<()> {
-    let file = if init.is_dir() {
+    let file = if init.is_dir() && !init.join("model.safetensors").exists() {
+        let root = init.join("checkpoints");
+        match checkpoint::latest(&root)? {
+            Some(dir) => dir.join("model.safetensors"),
+            None => bail!(
+                "{}: neither a checkpoint (no model.safetensors) nor a run directory with \
+                 checkpoints/step-*",
+                init.display()
+            ),
+        }
+    } else if init.is_dir() {
         init.join("model.safetensors")
     } else {
         init.to_path_buf()
     };
+    // A stage-2 run with a learned icl scale stores it beside the student's weights.
     model
         .params
-        .load_safetensors(&file)
+        .load_safetensors_except(&file, &["icl_scale"])
         .with_context(|| format!("loading initial weights from {}", file.display()))
 }
 
@@ -508,6 +520,9 @@ pub fn train(
         drop_last: true,
         workers: tc.workers,
         output_size: Some(opts.model.vision.image_size),
+        // Short captions do not pay for the whole context: the text tower's key-padding mask
+        // makes the result independent of the padding.
+        pad_to_longest: true,
         teachers: loader_mode,
         ..BatchConfig::default()
     };

@@ -95,7 +95,7 @@ fn alignment_learns_and_writes_masked_targets() {
     let before = model.project(&ds, None, 16).unwrap();
     let mut seen = Vec::new();
     model
-        .train(&ds, &cfg, &mut |s, l| seen.push((s, l)))
+        .train(&ds, &cfg, &mut |s, l| seen.push((s, l.total)))
         .unwrap();
     assert_eq!(seen.len(), cfg.steps);
     assert!(seen.iter().all(|(_, l)| l.is_finite()));
@@ -150,4 +150,67 @@ fn alignment_learns_and_writes_masked_targets() {
         }
     }
     assert!(unavailable > 0, "the mask test needs some missing teachers");
+}
+
+/// Mean cosine similarity between the image latents of different teachers for the same sample.
+fn cross_teacher_agreement(p: &mmkd_engine::align::Projection) -> f64 {
+    let (n, nt) = (p.n, p.teachers);
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for i in 0..n {
+        for a in 0..nt {
+            for b in a + 1..nt {
+                if p.mask[i * nt + a] == 0.0 || p.mask[i * nt + b] == 0.0 {
+                    continue;
+                }
+                let ra = &p.image[(i * nt + a) * LATENT..(i * nt + a + 1) * LATENT];
+                let rb = &p.image[(i * nt + b) * LATENT..(i * nt + b + 1) * LATENT];
+                let dot: f64 = ra.iter().zip(rb).map(|(x, y)| (x * y) as f64).sum();
+                let na: f64 = ra.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
+                let nb: f64 = rb.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
+                sum += dot / (na * nb).max(1e-12);
+                count += 1;
+            }
+        }
+    }
+    sum / count.max(1) as f64
+}
+
+#[test]
+fn ntxent_pulls_teachers_of_one_sample_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = tiny_dataset(dir.path());
+    let base = AlignConfig {
+        steps: 40,
+        hidden: 32,
+        lr: 2e-3,
+        seed: 3,
+        batch_size: 16,
+        ..AlignConfig::default()
+    };
+    let run = |w: f64| {
+        let cfg = AlignConfig {
+            ntxent_weight: w,
+            ..base.clone()
+        };
+        let mut m = AlignModel::for_dataset(&ds, cfg.hidden, cfg.seed).unwrap();
+        let mut last = None;
+        m.train(&ds, &cfg, &mut |_, l| last = Some(l)).unwrap();
+        let l = last.unwrap();
+        assert!(l.recon.is_finite() && l.ntxent.is_finite());
+        if w == 0.0 {
+            assert_eq!(l.ntxent, 0.0);
+        } else {
+            assert!(l.ntxent > 0.0);
+            assert!((l.total - (l.recon + w * l.ntxent)).abs() < 1e-9);
+        }
+        cross_teacher_agreement(&m.project(&ds, None, 16).unwrap())
+    };
+    let (plain, contrastive) = (run(0.0), run(1.0));
+    eprintln!(
+        "cross-teacher cosine: reconstruction only {plain:.3}, with NT-Xent {contrastive:.3}"
+    );
+    assert!(
+        contrastive > plain + 0.2 && contrastive > 0.5,
+        "NT-Xent should align the teachers: {plain:.3} -> {contrastive:.3}"
+    );
 }

@@ -12,6 +12,7 @@
 
 use crate::device::Gpu;
 use crate::emu::Emu;
+use crate::exec::{Step, P};
 use crate::launch::{check_len, Arg, LaunchShape};
 use crate::registry::ATTENTION;
 use anyhow::{ensure, Result};
@@ -95,6 +96,80 @@ impl AttnShape {
             Arg::int("attention L", self.len)?,
             Arg::F32(self.scale),
             Arg::I32(i32::from(self.causal)),
+        ])
+    }
+}
+
+impl AttnShape {
+    /// H, L, scale, causal. `validate` has checked that B·H·L·64 fits an `int`, so H and L do.
+    fn tail_params(&self) -> [P; 4] {
+        [
+            P::I32(self.heads as i32),
+            P::I32(self.len as i32),
+            P::F32(self.scale),
+            P::I32(i32::from(self.causal)),
+        ]
+    }
+
+    /// The forward as a plan ([`crate::exec`]) over the buffer slots
+    /// `[q, k, v, seqlens, o, lse]`; without `seqlens` slot 3 is passed as null. The caller
+    /// guarantees the lengths [`attention_forward_cpu`] checks and lengths in `0..=L`.
+    pub fn forward_plan(&self, seqlens: bool) -> Result<Vec<Step>> {
+        self.validate()?;
+        let mut args = vec![
+            P::Buf(0),
+            P::Buf(1),
+            P::Buf(2),
+            if seqlens { P::Buf(3) } else { P::Null },
+            P::Buf(4),
+            P::Buf(5),
+        ];
+        args.extend(self.tail_params());
+        Ok(vec![Step {
+            file: &ATTENTION,
+            kernel: "attn_fwd",
+            shape: self.with_smem(FWD_SMEM),
+            args,
+        }])
+    }
+
+    /// The backward as a plan over the buffer slots
+    /// `[q, k, v, o, lse, do, seqlens, dq, dk, dv, delta]` (`delta` is scratch, (B·H, L)
+    /// fp32); without `seqlens` slot 6 is passed as null. Same contract as
+    /// [`AttnShape::forward_plan`].
+    pub fn backward_plan(&self, seqlens: bool) -> Result<Vec<Step>> {
+        self.validate()?;
+        let rows = P::I32(self.rows() as i32);
+        let sl = if seqlens { P::Buf(6) } else { P::Null };
+        let ins = [
+            P::Buf(0),
+            P::Buf(1),
+            P::Buf(2),
+            P::Buf(5),
+            P::Buf(4),
+            P::Buf(10),
+            sl,
+        ];
+        let mut dkdv = ins.to_vec();
+        dkdv.extend([P::Buf(8), P::Buf(9)]);
+        dkdv.extend(self.tail_params());
+        let mut dq = ins.to_vec();
+        dq.push(P::Buf(7));
+        dq.extend(self.tail_params());
+        let step = |kernel, shape, args| Step {
+            file: &ATTENTION,
+            kernel,
+            shape,
+            args,
+        };
+        Ok(vec![
+            step(
+                "attn_bwd_dot",
+                self.dot_launch(),
+                vec![P::Buf(3), P::Buf(5), P::Buf(10), rows],
+            ),
+            step("attn_bwd_dkdv", self.with_smem(DKDV_SMEM), dkdv),
+            step("attn_bwd_dq", self.with_smem(DQ_SMEM), dq),
         ])
     }
 }
@@ -607,6 +682,52 @@ mod tests {
             bf16_to_f64(&dv),
             delta.iter().map(|&x| f64::from(x)).collect(),
         ]
+    }
+
+    /// The plans run the same launches as the emulation launchers: bit-identical results.
+    #[test]
+    fn plans_match_launchers() {
+        use crate::exec::{run, Backend, HostBuf};
+        let emu = Emu::default();
+        let sh = shape(2, 2, 37, false);
+        let seed = fresh_seed();
+        let i = inputs(&sh, seed);
+        let sl = [37, 20];
+        let f = forward(&sh, &i, Some(&sl), Some(&emu));
+        let want = backward(&sh, &i, &f, Some(&sl), Some(&emu));
+        let (e, r) = (sh.elems(), sh.rows());
+        let mut bufs = [
+            HostBuf::Bf16(i.q.clone()),
+            HostBuf::Bf16(i.k.clone()),
+            HostBuf::Bf16(i.v.clone()),
+            HostBuf::I32(sl.to_vec()),
+            HostBuf::Bf16(vec![BF16_POISON; e]),
+            HostBuf::F32(vec![f32::NAN; r]),
+        ];
+        let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
+        // SAFETY: the buffers have the lengths the shape needs.
+        unsafe { run(Backend::Emu(&emu), &sh.forward_plan(true).unwrap(), &ptrs) }.unwrap();
+        assert_eq!(bufs[4], HostBuf::Bf16(f.0.clone()), "o, seed {seed}");
+        assert_eq!(bufs[5], HostBuf::F32(f.1.clone()), "lse, seed {seed}");
+        let mut bwd = vec![
+            HostBuf::Bf16(i.q.clone()),
+            HostBuf::Bf16(i.k.clone()),
+            HostBuf::Bf16(i.v.clone()),
+            HostBuf::Bf16(f.0.clone()),
+            HostBuf::F32(f.1.clone()),
+            HostBuf::Bf16(i.d_o.clone()),
+            HostBuf::I32(sl.to_vec()),
+            HostBuf::Bf16(vec![BF16_POISON; e]),
+            HostBuf::Bf16(vec![BF16_POISON; e]),
+            HostBuf::Bf16(vec![BF16_POISON; e]),
+            HostBuf::F32(vec![f32::NAN; r]),
+        ];
+        let ptrs: Vec<u64> = bwd.iter_mut().map(|b| b.host_ptr()).collect();
+        // SAFETY: as above.
+        unsafe { run(Backend::Emu(&emu), &sh.backward_plan(true).unwrap(), &ptrs) }.unwrap();
+        for (slot, w) in [7, 8, 9, 10].into_iter().zip(&want) {
+            assert_eq!(&bwd[slot].to_f64(), w, "slot {slot}, seed {seed}");
+        }
     }
 
     /// Relative error of lse: −inf exactly where the reference has it, elsewhere norm-wise.

@@ -18,6 +18,9 @@ use std::ffi::CStr;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
+/// Dynamic shared memory a launch gets without opting in (bytes).
+const DEFAULT_DYNAMIC_SMEM: u32 = 48 * 1024;
+
 /// What the user asked for (`--device`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceRequest {
@@ -226,6 +229,20 @@ impl Gpu {
         args: &[Arg],
     ) -> Result<()> {
         let f = self.function(file, entry)?;
+        // Above 48 KiB a kernel must opt in to dynamic shared memory before its launch.
+        if shape.shared_bytes > DEFAULT_DYNAMIC_SMEM {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shape.shared_bytes as i32,
+            )
+            .map_err(|e| {
+                anyhow!(
+                    "{}::{entry}: raising the dynamic shared memory limit to {} bytes: {e:?}",
+                    file.name,
+                    shape.shared_bytes
+                )
+            })?;
+        }
         // Values live in `slots` (no reallocation after this point) while the builder borrows them.
         let slots: Vec<Arg> = args.to_vec();
         let mut b = self.stream.launch_builder(&f);

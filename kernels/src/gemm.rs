@@ -17,6 +17,7 @@
 
 use crate::device::Gpu;
 use crate::emu::Emu;
+use crate::exec::{Step, P};
 use crate::launch::{check_len, Arg, LaunchShape};
 use crate::registry::GEMM;
 use anyhow::{ensure, Result};
@@ -215,6 +216,60 @@ fn scalar_args(sh: &GemmShape, out_f32: bool) -> Result<Vec<Arg>> {
         Arg::I32(sh.act.code()),
         Arg::I32(i32::from(out_f32)),
     ])
+}
+
+/// Which optional buffers a planned product uses (see [`GemmShape::plan`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GemmOpts {
+    /// `+ bias[n]` from slot 2.
+    pub bias: bool,
+    /// `+ residual(m, n)` from slot 3.
+    pub residual: bool,
+    /// Store C in fp32 (else bf16).
+    pub out_f32: bool,
+    /// Reduce the bias gradient into slot 5 (`WeightGrad` only).
+    pub dbias: bool,
+}
+
+impl GemmShape {
+    /// The launch as a plan ([`crate::exec`]) over the buffer slots
+    /// `[a, b, bias, residual, out, dbias]`; slots of absent options are passed as null.
+    /// The caller guarantees the lengths [`gemm_cpu`] checks.
+    pub fn plan(&self, opts: GemmOpts) -> Result<Vec<Step>> {
+        // Only the shape and the dbias rule are checked here: slots carry no lengths.
+        check_lens(
+            self,
+            [
+                None,
+                None,
+                None,
+                None,
+                None,
+                opts.dbias.then_some(self.batch * self.m),
+            ],
+        )?;
+        let slot = |on: bool, i: usize| if on { P::Buf(i) } else { P::Null };
+        let mut args = vec![
+            P::Buf(0),
+            P::Buf(1),
+            slot(opts.bias, 2),
+            slot(opts.residual, 3),
+            P::Buf(4),
+            slot(opts.dbias, 5),
+        ];
+        for a in scalar_args(self, opts.out_f32)? {
+            match a {
+                Arg::I32(v) => args.push(P::I32(v)),
+                other => anyhow::bail!("gemm: unexpected scalar argument {other:?}"),
+            }
+        }
+        Ok(vec![Step {
+            file: &GEMM,
+            kernel: self.layout.entry(),
+            shape: self.launch(),
+            args,
+        }])
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -593,6 +648,83 @@ mod tests {
                 "{layout:?} seed {seed}: C {e}, dbias {edb}"
             );
         }
+    }
+
+    /// The plan runs the same launch as the emulation launcher: bit-identical results.
+    #[test]
+    fn plan_matches_launcher() {
+        use crate::exec::{run, Backend, HostBuf};
+        for layout in LAYOUTS {
+            let sh = GemmShape {
+                layout,
+                batch: 1,
+                m: 21,
+                n: 72,
+                k: 64,
+                act: Activation::QuickGelu,
+            };
+            let seed = fresh_seed();
+            let c = case(sh, true, true, false, seed);
+            let (want, wdb) = {
+                let (_, _, lc) = sh.lens();
+                let (mut o, mut db) = (vec![BF16_POISON; lc], vec![f32::NAN; sh.m]);
+                let dbias = c.dbias.then_some(db.as_mut_slice());
+                let (bias, res) = (c.bias.as_deref(), c.res.as_deref());
+                gemm_emu(
+                    &Emu::default(),
+                    &sh,
+                    &c.a,
+                    &c.b,
+                    bias,
+                    res,
+                    GemmOut::Bf16(&mut o),
+                    dbias,
+                )
+                .unwrap();
+                (o, db)
+            };
+            let mut bufs = [
+                HostBuf::Bf16(c.a.clone()),
+                HostBuf::Bf16(c.b.clone()),
+                HostBuf::Bf16(c.bias.clone().unwrap()),
+                HostBuf::Bf16(c.res.clone().unwrap()),
+                HostBuf::Bf16(vec![BF16_POISON; want.len()]),
+                HostBuf::F32(vec![f32::NAN; sh.m]),
+            ];
+            let opts = GemmOpts {
+                bias: true,
+                residual: true,
+                out_f32: false,
+                dbias: c.dbias,
+            };
+            let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
+            // SAFETY: the buffers have the lengths the shape needs.
+            unsafe {
+                run(
+                    Backend::Emu(&Emu::default()),
+                    &sh.plan(opts).unwrap(),
+                    &ptrs,
+                )
+            }
+            .unwrap();
+            assert_eq!(bufs[4], HostBuf::Bf16(want), "{layout:?} seed {seed}");
+            if c.dbias {
+                assert_eq!(bufs[5], HostBuf::F32(wdb), "{layout:?} seed {seed}");
+            }
+        }
+        let fwd = GemmShape {
+            layout: GemmLayout::Forward,
+            batch: 1,
+            m: 4,
+            n: 8,
+            k: 8,
+            act: Activation::None,
+        };
+        let bad = GemmOpts {
+            dbias: true,
+            ..GemmOpts::default()
+        };
+        assert!(fwd.plan(bad).is_err());
     }
 
     /// The launch constants here are the tile sizes `gemm.cu` is written for.

@@ -9,6 +9,7 @@
 
 use crate::device::Gpu;
 use crate::emu::Emu;
+use crate::exec::{Step, P};
 use crate::launch::{check_len, Arg, LaunchShape};
 use crate::registry::LAYERNORM;
 use anyhow::{ensure, Result};
@@ -74,6 +75,60 @@ impl LnShape {
 /// Length in f32 of the backward's scratch: (G, 2, C) partials.
 pub fn backward_scratch_len(sh: LnShape) -> usize {
     sh.bwd_blocks() * 2 * sh.c
+}
+
+impl LnShape {
+    /// The forward as a plan ([`crate::exec`]) over the buffer slots
+    /// `[x, r, gamma, beta, s, y, mean, rstd]`. The caller guarantees the lengths
+    /// [`layernorm_forward_cpu`] checks.
+    pub fn forward_plan(&self) -> Result<Vec<Step>> {
+        self.validate()?;
+        let mut args: Vec<P> = (0..8).map(P::Buf).collect();
+        // `validate` has checked that N·C fits an `int`.
+        args.extend([P::I32(self.c as i32), P::F32(self.eps)]);
+        Ok(vec![Step {
+            file: &LAYERNORM,
+            kernel: "layernorm_fwd",
+            shape: self.fwd_launch(),
+            args,
+        }])
+    }
+
+    /// The backward as a plan over the buffer slots
+    /// `[dy, s, gamma, mean, rstd, dres, ds, dgamma, dbeta, scratch]` (`scratch` holds
+    /// [`backward_scratch_len`] floats); without `dres` slot 5 is passed as null. Same contract
+    /// as [`LnShape::forward_plan`].
+    pub fn backward_plan(&self, dres: bool) -> Result<Vec<Step>> {
+        self.validate()?;
+        let (n, c, g) = (
+            P::I32(self.n as i32),
+            P::I32(self.c as i32),
+            P::I32(self.bwd_blocks() as i32),
+        );
+        let bwd = vec![
+            P::Buf(0),
+            P::Buf(1),
+            P::Buf(2),
+            P::Buf(3),
+            P::Buf(4),
+            if dres { P::Buf(5) } else { P::Null },
+            P::Buf(6),
+            P::Buf(9),
+            n,
+            c,
+        ];
+        let red = vec![P::Buf(9), P::Buf(7), P::Buf(8), g, c];
+        let step = |kernel, shape, args| Step {
+            file: &LAYERNORM,
+            kernel,
+            shape,
+            args,
+        };
+        Ok(vec![
+            step("layernorm_bwd", self.bwd_launch(), bwd),
+            step("layernorm_bwd_reduce", self.reduce_launch(), red),
+        ])
+    }
 }
 
 fn check_fwd_lens(sh: LnShape, lens: [usize; 8]) -> Result<()> {
@@ -667,6 +722,75 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The plans run the same launches as the emulation launchers: bit-identical results.
+    #[test]
+    fn plans_match_launchers() {
+        use crate::exec::{run, Backend, HostBuf};
+        let emu = Emu::default();
+        let sh = LnShape {
+            n: 7,
+            c: 96,
+            eps: 1e-5,
+        };
+        let seed = fresh_seed();
+        let i = fwd_inputs(sh, seed);
+        let (want, _) = run_fwd(&emu, sh, &i);
+        let nc = sh.n * sh.c;
+        let mut f = [
+            HostBuf::Bf16(i.x.clone()),
+            HostBuf::Bf16(i.r.clone()),
+            HostBuf::Bf16(i.gamma.clone()),
+            HostBuf::Bf16(i.beta.clone()),
+            HostBuf::Bf16(vec![BF16_POISON; nc]),
+            HostBuf::Bf16(vec![BF16_POISON; nc]),
+            HostBuf::F32(vec![f32::NAN; sh.n]),
+            HostBuf::F32(vec![f32::NAN; sh.n]),
+        ];
+        let ptrs: Vec<u64> = f.iter_mut().map(|b| b.host_ptr()).collect();
+        // SAFETY: the buffers have the lengths the shape needs.
+        unsafe { run(Backend::Emu(&emu), &sh.forward_plan().unwrap(), &ptrs) }.unwrap();
+        assert_eq!(f[5], HostBuf::Bf16(want.y.clone()), "seed {seed}");
+        assert_eq!(f[7], HostBuf::F32(want.rstd.clone()), "seed {seed}");
+        let mut g = rng(seed ^ 1);
+        let dy = random_bf16(&mut g, nc, -1.0, 1.0);
+        let dres = random_bf16(&mut g, nc, -0.5, 0.5);
+        let (mut ds, mut dg, mut db) = (vec![BF16_POISON; nc], vec![0.0; sh.c], vec![0.0; sh.c]);
+        let mut part = vec![0.0; backward_scratch_len(sh)];
+        layernorm_backward_emu(
+            &emu,
+            sh,
+            &dy,
+            &want.s,
+            &i.gamma,
+            &want.mean,
+            &want.rstd,
+            Some(&dres),
+            &mut ds,
+            &mut dg,
+            &mut db,
+            &mut part,
+        )
+        .unwrap();
+        let mut b = vec![
+            HostBuf::Bf16(dy),
+            HostBuf::Bf16(want.s.clone()),
+            HostBuf::Bf16(i.gamma.clone()),
+            HostBuf::F32(want.mean.clone()),
+            HostBuf::F32(want.rstd.clone()),
+            HostBuf::Bf16(dres),
+            HostBuf::Bf16(vec![BF16_POISON; nc]),
+            HostBuf::F32(vec![f32::NAN; sh.c]),
+            HostBuf::F32(vec![f32::NAN; sh.c]),
+            HostBuf::F32(vec![f32::NAN; backward_scratch_len(sh)]),
+        ];
+        let ptrs: Vec<u64> = b.iter_mut().map(|x| x.host_ptr()).collect();
+        // SAFETY: as above.
+        unsafe { run(Backend::Emu(&emu), &sh.backward_plan(true).unwrap(), &ptrs) }.unwrap();
+        assert_eq!(b[6], HostBuf::Bf16(ds), "seed {seed}");
+        assert_eq!(b[7], HostBuf::F32(dg), "seed {seed}");
+        assert_eq!(b[8], HostBuf::F32(db), "seed {seed}");
     }
 
     /// The CPU reference itself against central differences of an f64 LayerNorm, so the

@@ -356,6 +356,17 @@ impl Dataset {
         })
     }
 
+    /// The mapped shard named `file` in the manifest.
+    pub fn shard(&self, file: &str) -> Result<&Shard> {
+        self.manifest
+            .shards
+            .iter()
+            .zip(&self.parts)
+            .find(|(e, _)| e.file == file)
+            .map(|(_, p)| &p.shard)
+            .with_context(|| format!("{}: no shard named {file:?}", self.dir.display()))
+    }
+
     /// The folder this dataset was opened from.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -13,6 +13,7 @@ pub mod image_proc;
 pub mod inspect;
 pub mod pack;
 pub mod pt;
+pub mod reproject;
 pub mod shard;
 pub mod synth;
 pub mod tokenizer;
@@ -21,4 +22,5 @@ pub use batch::{Batch, BatchConfig, BatchLoader, Cursor, ImageDtype, TeacherMode
 pub use dataset::{Dataset, FeatureDtype, Manifest, Sample, Tower};
 pub use inspect::{inspect, InspectReport};
 pub use pack::{pack, PackOptions, PackSummary, SourceFormat};
+pub use reproject::{write_reprojected, Projected};
 pub use synth::{synth, SynthOptions, SynthSummary};

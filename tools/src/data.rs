@@ -40,7 +40,7 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Peak intensity (0..255) of the finding overlay in the images.
-    #[arg(long, default_value_t = 22.0)]
+    #[arg(long, default_value_t = 70.0)]
     finding_amplitude: f32,
 }
 

@@ -3,6 +3,7 @@
 //! Subcommands are grouped by the crate they drive; each group lives in its own
 //! module and is flattened into one top-level command list.
 
+mod bench;
 mod data;
 mod kernel;
 mod train;
@@ -23,6 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     #[command(flatten)]
+    Bench(bench::BenchCommand),
+    #[command(flatten)]
     Data(data::DataCommand),
     #[command(flatten)]
     Kernel(kernel::KernelCommand),
@@ -33,6 +36,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(c) => bench::run(c),
         Command::Data(c) => data::run(c),
         Command::Kernel(c) => kernel::run(c),
         Command::Train(c) => train::run(c),

@@ -341,3 +341,101 @@ fn quick_demo_runs_end_to_end() {
     assert!(dir.join("run-stage2/report.png").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn align_writes_a_dataset_that_stage_2_trains_on() {
+    let (root, train, eval, cfg) = data();
+    let aligned = root.join("aligned-train");
+    let out = ok(
+        run(&[
+            "align",
+            "--quiet",
+            "--data",
+            train.to_str().unwrap(),
+            "--out",
+            aligned.to_str().unwrap(),
+            "--steps",
+            "8",
+            "--hidden",
+            "32",
+            "--batch-size",
+            "16",
+        ]),
+        "align",
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["steps"], 8);
+    let losses = report["reconstruction_mse"].as_array().unwrap();
+    assert!(!losses.is_empty());
+    assert!(losses
+        .iter()
+        .all(|t| t["image"].as_f64().unwrap().is_finite() && t["samples"].as_u64().unwrap() > 0));
+    assert!(aligned.join("align.safetensors").is_file());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(aligned.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["params"]["reprojected"]["steps"], 8);
+    // The held-out split gets the same projection from the saved weights, without training.
+    let aligned_eval = root.join("aligned-eval");
+    let weights = aligned.join("align.safetensors");
+    let out = ok(
+        run(&[
+            "align",
+            "--quiet",
+            "--data",
+            eval.to_str().unwrap(),
+            "--out",
+            aligned_eval.to_str().unwrap(),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--hidden",
+            "32",
+        ]),
+        "align with --weights",
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["steps"], 0);
+    // Mismatched widths are a clear error, not a panic.
+    let bad = run(&[
+        "align",
+        "--data",
+        eval.to_str().unwrap(),
+        "--out",
+        root.join("aligned-bad").to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--hidden",
+        "48",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--hidden must match"));
+    // Stage 2 trains on the aligned targets.
+    let run_dir = root.join("kd-aligned");
+    let mut c = Command::new(MMKD);
+    c.args(["train", "--quiet", "--stage", "kd", "--config"])
+        .arg(cfg)
+        .arg("--data")
+        .arg(&aligned)
+        .arg("--out")
+        .arg(&run_dir)
+        .args(["--set", "epochs=1", "--set", "icl_scale=learned"]);
+    ok(c.output().unwrap(), "train kd on aligned data");
+    let steps = metric_steps(&run_dir);
+    assert_eq!(steps.len(), 4, "64 samples in batches of 16");
+    // The run directory stands for its newest checkpoint, whose learned icl scale is not part
+    // of the student.
+    let out = ok(
+        run(&[
+            "eval",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--ckpt",
+            run_dir.to_str().unwrap(),
+            "--data",
+            aligned_eval.to_str().unwrap(),
+        ]),
+        "eval of a learned-icl stage-2 run",
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(&s[s.find('{').unwrap()..]).unwrap();
+    assert!(report["zero_shot"]["top1"].as_f64().unwrap().is_finite());
+}

@@ -1,0 +1,431 @@
+//! One preallocated block of memory per model: a [`Layout`] (the table of named regions with
+//! their byte offsets) and an [`Arena`] that owns the bytes, on the host for the emulation or
+//! as one device allocation on a GPU. Kernels see a region as `base + offset`, so the same
+//! launch plan runs on either backend and a step allocates nothing.
+
+use anyhow::{anyhow, bail, ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::bf16;
+use mmkd_kernels::exec::{self, Backend, Step};
+use mmkd_kernels::testing::BF16_POISON;
+use mmkd_kernels::{Emu, Gpu};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Byte alignment of every region: more than the 16 bytes `cp.async` and `ldmatrix` need, and
+/// the granularity of the device allocator, so offsets keep coalesced rows.
+pub const ALIGN: usize = 256;
+/// Regions reserve a multiple of this many elements, so fp32 and bf16 regions of the same
+/// length occupy 512 and 256 bytes per unit and sections of either type are gap-free.
+pub const PAD_ELEMS: usize = 128;
+
+/// What a region holds; regions of one section are added back to back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Section {
+    /// fp32 master weights (what the optimiser updates).
+    Params,
+    /// bf16 working copies of the weights, element for element in the order of `Params`.
+    ParamsBf16,
+    /// fp32 parameter gradients.
+    Grads,
+    /// Activations kept from the forward for the backward, and the block's inputs/outputs.
+    Acts,
+    /// Gradients of activations and per-step scratch.
+    Scratch,
+    /// Tables written once per shape or batch: gather indices, sequence lengths, constants.
+    Tables,
+}
+
+/// Element type of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// 32-bit float.
+    F32,
+    /// bfloat16 (raw bits on the device).
+    Bf16,
+    /// 32-bit signed integer.
+    I32,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// One named region of the arena.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// Unique name, e.g. `param.attn.in_proj_weight` or `act.qkv`.
+    pub name: String,
+    /// Which section it belongs to.
+    pub section: Section,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Elements in use.
+    pub len: usize,
+    /// Elements reserved (`len` rounded up to [`PAD_ELEMS`]); the padding stays zero.
+    pub reserved: usize,
+    /// Byte offset from the arena's base, a multiple of [`ALIGN`].
+    pub offset: usize,
+}
+
+impl Region {
+    /// Bytes reserved.
+    pub fn bytes(&self) -> usize {
+        self.reserved * self.dtype.bytes()
+    }
+}
+
+/// Index of a region in its [`Layout`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RegionId(usize);
+
+/// Order of the sections in a [`Layout::grouped`] table.
+const SECTION_ORDER: [Section; 6] = [
+    Section::Params,
+    Section::ParamsBf16,
+    Section::Grads,
+    Section::Acts,
+    Section::Scratch,
+    Section::Tables,
+];
+
+/// The table of regions: names, types, lengths and byte offsets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    regions: Vec<Region>,
+    by_name: HashMap<String, usize>,
+    bytes: usize,
+    /// Sections are kept whole whatever the order of `add` (offsets move as regions arrive).
+    grouped: bool,
+}
+
+impl Layout {
+    /// An empty table whose regions are placed in the order they are added; the regions of
+    /// one section must then be added one after another.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty table for several components (a tower of blocks): regions may be added in
+    /// any order of sections, and each section is kept contiguous, the sections in the order
+    /// params, bf16 params, grads, activations, scratch, tables; inside a section, regions lie
+    /// in the order they were added. Offsets are final once the last region is added.
+    pub fn grouped() -> Self {
+        Layout {
+            grouped: true,
+            ..Self::default()
+        }
+    }
+
+    /// Appends a region of `len` elements at the next aligned offset of its section. Names
+    /// are unique; unless the table is [`Layout::grouped`], the regions of one section must
+    /// be added one after another.
+    pub fn add(
+        &mut self,
+        name: &str,
+        section: Section,
+        dtype: Dtype,
+        len: usize,
+    ) -> Result<RegionId> {
+        ensure!(len > 0, "arena region `{name}`: empty");
+        ensure!(
+            !self.by_name.contains_key(name),
+            "arena region `{name}` added twice"
+        );
+        if let (false, Some(last)) = (self.grouped, self.regions.last()) {
+            ensure!(
+                last.section == section || self.regions.iter().all(|r| r.section != section),
+                "arena region `{name}`: section {section:?} was interrupted by {:?}",
+                last.section
+            );
+        }
+        let reserved = len.div_ceil(PAD_ELEMS) * PAD_ELEMS;
+        let offset = self.bytes.div_ceil(ALIGN) * ALIGN;
+        let r = Region {
+            name: name.to_string(),
+            section,
+            dtype,
+            len,
+            reserved,
+            offset,
+        };
+        self.bytes = offset + r.bytes();
+        self.by_name.insert(name.to_string(), self.regions.len());
+        self.regions.push(r);
+        if self.grouped {
+            self.regroup();
+        }
+        Ok(RegionId(self.regions.len() - 1))
+    }
+
+    /// Recomputes every offset section by section ([`Layout::grouped`]).
+    fn regroup(&mut self) {
+        let mut at = 0usize;
+        for s in SECTION_ORDER {
+            for r in self.regions.iter_mut().filter(|r| r.section == s) {
+                r.offset = at.div_ceil(ALIGN) * ALIGN;
+                at = r.offset + r.bytes();
+            }
+        }
+        self.bytes = at;
+    }
+
+    /// True when `self` holds every region of `prefix` under the same id, name, section,
+    /// type and length (offsets may differ): plans built on `prefix` are valid on `self`.
+    pub fn extends(&self, prefix: &Layout) -> bool {
+        self.regions.len() >= prefix.regions.len()
+            && self.regions.iter().zip(&prefix.regions).all(|(a, b)| {
+                a.name == b.name && a.section == b.section && a.dtype == b.dtype && a.len == b.len
+            })
+    }
+
+    /// The region of `id`.
+    pub fn region(&self, id: RegionId) -> &Region {
+        &self.regions[id.0]
+    }
+
+    /// Looks a region up by name.
+    pub fn id(&self, name: &str) -> Option<RegionId> {
+        self.by_name.get(name).map(|&i| RegionId(i))
+    }
+
+    /// Every region, in the order added (offset order unless [`Layout::grouped`]).
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Total bytes (the size of the one allocation).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Byte offset and byte length of a section (its regions are contiguous); `None` when the
+    /// section has no region.
+    pub fn section_span(&self, section: Section) -> Option<(usize, usize)> {
+        let mut it = self.regions.iter().filter(|r| r.section == section);
+        let first = it.next()?;
+        let end = it.next_back().unwrap_or(first);
+        Some((first.offset, end.offset + end.bytes() - first.offset))
+    }
+
+    /// Bytes per section, for reports.
+    pub fn section_bytes(&self, section: Section) -> usize {
+        self.section_span(section).map_or(0, |(_, b)| b)
+    }
+}
+
+/// A 256-byte aligned unit of host memory, so host regions are aligned as device ones are.
+#[repr(C, align(256))]
+#[derive(Clone, Copy)]
+struct Chunk([u8; ALIGN]);
+
+enum Mem {
+    /// Host memory run by the emulation.
+    Host { emu: Emu, buf: Vec<Chunk> },
+    /// One device allocation.
+    Device { gpu: Arc<Gpu>, buf: CudaSlice<u8> },
+}
+
+/// The memory of a [`Layout`], zeroed at creation, and the backend that runs plans on it.
+pub struct Arena {
+    layout: Layout,
+    mem: Mem,
+}
+
+impl Arena {
+    /// Host memory for `layout`, run by the emulation `emu`.
+    pub fn host(layout: Layout, emu: Emu) -> Self {
+        let buf = vec![Chunk([0; ALIGN]); layout.bytes().div_ceil(ALIGN)];
+        Arena {
+            layout,
+            mem: Mem::Host { emu, buf },
+        }
+    }
+
+    /// One zeroed device allocation for `layout` on `gpu`.
+    pub fn device(layout: Layout, gpu: Arc<Gpu>) -> Result<Self> {
+        let n = layout.bytes().div_ceil(ALIGN) * ALIGN;
+        let buf = gpu
+            .stream()
+            .alloc_zeros::<u8>(n)
+            .map_err(|e| anyhow!("allocating the {n}-byte arena on the device: {e:?}"))?;
+        Ok(Arena {
+            layout,
+            mem: Mem::Device { gpu, buf },
+        })
+    }
+
+    /// The table this arena was made for.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// True for device memory.
+    pub fn is_device(&self) -> bool {
+        matches!(self.mem, Mem::Device { .. })
+    }
+
+    fn host_bytes(buf: &mut [Chunk]) -> &mut [u8] {
+        // SAFETY: `Chunk` is a plain byte array; the slice covers exactly the vector's memory.
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), buf.len() * ALIGN) }
+    }
+
+    fn checked(&self, id: RegionId, dtype: Dtype, len: usize) -> Result<&Region> {
+        let r = self
+            .layout
+            .regions
+            .get(id.0)
+            .ok_or_else(|| anyhow!("arena: region {} is not in this layout", id.0))?;
+        ensure!(
+            r.dtype == dtype,
+            "arena region `{}` holds {:?}, {dtype:?} given",
+            r.name,
+            r.dtype
+        );
+        ensure!(
+            r.len == len,
+            "arena region `{}` holds {} elements, {len} given",
+            r.name,
+            r.len
+        );
+        Ok(r)
+    }
+
+    fn write_bytes(&mut self, id: RegionId, dtype: Dtype, len: usize, src: &[u8]) -> Result<()> {
+        let off = self.checked(id, dtype, len)?.offset;
+        match &mut self.mem {
+            Mem::Host { buf, .. } => {
+                Self::host_bytes(buf)[off..off + src.len()].copy_from_slice(src);
+            }
+            Mem::Device { gpu, buf } => {
+                let mut dst = buf.slice_mut(off..off + src.len());
+                gpu.stream()
+                    .memcpy_htod(src, &mut dst)
+                    .map_err(|e| anyhow!("copy to arena region {}: {e:?}", id.0))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_bytes(&mut self, id: RegionId, dtype: Dtype, len: usize) -> Result<Vec<u8>> {
+        let r = self.checked(id, dtype, len)?;
+        let (off, n, name) = (r.offset, r.len * r.dtype.bytes(), r.name.clone());
+        match &mut self.mem {
+            Mem::Host { buf, .. } => Ok(Self::host_bytes(buf)[off..off + n].to_vec()),
+            Mem::Device { gpu, buf } => {
+                let mut out = vec![0u8; n];
+                let src = buf.slice(off..off + n);
+                let st = gpu.stream();
+                st.memcpy_dtoh(&src, &mut out)
+                    .map_err(|e| anyhow!("copy from arena region `{name}`: {e:?}"))?;
+                st.synchronize()
+                    .map_err(|e| anyhow!("waiting for arena region `{name}`: {e:?}"))?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Writes a whole fp32 region.
+    pub fn write_f32(&mut self, id: RegionId, v: &[f32]) -> Result<()> {
+        self.write_bytes(id, Dtype::F32, v.len(), bytemuck::cast_slice(v))
+    }
+
+    /// Writes a whole bf16 region.
+    pub fn write_bf16(&mut self, id: RegionId, v: &[bf16]) -> Result<()> {
+        let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
+        self.write_bytes(id, Dtype::Bf16, v.len(), bytemuck::cast_slice(&bits))
+    }
+
+    /// Writes a whole i32 region.
+    pub fn write_i32(&mut self, id: RegionId, v: &[i32]) -> Result<()> {
+        self.write_bytes(id, Dtype::I32, v.len(), bytemuck::cast_slice(v))
+    }
+
+    /// Reads a whole fp32 region (waits for the device).
+    pub fn read_f32(&mut self, id: RegionId) -> Result<Vec<f32>> {
+        let len = self.layout.region(id).len;
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(
+            id,
+            Dtype::F32,
+            len,
+        )?))
+    }
+
+    /// Reads a whole bf16 region (waits for the device).
+    pub fn read_bf16(&mut self, id: RegionId) -> Result<Vec<bf16>> {
+        let len = self.layout.region(id).len;
+        let bits: Vec<u16> =
+            bytemuck::pod_collect_to_vec(&self.read_bytes(id, Dtype::Bf16, len)?);
+        Ok(bits.into_iter().map(bf16::from_bits).collect())
+    }
+
+    /// Reads a whole i32 region (waits for the device).
+    pub fn read_i32(&mut self, id: RegionId) -> Result<Vec<i32>> {
+        let len = self.layout.region(id).len;
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(
+            id,
+            Dtype::I32,
+            len,
+        )?))
+    }
+
+    /// Overwrites a float region with NaN (the poison tests write into outputs before a run).
+    pub fn poison(&mut self, id: RegionId) -> Result<()> {
+        let r = self.layout.region(id).clone();
+        match r.dtype {
+            Dtype::F32 => self.write_f32(id, &vec![f32::NAN; r.len]),
+            Dtype::Bf16 => self.write_bf16(id, &vec![BF16_POISON; r.len]),
+            Dtype::I32 => bail!("arena region `{}`: integers have no NaN", r.name),
+        }
+    }
+
+    /// Runs `steps` with buffer slot `i` pointing at `slots[i] = (region, element offset)`.
+    ///
+    /// # Safety
+    /// Every kernel of `steps` must stay inside the regions its slots name, from the given
+    /// offset on (the plan builders check their shapes against the regions).
+    pub unsafe fn run(&mut self, steps: &[Step], slots: &[(RegionId, usize)]) -> Result<()> {
+        let base = match &mut self.mem {
+            Mem::Host { buf, .. } => buf.as_mut_ptr() as u64,
+            // The guard is released at once: every launch and copy goes to the one stream.
+            Mem::Device { gpu, buf } => buf.device_ptr(gpu.stream()).0,
+        };
+        let mut ptrs = Vec::with_capacity(slots.len());
+        for &(id, off) in slots {
+            let r =
+                self.layout.regions.get(id.0).ok_or_else(|| {
+                    anyhow!("arena: slot names region {} outside the layout", id.0)
+                })?;
+            ensure!(
+                off < r.len,
+                "arena region `{}`: offset {off} past its {} elements",
+                r.name,
+                r.len
+            );
+            ptrs.push(base + (r.offset + off * r.dtype.bytes()) as u64);
+        }
+        let backend = match &self.mem {
+            Mem::Host { emu, .. } => Backend::Emu(emu),
+            Mem::Device { gpu, .. } => Backend::Gpu(gpu),
+        };
+        // SAFETY: forwarded from this function's contract; the pointers lie inside the arena.
+        unsafe { exec::run(backend, steps, &ptrs) }
+    }
+
+    /// Waits until every launch on the arena's backend is done (a no-op on the host).
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.mem {
+            Mem::Host { .. } => Ok(()),
+            Mem::Device { gpu, .. } => gpu
+                .stream()
+                .synchronize()
+                .map_err(|e| anyhow!("waiting for the device: {e:?}")),
+        }
+    }
+}

@@ -1,0 +1,762 @@
+//! The BERT text tower of the student, forward and backward, as launch plans over one
+//! [`Arena`]: word, position and token-type (type 0) embeddings, the embeddings LayerNorm,
+//! the blocks ([`CudaBlock`], post-norm BERT or pre-norm with `ln_final`) with key padding,
+//! pooling of one row per sequence (`[CLS]` or the last valid token) and the two-layer
+//! bias-free projection `width → (width + embed)/2 → GELU → embed`.
+//!
+//! Embeddings. Gathers read the word rows of the token ids and the position rows; the bf16
+//! sum of the two meets the token-type row inside the LayerNorm kernel (its fused residual).
+//! The backward zeros the three fp32 gradient tables (`0·master`, so no zero table as large as
+//! the vocabulary is needed) and scatter-adds the LayerNorm's input gradient into them.
+//!
+//! Names. The arena stores the blocks under the [`super::block::param_specs`] names with the
+//! query, key and value packed as the attention kernel reads them; [`CudaTextTower::param_map`]
+//! says where each Hugging Face `BertLayer` tensor lies in them.
+//!
+//! Gradients are overwritten by each backward.
+
+use super::arena::{Arena, Dtype, Layout, RegionId, Section};
+use super::block::{cast_weights, BlockDims, Buf, CudaBlock, Planner};
+use crate::config::{ModelConfig, NormPlacement, Pooling};
+use anyhow::{anyhow, bail, ensure, Result};
+use half::bf16;
+use mmkd_kernels::elementwise::{Act, Ew};
+use mmkd_kernels::exec::Step;
+use mmkd_kernels::gemm::{Activation as Epilogue, GemmLayout, GemmOpts, GemmShape};
+use mmkd_kernels::layernorm::{backward_scratch_len, LnShape};
+
+/// Sizes of the text tower and of the batch it runs on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TextTowerDims {
+    /// Vocabulary rows of the word embedding.
+    pub vocab: usize,
+    /// Rows of the position embedding (the longest context).
+    pub context: usize,
+    /// Rows of the token-type embedding (only row 0 is used).
+    pub type_vocab: usize,
+    /// Number of blocks.
+    pub layers: usize,
+    /// Hidden width of the projection MLP.
+    pub proj_hidden: usize,
+    /// Output width.
+    pub embed: usize,
+    /// Which row of each sequence is projected.
+    pub pooling: Pooling,
+    /// One block's sizes; `len` is the padded length of the batch (at most `context`).
+    pub block: BlockDims,
+}
+
+impl TextTowerDims {
+    /// The text tower of `config` for batches of `batch` sequences padded to `len` tokens.
+    pub fn from_config(config: &ModelConfig, batch: usize, len: usize) -> Result<Self> {
+        let t = &config.text;
+        ensure!(
+            !t.causal,
+            "text tower: causal attention is not supported by the CUDA backend yet"
+        );
+        Ok(TextTowerDims {
+            vocab: t.vocab_size,
+            context: t.context_length,
+            type_vocab: t.type_vocab_size,
+            layers: t.layers,
+            proj_hidden: config.text_proj_hidden(),
+            embed: config.embed_dim,
+            pooling: t.pooling,
+            block: BlockDims {
+                width: t.width,
+                heads: t.heads,
+                hidden: (t.mlp_ratio * t.width as f64) as usize,
+                act: t.act,
+                norm: t.norm,
+                eps: t.ln_eps as f32,
+                batch,
+                len,
+            },
+        })
+    }
+
+    fn pre(&self) -> bool {
+        self.block.norm == NormPlacement::Pre
+    }
+}
+
+const EMB: &str = "text.transformer.embeddings";
+
+/// The tower's own parameters (Hugging Face / open_clip names, lengths) in arena order.
+fn own_params(d: &TextTowerDims) -> Vec<(String, usize)> {
+    let (w, ph) = (d.block.width, d.proj_hidden);
+    let mut v = vec![
+        (format!("{EMB}.word_embeddings.weight"), d.vocab * w),
+        (format!("{EMB}.position_embeddings.weight"), d.context * w),
+        (
+            format!("{EMB}.token_type_embeddings.weight"),
+            d.type_vocab * w,
+        ),
+        (format!("{EMB}.LayerNorm.weight"), w),
+        (format!("{EMB}.LayerNorm.bias"), w),
+        ("text.proj.0.weight".to_string(), ph * w),
+        ("text.proj.2.weight".to_string(), d.embed * ph),
+    ];
+    if d.pre() {
+        v.push(("text.ln_final.weight".to_string(), w));
+        v.push(("text.ln_final.bias".to_string(), w));
+    }
+    v
+}
+
+/// Index of a tower parameter in [`own_params`] order.
+#[derive(Clone, Copy)]
+enum Tp {
+    Word = 0,
+    Pos,
+    Type,
+    EmbG,
+    EmbB,
+    Proj0,
+    Proj2,
+    FinalG,
+    FinalB,
+}
+
+fn block_prefix(i: usize) -> String {
+    format!("text.transformer.encoder.layer.{i}.")
+}
+
+/// Where one parameter of the model lies in the arena: `len` elements of the fp32 master (and
+/// of the gradient) from element `offset` of the regions `param` and `grad`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSlice {
+    /// The model's name of the tensor.
+    pub name: String,
+    /// Master region.
+    pub param: RegionId,
+    /// Gradient region.
+    pub grad: RegionId,
+    /// First element inside the regions.
+    pub offset: usize,
+    /// Elements.
+    pub len: usize,
+}
+
+struct Regions {
+    x0: RegionId,
+    pos_rows: RegionId,
+    type_rows: RegionId,
+    s_emb: RegionId,
+    mean_emb: RegionId,
+    rstd_emb: RegionId,
+    pooled: RegionId,
+    /// Pre-norm only: `ln_final` of the pooled rows and its statistics.
+    fin: Option<[RegionId; 4]>,
+    u: RegionId,
+    g: RegionId,
+    features: RegionId,
+    dfeatures: RegionId,
+    dg: RegionId,
+    du: RegionId,
+    dpooled: RegionId,
+    dfin: RegionId,
+    ds_emb: RegionId,
+    part_emb: RegionId,
+    part_fin: RegionId,
+    zero: RegionId,
+    tokens: RegionId,
+    pos_index: RegionId,
+    type_index: RegionId,
+    pool_rows: RegionId,
+    dy_rows: RegionId,
+    bad: RegionId,
+}
+
+/// The text tower's arena layout and its plans.
+pub struct CudaTextTower {
+    dims: TextTowerDims,
+    layout: Layout,
+    params: Vec<RegionId>,
+    grads: Vec<RegionId>,
+    blocks: Vec<CudaBlock>,
+    r: Regions,
+    slots: Vec<(RegionId, usize)>,
+    embed_fwd: Vec<Step>,
+    head_fwd: Vec<Step>,
+    head_bwd: Vec<Step>,
+    embed_bwd: Vec<Step>,
+}
+
+impl CudaTextTower {
+    /// Lays out one arena for the whole tower and builds its plans.
+    pub fn new(dims: TextTowerDims) -> Result<Self> {
+        let d = dims;
+        let bd = d.block;
+        ensure!(
+            d.vocab > 0 && d.type_vocab > 0 && d.layers > 0 && d.proj_hidden > 0 && d.embed > 0,
+            "text tower: empty shape {d:?}"
+        );
+        ensure!(
+            bd.len > 0 && bd.len <= d.context,
+            "text tower: padded length {} is not in 1..={}",
+            bd.len,
+            d.context
+        );
+        let (w, b, l, ph) = (bd.width, bd.batch, bd.len, d.proj_hidden);
+        let m = b * l;
+        let mut lay = Layout::grouped();
+        let (mut params, mut grads) = (Vec::new(), Vec::new());
+        for (name, n) in own_params(&d) {
+            params.push(lay.add(&format!("param.{name}"), Section::Params, Dtype::F32, n)?);
+            lay.add(&format!("bf16.{name}"), Section::ParamsBf16, Dtype::Bf16, n)?;
+            grads.push(lay.add(&format!("grad.{name}"), Section::Grads, Dtype::F32, n)?);
+        }
+        let mut blocks: Vec<CudaBlock> = Vec::with_capacity(d.layers);
+        for i in 0..d.layers {
+            let blk = CudaBlock::in_layout(bd, &mut lay, &block_prefix(i), blocks.last())?;
+            blocks.push(blk);
+        }
+        let (bfl, f32l, i32l) = (Dtype::Bf16, Dtype::F32, Dtype::I32);
+        let mut add = |sec: Section, kind: &str, name: &str, dt: Dtype, n: usize| {
+            lay.add(&format!("{kind}.text.{name}"), sec, dt, n)
+        };
+        let (a, s, t) = (Section::Acts, Section::Scratch, Section::Tables);
+        let ln_m = LnShape {
+            n: m,
+            c: w,
+            eps: bd.eps,
+        };
+        let ln_b = LnShape { n: b, ..ln_m };
+        let fin = if d.pre() {
+            Some([
+                add(a, "act", "ln_final.s", bfl, b * w)?,
+                add(a, "act", "ln_final.y", bfl, b * w)?,
+                add(a, "act", "ln_final.mean", f32l, b)?,
+                add(a, "act", "ln_final.rstd", f32l, b)?,
+            ])
+        } else {
+            None
+        };
+        let r = Regions {
+            x0: add(a, "act", "x0", bfl, m * w)?,
+            pos_rows: add(a, "act", "pos_rows", bfl, m * w)?,
+            type_rows: add(a, "act", "type_rows", bfl, m * w)?,
+            s_emb: add(a, "act", "emb.s", bfl, m * w)?,
+            mean_emb: add(a, "act", "emb.mean", f32l, m)?,
+            rstd_emb: add(a, "act", "emb.rstd", f32l, m)?,
+            pooled: add(a, "act", "pooled", bfl, b * w)?,
+            fin,
+            u: add(a, "act", "proj.u", bfl, b * ph)?,
+            g: add(a, "act", "proj.g", bfl, b * ph)?,
+            features: add(a, "act", "features", f32l, b * d.embed)?,
+            dfeatures: add(s, "scratch", "dfeatures", bfl, b * d.embed)?,
+            dg: add(s, "scratch", "proj.dg", bfl, b * ph)?,
+            du: add(s, "scratch", "proj.du", bfl, b * ph)?,
+            dpooled: add(s, "scratch", "dpooled", bfl, (b + 1) * w)?,
+            dfin: add(s, "scratch", "dfinal", bfl, b * w)?,
+            ds_emb: add(s, "scratch", "ds_emb", bfl, m * w)?,
+            part_emb: add(
+                s,
+                "scratch",
+                "emb.partials",
+                f32l,
+                backward_scratch_len(ln_m),
+            )?,
+            part_fin: add(
+                s,
+                "scratch",
+                "final.partials",
+                f32l,
+                backward_scratch_len(ln_b),
+            )?,
+            zero: add(t, "table", "zero", bfl, b * w)?,
+            tokens: add(t, "table", "tokens", i32l, m)?,
+            pos_index: add(t, "table", "pos_rows", i32l, m)?,
+            type_index: add(t, "table", "type_rows", i32l, m)?,
+            pool_rows: add(t, "table", "pool_rows", i32l, b)?,
+            dy_rows: add(t, "table", "dy_rows", i32l, m)?,
+            bad: add(t, "table", "bad_index_count", i32l, 1)?,
+        };
+        let mut tower = CudaTextTower {
+            dims,
+            layout: lay,
+            params,
+            grads,
+            blocks,
+            r,
+            slots: Vec::new(),
+            embed_fwd: Vec::new(),
+            head_fwd: Vec::new(),
+            head_bwd: Vec::new(),
+            embed_bwd: Vec::new(),
+        };
+        tower.build_plans()?;
+        Ok(tower)
+    }
+
+    fn build_plans(&mut self) -> Result<()> {
+        let d = self.dims;
+        let bd = d.block;
+        let (w, b, l, ph, e) = (bd.width, bd.batch, bd.len, d.proj_hidden, d.embed);
+        let m = b * l;
+        let lay = &self.layout;
+        let r = &self.r;
+        let mut pl = Planner {
+            layout: lay,
+            slots: Vec::new(),
+        };
+        let part = |id: RegionId, off: usize, need: usize| {
+            Some(Buf {
+                id,
+                off,
+                need,
+                span: false,
+            })
+        };
+        let whole = |id: RegionId| part(id, 0, lay.region(id).len);
+        let wt = |p: Tp| -> Result<Option<Buf>> {
+            let id = *self
+                .params
+                .get(p as usize)
+                .ok_or_else(|| anyhow!("text tower: parameter {} missing", p as usize))?;
+            let name = &lay.region(id).name;
+            let bf = lay
+                .id(&format!("bf16.{}", &name["param.".len()..]))
+                .ok_or_else(|| anyhow!("text tower: no bf16 copy of `{name}`"))?;
+            Ok(whole(bf))
+        };
+        let master = |p: Tp| whole(self.params[p as usize]);
+        let gr = |p: Tp| whole(self.grads[p as usize]);
+        let gemm = |layout, mm, n, kk| GemmShape {
+            layout,
+            batch: 1,
+            m: mm,
+            n,
+            k: kk,
+            act: Epilogue::None,
+        };
+        let f32_out = GemmOpts {
+            out_f32: true,
+            ..GemmOpts::default()
+        };
+        let plain = GemmOpts::default();
+        let ln_m = LnShape {
+            n: m,
+            c: w,
+            eps: bd.eps,
+        };
+        let ln_b = LnShape { n: b, ..ln_m };
+        let bad = whole(r.bad);
+        let (first, last) = match (self.blocks.first(), self.blocks.last()) {
+            (Some(f), Some(l)) => (f, l),
+            _ => bail!("text tower without blocks"),
+        };
+        let (fwd, hfwd) = (&mut self.embed_fwd, &mut self.head_fwd);
+        let (hbwd, bwd) = (&mut self.head_bwd, &mut self.embed_bwd);
+        let gather = |n, v| Ew::Gather { n, v, c: w };
+
+        // ---- forward: embeddings ----
+        cast_weights(&mut pl, fwd)?;
+        pl.add(
+            fwd,
+            gather(m, d.vocab).plan()?,
+            &[wt(Tp::Word)?, whole(r.tokens), whole(r.x0), bad],
+        )?;
+        pl.add(
+            fwd,
+            gather(m, d.context).plan()?,
+            &[wt(Tp::Pos)?, whole(r.pos_index), whole(r.pos_rows), bad],
+        )?;
+        pl.add(
+            fwd,
+            gather(m, d.type_vocab).plan()?,
+            &[wt(Tp::Type)?, whole(r.type_index), whole(r.type_rows), bad],
+        )?;
+        pl.add(
+            fwd,
+            Ew::AxpbyBf16 {
+                n: m * w,
+                a: 1.0,
+                b: 1.0,
+            }
+            .plan()?,
+            &[whole(r.pos_rows), whole(r.x0)],
+        )?;
+        pl.add(
+            fwd,
+            ln_m.forward_plan()?,
+            &[
+                whole(r.x0),
+                whole(r.type_rows),
+                wt(Tp::EmbG)?,
+                wt(Tp::EmbB)?,
+                whole(r.s_emb),
+                whole(first.input()),
+                whole(r.mean_emb),
+                whole(r.rstd_emb),
+            ],
+        )?;
+
+        // ---- forward: pooling and projection ----
+        pl.add(
+            hfwd,
+            gather(b, m).plan()?,
+            &[
+                whole(last.output()),
+                whole(r.pool_rows),
+                whole(r.pooled),
+                bad,
+            ],
+        )?;
+        let proj_in = match r.fin {
+            Some([fs, fy, fm, fr]) => {
+                pl.add(
+                    hfwd,
+                    ln_b.forward_plan()?,
+                    &[
+                        whole(r.pooled),
+                        whole(r.zero),
+                        wt(Tp::FinalG)?,
+                        wt(Tp::FinalB)?,
+                        whole(fs),
+                        whole(fy),
+                        whole(fm),
+                        whole(fr),
+                    ],
+                )?;
+                fy
+            }
+            None => r.pooled,
+        };
+        pl.add(
+            hfwd,
+            gemm(GemmLayout::Forward, b, ph, w).plan(plain)?,
+            &[whole(proj_in), wt(Tp::Proj0)?, None, None, whole(r.u), None],
+        )?;
+        pl.add(
+            hfwd,
+            Ew::ActFwd {
+                n: b * ph,
+                act: Act::Gelu,
+            }
+            .plan()?,
+            &[whole(r.u), whole(r.g)],
+        )?;
+        pl.add(
+            hfwd,
+            gemm(GemmLayout::Forward, b, e, ph).plan(f32_out)?,
+            &[
+                whole(r.g),
+                wt(Tp::Proj2)?,
+                None,
+                None,
+                whole(r.features),
+                None,
+            ],
+        )?;
+
+        // ---- backward: projection and pooling ----
+        pl.add(
+            hbwd,
+            gemm(GemmLayout::InputGrad, b, ph, e).plan(plain)?,
+            &[
+                whole(r.dfeatures),
+                wt(Tp::Proj2)?,
+                None,
+                None,
+                whole(r.dg),
+                None,
+            ],
+        )?;
+        pl.add(
+            hbwd,
+            gemm(GemmLayout::WeightGrad, e, ph, b).plan(f32_out)?,
+            &[
+                whole(r.dfeatures),
+                whole(r.g),
+                None,
+                None,
+                gr(Tp::Proj2),
+                None,
+            ],
+        )?;
+        pl.add(
+            hbwd,
+            Ew::ActBwd {
+                n: b * ph,
+                act: Act::Gelu,
+            }
+            .plan()?,
+            &[whole(r.u), whole(r.dg), whole(r.du)],
+        )?;
+        pl.add(
+            hbwd,
+            gemm(GemmLayout::WeightGrad, ph, w, b).plan(f32_out)?,
+            &[whole(r.du), whole(proj_in), None, None, gr(Tp::Proj0), None],
+        )?;
+        // The pooled rows' gradient goes to rows 0..B of `dpooled` (row B stays zero).
+        let dpool = part(r.dpooled, 0, b * w);
+        let dproj_in = if r.fin.is_some() {
+            whole(r.dfin)
+        } else {
+            dpool
+        };
+        pl.add(
+            hbwd,
+            gemm(GemmLayout::InputGrad, b, w, ph).plan(plain)?,
+            &[whole(r.du), wt(Tp::Proj0)?, None, None, dproj_in, None],
+        )?;
+        if let Some([fs, _, fm, fr]) = r.fin {
+            pl.add(
+                hbwd,
+                ln_b.backward_plan(false)?,
+                &[
+                    whole(r.dfin),
+                    whole(fs),
+                    wt(Tp::FinalG)?,
+                    whole(fm),
+                    whole(fr),
+                    None,
+                    dpool,
+                    gr(Tp::FinalG),
+                    gr(Tp::FinalB),
+                    whole(r.part_fin),
+                ],
+            )?;
+        }
+        pl.add(
+            hbwd,
+            Ew::AxpbyBf16 {
+                n: w,
+                a: 1.0,
+                b: 0.0,
+            }
+            .plan()?,
+            &[part(r.zero, 0, w), part(r.dpooled, b * w, w)],
+        )?;
+        pl.add(
+            hbwd,
+            gather(m, b + 1).plan()?,
+            &[
+                whole(r.dpooled),
+                whole(r.dy_rows),
+                whole(last.output_grad()),
+                bad,
+            ],
+        )?;
+
+        // ---- backward: embeddings ----
+        pl.add(
+            bwd,
+            ln_m.backward_plan(false)?,
+            &[
+                whole(first.input_grad()),
+                whole(r.s_emb),
+                wt(Tp::EmbG)?,
+                whole(r.mean_emb),
+                whole(r.rstd_emb),
+                None,
+                whole(r.ds_emb),
+                gr(Tp::EmbG),
+                gr(Tp::EmbB),
+                whole(r.part_emb),
+            ],
+        )?;
+        for (p, v, idx) in [
+            (Tp::Word, d.vocab, r.tokens),
+            (Tp::Pos, d.context, r.pos_index),
+            (Tp::Type, d.type_vocab, r.type_index),
+        ] {
+            // 0·master: the masters are finite, the gradient may hold anything.
+            pl.add(
+                bwd,
+                Ew::AxpbyF32 {
+                    n: v * w,
+                    a: 0.0,
+                    b: 0.0,
+                }
+                .plan()?,
+                &[master(p), gr(p)],
+            )?;
+            pl.add(
+                bwd,
+                Ew::ScatterAdd { n: m, v, c: w }.plan()?,
+                &[whole(r.ds_emb), whole(idx), gr(p), bad],
+            )?;
+        }
+        self.slots = pl.slots;
+        Ok(())
+    }
+
+    /// The sizes the tower was built for.
+    pub fn dims(&self) -> &TextTowerDims {
+        &self.dims
+    }
+
+    /// The arena layout; make the arena with `Arena::host(tower.layout().clone(), emu)` or
+    /// `Arena::device(tower.layout().clone(), gpu)`.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Where every parameter of the model's text tower lies in the arena, under the model's
+    /// names (Hugging Face `BertLayer` names for the blocks, whatever their norm placement).
+    pub fn param_map(&self) -> Vec<ParamSlice> {
+        let mut v: Vec<ParamSlice> = own_params(&self.dims)
+            .into_iter()
+            .zip(self.params.iter().zip(&self.grads))
+            .map(|((name, len), (&param, &grad))| ParamSlice {
+                name,
+                param,
+                grad,
+                offset: 0,
+                len,
+            })
+            .collect();
+        let w = self.dims.block.width;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let pre = block_prefix(i);
+            for (spec, shape) in super::block::param_specs(&self.dims.block) {
+                let (Ok(param), Ok(grad)) = (blk.param(spec), blk.grad(spec)) else {
+                    continue;
+                };
+                let len: usize = shape.iter().product();
+                let one = |name: String, offset: usize, len: usize| ParamSlice {
+                    name,
+                    param,
+                    grad,
+                    offset,
+                    len,
+                };
+                let packed = match spec {
+                    "attn.in_proj_weight" => Some(("weight", w * w)),
+                    "attn.in_proj_bias" => Some(("bias", w)),
+                    _ => None,
+                };
+                if let Some((kind, n)) = packed {
+                    for (j, qkv) in ["query", "key", "value"].iter().enumerate() {
+                        v.push(one(format!("{pre}attention.self.{qkv}.{kind}"), j * n, n));
+                    }
+                    continue;
+                }
+                let hf = match spec {
+                    "ln_1.weight" => "attention.output.LayerNorm.weight",
+                    "ln_1.bias" => "attention.output.LayerNorm.bias",
+                    "attn.out_proj.weight" => "attention.output.dense.weight",
+                    "attn.out_proj.bias" => "attention.output.dense.bias",
+                    "ln_2.weight" => "output.LayerNorm.weight",
+                    "ln_2.bias" => "output.LayerNorm.bias",
+                    "mlp.c_fc.weight" => "intermediate.dense.weight",
+                    "mlp.c_fc.bias" => "intermediate.dense.bias",
+                    "mlp.c_proj.weight" => "output.dense.weight",
+                    _ => "output.dense.bias",
+                };
+                v.push(one(format!("{pre}{hf}"), 0, len));
+            }
+        }
+        v
+    }
+
+    /// The features, fp32 `(B, embed)`, written by the forward.
+    pub fn features(&self) -> RegionId {
+        self.r.features
+    }
+
+    /// The gradient arriving at the features, bf16 `(B, embed)`, read by the backward.
+    pub fn features_grad(&self) -> RegionId {
+        self.r.dfeatures
+    }
+
+    fn check_arena(&self, arena: &Arena) -> Result<()> {
+        ensure!(
+            arena.layout() == &self.layout,
+            "the arena was not made from this text tower's layout"
+        );
+        Ok(())
+    }
+
+    /// Writes a batch: token ids `(B, L)` row-major and the valid length of each sequence
+    /// (1..=L; keys past it are masked), and every index table derived from them.
+    pub fn set_batch(&self, arena: &mut Arena, tokens: &[u32], lengths: &[usize]) -> Result<()> {
+        self.check_arena(arena)?;
+        let d = &self.dims;
+        let (b, l) = (d.block.batch, d.block.len);
+        ensure!(
+            tokens.len() == b * l && lengths.len() == b,
+            "text tower: {} token ids and {} lengths for a batch of {b} × {l}",
+            tokens.len(),
+            lengths.len()
+        );
+        if let Some((i, &n)) = lengths.iter().enumerate().find(|(_, &n)| n == 0 || n > l) {
+            bail!("text tower: length {n} of row {i} is not in 1..={l}");
+        }
+        if let Some((i, &t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= d.vocab)
+        {
+            bail!(
+                "text tower: token {t} at position {i} is outside the vocabulary of {}",
+                d.vocab
+            );
+        }
+        let idx = |v: usize| v as i32;
+        let toks: Vec<i32> = tokens.iter().map(|&t| idx(t as usize)).collect();
+        let pos: Vec<i32> = (0..b * l).map(|r| idx(r % l)).collect();
+        let pool: Vec<usize> = (0..b)
+            .map(|i| match d.pooling {
+                Pooling::Cls => i * l,
+                Pooling::Eot => i * l + lengths[i] - 1,
+            })
+            .collect();
+        // Output-gradient row r: the pooled gradient of its sequence, else the zero row B.
+        let dy_rows: Vec<i32> = (0..b * l)
+            .map(|r| idx(pool.iter().position(|&p| p == r).unwrap_or(b)))
+            .collect();
+        let pool: Vec<i32> = pool.into_iter().map(idx).collect();
+        let r = &self.r;
+        arena.write_i32(r.tokens, &toks)?;
+        arena.write_i32(r.pos_index, &pos)?;
+        arena.write_i32(r.type_index, &vec![0; b * l])?;
+        arena.write_i32(r.pool_rows, &pool)?;
+        arena.write_i32(r.dy_rows, &dy_rows)?;
+        arena.write_i32(r.bad, &[0])?;
+        arena.write_bf16(r.zero, &vec![bf16::ZERO; b * d.block.width])?;
+        for blk in &self.blocks {
+            blk.set_lengths(arena, lengths)?;
+        }
+        Ok(())
+    }
+
+    /// Out-of-range gather indices seen so far, the blocks' included.
+    pub fn bad_index_count(&self, arena: &mut Arena) -> Result<i32> {
+        self.check_arena(arena)?;
+        let mut n = arena.read_i32(self.r.bad)?[0];
+        for blk in &self.blocks {
+            n += blk.bad_index_count(arena)?;
+        }
+        Ok(n)
+    }
+
+    /// Forward: casts the master weights to bf16, then computes the features of the batch.
+    pub fn forward(&self, arena: &mut Arena) -> Result<()> {
+        self.check_arena(arena)?;
+        // SAFETY: the arena has this tower's layout and every slot was checked against its
+        // region when the plans were built.
+        unsafe { arena.run(&self.embed_fwd, &self.slots)? };
+        for blk in &self.blocks {
+            blk.forward(arena)?;
+        }
+        // SAFETY: as above.
+        unsafe { arena.run(&self.head_fwd, &self.slots) }
+    }
+
+    /// Backward from `features_grad`: every parameter gradient (overwritten). Uses the
+    /// activations of the last [`CudaTextTower::forward`].
+    pub fn backward(&self, arena: &mut Arena) -> Result<()> {
+        self.check_arena(arena)?;
+        // SAFETY: as in `forward`.
+        unsafe { arena.run(&self.head_bwd, &self.slots)? };
+        for blk in self.blocks.iter().rev() {
+            blk.backward(arena)?;
+        }
+        // SAFETY: as in `forward`.
+        unsafe { arena.run(&self.embed_bwd, &self.slots) }
+    }
+}

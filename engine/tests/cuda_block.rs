@@ -1,0 +1,487 @@
+//! The CUDA block (`mmkd_engine::cuda`) against the engine's own CPU block on the tape: output,
+//! input gradient and every parameter gradient, run through the emulation of the CUDA sources
+//! (and on a GPU when one is present). Random weights and inputs lie on the bf16 grid, so the
+//! comparison measures the bf16 activations of the kernels, not the rounding of the inputs.
+
+use half::bf16;
+use mmkd_engine::cuda::arena::ALIGN;
+use mmkd_engine::cuda::{param_specs, Arena, BlockDims, CudaBlock, Dtype, Layout, Section};
+use mmkd_engine::{Activation, NormPlacement, ParamStore, Tape, TransformerBlock, WLayout};
+use mmkd_kernels::testing::{fresh_seed, rel_err, rng};
+use mmkd_kernels::{Device, DeviceRequest, Emu, Schedule};
+use rand::Rng;
+use std::sync::Arc;
+
+/// Relative error bound of bf16 activations against the f32 reference.
+const TOL: f64 = 2e-2;
+const PREFIX: &str = "blk";
+
+fn dims(norm: NormPlacement, act: Activation, len: usize) -> BlockDims {
+    BlockDims {
+        width: 128,
+        heads: 2,
+        hidden: 512,
+        act,
+        norm,
+        eps: 1e-5,
+        batch: 2,
+        len,
+    }
+}
+
+/// `n` values uniform in [lo, hi), rounded to bf16 and kept as f32.
+fn on_grid(g: &mut impl Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| bf16::from_f32(g.gen_range(lo..hi)).to_f32())
+        .collect()
+}
+
+/// Overwrites every block parameter in `ps` with random bf16-grid values: gains near 1,
+/// biases small, weights about 1/√fan_in.
+fn randomise(ps: &mut ParamStore, d: &BlockDims, g: &mut impl Rng) {
+    for (name, shape) in param_specs(d) {
+        let id = ps.require(&format!("{PREFIX}.{name}")).unwrap();
+        let n: usize = shape.iter().product();
+        let v = if name.starts_with("ln_") && name.ends_with("weight") {
+            on_grid(g, n, 0.6, 1.4)
+        } else if shape.len() == 1 {
+            on_grid(g, n, -0.2, 0.2)
+        } else {
+            let b = 1.7 / (shape[1] as f32).sqrt();
+            on_grid(g, n, -b, b)
+        };
+        ps.value_mut(id).copy_from_slice(&v);
+    }
+}
+
+/// A store holding the block's parameters under [`PREFIX`], random.
+fn random_store(d: &BlockDims, g: &mut impl Rng) -> ParamStore {
+    let mut ps = ParamStore::new();
+    for (name, shape) in param_specs(d) {
+        ps.add(&format!("{PREFIX}.{name}"), &shape, |_| {}).unwrap();
+    }
+    randomise(&mut ps, d, g);
+    ps
+}
+
+/// Output, input gradient and parameter gradients (in `param_specs` order).
+struct Run {
+    y: Vec<f64>,
+    dx: Vec<f64>,
+    grads: Vec<Vec<f64>>,
+}
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// The engine's block on the tape, composed from the same tape ops as `model.rs`'s block
+/// (which has no key-padding switch on its public type).
+fn cpu_block(ps: &mut ParamStore, d: &BlockDims, lengths: &[usize], x: &[f32], dy: &[f32]) -> Run {
+    let p = |name: &str| ps.view(ps.require(&format!("{PREFIX}.{name}")).unwrap());
+    let (w, f) = (d.width, d.hidden);
+    let (ln1g, ln1b, ln2g, ln2b) = (
+        p("ln_1.weight"),
+        p("ln_1.bias"),
+        p("ln_2.weight"),
+        p("ln_2.bias"),
+    );
+    let (wqkv, bqkv, wo, bo) = (
+        p("attn.in_proj_weight"),
+        p("attn.in_proj_bias"),
+        p("attn.out_proj.weight"),
+        p("attn.out_proj.bias"),
+    );
+    let (w1, b1, w2, b2) = (
+        p("mlp.c_fc.weight"),
+        p("mlp.c_fc.bias"),
+        p("mlp.c_proj.weight"),
+        p("mlp.c_proj.bias"),
+    );
+    let eps = f64::from(d.eps);
+    let mut t = Tape::new();
+    let xv = t.input(x.to_vec(), &[d.batch, d.len, w]).unwrap();
+    let store: &ParamStore = ps;
+    let attn = |t: &mut Tape, h| {
+        let qkv = t
+            .linear(store, h, wqkv, Some(bqkv), WLayout::OutIn, 3 * w)
+            .unwrap();
+        let a = t.attention(qkv, d.heads, Some(lengths), false).unwrap();
+        t.linear(store, a, wo, Some(bo), WLayout::OutIn, w).unwrap()
+    };
+    let mlp = |t: &mut Tape, h| {
+        let u = t.linear(store, h, w1, Some(b1), WLayout::OutIn, f).unwrap();
+        let u = match d.act {
+            Activation::QuickGelu => t.quick_gelu(u).unwrap(),
+            Activation::Gelu => t.gelu(u).unwrap(),
+        };
+        t.linear(store, u, w2, Some(b2), WLayout::OutIn, w).unwrap()
+    };
+    let yv = match d.norm {
+        NormPlacement::Pre => {
+            let h = t.layer_norm(store, xv, ln1g, ln1b, eps).unwrap();
+            let a = attn(&mut t, h);
+            let x1 = t.add(xv, a).unwrap();
+            let h = t.layer_norm(store, x1, ln2g, ln2b, eps).unwrap();
+            let m = mlp(&mut t, h);
+            t.add(x1, m).unwrap()
+        }
+        NormPlacement::Post => {
+            let a = attn(&mut t, xv);
+            let s = t.add(xv, a).unwrap();
+            let h = t.layer_norm(store, s, ln1g, ln1b, eps).unwrap();
+            let m = mlp(&mut t, h);
+            let s = t.add(h, m).unwrap();
+            t.layer_norm(store, s, ln2g, ln2b, eps).unwrap()
+        }
+    };
+    let y = widen(t.value(yv));
+    ps.zero_grad();
+    let dx = t.backward_collect(ps, &[(yv, dy)], &[xv]).unwrap();
+    Run {
+        y,
+        dx: widen(&dx[0]),
+        grads: grads_of(ps, d),
+    }
+}
+
+fn grads_of(ps: &ParamStore, d: &BlockDims) -> Vec<Vec<f64>> {
+    param_specs(d)
+        .iter()
+        .map(|(name, _)| widen(ps.grad_of(ps.require(&format!("{PREFIX}.{name}")).unwrap())))
+        .collect()
+}
+
+fn bf(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+/// The CUDA block on `arena`: masters from `ps`, every output, gradient, activation and
+/// scratch region poisoned with NaN first.
+fn cuda_block(
+    block: &CudaBlock,
+    arena: &mut Arena,
+    ps: &ParamStore,
+    lengths: &[usize],
+    x: &[f32],
+    dy: &[f32],
+) -> Run {
+    let d = *block.dims();
+    for (name, _) in param_specs(&d) {
+        let id = ps.require(&format!("{PREFIX}.{name}")).unwrap();
+        arena
+            .write_f32(block.param(name).unwrap(), ps.value(id))
+            .unwrap();
+    }
+    let layout = arena.layout().clone();
+    for r in layout.regions() {
+        let float = r.dtype != Dtype::I32;
+        if float && matches!(r.section, Section::Grads | Section::Acts | Section::Scratch) {
+            arena.poison(layout.id(&r.name).unwrap()).unwrap();
+        }
+    }
+    block.set_lengths(arena, lengths).unwrap();
+    arena.write_bf16(block.input(), &bf(x)).unwrap();
+    arena.write_bf16(block.output_grad(), &bf(dy)).unwrap();
+    block.forward(arena).unwrap();
+    block.backward(arena).unwrap();
+    let f = |v: Vec<bf16>| v.iter().map(|x| f64::from(x.to_f32())).collect::<Vec<_>>();
+    let y = f(arena.read_bf16(block.output()).unwrap());
+    let dx = f(arena.read_bf16(block.input_grad()).unwrap());
+    let grads = param_specs(&d)
+        .iter()
+        .map(|(name, _)| widen(&arena.read_f32(block.grad(name).unwrap()).unwrap()))
+        .collect();
+    assert_eq!(
+        block.bad_index_count(arena).unwrap(),
+        0,
+        "a head permutation table indexed out of range"
+    );
+    Run { y, dx, grads }
+}
+
+/// Every error of `got` against `want`, printed; the largest returned.
+fn compare(what: &str, d: &BlockDims, got: &Run, want: &Run, seed: u64) -> f64 {
+    let mut rows = vec![
+        ("y", rel_err(&got.y, &want.y)),
+        ("dx", rel_err(&got.dx, &want.dx)),
+    ];
+    for ((name, _), (g, w)) in param_specs(d).iter().zip(got.grads.iter().zip(&want.grads)) {
+        rows.push((name, rel_err(g, w)));
+    }
+    let worst = rows.iter().map(|r| r.1).fold(0.0, f64::max);
+    eprintln!("{what} (seed {seed}): max rel err {worst:.3e}");
+    for (name, e) in &rows {
+        eprintln!("  {name:<24} {e:.3e}");
+    }
+    for (name, e) in &rows {
+        assert!(
+            *e <= TOL,
+            "{what} seed {seed}: `{name}` rel err {e:.3e} > {TOL:e}"
+        );
+    }
+    worst
+}
+
+fn check_against_tape(norm: NormPlacement, act: Activation, len: usize, lengths: &[usize]) {
+    let d = dims(norm, act, len);
+    let seed = fresh_seed();
+    let mut g = rng(seed);
+    let mut ps = random_store(&d, &mut g);
+    let n = d.tokens() * d.width;
+    let x = on_grid(&mut g, n, -2.0, 2.0);
+    let dy = on_grid(&mut g, n, -1.0, 1.0);
+    let want = cpu_block(&mut ps, &d, lengths, &x, &dy);
+    let block = CudaBlock::new(d).unwrap();
+    let mut arena = Arena::host(block.layout().clone(), Emu::default());
+    let got = cuda_block(&block, &mut arena, &ps, lengths, &x, &dy);
+    compare(
+        &format!("{norm:?}/{act:?} L={len} lengths={lengths:?}, emulation"),
+        &d,
+        &got,
+        &want,
+        seed,
+    );
+}
+
+/// The open_clip ViT block (pre-norm, QuickGELU), odd length, key padding.
+#[test]
+fn pre_norm_quick_gelu_block_matches_tape_with_padding() {
+    check_against_tape(NormPlacement::Pre, Activation::QuickGelu, 37, &[37, 23]);
+}
+
+/// The BERT block (post-norm, erf GELU), odd length, key padding.
+#[test]
+fn post_norm_gelu_block_matches_tape_with_padding() {
+    check_against_tape(NormPlacement::Post, Activation::Gelu, 17, &[9, 17]);
+}
+
+/// The comparison can fail: the same block run without the key-padding mask the reference
+/// applies must be far off (padding changes every query of the padded sequence).
+#[test]
+fn ignoring_the_padding_fails_the_comparison() {
+    let d = dims(NormPlacement::Pre, Activation::QuickGelu, 17);
+    let seed = fresh_seed();
+    let mut g = rng(seed);
+    let mut ps = random_store(&d, &mut g);
+    let n = d.tokens() * d.width;
+    let x = on_grid(&mut g, n, -2.0, 2.0);
+    let dy = on_grid(&mut g, n, -1.0, 1.0);
+    let want = cpu_block(&mut ps, &d, &[17, 5], &x, &dy);
+    let block = CudaBlock::new(d).unwrap();
+    let mut arena = Arena::host(block.layout().clone(), Emu::default());
+    let got = cuda_block(&block, &mut arena, &ps, &[17, 17], &x, &dy);
+    let (ey, edx) = (rel_err(&got.y, &want.y), rel_err(&got.dx, &want.dx));
+    assert!(
+        ey > 5.0 * TOL && edx > 5.0 * TOL,
+        "seed {seed}: unmasked run passed (y {ey:.3e}, dx {edx:.3e})"
+    );
+}
+
+/// A second step on the same arena (gradients overwritten, not accumulated) and a run with
+/// the emulation's threads resumed in reverse order give bit-identical results.
+#[test]
+fn reruns_are_bit_identical() {
+    let d = dims(NormPlacement::Post, Activation::QuickGelu, 17);
+    let seed = fresh_seed();
+    let mut g = rng(seed);
+    let ps = random_store(&d, &mut g);
+    let n = d.tokens() * d.width;
+    let x = on_grid(&mut g, n, -2.0, 2.0);
+    let dy = on_grid(&mut g, n, -1.0, 1.0);
+    let lengths = [11, 17];
+    let block = CudaBlock::new(d).unwrap();
+    let mut arena = Arena::host(block.layout().clone(), Emu::default());
+    let first = cuda_block(&block, &mut arena, &ps, &lengths, &x, &dy);
+    let again = cuda_block(&block, &mut arena, &ps, &lengths, &x, &dy);
+    let rev = Emu::default().with_schedule(Schedule::Reverse);
+    let mut arena = Arena::host(block.layout().clone(), rev);
+    let reversed = cuda_block(&block, &mut arena, &ps, &lengths, &x, &dy);
+    for (what, r) in [("second step", &again), ("reverse schedule", &reversed)] {
+        assert!(r.y == first.y && r.dx == first.dx, "{what}, seed {seed}");
+        assert!(
+            r.grads == first.grads,
+            "{what}: gradients differ, seed {seed}"
+        );
+    }
+}
+
+/// Against `model.rs`'s `TransformerBlock` itself (open_clip init and names, no padding).
+#[test]
+fn matches_the_engine_transformer_block() {
+    let d = dims(NormPlacement::Pre, Activation::QuickGelu, 17);
+    let seed = fresh_seed();
+    let mut g = rng(seed);
+    let mut ps = ParamStore::new();
+    let tb = TransformerBlock::open_clip(
+        &mut ps,
+        PREFIX,
+        d.width,
+        d.heads,
+        d.hidden as f64 / d.width as f64,
+        Activation::QuickGelu,
+        12,
+        seed,
+    )
+    .unwrap();
+    randomise(&mut ps, &d, &mut g);
+    let n = d.tokens() * d.width;
+    let x = on_grid(&mut g, n, -2.0, 2.0);
+    let dy = on_grid(&mut g, n, -1.0, 1.0);
+    let mut t = Tape::new();
+    let xv = t.input(x.clone(), &[d.batch, d.len, d.width]).unwrap();
+    let yv = tb.forward(&mut t, &ps, xv).unwrap();
+    let y = widen(t.value(yv));
+    ps.zero_grad();
+    let dx = t.backward_collect(&mut ps, &[(yv, &dy)], &[xv]).unwrap();
+    let want = Run {
+        y,
+        dx: widen(&dx[0]),
+        grads: grads_of(&ps, &d),
+    };
+    let block = CudaBlock::new(d).unwrap();
+    let mut arena = Arena::host(block.layout().clone(), Emu::default());
+    let full = vec![d.len; d.batch];
+    let got = cuda_block(&block, &mut arena, &ps, &full, &x, &dy);
+    compare("TransformerBlock, emulation", &d, &got, &want, seed);
+}
+
+/// The layout: regions aligned, disjoint, inside the allocation; sections contiguous and
+/// disjoint; the fp32 and bf16 weight sections element for element alike.
+#[test]
+fn arena_layout_is_disjoint_and_aligned() {
+    for norm in [NormPlacement::Pre, NormPlacement::Post] {
+        let d = BlockDims {
+            len: 197,
+            batch: 3,
+            ..dims(norm, Activation::Gelu, 1)
+        };
+        let block = CudaBlock::new(d).unwrap();
+        let lay = block.layout();
+        let regs = lay.regions();
+        assert!(regs.len() > 40, "{} regions", regs.len());
+        let mut by_offset: Vec<_> = regs.iter().collect();
+        by_offset.sort_by_key(|r| r.offset);
+        for r in regs {
+            assert_eq!(r.offset % ALIGN, 0, "`{}` at {}", r.name, r.offset);
+            assert!(r.reserved >= r.len && r.len > 0, "`{}`", r.name);
+            assert!(
+                r.offset + r.bytes() <= lay.bytes(),
+                "`{}` ends outside",
+                r.name
+            );
+        }
+        for pair in by_offset.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            assert!(
+                a.offset + a.bytes() <= b.offset,
+                "`{}` [{}, {}) overlaps `{}` at {}",
+                a.name,
+                a.offset,
+                a.offset + a.bytes(),
+                b.name,
+                b.offset
+            );
+        }
+        let sections = [
+            Section::Params,
+            Section::ParamsBf16,
+            Section::Grads,
+            Section::Acts,
+            Section::Scratch,
+            Section::Tables,
+        ];
+        for s in sections {
+            let (start, len) = lay.section_span(s).unwrap();
+            for r in regs {
+                let inside = r.offset >= start && r.offset + r.bytes() <= start + len;
+                let outside = r.offset + r.bytes() <= start || r.offset >= start + len;
+                assert!(
+                    if r.section == s { inside } else { outside },
+                    "`{}` ({:?}) against section {s:?} [{start}, {})",
+                    r.name,
+                    r.section,
+                    start + len
+                );
+            }
+        }
+        assert_eq!(
+            lay.section_bytes(Section::Params) / 4,
+            lay.section_bytes(Section::ParamsBf16) / 2
+        );
+        // Each parameter has a master, a bf16 copy and a gradient of its own length.
+        for (name, shape) in param_specs(&d) {
+            let n: usize = shape.iter().product();
+            for prefix in ["param", "bf16", "grad"] {
+                let id = lay.id(&format!("{prefix}.{name}")).unwrap();
+                assert_eq!(lay.region(id).len, n, "{prefix}.{name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn layout_and_block_errors_are_reported() {
+    let mut lay = Layout::new();
+    lay.add("a", Section::Acts, Dtype::F32, 3).unwrap();
+    assert!(lay.add("a", Section::Acts, Dtype::F32, 3).is_err());
+    assert!(lay.add("z", Section::Acts, Dtype::F32, 0).is_err());
+    lay.add("b", Section::Scratch, Dtype::Bf16, 5).unwrap();
+    let e = lay.add("c", Section::Acts, Dtype::F32, 1).unwrap_err();
+    assert!(format!("{e}").contains("interrupted"), "{e}");
+
+    let bad_width = BlockDims {
+        width: 96,
+        ..dims(NormPlacement::Pre, Activation::Gelu, 5)
+    };
+    assert!(CudaBlock::new(bad_width).is_err());
+    let d = dims(NormPlacement::Pre, Activation::Gelu, 5);
+    let block = CudaBlock::new(d).unwrap();
+    let other = CudaBlock::new(BlockDims { len: 7, ..d }).unwrap();
+    let mut arena = Arena::host(other.layout().clone(), Emu::default());
+    assert!(block.forward(&mut arena).is_err());
+    let mut arena = Arena::host(block.layout().clone(), Emu::default());
+    assert!(block.set_lengths(&mut arena, &[5]).is_err());
+    assert!(block.set_lengths(&mut arena, &[5, 6]).is_err());
+    assert!(arena.write_f32(block.input(), &[0.0; 4]).is_err());
+}
+
+/// The same comparison on a GPU, with the arena as one device allocation.
+#[test]
+fn gpu_block_matches_tape_when_present() {
+    let gpu = match Device::select(DeviceRequest::Auto).unwrap() {
+        Device::Cuda(g) => g,
+        Device::Cpu => {
+            eprintln!("no CUDA driver or device: the GPU block test is skipped");
+            return;
+        }
+    };
+    for (norm, act, len, lengths) in [
+        (
+            NormPlacement::Pre,
+            Activation::QuickGelu,
+            197,
+            vec![197, 150],
+        ),
+        (NormPlacement::Post, Activation::Gelu, 77, vec![77, 31]),
+    ] {
+        let d = dims(norm, act, len);
+        let seed = fresh_seed();
+        let mut g = rng(seed);
+        let mut ps = random_store(&d, &mut g);
+        let n = d.tokens() * d.width;
+        let x = on_grid(&mut g, n, -2.0, 2.0);
+        let dy = on_grid(&mut g, n, -1.0, 1.0);
+        let want = cpu_block(&mut ps, &d, &lengths, &x, &dy);
+        let block = CudaBlock::new(d).unwrap();
+        let mut arena = Arena::device(block.layout().clone(), Arc::clone(&gpu)).unwrap();
+        let got = cuda_block(&block, &mut arena, &ps, &lengths, &x, &dy);
+        compare(
+            &format!("{norm:?}/{act:?} L={len}, GPU"),
+            &d,
+            &got,
+            &want,
+            seed,
+        );
+    }
+}
