@@ -32,6 +32,9 @@ pub enum Section {
     Acts,
     /// Gradients of activations and per-step scratch.
     Scratch,
+    /// Optimiser state kept across steps: the fp32 AdamW moments, element for element in the
+    /// order of `Params`.
+    Optim,
     /// Tables written once per shape or batch: gather indices, sequence lengths, constants.
     Tables,
 }
@@ -45,6 +48,8 @@ pub enum Dtype {
     Bf16,
     /// 32-bit signed integer.
     I32,
+    /// Unsigned byte (masks).
+    U8,
 }
 
 impl Dtype {
@@ -53,6 +58,7 @@ impl Dtype {
         match self {
             Dtype::F32 | Dtype::I32 => 4,
             Dtype::Bf16 => 2,
+            Dtype::U8 => 1,
         }
     }
 }
@@ -86,10 +92,11 @@ impl Region {
 pub struct RegionId(usize);
 
 /// Order of the sections in a [`Layout::grouped`] table.
-const SECTION_ORDER: [Section; 6] = [
+const SECTION_ORDER: [Section; 7] = [
     Section::Params,
     Section::ParamsBf16,
     Section::Grads,
+    Section::Optim,
     Section::Acts,
     Section::Scratch,
     Section::Tables,
@@ -114,7 +121,7 @@ impl Layout {
 
     /// An empty table for several components (a tower of blocks): regions may be added in
     /// any order of sections, and each section is kept contiguous, the sections in the order
-    /// params, bf16 params, grads, activations, scratch, tables; inside a section, regions lie
+    /// params, bf16 params, grads, optimiser state, activations, scratch, tables; inside a section, regions lie
     /// in the order they were added. Offsets are final once the last region is added.
     pub fn grouped() -> Self {
         Layout {
@@ -347,6 +354,11 @@ impl Arena {
         self.write_bytes(id, Dtype::I32, v.len(), bytemuck::cast_slice(v))
     }
 
+    /// Writes a whole u8 region.
+    pub fn write_u8(&mut self, id: RegionId, v: &[u8]) -> Result<()> {
+        self.write_bytes(id, Dtype::U8, v.len(), v)
+    }
+
     /// Reads a whole fp32 region (waits for the device).
     pub fn read_f32(&mut self, id: RegionId) -> Result<Vec<f32>> {
         let len = self.layout.region(id).len;
@@ -381,7 +393,9 @@ impl Arena {
         match r.dtype {
             Dtype::F32 => self.write_f32(id, &vec![f32::NAN; r.len]),
             Dtype::Bf16 => self.write_bf16(id, &vec![BF16_POISON; r.len]),
-            Dtype::I32 => bail!("arena region `{}`: integers have no NaN", r.name),
+            Dtype::I32 | Dtype::U8 => {
+                bail!("arena region `{}`: integers have no NaN", r.name)
+            }
         }
     }
 

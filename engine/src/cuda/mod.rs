@@ -4,14 +4,17 @@
 //!
 //! So far: one transformer block ([`block::CudaBlock`]), the whole image tower
 //! ([`tower::CudaImageTower`]) and the whole text tower ([`text::CudaTextTower`]), forward and
-//! backward.
+//! backward, and the whole stage-2 training step of the student ([`student::CudaStudent`]:
+//! both towers, the fused multi-teacher loss, gradient clipping and AdamW in one arena).
 
 pub mod arena;
 pub mod block;
+pub mod student;
 pub mod text;
 pub mod tower;
 
 pub use arena::{Arena, Dtype, Layout, Region, RegionId, Section};
 pub use block::{param_specs, BlockDims, CudaBlock};
+pub use student::{CudaStudent, StepReport, StudentBatch, StudentSetup};
 pub use text::{CudaTextTower, ParamSlice, TextTowerDims};
 pub use tower::{CudaImageTower, ImageTowerDims};

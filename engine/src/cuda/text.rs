@@ -171,7 +171,10 @@ struct Regions {
 /// The text tower's arena layout and its plans.
 pub struct CudaTextTower {
     dims: TextTowerDims,
+    /// The table as it stood when the tower was planned; an arena must [`Layout::extends`] it.
     layout: Layout,
+    /// The forward starts with the section-wide weight cast (standalone towers only).
+    cast: bool,
     params: Vec<RegionId>,
     grads: Vec<RegionId>,
     blocks: Vec<CudaBlock>,
@@ -184,8 +187,22 @@ pub struct CudaTextTower {
 }
 
 impl CudaTextTower {
-    /// Lays out one arena for the whole tower and builds its plans.
+    /// Lays out one arena for the whole tower and builds its plans; the forward starts by
+    /// casting the fp32 master weights to bf16.
     pub fn new(dims: TextTowerDims) -> Result<Self> {
+        let mut lay = Layout::grouped();
+        Self::build(dims, &mut lay, true)
+    }
+
+    /// Adds the tower's regions to a shared `layout` (made with [`Layout::grouped`]) and builds
+    /// its plans over it. The forward does not cast the weights: the owner of the layout keeps
+    /// the bf16 copy current (one cast of the whole parameter section, or the optimiser's bf16
+    /// output).
+    pub fn in_layout(dims: TextTowerDims, layout: &mut Layout) -> Result<Self> {
+        Self::build(dims, layout, false)
+    }
+
+    fn build(dims: TextTowerDims, lay: &mut Layout, cast: bool) -> Result<Self> {
         let d = dims;
         let bd = d.block;
         ensure!(
@@ -200,7 +217,6 @@ impl CudaTextTower {
         );
         let (w, b, l, ph) = (bd.width, bd.batch, bd.len, d.proj_hidden);
         let m = b * l;
-        let mut lay = Layout::grouped();
         let (mut params, mut grads) = (Vec::new(), Vec::new());
         for (name, n) in own_params(&d) {
             params.push(lay.add(&format!("param.{name}"), Section::Params, Dtype::F32, n)?);
@@ -209,7 +225,7 @@ impl CudaTextTower {
         }
         let mut blocks: Vec<CudaBlock> = Vec::with_capacity(d.layers);
         for i in 0..d.layers {
-            let blk = CudaBlock::in_layout(bd, &mut lay, &block_prefix(i), blocks.last())?;
+            let blk = CudaBlock::in_layout(bd, lay, &block_prefix(i), blocks.last())?;
             blocks.push(blk);
         }
         let (bfl, f32l, i32l) = (Dtype::Bf16, Dtype::F32, Dtype::I32);
@@ -275,7 +291,8 @@ impl CudaTextTower {
         };
         let mut tower = CudaTextTower {
             dims,
-            layout: lay,
+            layout: lay.clone(),
+            cast,
             params,
             grads,
             blocks,
@@ -352,7 +369,9 @@ impl CudaTextTower {
         let gather = |n, v| Ew::Gather { n, v, c: w };
 
         // ---- forward: embeddings ----
-        cast_weights(&mut pl, fwd)?;
+        if self.cast {
+            cast_weights(&mut pl, fwd)?;
+        }
         pl.add(
             fwd,
             gather(m, d.vocab).plan()?,
@@ -665,7 +684,7 @@ impl CudaTextTower {
 
     fn check_arena(&self, arena: &Arena) -> Result<()> {
         ensure!(
-            arena.layout() == &self.layout,
+            arena.layout().extends(&self.layout),
             "the arena was not made from this text tower's layout"
         );
         Ok(())
@@ -734,7 +753,7 @@ impl CudaTextTower {
         Ok(n)
     }
 
-    /// Forward: casts the master weights to bf16, then computes the features of the batch.
+    /// Forward: casts the master weights to bf16 (standalone towers), then computes the features of the batch.
     pub fn forward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
         // SAFETY: the arena has this tower's layout and every slot was checked against its

@@ -164,7 +164,10 @@ struct Regions {
 /// The image tower's arena layout and its plans.
 pub struct CudaImageTower {
     dims: ImageTowerDims,
+    /// The table as it stood when the tower was planned; an arena must [`Layout::extends`] it.
     layout: Layout,
+    /// The forward starts with the section-wide weight cast (standalone towers only).
+    cast: bool,
     params: Vec<RegionId>,
     grads: Vec<RegionId>,
     blocks: Vec<CudaBlock>,
@@ -179,8 +182,22 @@ pub struct CudaImageTower {
 }
 
 impl CudaImageTower {
-    /// Lays out one arena for the whole tower and builds its plans.
+    /// Lays out one arena for the whole tower and builds its plans; the forward starts by
+    /// casting the fp32 master weights to bf16.
     pub fn new(dims: ImageTowerDims) -> Result<Self> {
+        let mut lay = Layout::grouped();
+        Self::build(dims, &mut lay, true)
+    }
+
+    /// Adds the tower's regions to a shared `layout` (made with [`Layout::grouped`]) and builds
+    /// its plans over it. The forward does not cast the weights: the owner of the layout keeps
+    /// the bf16 copy current (one cast of the whole parameter section, or the optimiser's bf16
+    /// output).
+    pub fn in_layout(dims: ImageTowerDims, layout: &mut Layout) -> Result<Self> {
+        Self::build(dims, layout, false)
+    }
+
+    fn build(dims: ImageTowerDims, lay: &mut Layout, cast: bool) -> Result<Self> {
         let d = dims;
         let bd = d.block;
         ensure!(
@@ -194,7 +211,6 @@ impl CudaImageTower {
         );
         let (w, b, l, np, k) = (bd.width, bd.batch, bd.len, d.patches(), d.patch_values());
         let m = b * l;
-        let mut lay = Layout::grouped();
         let own = own_params(&d);
         let (mut params, mut grads) = (Vec::new(), Vec::new());
         for (name, n) in &own {
@@ -209,7 +225,7 @@ impl CudaImageTower {
         }
         let mut blocks: Vec<CudaBlock> = Vec::with_capacity(d.layers);
         for i in 0..d.layers {
-            let blk = CudaBlock::in_layout(bd, &mut lay, &block_prefix(i), blocks.last())?;
+            let blk = CudaBlock::in_layout(bd, lay, &block_prefix(i), blocks.last())?;
             blocks.push(blk);
         }
         let (bfl, f32l) = (Dtype::Bf16, Dtype::F32);
@@ -275,7 +291,8 @@ impl CudaImageTower {
         };
         let mut tower = CudaImageTower {
             dims,
-            layout: lay,
+            layout: lay.clone(),
+            cast,
             params,
             grads,
             blocks,
@@ -356,7 +373,9 @@ impl CudaImageTower {
         let (hbwd, bwd) = (&mut self.head_bwd, &mut self.embed_bwd);
 
         // ---- forward: embedding ----
-        cast_weights(&mut pl, fwd)?;
+        if self.cast {
+            cast_weights(&mut pl, fwd)?;
+        }
         let rows = b * np * d.channels * d.patch;
         let pix_rows = b * d.channels * d.image * d.image / d.patch;
         pl.add(
@@ -660,7 +679,7 @@ impl CudaImageTower {
 
     fn check_arena(&self, arena: &Arena) -> Result<()> {
         ensure!(
-            arena.layout() == &self.layout,
+            arena.layout().extends(&self.layout),
             "the arena was not made from this image tower's layout"
         );
         Ok(())
@@ -724,7 +743,7 @@ impl CudaImageTower {
         Ok(n)
     }
 
-    /// Forward: casts the master weights to bf16, then computes the features from the images.
+    /// Forward: casts the master weights to bf16 (standalone towers), then computes the features from the images.
     pub fn forward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
         // SAFETY: the arena has this tower's layout and every slot was checked against its

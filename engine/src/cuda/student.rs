@@ -1,0 +1,631 @@
+//! The whole stage-2 training step of the student over one [`Arena`]: the image tower, the text
+//! tower, the logit scale, the fused multi-teacher loss (`mt_loss`), the global gradient norm
+//! with clipping and AdamW with fp32 masters and moments, all as launch plans over one table.
+//!
+//! Layout. Both towers are laid out with `in_layout` in one [`Layout::grouped`] table, then the
+//! logit scale (a one-element parameter), the loss buffers, the AdamW moments (section
+//! [`Section::Optim`]) and the per-element weight-decay mask. Every parameter has its fp32
+//! master, bf16 copy and fp32 gradient at the same element index of the three sections, so the
+//! norm and AdamW run once over whole sections, and AdamW writes the bf16 copy the next
+//! forward reads (no separate cast after the first).
+//!
+//! Host traffic per step. The loss plan takes the logit scale as a launch argument, so the
+//! scale is read back (4 bytes) and clamped to `[0, ln 100]` on the host after each update; the
+//! loss components (8 floats) and the gradient norm (2 floats) are read back before the
+//! backward and before the update, so a non-finite loss or gradient stops the step before any
+//! weight changes, as the CPU trainer does.
+
+use super::arena::{Arena, Dtype, Layout, RegionId, Section};
+use super::block::{cast_weights, Buf, Planner};
+use super::text::{CudaTextTower, TextTowerDims};
+use super::tower::{CudaImageTower, ImageTowerDims};
+use crate::config::ModelConfig;
+use crate::loss::distill::{DistillConfig, IclScale, TeacherMode, TeacherNorm};
+use crate::optim::{AdamWConfig, LOGIT_SCALE_MAX};
+use crate::params::ParamStore;
+use anyhow::{anyhow, bail, ensure, Result};
+use half::bf16;
+use mmkd_kernels::adamw::{adamw_plan, norm_plan, norm_scratch_len, AdamWConfig as KAdamW};
+use mmkd_kernels::elementwise::Ew;
+use mmkd_kernels::mt_loss::{self, LossConfig, LossResult};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+
+/// The model's name of the logit-scale parameter.
+pub const LOGIT_SCALE: &str = "logit_scale";
+
+/// Shapes and switches of a [`CudaStudent`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StudentSetup {
+    /// Pairs per batch N.
+    pub batch: usize,
+    /// Padded token length of every batch (at most the text context).
+    pub text_len: usize,
+    /// Teacher slots T of the `[N, T, D]` targets.
+    pub teachers: usize,
+    /// The distillation loss's switches (the icl scale must be a constant).
+    pub loss: DistillConfig,
+    /// AdamW hyper-parameters.
+    pub adamw: AdamWConfig,
+    /// Global gradient-norm bound (≤ 0: no clipping).
+    pub grad_clip: f64,
+}
+
+/// One batch on the host: images `(N, C, S, S)` normalised, token ids `(N, L)` with the valid
+/// length of each row, teacher targets `[N, T, D]` per modality with availability `[N, T]`
+/// and, in random-teacher mode, the drawn slot of each sample.
+#[derive(Clone, Copy, Debug)]
+pub struct StudentBatch<'a> {
+    /// Images, `(N, C, S, S)`.
+    pub images: &'a [f32],
+    /// Token ids, `(N, L)`.
+    pub tokens: &'a [u32],
+    /// Valid tokens per row, each in `1..=L`.
+    pub lengths: &'a [usize],
+    /// Teacher image targets `[N, T, D]`.
+    pub teacher_image: &'a [f32],
+    /// Teacher text targets `[N, T, D]`.
+    pub teacher_text: &'a [f32],
+    /// Availability `[N, T]`, non-zero = available.
+    pub mask: &'a [u8],
+    /// The drawn slot per sample (random-teacher mode only).
+    pub pick: Option<&'a [i32]>,
+}
+
+/// What one applied step reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    /// Loss components of the batch, before the update.
+    pub loss: LossResult,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// The logit scale after the update and the clamp.
+    pub logit_scale: f32,
+}
+
+/// Where one model parameter lies: `len` elements from element `offset` of the master region
+/// `param` (the gradient, bf16 copy and moments sit at the same index of their sections).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slice {
+    name: String,
+    param: RegionId,
+    offset: usize,
+    len: usize,
+}
+
+struct Regions {
+    logit_scale: RegionId,
+    logit_scale_bf16: RegionId,
+    logit_grad: RegionId,
+    m: RegionId,
+    v: RegionId,
+    decay: RegionId,
+    teacher_image: RegionId,
+    teacher_text: RegionId,
+    mask: RegionId,
+    pick: Option<RegionId>,
+    dimage: RegionId,
+    dtext: RegionId,
+    out: RegionId,
+    loss_scratch: RegionId,
+    norm_out: RegionId,
+    norm_scratch: RegionId,
+}
+
+/// The student's arena layout, its plans and the optimiser's step count.
+pub struct CudaStudent {
+    setup: StudentSetup,
+    layout: Layout,
+    image: CudaImageTower,
+    text: CudaTextTower,
+    r: Regions,
+    slices: Vec<Slice>,
+    /// Elements of the parameter section (padding included).
+    numel: usize,
+    loss_cfg: LossConfig,
+    steps: u32,
+}
+
+/// The kernel's teacher mode for the engine's.
+fn kernel_mode(m: TeacherMode) -> mt_loss::TeacherMode {
+    match m {
+        TeacherMode::Random => mt_loss::TeacherMode::Random,
+        TeacherMode::Mean => mt_loss::TeacherMode::Mean,
+        TeacherMode::All => mt_loss::TeacherMode::All,
+    }
+}
+
+impl CudaStudent {
+    /// Lays out one arena for the student of `config` and the step of `setup`.
+    pub fn new(config: &ModelConfig, setup: StudentSetup) -> Result<Self> {
+        let n = setup.batch;
+        ensure!(
+            setup.grad_clip.is_finite(),
+            "cuda student: gradient clip {} is not finite",
+            setup.grad_clip
+        );
+        let c = match setup.loss.icl_scale {
+            IclScale::Const(c) => c as f32,
+            IclScale::Learned(_) => {
+                bail!("cuda student: a learned icl scale is not supported by the device step yet")
+            }
+        };
+        let loss_cfg = LossConfig {
+            n,
+            t: setup.teachers,
+            d: config.embed_dim,
+            mode: kernel_mode(setup.loss.teacher_mode),
+            teacher_l2: setup.loss.teacher_norm == TeacherNorm::L2,
+            logit_scale: 0.0,
+            icl: mt_loss::IclScale::Const(c),
+            fd_weight: setup.loss.fd_weight as f32,
+        };
+        let mut lay = Layout::grouped();
+        let image = CudaImageTower::in_layout(ImageTowerDims::from_config(config, n)?, &mut lay)?;
+        let text = CudaTextTower::in_layout(
+            TextTowerDims::from_config(config, n, setup.text_len)?,
+            &mut lay,
+        )?;
+        let (f32l, u8l) = (Dtype::F32, Dtype::U8);
+        let logit_scale = lay.add("param.logit_scale", Section::Params, f32l, 1)?;
+        let logit_scale_bf16 = lay.add("bf16.logit_scale", Section::ParamsBf16, Dtype::Bf16, 1)?;
+        let logit_grad = lay.add("grad.logit_scale", Section::Grads, f32l, 1)?;
+        let numel = check_twins(&lay)?;
+        let (t, d) = (loss_cfg.t, loss_cfg.d);
+        let (a, s, tb) = (Section::Acts, Section::Scratch, Section::Tables);
+        let pick = if loss_cfg.mode == mt_loss::TeacherMode::Random {
+            Some(lay.add("table.loss.pick", tb, Dtype::I32, n)?)
+        } else {
+            None
+        };
+        let r = Regions {
+            logit_scale,
+            logit_scale_bf16,
+            logit_grad,
+            m: lay.add("optim.m", Section::Optim, f32l, numel)?,
+            v: lay.add("optim.v", Section::Optim, f32l, numel)?,
+            decay: lay.add("table.optim.decay", tb, u8l, numel)?,
+            teacher_image: lay.add("act.loss.teacher_image", a, f32l, n * t * d)?,
+            teacher_text: lay.add("act.loss.teacher_text", a, f32l, n * t * d)?,
+            mask: lay.add("table.loss.mask", tb, u8l, n * t)?,
+            pick,
+            dimage: lay.add("scratch.loss.dimage", s, f32l, n * d)?,
+            dtext: lay.add("scratch.loss.dtext", s, f32l, n * d)?,
+            out: lay.add("scratch.loss.out", s, f32l, 8)?,
+            loss_scratch: lay.add(
+                "scratch.loss.partials",
+                s,
+                f32l,
+                mt_loss::scratch_len_for(&loss_cfg, "f32"),
+            )?,
+            norm_out: lay.add("scratch.optim.norm", s, f32l, 2)?,
+            norm_scratch: lay.add(
+                "scratch.optim.norm_partials",
+                s,
+                f32l,
+                norm_scratch_len(numel),
+            )?,
+        };
+        let mut slices: Vec<Slice> = image
+            .param_names()
+            .into_iter()
+            .map(|name| {
+                let param = image.param(&name)?;
+                let len = lay.region(param).len;
+                Ok(Slice {
+                    name,
+                    param,
+                    offset: 0,
+                    len,
+                })
+            })
+            .collect::<Result<_>>()?;
+        slices.extend(text.param_map().into_iter().map(|p| Slice {
+            name: p.name,
+            param: p.param,
+            offset: p.offset,
+            len: p.len,
+        }));
+        slices.push(Slice {
+            name: LOGIT_SCALE.to_string(),
+            param: logit_scale,
+            offset: 0,
+            len: 1,
+        });
+        Ok(CudaStudent {
+            setup,
+            layout: lay,
+            image,
+            text,
+            r,
+            slices,
+            numel,
+            loss_cfg,
+            steps: 0,
+        })
+    }
+
+    /// The arena layout; make the arena with `Arena::host(student.layout().clone(), emu)` or
+    /// `Arena::device(student.layout().clone(), gpu)`.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The image tower inside the student's layout.
+    pub fn image_tower(&self) -> &CudaImageTower {
+        &self.image
+    }
+
+    /// The text tower inside the student's layout.
+    pub fn text_tower(&self) -> &CudaTextTower {
+        &self.text
+    }
+
+    /// Optimiser steps applied so far.
+    pub fn steps(&self) -> u32 {
+        self.steps
+    }
+
+    fn check_arena(&self, arena: &Arena) -> Result<()> {
+        ensure!(
+            arena.layout() == &self.layout,
+            "the arena was not made from this student's layout"
+        );
+        Ok(())
+    }
+
+    /// Element index of `slice` inside the parameter section.
+    fn section_index(&self, s: &Slice) -> Result<usize> {
+        let (start, _) = self
+            .layout
+            .section_span(Section::Params)
+            .ok_or_else(|| anyhow!("cuda student: no parameters"))?;
+        Ok((self.layout.region(s.param).offset - start) / 4 + s.offset)
+    }
+
+    /// Copies every parameter of `store` (the model's names) into the fp32 masters and their
+    /// bf16 copies, writes the weight-decay mask from the store's decay rule, zeros the AdamW
+    /// moments and the step count, and writes the towers' fixed tables. Every parameter of the
+    /// store must have a place in the arena and every place a parameter.
+    pub fn load_params(&mut self, arena: &mut Arena, store: &ParamStore) -> Result<()> {
+        self.check_arena(arena)?;
+        ensure!(
+            store.infos().len() == self.slices.len(),
+            "cuda student: the model has {} parameters, the arena {}",
+            store.infos().len(),
+            self.slices.len()
+        );
+        let mut regions: HashMap<RegionId, Vec<f32>> = HashMap::new();
+        let mut filled: HashMap<RegionId, usize> = HashMap::new();
+        let mut decay = vec![0u8; self.numel];
+        for s in &self.slices {
+            let id = store
+                .id(&s.name)
+                .ok_or_else(|| anyhow!("cuda student: the model has no parameter `{}`", s.name))?;
+            let info = store.info(id);
+            ensure!(
+                info.len == s.len,
+                "cuda student: parameter `{}` has {} elements, the arena holds {}",
+                s.name,
+                info.len,
+                s.len
+            );
+            let len = self.layout.region(s.param).len;
+            let buf = regions.entry(s.param).or_insert_with(|| vec![0.0; len]);
+            buf[s.offset..s.offset + s.len].copy_from_slice(store.value(id));
+            *filled.entry(s.param).or_default() += s.len;
+            let at = self.section_index(s)?;
+            decay[at..at + s.len].fill(u8::from(info.decays()));
+        }
+        for (id, v) in &regions {
+            let name = &self.layout.region(*id).name;
+            ensure!(
+                filled[id] == v.len(),
+                "cuda student: region `{name}` is only partly covered by the model's parameters"
+            );
+            arena.write_f32(*id, v)?;
+        }
+        ensure!(
+            regions.len()
+                == self
+                    .layout
+                    .regions()
+                    .iter()
+                    .filter(|r| r.section == Section::Params)
+                    .count(),
+            "cuda student: some master regions have no model parameter"
+        );
+        arena.write_u8(self.r.decay, &decay)?;
+        arena.write_f32(self.r.m, &vec![0.0; self.numel])?;
+        arena.write_f32(self.r.v, &vec![0.0; self.numel])?;
+        self.image.write_tables(arena)?;
+        // The first forward reads the bf16 copy; AdamW keeps it current afterwards.
+        let mut pl = Planner {
+            layout: &self.layout,
+            slots: Vec::new(),
+        };
+        let mut cast = Vec::new();
+        cast_weights(&mut pl, &mut cast)?;
+        // SAFETY: the arena has this student's layout; the planner checked every slot.
+        unsafe { arena.run(&cast, &pl.slots)? };
+        self.steps = 0;
+        Ok(())
+    }
+
+    /// Copies the fp32 masters back into `store` (the model's names).
+    pub fn read_params(&self, arena: &mut Arena, store: &mut ParamStore) -> Result<()> {
+        self.check_arena(arena)?;
+        let mut cache: HashMap<RegionId, Vec<f32>> = HashMap::new();
+        for s in &self.slices {
+            let id = store
+                .id(&s.name)
+                .ok_or_else(|| anyhow!("cuda student: the model has no parameter `{}`", s.name))?;
+            let v = match cache.entry(s.param) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(arena.read_f32(s.param)?),
+            };
+            store
+                .value_mut(id)
+                .copy_from_slice(&v[s.offset..s.offset + s.len]);
+        }
+        Ok(())
+    }
+
+    /// The logit scale's fp32 master.
+    pub fn logit_scale(&self, arena: &mut Arena) -> Result<f32> {
+        self.check_arena(arena)?;
+        Ok(arena.read_f32(self.r.logit_scale)?[0])
+    }
+
+    /// Writes one batch into the arena.
+    fn write_batch(&self, arena: &mut Arena, b: &StudentBatch<'_>) -> Result<()> {
+        let c = &self.loss_cfg;
+        let id = self.image.dims();
+        let want = c.n * id.channels * id.image * id.image;
+        ensure!(
+            b.images.len() == want,
+            "cuda student: {} image values, {want} expected for a batch of {}",
+            b.images.len(),
+            c.n
+        );
+        let targets = c.n * c.t * c.d;
+        ensure!(
+            b.teacher_image.len() == targets && b.teacher_text.len() == targets,
+            "cuda student: teacher targets of {} and {} values, [{}, {}, {}] expected",
+            b.teacher_image.len(),
+            b.teacher_text.len(),
+            c.n,
+            c.t,
+            c.d
+        );
+        ensure!(
+            b.mask.len() == c.n * c.t,
+            "cuda student: a mask of {} values, [{}, {}] expected",
+            b.mask.len(),
+            c.n,
+            c.t
+        );
+        let pick = match (self.r.pick, b.pick) {
+            (Some(id), Some(p)) => {
+                ensure!(
+                    p.len() == c.n,
+                    "cuda student: {} teacher picks for a batch of {}",
+                    p.len(),
+                    c.n
+                );
+                Some((id, p))
+            }
+            (None, None) => None,
+            (Some(_), None) => bail!("cuda student: random-teacher mode needs `pick`"),
+            (None, Some(_)) => bail!("cuda student: `pick` is only read in random-teacher mode"),
+        };
+        let img: Vec<bf16> = b.images.iter().map(|&x| bf16::from_f32(x)).collect();
+        arena.write_bf16(self.image.images(), &img)?;
+        self.text.set_batch(arena, b.tokens, b.lengths)?;
+        arena.write_f32(self.r.teacher_image, b.teacher_image)?;
+        arena.write_f32(self.r.teacher_text, b.teacher_text)?;
+        arena.write_u8(self.r.mask, b.mask)?;
+        if let Some((id, p)) = pick {
+            arena.write_i32(id, p)?;
+        }
+        Ok(())
+    }
+
+    fn buf(&self, id: RegionId, off: usize, need: usize, span: bool) -> Option<Buf> {
+        Some(Buf {
+            id,
+            off,
+            need,
+            span,
+        })
+    }
+
+    fn whole(&self, id: RegionId) -> Option<Buf> {
+        self.buf(id, 0, self.layout.region(id).len, false)
+    }
+
+    /// The first region of `section`, addressed through the whole section.
+    fn section(&self, section: Section) -> Result<Option<Buf>> {
+        let first = self
+            .layout
+            .regions()
+            .iter()
+            .find(|r| r.section == section)
+            .and_then(|r| self.layout.id(&r.name))
+            .ok_or_else(|| anyhow!("cuda student: no {section:?} section"))?;
+        Ok(self.buf(first, 0, self.numel, true))
+    }
+
+    /// One training step on `batch` with learning rate `lr`: forward of both towers, the loss,
+    /// the backward, the global-norm clip, AdamW (masters, moments and the bf16 copy) and the
+    /// logit-scale clamp. A non-finite loss or gradient norm is an error and leaves the
+    /// weights, the moments and the step count as they were.
+    pub fn step(
+        &mut self,
+        arena: &mut Arena,
+        batch: &StudentBatch<'_>,
+        lr: f64,
+    ) -> Result<StepReport> {
+        self.check_arena(arena)?;
+        ensure!(
+            lr.is_finite() && lr >= 0.0,
+            "cuda student: learning rate {lr} is not a finite non-negative number"
+        );
+        self.write_batch(arena, batch)?;
+        let s = arena.read_f32(self.r.logit_scale)?[0];
+        let r = &self.r;
+        let (n, d) = (self.loss_cfg.n, self.loss_cfg.d);
+
+        self.image.forward(arena)?;
+        self.text.forward(arena)?;
+        let cfg = LossConfig {
+            logit_scale: s,
+            ..self.loss_cfg
+        };
+        let mut pl = Planner {
+            layout: &self.layout,
+            slots: Vec::new(),
+        };
+        let mut loss = Vec::new();
+        pl.add(
+            &mut loss,
+            mt_loss::plan(&cfg, "f32")?,
+            &[
+                self.whole(self.image.features()),
+                self.whole(self.text.features()),
+                self.whole(r.teacher_image),
+                self.whole(r.teacher_text),
+                self.whole(r.mask),
+                r.pick.and_then(|p| self.whole(p)),
+                self.whole(r.dimage),
+                self.whole(r.dtext),
+                self.whole(r.out),
+                self.whole(r.loss_scratch),
+            ],
+        )?;
+        // SAFETY: the arena has this student's layout; the planner checked every slot.
+        unsafe { arena.run(&loss, &pl.slots)? };
+        let out = LossResult::from_out(&arena.read_f32(r.out)?)?;
+        let parts = [out.task, out.fd, out.icl, out.total, out.dlogit_scale];
+        if parts.iter().any(|v| !v.is_finite()) {
+            bail!(
+                "cuda student: non-finite loss at step {}: task {}, fd {}, icl {}, total {}; \
+                 the step was not applied",
+                self.steps + 1,
+                out.task,
+                out.fd,
+                out.icl,
+                out.total
+            );
+        }
+
+        // Feature gradients to bf16 for the towers, dL/ds into the logit scale's gradient.
+        let mut seed = Vec::new();
+        pl.add(
+            &mut seed,
+            Ew::CastF32Bf16 { n: n * d }.plan()?,
+            &[self.whole(r.dimage), self.whole(self.image.features_grad())],
+        )?;
+        pl.add(
+            &mut seed,
+            Ew::CastF32Bf16 { n: n * d }.plan()?,
+            &[self.whole(r.dtext), self.whole(self.text.features_grad())],
+        )?;
+        pl.add(
+            &mut seed,
+            Ew::AxpbyF32 {
+                n: 1,
+                a: 1.0,
+                b: 0.0,
+            }
+            .plan()?,
+            &[self.buf(r.out, 4, 1, false), self.whole(r.logit_grad)],
+        )?;
+        // SAFETY: as above.
+        unsafe { arena.run(&seed, &pl.slots)? };
+        self.image.backward(arena)?;
+        self.text.backward(arena)?;
+
+        let mut norm = Vec::new();
+        pl.add(
+            &mut norm,
+            norm_plan(self.numel, self.setup.grad_clip as f32)?,
+            &[
+                self.section(Section::Grads)?,
+                self.whole(r.norm_out),
+                self.whole(r.norm_scratch),
+            ],
+        )?;
+        // SAFETY: as above.
+        unsafe { arena.run(&norm, &pl.slots)? };
+        let grad_norm = arena.read_f32(r.norm_out)?[0];
+        ensure!(
+            grad_norm.is_finite(),
+            "cuda student: non-finite gradient norm at step {}; the step was not applied",
+            self.steps + 1
+        );
+
+        let a = self.setup.adamw;
+        let kcfg = KAdamW {
+            lr: lr as f32,
+            beta1: a.beta1 as f32,
+            beta2: a.beta2 as f32,
+            eps: a.eps as f32,
+            weight_decay: a.weight_decay as f32,
+            step: self.steps + 1,
+        };
+        let mut update = Vec::new();
+        pl.add(
+            &mut update,
+            adamw_plan(&kcfg, self.numel, [true, true, true])?,
+            &[
+                self.section(Section::Params)?,
+                self.section(Section::Grads)?,
+                self.whole(r.m),
+                self.whole(r.v),
+                self.section(Section::ParamsBf16)?,
+                self.whole(r.decay),
+                self.whole(r.norm_out),
+            ],
+        )?;
+        // SAFETY: as above.
+        unsafe { arena.run(&update, &pl.slots)? };
+        self.steps += 1;
+
+        let s_new = arena.read_f32(r.logit_scale)?[0];
+        let clamped = s_new.clamp(0.0, LOGIT_SCALE_MAX);
+        if clamped != s_new {
+            arena.write_f32(r.logit_scale, &[clamped])?;
+            arena.write_bf16(r.logit_scale_bf16, &[bf16::from_f32(clamped)])?;
+        }
+        Ok(StepReport {
+            loss: out,
+            grad_norm,
+            logit_scale: clamped,
+        })
+    }
+}
+
+/// Checks that the fp32 masters, the bf16 copies and the gradients hold the same parameters in
+/// the same order with the same lengths (so one index addresses a parameter in all three);
+/// returns the elements of the parameter section.
+fn check_twins(lay: &Layout) -> Result<usize> {
+    let of = |s: Section, prefix: &str| -> Vec<(String, usize)> {
+        lay.regions()
+            .iter()
+            .filter(|r| r.section == s)
+            .map(|r| {
+                (
+                    r.name.strip_prefix(prefix).unwrap_or(&r.name).to_string(),
+                    r.reserved,
+                )
+            })
+            .collect()
+    };
+    let p = of(Section::Params, "param.");
+    ensure!(
+        p == of(Section::ParamsBf16, "bf16.") && p == of(Section::Grads, "grad."),
+        "cuda student: the parameter, bf16 and gradient sections do not line up"
+    );
+    Ok(p.iter().map(|x| x.1).sum())
+}
