@@ -20,6 +20,10 @@ use rand::Rng;
 
 /// Relative bound on every loss component of every step (bf16 activations against f32).
 const TOL: f64 = 2e-2;
+/// Relative bound on the gradient norms. Once one step has moved the bf16 and f32 weights apart,
+/// the norm of the next step's gradient drifts further than the losses do (up to ≈ 4% seen over
+/// random seeds, with the losses within 1%); a learning rate off by 4× moves it by 39%.
+const GRAD_NORM_TOL: f64 = 0.1;
 const N: usize = 4;
 const T: usize = 2;
 const LEN: usize = 12;
@@ -295,38 +299,42 @@ struct Case {
     seed: u64,
 }
 
+/// A random case whose CPU curve moves the loss well past the tolerance with every step clipped
+/// (so that agreement means something); seeds that do not are skipped, a few at most.
 fn case() -> Case {
     let cfg = config();
-    let mut model = ClipModel::new(&cfg).unwrap();
-    let seed = fresh_seed();
-    let mut g = rng(seed);
-    randomise(&mut model, &mut g);
-    let data = batches(&cfg, &mut g);
-    let mut cpu = ClipModel::new(&cfg).unwrap();
-    cpu.params.data_mut().copy_from_slice(model.params.data());
-    let want = cpu_curve(&mut cpu, &data, &[LR; STEPS]);
-    // The steps move the loss well past the tolerance, and every step is clipped.
-    let (first, last) = (want.parts[0][3], want.parts[STEPS - 1][3]);
-    assert!(
-        (first - last).abs() > 2.0 * TOL * first.abs(),
-        "seed {seed}: the CPU curve hardly moves ({first} → {last})"
-    );
-    assert!(
-        want.grad_norm.iter().all(|&n| n > CLIP),
-        "seed {seed}: a step was not clipped: {:?}",
-        want.grad_norm
-    );
-    Case {
-        model,
-        data,
-        want,
-        seed,
+    let base = fresh_seed();
+    for k in 0..32u64 {
+        let seed = base.wrapping_add(k);
+        let mut model = ClipModel::new(&cfg).unwrap();
+        let mut g = rng(seed);
+        randomise(&mut model, &mut g);
+        let data = batches(&cfg, &mut g);
+        let mut cpu = ClipModel::new(&cfg).unwrap();
+        cpu.params.data_mut().copy_from_slice(model.params.data());
+        let want = cpu_curve(&mut cpu, &data, &[LR; STEPS]);
+        let (first, last) = (want.parts[0][3], want.parts[STEPS - 1][3]);
+        let moves = (first - last).abs() > 2.0 * TOL * first.abs();
+        let clipped = want.grad_norm.iter().all(|&n| n > CLIP);
+        if moves && clipped {
+            return Case {
+                model,
+                data,
+                want,
+                seed,
+            };
+        }
+        eprintln!(
+            "seed {seed}: skipped (loss {first:.4} → {last:.4}, grad norms {:?})",
+            want.grad_norm
+        );
     }
+    panic!("from seed {base}: 32 cases in a row whose CPU curve hardly moves or is not clipped");
 }
 
-/// The largest difference from the CPU curve in units of its bound: loss components and
-/// gradient norms relative `TOL`, the logit scale a tenth of the ~lr that AdamW moves it per
-/// step. At most 1 when the curves agree.
+/// The largest difference from the CPU curve in units of its bound: loss components relative
+/// `TOL`, gradient norms relative `GRAD_NORM_TOL`, the logit scale a tenth of the ~lr that
+/// AdamW moves it per step. At most 1 when the curves agree.
 fn excess(got: &Curve, want: &Curve) -> f64 {
     let mut x = worst(got, want) / TOL;
     for (k, ((gn, wn), (gs, ws))) in got
@@ -341,7 +349,7 @@ fn excess(got: &Curve, want: &Curve) -> f64 {
             "non-finite device step {}",
             k + 1
         );
-        x = x.max((gn - wn).abs() / wn / TOL);
+        x = x.max((gn - wn).abs() / wn / GRAD_NORM_TOL);
         x = x.max((gs - ws).abs() / (0.1 * LR * (k + 1) as f64));
     }
     x
