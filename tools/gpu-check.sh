@@ -124,6 +124,71 @@ run() {
   step kernels_check 90 sh -c "'$bin' kernels check --json > '$out/kernels_check.json'"
   step selftest 120 "$bin" selftest --device cuda --json "$out/selftest.json"
   step torch_loss_bench 45 python3 "$here/torch_loss_bench.py" --json "$out/torch_loss_bench.json"
+  # 50 steps of the tiny config on the CPU and on the GPU from the same weights and batches:
+  # the loss curves must agree within 2e-2 relative per step (issue 7).
+  step parity 60 "$bin" bench parity --config "$root/configs/tiny.toml" --device cuda \
+    --batch 16 --steps 50 --json "$out/parity.json"
+  # A real `mmkd train` on the GPU: synthetic data packed into shards, stage 2 from all
+  # teachers on the tiny config for 8 steps with a checkpoint, then resumed for 4 more.
+  local tdir="$out/train_cuda"
+  step train_cuda 60 sh -c "'$bin' synth --out '$tdir/raw' --train 96 --eval 8 --image-size 64 && \
+    '$bin' pack --format mmkd-clip --input '$tdir/raw/train' --out '$tdir/data' --image-size 32 \
+      --context-length 32 --vocab-size 1024 --no-progress && \
+    '$bin' train --quiet --device cuda --stage kd --config '$root/configs/tiny.toml' \
+      --data '$tdir/data' --out '$tdir/run' --set embed_dim=512 --set teacher_mode=all \
+      --set train.batch_size=16 --set train.epochs=2 --set stop_after=8 --set save_every=4 && \
+    '$bin' train --quiet --device cuda --stage kd --config '$root/configs/tiny.toml' \
+      --data '$tdir/data' --out '$tdir/run' --set embed_dim=512 --set teacher_mode=all \
+      --set train.batch_size=16 --set train.epochs=2 --set stop_after=4 --set save_every=4 \
+      --resume && cat '$tdir/run/metrics.jsonl'"
+  # The device arena of the paper's student at batch 256 (computed from its table).
+  step bench_memory 20 sh -c "'$bin' bench memory --config '$root/configs/vit-b16-biomedbert.toml' \
+    --batch 256 --json '$out/bench_memory.json'"
+  # The training-step benchmark (issue 7): mmkd and PyTorch (eager, then torch.compile) on the
+  # paper's student, batch 256, same synthetic shapes and caption lengths: stage 2 (the bar),
+  # then stage 1 (mmkd and eager only: compiling again would not fit the budget).
+  local cfg="$root/configs/vit-b16-biomedbert.toml" tref="$here/torch_reference.py"
+  local stage bargs have_torch=1
+  if [ ! -f "$tref" ] || [ ! -f "$cfg" ]; then
+    echo "=== torch bench_train skipped: it needs $tref and $cfg"; have_torch=0
+  elif ! python3 -c 'import torch' 2>/dev/null; then
+    echo "=== torch bench_train skipped: PyTorch is not installed"; have_torch=0
+  fi
+  for stage in kd clip; do
+    bargs=(--config "$cfg" --stage "$stage" --batch 256 --steps 10 --warmup 3 --device cuda)
+    if [ ! -f "$cfg" ]; then
+      echo "=== bench_train skipped: $cfg not found"
+      break
+    fi
+    local sfx=""
+    if [ "$stage" = clip ]; then sfx="_clip"; fi
+    step "bench_train_mmkd$sfx" 60 "$bin" bench train "${bargs[@]}" --json "$out/bench_train_mmkd$sfx.json"
+    if [ "$have_torch" = 1 ]; then
+      step "bench_train_torch_eager$sfx" 60 python3 "$tref" "${bargs[@]}" --json "$out/bench_train_torch_eager$sfx.json"
+      if [ "$stage" = kd ]; then
+        step bench_train_torch_compile 150 python3 "$tref" "${bargs[@]}" --compile --json "$out/bench_train_torch_compile.json"
+      fi
+    fi
+  done
+  step bench_train_ratio 10 python3 - "$out" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+runs = {}
+for name in ("mmkd", "torch_eager", "torch_compile", "mmkd_clip", "torch_eager_clip"):
+    try:
+        runs[name] = json.loads((out / f"bench_train_{name}.json").read_text())
+    except Exception as e:
+        print(f"{name}: no result ({e!r})")
+for name, r in runs.items():
+    print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['ms_per_step']['total']:.1f} ms/step, mfu {r['mfu']}")
+m = runs.get("mmkd")
+for base in ("torch_eager", "torch_compile"):
+    if m and base in runs:
+        print(f"kd: mmkd / {base} samples/s: {m['samples_per_s'] / runs[base]['samples_per_s']:.3f}")
+mc, tc = runs.get("mmkd_clip"), runs.get("torch_eager_clip")
+if mc and tc:
+    print(f"clip: mmkd / torch_eager samples/s: {mc['samples_per_s'] / tc['samples_per_s']:.3f}")
+PY
   # Benchmark executables of the bundle (or of a release build), most relevant first; each may
   # write JSON through MMKD_BENCH_JSON. Short criterion settings: a smoke run, not a careful
   # measurement.
@@ -138,39 +203,6 @@ run() {
     step torch_gemm_attn_bench 45 python3 "$here/torch_gemm_attn_bench.py" \
       --json "$out/torch_gemm_attn_bench.json"
   fi
-  # The training-step benchmark (issue 7): mmkd and PyTorch (eager, then torch.compile) on the
-  # paper's student, stage 2, batch 256, same synthetic shapes and caption lengths.
-  local cfg="$root/configs/vit-b16-biomedbert.toml" tref="$here/torch_reference.py"
-  local bargs=(--config "$cfg" --stage kd --batch 256 --steps 10 --warmup 3 --device cuda)
-  if [ ! -f "$cfg" ]; then
-    echo "=== bench_train skipped: $cfg not found"
-  else
-    step bench_train_mmkd 60 "$bin" bench train "${bargs[@]}" --json "$out/bench_train_mmkd.json"
-  fi
-  if [ ! -f "$tref" ] || [ ! -f "$cfg" ]; then
-    echo "=== torch bench_train skipped: it needs $tref and $cfg"
-  elif ! python3 -c 'import torch' 2>/dev/null; then
-    echo "=== torch bench_train skipped: PyTorch is not installed"
-  else
-    step bench_train_torch_eager 60 python3 "$tref" "${bargs[@]}" --json "$out/bench_train_torch_eager.json"
-    step bench_train_torch_compile 150 python3 "$tref" "${bargs[@]}" --compile --json "$out/bench_train_torch_compile.json"
-  fi
-  step bench_train_ratio 10 python3 - "$out" <<'PY'
-import json, sys, pathlib
-out = pathlib.Path(sys.argv[1])
-runs = {}
-for name in ("mmkd", "torch_eager", "torch_compile"):
-    try:
-        runs[name] = json.loads((out / f"bench_train_{name}.json").read_text())
-    except Exception as e:
-        print(f"{name}: no result ({e!r})")
-for name, r in runs.items():
-    print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['ms_per_step']['total']:.1f} ms/step, mfu {r['mfu']}")
-m = runs.get("mmkd")
-for base in ("torch_eager", "torch_compile"):
-    if m and base in runs:
-        print(f"mmkd / {base} samples/s: {m['samples_per_s'] / runs[base]['samples_per_s']:.3f}")
-PY
   step summary 10 python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

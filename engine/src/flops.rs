@@ -91,9 +91,9 @@ mod tests {
         // Image: patch embedding 16 patches × (3·8·8 = 192) inputs × 64 outputs.
         let patch = 2 * 16 * 192 * 64; // 393_216
                                        // One block on 17 tokens: QKV 17·64·192, out 17·64·64, fc 17·64·256, proj 17·256·64,
-                                       // scores and weighted sum 4 heads × 17 × 17 × 16 each.
+                                       // scores and weighted sum 1 head × 17 × 17 × 64 each.
         let vblock = 2 * (17 * 64 * 192 + 17 * 64 * 64 + 17 * 64 * 256 + 17 * 256 * 64)
-            + 2 * 2 * (4 * 17 * 17 * 16);
+            + 2 * 2 * (17 * 17 * 64);
         assert_eq!(vblock, 1_745_152);
         let image = patch + 2 * vblock + 2 * 64 * 32;
         assert_eq!(image_forward_flops(&cfg), image as f64);
@@ -101,7 +101,7 @@ mod tests {
 
         // Text with 10 valid tokens (bidirectional: 100 pairs).
         let tblock = 2 * (10 * 64 * 192 + 10 * 64 * 64 + 10 * 64 * 256 + 10 * 256 * 64)
-            + 2 * 2 * (4 * 10 * 10 * 16);
+            + 2 * 2 * (10 * 10 * 64);
         let text = 2 * tblock + 2 * 64 * 48 + 2 * 48 * 32;
         assert_eq!(text, 2_026_496);
         assert_eq!(text_forward_flops(&cfg, 10.0), text as f64);

@@ -17,6 +17,7 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::ModelConfig;
+use crate::cuda::{KernelStep, KernelTarget};
 use crate::loss::{
     clip_loss, distill_loss, DistillConfig, IclScale, LossParts, TeacherMode, TeacherNorm,
     TeacherTargets, REFERENCE_ICL_SCALE,
@@ -25,7 +26,7 @@ use crate::model::ClipModel;
 use crate::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use mmkd_loaders::batch::{Batch, BatchConfig, BatchLoader, Cursor, TeacherMode as LoadMode};
 use mmkd_loaders::Dataset;
 use std::io::Write;
@@ -86,6 +87,9 @@ pub struct TrainConfig {
     pub teacher_norm: TeacherNorm,
     /// `random`, `mean` or `all`.
     pub teacher_mode: TeacherMode,
+    /// Activation checkpointing: each transformer block keeps only its input and recomputes
+    /// the rest in backward (less memory, one more forward per block).
+    pub checkpointing: bool,
     /// Fault injection for tests of the non-finite guard: at this step the student's image
     /// features are poisoned with a NaN. Never set in real runs.
     pub fault_nan_at_step: Option<u64>,
@@ -115,6 +119,7 @@ impl Default for TrainConfig {
             icl_scale_value: REFERENCE_ICL_SCALE,
             teacher_norm: TeacherNorm::L2,
             teacher_mode: TeacherMode::Random,
+            checkpointing: false,
             fault_nan_at_step: None,
             stop_after: None,
         }
@@ -244,6 +249,9 @@ pub struct TrainOptions {
     pub model: ModelConfig,
     /// Training config.
     pub train: TrainConfig,
+    /// Run the step on the project's kernels (a GPU, or their CPU emulation) instead of the
+    /// engine's CPU backend.
+    pub kernels: Option<KernelTarget>,
 }
 
 /// One record of `metrics.jsonl`.
@@ -539,6 +547,7 @@ pub fn train(
     let total_steps = per_epoch * tc.epochs;
 
     let mut model = ClipModel::new(&opts.model)?;
+    model.set_checkpointing(tc.checkpointing);
     let ckroot = opts.out.join("checkpoints");
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
@@ -580,6 +589,38 @@ pub fn train(
             .with_context(|| format!("{}: data cursor", dir.display()))?;
         loader.seek(cursor)?;
     }
+    // On the kernels the weights and moments live in the arena; `model` and `opt` receive
+    // them back for each checkpoint.
+    let mut kstep = match &opts.kernels {
+        None => None,
+        Some(target) => {
+            if micro != tc.batch_size {
+                bail!(
+                    "train.micro_batch = {micro} (gradient accumulation) is not available on \
+                     the kernels yet: the device step takes the whole batch of {}",
+                    tc.batch_size
+                );
+            }
+            let slots = match loader_mode {
+                LoadMode::None => 0,
+                LoadMode::One => 1,
+                LoadMode::All => ds.num_teachers(),
+            };
+            let mut k = KernelStep::new(
+                target,
+                &opts.model,
+                tc,
+                dcfg,
+                tc.batch_size,
+                slots,
+                &model.params,
+            )?;
+            if resume_from.is_some() {
+                k.load_from(&model.params, &opt.m, &opt.v, step)?;
+            }
+            Some(k)
+        }
+    };
     let metrics_path = opts.out.join("metrics.jsonl");
     truncate_metrics(&metrics_path, step)?;
     let mut metrics = std::fs::OpenOptions::new()
@@ -612,52 +653,81 @@ pub fn train(
         };
         let wait = t0.elapsed().as_secs_f64();
         let inputs = BatchInputs::from_batch(&batch)?;
-        let s = model.logit_scale();
         let poison = tc.fault_nan_at_step == Some(step + 1);
-        // The learned icl scale is read from the store each step.
-        let dcfg_step = match (icl_id, dcfg.icl_scale) {
-            (Some(id), IclScale::Learned(_)) => DistillConfig {
-                icl_scale: IclScale::Learned(model.params.value(id)[0] as f64),
-                ..dcfg
-            },
-            _ => dcfg,
-        };
-        let mut lossf = |fi: &[f32], ft: &[f32]| -> Result<BatchLoss> {
-            if poison {
-                let mut bad = fi.to_vec();
-                bad[0] = f32::NAN;
-                return batch_loss(opts.stage, &dcfg_step, &batch, s, j, &bad, ft);
-            }
-            batch_loss(opts.stage, &dcfg_step, &batch, s, j, fi, ft)
-        };
-        let out = accumulate_gradients(&mut model, &inputs, micro, &mut lossf)?;
-        let ls = model.logit_scale_id();
-        model.params.grad_of_mut(ls)[0] += out.d_logit_scale;
-        if let (Some(id), Some(g)) = (icl_id, out.d_icl_scale) {
-            model.params.grad_of_mut(id)[0] += g;
-        }
-        let gnorm = crate::optim::grad_norm(model.params.grad());
-        if !out.parts.is_finite() || !gnorm.is_finite() {
-            let p = out.parts;
-            bail!(
-                "non-finite loss or gradient at step {}: task {}, fd {}, icl {}, total {}, \
-                 grad norm {gnorm}; the step was not applied and the last checkpoint ({}) is \
-                 unchanged",
-                step + 1,
-                p.task,
-                p.fd,
-                p.icl,
-                p.total,
+        let lr = cosine_lr(step, tc.lr, tc.warmup, total_steps);
+        let not_applied = |what: String| {
+            anyhow!(
+                "{what}; the step was not applied and the last checkpoint ({}) is unchanged",
                 last_saved
                     .as_ref()
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|| "none yet".into())
-            );
-        }
-        clip_grad_norm(model.params.grad_mut(), tc.grad_clip);
-        let lr = cosine_lr(step, tc.lr, tc.warmup, total_steps);
-        opt.step(&mut model.params, lr);
-        model.clamp_logit_scale();
+            )
+        };
+        let (parts, gnorm, logit_scale, icl_log) = if let Some(k) = kstep.as_mut() {
+            let mut images = inputs.images;
+            if poison {
+                images[0] = f32::NAN;
+            }
+            let r = k.step(&batch, &images, lr).map_err(|e| {
+                not_applied(format!(
+                    "step {} on {}: {e:#}",
+                    step + 1,
+                    k.target().label()
+                ))
+            })?;
+            let l = r.loss;
+            let parts = LossParts {
+                task: l.task as f64,
+                fd: l.fd as f64,
+                icl: l.icl as f64,
+                total: l.total as f64,
+            };
+            let icl_log = r.icl_log_scale.map(f64::from);
+            (parts, r.grad_norm as f64, r.logit_scale as f64, icl_log)
+        } else {
+            let s = model.logit_scale();
+            // The learned icl scale is read from the store each step.
+            let dcfg_step = match (icl_id, dcfg.icl_scale) {
+                (Some(id), IclScale::Learned(_)) => DistillConfig {
+                    icl_scale: IclScale::Learned(model.params.value(id)[0] as f64),
+                    ..dcfg
+                },
+                _ => dcfg,
+            };
+            let mut lossf = |fi: &[f32], ft: &[f32]| -> Result<BatchLoss> {
+                if poison {
+                    let mut bad = fi.to_vec();
+                    bad[0] = f32::NAN;
+                    return batch_loss(opts.stage, &dcfg_step, &batch, s, j, &bad, ft);
+                }
+                batch_loss(opts.stage, &dcfg_step, &batch, s, j, fi, ft)
+            };
+            let out = accumulate_gradients(&mut model, &inputs, micro, &mut lossf)?;
+            let ls = model.logit_scale_id();
+            model.params.grad_of_mut(ls)[0] += out.d_logit_scale;
+            if let (Some(id), Some(g)) = (icl_id, out.d_icl_scale) {
+                model.params.grad_of_mut(id)[0] += g;
+            }
+            let gnorm = crate::optim::grad_norm(model.params.grad());
+            if !out.parts.is_finite() || !gnorm.is_finite() {
+                let p = out.parts;
+                return Err(not_applied(format!(
+                    "non-finite loss or gradient at step {}: task {}, fd {}, icl {}, total {}, \
+                     grad norm {gnorm}",
+                    step + 1,
+                    p.task,
+                    p.fd,
+                    p.icl,
+                    p.total
+                )));
+            }
+            clip_grad_norm(model.params.grad_mut(), tc.grad_clip);
+            opt.step(&mut model.params, lr);
+            model.clamp_logit_scale();
+            let icl_log = icl_id.map(|id| model.params.value(id)[0] as f64);
+            (out.parts, gnorm, model.logit_scale() as f64, icl_log)
+        };
         step += 1;
         ran += 1;
         let dt = t0.elapsed().as_secs_f64();
@@ -665,13 +735,13 @@ pub fn train(
             step,
             epoch: batch.start.epoch,
             lr,
-            task: out.parts.task,
-            fd: out.parts.fd,
-            icl: out.parts.icl,
-            total: out.parts.total,
-            logit_scale: model.logit_scale() as f64,
-            icl_scale: match (icl_id, dcfg.icl_scale) {
-                (Some(id), _) => (model.params.value(id)[0] as f64).exp(),
+            task: parts.task,
+            fd: parts.fd,
+            icl: parts.icl,
+            total: parts.total,
+            logit_scale,
+            icl_scale: match (icl_log, dcfg.icl_scale) {
+                (Some(l), _) => l.exp(),
                 (None, IclScale::Const(c)) => c,
                 (None, IclScale::Learned(l)) => l.exp(),
             },
@@ -684,6 +754,9 @@ pub fn train(
         on_step(&rec, total_steps);
         last = Some(rec);
         if tc.save_every > 0 && step % tc.save_every == 0 {
+            if let Some(k) = kstep.as_mut() {
+                k.save_to(&mut model.params, &mut opt.m, &mut opt.v)?;
+            }
             let st = state(step, loader.cursor())?;
             last_saved = Some(checkpoint::save(
                 &ckroot,
@@ -699,6 +772,9 @@ pub fn train(
     let fin = match last_saved.filter(|p| p.ends_with(checkpoint::checkpoint_name(step))) {
         Some(p) => p,
         None => {
+            if let Some(k) = kstep.as_mut() {
+                k.save_to(&mut model.params, &mut opt.m, &mut opt.v)?;
+            }
             let st = state(step, loader.cursor())?;
             checkpoint::save(
                 &ckroot,

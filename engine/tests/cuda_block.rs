@@ -166,6 +166,22 @@ fn cuda_block(
     x: &[f32],
     dy: &[f32],
 ) -> Run {
+    let len = block.dims().len;
+    cuda_block_at(block, arena, ps, len, lengths, x, dy)
+}
+
+/// [`cuda_block`] on a batch padded to `len` tokens (at most the block's longest): `x` and
+/// `dy` hold B·`len` rows, the rest of their regions stays NaN, and `y`, `dx` are read back
+/// from the first B·`len` rows.
+fn cuda_block_at(
+    block: &CudaBlock,
+    arena: &mut Arena,
+    ps: &ParamStore,
+    len: usize,
+    lengths: &[usize],
+    x: &[f32],
+    dy: &[f32],
+) -> Run {
     let d = *block.dims();
     for (name, _) in param_specs(&d) {
         let id = ps.require(&format!("{PREFIX}.{name}")).unwrap();
@@ -180,23 +196,37 @@ fn cuda_block(
             arena.poison(layout.id(&r.name).unwrap()).unwrap();
         }
     }
-    block.set_lengths(arena, lengths).unwrap();
-    arena.write_bf16(block.input(), &bf(x)).unwrap();
-    arena.write_bf16(block.output_grad(), &bf(dy)).unwrap();
+    if len == d.len {
+        block.set_lengths(arena, lengths).unwrap();
+    } else {
+        block.set_padded_lengths(arena, len, lengths).unwrap();
+    }
+    assert_eq!(block.padded_len(), len);
+    let n = d.batch * len * d.width;
+    assert_eq!((x.len(), dy.len()), (n, n));
+    let nan_tail = |v: &[f32]| {
+        let mut v = bf(v);
+        v.resize(d.tokens() * d.width, bf16::NAN);
+        v
+    };
+    arena.write_bf16(block.input(), &nan_tail(x)).unwrap();
+    arena
+        .write_bf16(block.output_grad(), &nan_tail(dy))
+        .unwrap();
     block.forward(arena).unwrap();
     block.backward(arena).unwrap();
-    let f = |v: Vec<bf16>| v.iter().map(|x| f64::from(x.to_f32())).collect::<Vec<_>>();
+    let f = |v: Vec<bf16>| {
+        v[..n]
+            .iter()
+            .map(|x| f64::from(x.to_f32()))
+            .collect::<Vec<_>>()
+    };
     let y = f(arena.read_bf16(block.output()).unwrap());
     let dx = f(arena.read_bf16(block.input_grad()).unwrap());
     let grads = param_specs(&d)
         .iter()
         .map(|(name, _)| widen(&arena.read_f32(block.grad(name).unwrap()).unwrap()))
         .collect();
-    assert_eq!(
-        block.bad_index_count(arena).unwrap(),
-        0,
-        "a head permutation table indexed out of range"
-    );
     Run { y, dx, grads }
 }
 
@@ -254,6 +284,39 @@ fn pre_norm_quick_gelu_block_matches_tape_with_padding() {
 #[test]
 fn post_norm_gelu_block_matches_tape_with_padding() {
     check_against_tape(NormPlacement::Post, Activation::Gelu, 17, &[9, 17]);
+}
+
+/// One block sized for 37 tokens runs batches padded to 20 and then to 9 (the first B·L rows
+/// of its regions, the rest NaN), each against the tape on exactly that length, for both norm
+/// placements.
+#[test]
+fn shorter_padded_lengths_match_tape() {
+    for (norm, act) in [
+        (NormPlacement::Pre, Activation::QuickGelu),
+        (NormPlacement::Post, Activation::Gelu),
+    ] {
+        let longest = dims(norm, act, 37);
+        let seed = fresh_seed();
+        let mut g = rng(seed);
+        let mut ps = random_store(&longest, &mut g);
+        let block = CudaBlock::new(longest).unwrap();
+        let mut arena = Arena::host(block.layout().clone(), Emu::default());
+        for (len, lengths) in [(20, [20, 13]), (9, [4, 9])] {
+            let d = BlockDims { len, ..longest };
+            let n = d.tokens() * d.width;
+            let x = on_grid(&mut g, n, -2.0, 2.0);
+            let dy = on_grid(&mut g, n, -1.0, 1.0);
+            let want = cpu_block(&mut ps, &d, &lengths, &x, &dy);
+            let got = cuda_block_at(&block, &mut arena, &ps, len, &lengths, &x, &dy);
+            compare(
+                &format!("{norm:?}/{act:?} L={len} of 37, lengths={lengths:?}, emulation"),
+                &d,
+                &got,
+                &want,
+                seed,
+            );
+        }
+    }
 }
 
 /// The comparison can fail: the same block run without the key-padding mask the reference
@@ -409,6 +472,18 @@ fn arena_layout_is_disjoint_and_aligned() {
             lay.section_bytes(Section::Params) / 4,
             lay.section_bytes(Section::ParamsBf16) / 2
         );
+        // Heads move by row transpose: the only table is the key lengths, one per attention
+        // sequence (and the pre-norm block's zero residual, an activation-sized constant).
+        let tables: Vec<_> = regs
+            .iter()
+            .filter(|r| r.section == Section::Tables && r.name != "table.zero")
+            .map(|r| (r.name.as_str(), r.dtype, r.len))
+            .collect();
+        assert_eq!(
+            tables,
+            [("table.seqlens", Dtype::I32, d.heads * d.batch)],
+            "{norm:?}"
+        );
         // Each parameter has a master, a bf16 copy and a gradient of its own length.
         for (name, shape) in param_specs(&d) {
             let n: usize = shape.iter().product();
@@ -443,6 +518,12 @@ fn layout_and_block_errors_are_reported() {
     let mut arena = Arena::host(block.layout().clone(), Emu::default());
     assert!(block.set_lengths(&mut arena, &[5]).is_err());
     assert!(block.set_lengths(&mut arena, &[5, 6]).is_err());
+    // Padded lengths within 1..=5, the sequence lengths within the padded one.
+    assert!(block.set_padded_lengths(&mut arena, 0, &[0, 0]).is_err());
+    assert!(block.set_padded_lengths(&mut arena, 6, &[5, 5]).is_err());
+    assert!(block.set_padded_lengths(&mut arena, 3, &[4, 1]).is_err());
+    block.set_padded_lengths(&mut arena, 3, &[3, 1]).unwrap();
+    assert_eq!(block.padded_len(), 3);
     assert!(arena.write_f32(block.input(), &[0.0; 4]).is_err());
 }
 

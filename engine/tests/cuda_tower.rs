@@ -7,7 +7,8 @@
 
 use half::bf16;
 use mmkd_engine::cuda::{
-    Arena, CudaImageTower, CudaTextTower, Dtype, ImageTowerDims, RegionId, Section, TextTowerDims,
+    padded_text_len, Arena, CudaImageTower, CudaTextTower, Dtype, ImageTowerDims, RegionId,
+    Section, TextTowerDims, TEXT_LEN_TILE, TEXT_PAD_ID,
 };
 use mmkd_engine::{ClipModel, ModelConfig, NormPlacement, Pooling, Tape, Tensor};
 use mmkd_kernels::testing::{fresh_seed, rel_err, rng};
@@ -406,13 +407,37 @@ fn text_case(cfg: ModelConfig) -> TextCase {
         .map(|_| g.gen_range(0..cfg.text.vocab_size as u32))
         .collect();
     let dfeat = on_grid(&mut g, BATCH * cfg.embed_dim, -1.0, 1.0);
-    let t = Tensor::from_u32(tokens.clone(), &[BATCH, TEXT_LEN]).unwrap();
+    let groups = groups(&tower);
+    let want = tape_text(&mut model, &tower, &groups, &tokens, &TEXT_LENGTHS, &dfeat);
+    let names = groups.iter().map(|g| g.1.clone()).collect();
+    TextCase {
+        model,
+        tower,
+        groups,
+        names,
+        tokens,
+        dfeat,
+        want,
+        seed,
+    }
+}
+
+/// The tape's text features of token ids `(BATCH, L)` and the gradients, per arena region of
+/// `groups`, from the seed `dfeat`.
+fn tape_text(
+    model: &mut ClipModel,
+    tower: &CudaTextTower,
+    groups: &Groups,
+    tokens: &[u32],
+    lengths: &[usize],
+    dfeat: &[f32],
+) -> Run {
+    let t = Tensor::from_u32(tokens.to_vec(), &[BATCH, tokens.len() / BATCH]).unwrap();
     let mut tape = Tape::new();
-    let f = model.encode_text(&mut tape, &t, &TEXT_LENGTHS).unwrap();
+    let f = model.encode_text(&mut tape, &t, lengths).unwrap();
     let features = widen(tape.value(f));
     model.params.zero_grad();
-    tape.backward(&mut model.params, &[(f, &dfeat)]).unwrap();
-    let groups = groups(&tower);
+    tape.backward(&mut model.params, &[(f, dfeat)]).unwrap();
     let grads = groups
         .iter()
         .map(|(id, _, slices)| {
@@ -425,50 +450,61 @@ fn text_case(cfg: ModelConfig) -> TextCase {
             v
         })
         .collect();
-    let names = groups.iter().map(|g| g.1.clone()).collect();
-    TextCase {
-        model,
-        tower,
-        groups,
-        names,
-        tokens,
-        dfeat,
-        want: Run { features, grads },
-        seed,
-    }
+    Run { features, grads }
 }
 
-fn text_prepare(c: &TextCase, arena: &mut Arena) {
-    let map = c.tower.param_map();
+/// Loads the masters from `model`, poisons the outputs and scratch, writes the batch (token
+/// ids `(BATCH, L)`) and the seed.
+fn text_load(
+    tower: &CudaTextTower,
+    model: &ClipModel,
+    arena: &mut Arena,
+    tokens: &[u32],
+    lengths: &[usize],
+    dfeat: &[f32],
+) {
+    let map = tower.param_map();
     let mut masters: HashMap<_, Vec<f32>> = HashMap::new();
     for p in &map {
         let n = arena.layout().region(p.param).len;
         let v = masters.entry(p.param).or_insert_with(|| vec![f32::NAN; n]);
-        let id = c.model.params.require(&p.name).unwrap();
-        v[p.offset..p.offset + p.len].copy_from_slice(c.model.params.value(id));
+        let id = model.params.require(&p.name).unwrap();
+        v[p.offset..p.offset + p.len].copy_from_slice(model.params.value(id));
     }
     for (id, v) in &masters {
         assert!(v.iter().all(|x| x.is_finite()), "a master left unwritten");
         arena.write_f32(*id, v).unwrap();
     }
     poison_all(arena);
-    c.tower.set_batch(arena, &c.tokens, &TEXT_LENGTHS).unwrap();
-    arena
-        .write_bf16(c.tower.features_grad(), &bf(&c.dfeat))
-        .unwrap();
+    tower.set_batch(arena, tokens, lengths).unwrap();
+    arena.write_bf16(tower.features_grad(), &bf(dfeat)).unwrap();
 }
 
-fn text_run(c: &TextCase, arena: &mut Arena) -> Run {
-    c.tower.forward(arena).unwrap();
-    c.tower.backward(arena).unwrap();
-    let features = widen(&arena.read_f32(c.tower.features()).unwrap());
-    let grads = c
-        .groups
+fn text_prepare(c: &TextCase, arena: &mut Arena) {
+    text_load(
+        &c.tower,
+        &c.model,
+        arena,
+        &c.tokens,
+        &TEXT_LENGTHS,
+        &c.dfeat,
+    );
+}
+
+fn tower_run(tower: &CudaTextTower, groups: &Groups, arena: &mut Arena) -> Run {
+    tower.forward(arena).unwrap();
+    tower.backward(arena).unwrap();
+    let features = widen(&arena.read_f32(tower.features()).unwrap());
+    let grads = groups
         .iter()
         .map(|(id, _, _)| widen(&arena.read_f32(*id).unwrap()))
         .collect();
-    assert_eq!(c.tower.bad_index_count(arena).unwrap(), 0);
+    assert_eq!(tower.bad_index_count(arena).unwrap(), 0);
     Run { features, grads }
+}
+
+fn text_run(c: &TextCase, arena: &mut Arena) -> Run {
+    tower_run(&c.tower, &c.groups, arena)
 }
 
 fn check_text(what: &str, cfg: ModelConfig) {
@@ -537,6 +573,18 @@ fn text_tower_rejects_bad_batches() {
     let mut wrong = toks.clone();
     wrong[5] = cfg.text.vocab_size as u32;
     assert!(tower.set_batch(&mut arena, &wrong, &[11, 3]).is_err());
+    // Rows longer than the arena's longest length, or empty, are refused; shorter ones run.
+    let long = vec![1u32; BATCH * (TEXT_LEN + 1)];
+    assert!(tower.set_batch(&mut arena, &long, &[11, 3]).is_err());
+    assert!(tower.set_batch(&mut arena, &[], &[]).is_err());
+    assert!(tower.set_batch(&mut arena, &[], &[1, 1]).is_err());
+    tower
+        .set_batch(&mut arena, &toks[..BATCH * 4], &[4, 3])
+        .unwrap();
+    assert_eq!(tower.batch_len(), 4);
+    assert!(tower
+        .set_batch(&mut arena, &toks[..BATCH * 4], &[5, 3])
+        .is_err());
     assert!(
         TextTowerDims::from_config(&cfg, BATCH, cfg.text.context_length + 1)
             .and_then(CudaTextTower::new)
@@ -545,6 +593,167 @@ fn text_tower_rejects_bad_batches() {
     let mut causal = cfg.clone();
     causal.text.causal = true;
     assert!(TextTowerDims::from_config(&causal, BATCH, TEXT_LEN).is_err());
+}
+
+// ---- variable text length ----
+
+/// The longest length the variable-length tower is built for (its arena's size).
+const MAX_LEN: usize = 24;
+
+/// One tower of longest length `MAX_LEN` (context 32) and a random model for it.
+struct VarCase {
+    model: ClipModel,
+    tower: CudaTextTower,
+    groups: Groups,
+    names: Vec<String>,
+    g: rand_chacha::ChaCha8Rng,
+    seed: u64,
+}
+
+fn var_case() -> VarCase {
+    let mut cfg = config();
+    cfg.text.context_length = 32;
+    let tower =
+        CudaTextTower::new(TextTowerDims::from_config(&cfg, BATCH, MAX_LEN).unwrap()).unwrap();
+    let names: Vec<String> = tower.param_map().into_iter().map(|p| p.name).collect();
+    let mut model = ClipModel::new(&cfg).unwrap();
+    let seed = fresh_seed();
+    let mut g = rng(seed);
+    randomise(&mut model, &names, &mut g);
+    let groups = groups(&tower);
+    let names = groups.iter().map(|g| g.1.clone()).collect();
+    VarCase {
+        model,
+        tower,
+        groups,
+        names,
+        g,
+        seed,
+    }
+}
+
+/// Token ids `(BATCH, l)`: random words within each row's length, `TEXT_PAD_ID` after it.
+fn var_tokens(g: &mut impl Rng, vocab: usize, l: usize, lengths: &[usize]) -> Vec<u32> {
+    (0..BATCH * l)
+        .map(|i| {
+            if i % l < lengths[i / l] {
+                g.gen_range(1..vocab as u32)
+            } else {
+                TEXT_PAD_ID
+            }
+        })
+        .collect()
+}
+
+/// `tokens` `(BATCH, l)` padded with `TEXT_PAD_ID` to `(BATCH, to)`.
+fn pad_rows(tokens: &[u32], l: usize, to: usize) -> Vec<u32> {
+    let mut out = vec![TEXT_PAD_ID; BATCH * to];
+    for (dst, src) in out.chunks_exact_mut(to).zip(tokens.chunks_exact(l)) {
+        dst[..l].copy_from_slice(src);
+    }
+    out
+}
+
+/// One tower and one arena (sized for `MAX_LEN`) run batches of length 5, 24 and 13 in turn
+/// (the plans switch with each batch), each against the tape run on exactly that length.
+#[test]
+fn text_tower_runs_batches_of_different_lengths_against_the_tape() {
+    let mut c = var_case();
+    let vocab = c.model.config.text.vocab_size;
+    let embed = c.model.config.embed_dim;
+    let mut arena = Arena::host(c.tower.layout().clone(), Emu::default());
+    for (l, lengths) in [(5, [5, 2]), (MAX_LEN, [MAX_LEN, 17]), (13, [9, 13])] {
+        let tokens = var_tokens(&mut c.g, vocab, l, &lengths);
+        let dfeat = on_grid(&mut c.g, BATCH * embed, -1.0, 1.0);
+        let want = tape_text(&mut c.model, &c.tower, &c.groups, &tokens, &lengths, &dfeat);
+        text_load(&c.tower, &c.model, &mut arena, &tokens, &lengths, &dfeat);
+        assert_eq!(c.tower.batch_len(), l);
+        let got = tower_run(&c.tower, &c.groups, &mut arena);
+        let rows = errors(&c.names, &got, &want);
+        report(
+            &format!("text tower L={l} of at most {MAX_LEN}, lengths {lengths:?}"),
+            c.seed,
+            &rows,
+        );
+        for (name, e) in &rows {
+            assert!(
+                *e <= TOL,
+                "seed {}: L={l}: `{name}` rel err {e:.3e} > {TOL:e}",
+                c.seed
+            );
+        }
+    }
+}
+
+/// A batch of short captions (longest 5) padded only to the text tile gives the features and
+/// gradients of the same batch padded to the longest length, and of the tape on 5 tokens,
+/// while running on 16 tokens a row instead of 24. Treating the padding as words (every
+/// length set to the padded length) must change the features: the key-padding mask is what
+/// makes the padded length irrelevant.
+#[test]
+fn padding_to_the_longest_caption_matches_padding_to_the_maximum() {
+    let mut c = var_case();
+    let vocab = c.model.config.text.vocab_size;
+    let embed = c.model.config.embed_dim;
+    let lengths = [5, 3];
+    let l = 5;
+    let tokens = var_tokens(&mut c.g, vocab, l, &lengths);
+    let dfeat = on_grid(&mut c.g, BATCH * embed, -1.0, 1.0);
+    let want = tape_text(&mut c.model, &c.tower, &c.groups, &tokens, &lengths, &dfeat);
+    let mut arena = Arena::host(c.tower.layout().clone(), Emu::default());
+
+    let short = padded_text_len(l, MAX_LEN);
+    assert_eq!(short, TEXT_LEN_TILE);
+    let mut runs = Vec::new();
+    for to in [short, MAX_LEN] {
+        let padded = pad_rows(&tokens, l, to);
+        text_load(&c.tower, &c.model, &mut arena, &padded, &lengths, &dfeat);
+        assert_eq!(c.tower.batch_len(), to);
+        let got = tower_run(&c.tower, &c.groups, &mut arena);
+        let rows = errors(&c.names, &got, &want);
+        report(
+            &format!("text tower, lengths {lengths:?} padded to {to}, against the tape"),
+            c.seed,
+            &rows,
+        );
+        for (name, e) in &rows {
+            assert!(
+                *e <= TOL,
+                "seed {}: padded to {to}: `{name}` rel err {e:.3e} > {TOL:e}",
+                c.seed
+            );
+        }
+        runs.push(got);
+    }
+    let rows = errors(&c.names, &runs[0], &runs[1]);
+    let worst = report(
+        &format!("text tower, padded to {short} against padded to {MAX_LEN}"),
+        c.seed,
+        &rows,
+    );
+    assert!(
+        worst <= TOL,
+        "seed {}: the padded length changed the result by {worst:.3e}",
+        c.seed
+    );
+
+    let padded = pad_rows(&tokens, l, MAX_LEN);
+    text_load(
+        &c.tower,
+        &c.model,
+        &mut arena,
+        &padded,
+        &[MAX_LEN; BATCH],
+        &dfeat,
+    );
+    let unmasked = tower_run(&c.tower, &c.groups, &mut arena);
+    let feat = rel_err(&unmasked.features, &runs[1].features);
+    eprintln!("text tower, padding unmasked: features rel err {feat:.3e}");
+    assert!(
+        feat > 5.0 * TOL,
+        "seed {}: unmasked padding left the features within {feat:.3e}",
+        c.seed
+    );
 }
 
 /// The BERT tower on a GPU, with the arena as one device allocation.

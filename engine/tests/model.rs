@@ -65,7 +65,7 @@ fn configs_load_and_bad_configs_name_the_key() {
         ),
         (
             src.replace(
-                "heads = 4\nmlp_ratio = 4.0\nact = \"quick_gelu\"",
+                "heads = 1\nmlp_ratio = 4.0\nact = \"quick_gelu\"",
                 "heads = 3\nmlp_ratio = 4.0\nact = \"quick_gelu\"",
             ),
             "vision.heads",

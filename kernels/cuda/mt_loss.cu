@@ -12,6 +12,9 @@
 //   fd    = Σ_k Σ_i w_ki ( ‖Î_i − U_I[k,i]‖² + ‖T̂_i − U_T[k,i]‖² ) / D
 //   icl   = ½ Σ_k Σ_i w_ki [ CE_i(c Î U_T[k]ᵀ) + CE_i(c T̂ U_I[k]ᵀ) ]   (kept columns only)
 //   total = task + λ fd + icl
+// CLIP mode (no teachers, K = 0): only the normalisation, the task's two statistics and two
+// gradient passes, mtl_finish with K = 0 and mtl_reduce with null icl/teacher sections run, so
+// fd = icl = 0 and total = task; mtl_targets and the student–teacher passes never launch.
 // The N×N logits are never stored: mtl_row_stats streams over the columns with an online
 // softmax (running max and sum per row), and mtl_grad_rows recomputes each logit from the two
 // feature rows to form dL/dz = w (softmax − onehot) on the fly. Everything past the input loads
@@ -532,10 +535,11 @@ MMKD_EXPORT(mtl_grad_rows_tc)
 // ---- 5. feature MSE and the normalisation backward. grid (N, 2), block MTL_THREADS ---------
 // g = dL/dx̂ (the logit terms, S partials) + λ Σ_k 2 w_ki (x̂ − U[k, i]) / D;
 // dx = (g − x̂ (g·x̂)) / ‖x‖  (g / 1e-12 below the norm floor, where the map is linear).
+// K = 0 (CLIP mode): tgt and w are not read and may be null; fd_part is written as 0.
 MMKD_KERNEL void mtl_finish(const float* __restrict__ xhat,   // (2, N, D)
                             const float* __restrict__ norms,  // (2, N)
-                            const float* __restrict__ tgt,    // (2, K, N, D)
-                            const float* __restrict__ w,      // (K, N)
+                            const float* __restrict__ tgt,    // (2, K, N, D), null if K = 0
+                            const float* __restrict__ w,      // (K, N), null if K = 0
                             float* __restrict__ dxhat,        // (2, S, N, D) in: logit terms
                             float* __restrict__ fd_part,      // (2, N) out
                             float* __restrict__ dimg,         // (N, D) out
@@ -577,13 +581,14 @@ MMKD_EXPORT(mtl_finish)
 
 // ---- 6. final sums. grid (1), block MTL_THREADS -------------------------------------------
 // out: task, fd, icl, total, d total/d s, d total/d ℓ (learned icl scale; else 0), samples
-// without a usable teacher, 0.
+// without a usable teacher, 0. CLIP mode: K = 0, st_icl, dc and bad null (icl, d/dℓ and the
+// count are then 0).
 MMKD_KERNEL void mtl_reduce(const float* __restrict__ st_task,  // (2, N, 3)
-                            const float* __restrict__ st_icl,   // (2, K, N, 3)
+                            const float* __restrict__ st_icl,   // (2, K, N, 3), null if K = 0
                             const float* __restrict__ fd_part,  // (2, N)
                             const float* __restrict__ ds_task,  // (S, N)
-                            const float* __restrict__ dc,       // (S, N)
-                            const float* __restrict__ bad,      // (N)
+                            const float* __restrict__ dc,       // (S, N) or null
+                            const float* __restrict__ bad,      // (N) or null
                             float* __restrict__ out,            // (8) out
                             float lambda, float logit_scale_exp, float icl_c, int learned,
                             int N, int K, int S) {
@@ -596,9 +601,10 @@ MMKD_KERNEL void mtl_reduce(const float* __restrict__ st_task,  // (2, N, 3)
     for (long r = threadIdx.x; r < 2L * K * N; r += blockDim.x) icl += st_icl[r * 3 + 2];
     for (long r = threadIdx.x; r < (long)S * N; r += blockDim.x) {
         ds += ds_task[r];
-        dcs += dc[r];
+        if (dc != nullptr) dcs += dc[r];
     }
-    for (int r = threadIdx.x; r < N; r += blockDim.x) nb += bad[r];
+    if (bad != nullptr)
+        for (int r = threadIdx.x; r < N; r += blockDim.x) nb += bad[r];
     task = mtl_block_sum(task, scratch);
     fd = mtl_block_sum(fd, scratch);
     icl = mtl_block_sum(icl, scratch);

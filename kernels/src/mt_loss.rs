@@ -7,6 +7,12 @@
 //! unnormalised features) and `out[8]` = task, fd, icl, total, d total/d s (raw logit scale),
 //! d total/d ℓ (learned icl scale, else 0), samples without a usable teacher, 0. The kernels
 //! need an fp32 scratch of [`scratch_len`] elements; no N×N matrix is ever stored.
+//!
+//! **CLIP mode** (`t == 0`, stage 1): the loss is the symmetric CLIP loss alone (task; fd = icl
+//! = 0, total = task, d total/d ℓ = 0), the gradients are those of the CLIP loss, and no teacher
+//! work runs: the plan has no targets step and no student–teacher passes. Only the student
+//! features are read; the teacher, mask and `pick` inputs are ignored (empty slices, or null
+//! buffer slots in [`plan`]) whatever the teacher mode, and the scratch shrinks accordingly.
 
 use crate::device::Gpu;
 use crate::emu::Emu;
@@ -42,7 +48,7 @@ pub enum IclScale {
 pub struct LossConfig {
     /// Batch size N.
     pub n: usize,
-    /// Teacher slots T in the `[N, T, D]` targets.
+    /// Teacher slots T in the `[N, T, D]` targets; 0 selects CLIP mode (no teachers).
     pub t: usize,
     /// Feature width D.
     pub d: usize,
@@ -67,8 +73,15 @@ const TC_MAX_D: usize = 768;
 const WARPS: usize = 8;
 
 impl LossConfig {
+    /// True in CLIP mode (`t == 0`): the task term alone, no teacher input is read.
+    pub fn is_clip(&self) -> bool {
+        self.t == 0
+    }
+    /// Teacher slots K of the student–teacher passes (0 in CLIP mode).
     fn slots(&self) -> usize {
-        if self.mode == TeacherMode::All {
+        if self.is_clip() {
+            0
+        } else if self.mode == TeacherMode::All {
             self.t
         } else {
             1
@@ -76,8 +89,8 @@ impl LossConfig {
     }
     fn validate(&self) -> Result<()> {
         ensure!(
-            self.n > 0 && self.t > 0 && self.d > 0,
-            "mt_loss: empty shape N={} T={} D={}",
+            self.n > 0 && self.d > 0,
+            "mt_loss: empty shape N={} T={} D={} (N and D must be positive; T = 0 is CLIP mode)",
             self.n,
             self.t,
             self.d
@@ -132,20 +145,23 @@ fn splits(c: &LossConfig, tc: bool) -> usize {
     }
 }
 
+/// The sections, in order. CLIP mode (K = 0) has no targets, weights, keep flags, icl
+/// statistics, teacher counts or d/dc partials.
 fn layout(c: &LossConfig, sp: usize) -> Layout {
     let (n, d, k) = (c.n, c.d, c.slots());
+    let teachers = usize::from(k > 0);
     let sizes = [
         2 * n * d,
         2 * n,
         2 * k * n * d,
         k * n,
         k * n,
-        n,
+        teachers * n,
         2 * n * 3,
         2 * k * n * 3,
         2 * sp * n * d,
         sp * n,
-        sp * n,
+        teachers * sp * n,
         2 * n,
     ];
     let mut off = [0usize; 12];
@@ -171,7 +187,10 @@ fn layout(c: &LossConfig, sp: usize) -> Layout {
     }
 }
 
-/// Elements of the fp32 scratch the kernels need for `cfg` with inputs of type `F`.
+/// Elements of the fp32 scratch the kernels need for `cfg` with inputs of type `F`. With S the
+/// gradient partials (1 on the fp32 path, up to 16 on the tensor-core one) and K the teacher
+/// slots: 2ND(1 + S + K) + N(11 + 8K + 2S) with teachers, 2ND(1 + S) + N(10 + S) in CLIP mode
+/// (K = 0).
 pub fn scratch_len<F: LossElem>(cfg: &LossConfig) -> usize {
     scratch_len_for(cfg, F::SUFFIX)
 }
@@ -187,15 +206,15 @@ pub fn scratch_len_for(cfg: &LossConfig, suffix: &str) -> usize {
 pub struct LossResult {
     /// ½ (CE rows + CE columns) of the student–student logits.
     pub task: f32,
-    /// Feature MSE.
+    /// Feature MSE (0 in CLIP mode).
     pub fd: f32,
-    /// The student–teacher cross-entropies.
+    /// The student–teacher cross-entropies (0 in CLIP mode).
     pub icl: f32,
-    /// task + λ fd + icl.
+    /// task + λ fd + icl (task in CLIP mode).
     pub total: f32,
     /// d total / d s.
     pub dlogit_scale: f32,
-    /// d total / d ℓ for a learned icl scale, else 0.
+    /// d total / d ℓ for a learned icl scale, else (and in CLIP mode) 0.
     pub dicl_scale: f32,
 }
 
@@ -257,7 +276,8 @@ impl DevLossElem for u16 {
     const SUFFIX: &'static str = "bf16";
 }
 
-/// The loss inputs.
+/// The loss inputs. In CLIP mode (`t == 0`) only `image` and `text` are read: the teacher
+/// slices and the mask may be empty, and `pick` is ignored.
 #[derive(Clone, Copy, Debug)]
 pub struct LossInputs<'a, F> {
     /// Student image features `[N, D]`.
@@ -277,8 +297,9 @@ pub struct LossInputs<'a, F> {
 fn check_lens(cfg: &LossConfig, lens: [usize; 9], has_pick: bool) -> Result<()> {
     cfg.validate()?;
     let (n, t, d) = (cfg.n, cfg.t, cfg.d);
+    // CLIP mode reads no teacher input: `pick` is ignored like the (empty) teacher buffers.
     ensure!(
-        (cfg.mode == TeacherMode::Random) == has_pick,
+        cfg.is_clip() || (cfg.mode == TeacherMode::Random) == has_pick,
         "mt_loss: `pick` is needed in random mode and only there (mode {:?})",
         cfg.mode
     );
@@ -293,7 +314,7 @@ fn check_lens(cfg: &LossConfig, lens: [usize; 9], has_pick: bool) -> Result<()> 
         "dtext",
         "out",
     ];
-    let pick = if has_pick { n } else { 0 };
+    let pick = if has_pick && !cfg.is_clip() { n } else { 0 };
     let needs = [
         n * d,
         n * d,
@@ -312,7 +333,8 @@ fn check_lens(cfg: &LossConfig, lens: [usize; 9], has_pick: bool) -> Result<()> 
 }
 
 /// The launches, with buffer slots 0 image, 1 text, 2 teacher_image, 3 teacher_text, 4 mask,
-/// 5 pick (or null), 6 dimage, 7 dtext, 8 out, 9 scratch.
+/// 5 pick (or null), 6 dimage, 7 dtext, 8 out, 9 scratch. In CLIP mode (`cfg.t == 0`) no step
+/// names slots 2–5 (they may be null): slots 0, 1 are read, 6, 7, 8 written, 9 is the scratch.
 pub fn plan(cfg: &LossConfig, suffix: &str) -> Result<Vec<Step>> {
     cfg.validate()?;
     let tc = uses_tc(cfg, suffix);
@@ -387,224 +409,183 @@ pub fn plan(cfg: &LossConfig, suffix: &str) -> Result<Vec<Step>> {
     let st_i = |y: usize| P::At(s, l.st_icl + y * k * n * 3);
     let dxh = |y: usize| P::At(s, l.dxhat + y * sp * nd);
     let (fw, sc) = (P::F32, P::F32);
-    Ok(vec![
-        step(
-            norm_k,
-            rows2,
-            vec![
-                P::Buf(0),
-                P::Buf(1),
-                ih,
-                P::At(s, l.norms),
-                P::I32(ni),
-                P::I32(di),
-            ],
-        ),
-        step(
-            tgt_k,
-            rows2,
-            vec![
-                P::Buf(2),
-                P::Buf(3),
-                P::Buf(4),
-                if cfg.mode == TeacherMode::Random {
-                    P::Buf(5)
-                } else {
-                    P::Null
-                },
-                ti,
-                w,
-                keep,
-                P::At(s, l.bad),
-                P::I32(ni),
-                P::I32(cfg.t as i32),
-                P::I32(di),
-                P::I32(mode),
-                P::I32(i32::from(cfg.teacher_l2)),
-            ],
-        ),
-        // task: rows of Î T̂ᵀ, then rows of T̂ Îᵀ (its columns)
-        step(
-            stats_k,
-            stats_shape(1),
-            vec![
-                ih,
-                th,
-                P::Null,
-                P::Null,
-                st_t(0),
-                fw(w_task),
-                sc(e_s),
-                P::I32(ni),
-                P::I32(di),
-            ],
-        ),
+    let clip = cfg.is_clip();
+    // CLIP mode: no fd, icl or teacher-count sections; λ = 0 keeps total = task even for a
+    // non-finite λ in the config.
+    let lambda = if clip { 0.0 } else { cfg.fd_weight };
+    let normalize = step(
+        norm_k,
+        rows2,
+        vec![
+            P::Buf(0),
+            P::Buf(1),
+            ih,
+            P::At(s, l.norms),
+            P::I32(ni),
+            P::I32(di),
+        ],
+    );
+    let targets = step(
+        tgt_k,
+        rows2,
+        vec![
+            P::Buf(2),
+            P::Buf(3),
+            P::Buf(4),
+            if cfg.mode == TeacherMode::Random {
+                P::Buf(5)
+            } else {
+                P::Null
+            },
+            ti,
+            w,
+            keep,
+            P::At(s, l.bad),
+            P::I32(ni),
+            P::I32(cfg.t as i32),
+            P::I32(di),
+            P::I32(mode),
+            P::I32(i32::from(cfg.teacher_l2)),
+        ],
+    );
+    // task: rows of Î T̂ᵀ, then rows of T̂ Îᵀ (its columns)
+    let task_stats = [(ih, th, 0), (th, ih, 1)].map(|(a, b, y)| {
         step(
             stats_k,
             stats_shape(1),
             vec![
-                th,
-                ih,
+                a,
+                b,
                 P::Null,
                 P::Null,
-                st_t(1),
+                st_t(y),
                 fw(w_task),
                 sc(e_s),
                 P::I32(ni),
                 P::I32(di),
             ],
-        ),
-        // icl: Î against teacher text, T̂ against teacher image, weight ½ w
+        )
+    });
+    // icl: Î against teacher text, T̂ against teacher image, weight ½ w
+    let icl_stats = [(ih, tt, 0), (th, ti, 1)].map(|(a, b, y)| {
         step(
             stats_k,
             stats_shape(k),
             vec![
-                ih,
-                tt,
+                a,
+                b,
                 keep,
                 w,
-                st_i(0),
+                st_i(y),
                 fw(0.5),
                 sc(c),
                 P::I32(ni),
                 P::I32(di),
             ],
-        ),
+        )
+    });
+    // Both task gradient passes overwrite their dx̂ partials; only the first one's d/ds is kept
+    // (the second one's equals it: Σ_ij g_ij z_ij over the transposed matrix).
+    let task_grads =
+        [(ih, th, 0, P::At(s, l.ds_task)), (th, ih, 1, P::Null)].map(|(a, b, y, dscale)| {
+            step(
+                grad_k,
+                grad_shape,
+                vec![
+                    a,
+                    b,
+                    P::Null,
+                    P::Null,
+                    st_t(y),
+                    st_t(1 - y),
+                    dxh(y),
+                    dscale,
+                    fw(w_task),
+                    sc(e_s),
+                    P::I32(ni),
+                    P::I32(di),
+                    P::I32(1),
+                    P::I32(0),
+                ],
+            )
+        });
+    // icl gradients add to the task's dx̂; d/dc is overwritten by the first, added by the second.
+    let icl_grads = [(ih, tt, 0, 1), (th, ti, 1, 3)].map(|(a, b, y, acc)| {
         step(
-            stats_k,
-            stats_shape(k),
+            grad_k,
+            grad_shape,
             vec![
-                th,
-                ti,
+                a,
+                b,
                 keep,
                 w,
-                st_i(1),
-                fw(0.5),
-                sc(c),
-                P::I32(ni),
-                P::I32(di),
-            ],
-        ),
-        step(
-            grad_k,
-            grad_shape,
-            vec![
-                ih,
-                th,
+                st_i(y),
                 P::Null,
-                P::Null,
-                st_t(0),
-                st_t(1),
-                dxh(0),
-                P::At(s, l.ds_task),
-                fw(w_task),
-                sc(e_s),
-                P::I32(ni),
-                P::I32(di),
-                P::I32(1),
-                P::I32(0),
-            ],
-        ),
-        step(
-            grad_k,
-            grad_shape,
-            vec![
-                th,
-                ih,
-                P::Null,
-                P::Null,
-                st_t(1),
-                st_t(0),
-                dxh(1),
-                P::Null,
-                fw(w_task),
-                sc(e_s),
-                P::I32(ni),
-                P::I32(di),
-                P::I32(1),
-                P::I32(0),
-            ],
-        ),
-        step(
-            grad_k,
-            grad_shape,
-            vec![
-                ih,
-                tt,
-                keep,
-                w,
-                st_i(0),
-                P::Null,
-                dxh(0),
+                dxh(y),
                 P::At(s, l.dc),
                 fw(0.5),
                 sc(c),
                 P::I32(ni),
                 P::I32(di),
                 P::I32(ki),
-                P::I32(1),
+                P::I32(acc),
             ],
-        ),
-        step(
-            grad_k,
-            grad_shape,
-            vec![
-                th,
-                ti,
-                keep,
-                w,
-                st_i(1),
-                P::Null,
-                dxh(1),
-                P::At(s, l.dc),
-                fw(0.5),
-                sc(c),
-                P::I32(ni),
-                P::I32(di),
-                P::I32(ki),
-                P::I32(3),
-            ],
-        ),
-        step(
-            "mtl_finish",
-            rows2,
-            vec![
-                ih,
-                P::At(s, l.norms),
-                ti,
-                w,
-                dxh(0),
-                P::At(s, l.fd),
-                P::Buf(6),
-                P::Buf(7),
-                fw(cfg.fd_weight),
-                P::I32(ni),
-                P::I32(di),
-                P::I32(ki),
-                P::I32(sp as i32),
-            ],
-        ),
-        step(
-            "mtl_reduce",
-            LaunchShape::linear(1, THREADS, 0),
-            vec![
-                st_t(0),
-                st_i(0),
-                P::At(s, l.fd),
-                P::At(s, l.ds_task),
-                P::At(s, l.dc),
-                P::At(s, l.bad),
-                P::Buf(8),
-                fw(cfg.fd_weight),
-                sc(e_s),
-                sc(c),
-                P::I32(i32::from(matches!(cfg.icl, IclScale::Learned(_)))),
-                P::I32(ni),
-                P::I32(ki),
-                P::I32(sp as i32),
-            ],
-        ),
-    ])
+        )
+    });
+    let teacher = |p: P| if clip { P::Null } else { p };
+    let finish = step(
+        "mtl_finish",
+        rows2,
+        vec![
+            ih,
+            P::At(s, l.norms),
+            teacher(ti),
+            teacher(w),
+            dxh(0),
+            P::At(s, l.fd),
+            P::Buf(6),
+            P::Buf(7),
+            fw(lambda),
+            P::I32(ni),
+            P::I32(di),
+            P::I32(ki),
+            P::I32(sp as i32),
+        ],
+    );
+    let reduce = step(
+        "mtl_reduce",
+        LaunchShape::linear(1, THREADS, 0),
+        vec![
+            st_t(0),
+            teacher(st_i(0)),
+            P::At(s, l.fd),
+            P::At(s, l.ds_task),
+            teacher(P::At(s, l.dc)),
+            teacher(P::At(s, l.bad)),
+            P::Buf(8),
+            fw(lambda),
+            sc(e_s),
+            sc(c),
+            P::I32(i32::from(!clip && matches!(cfg.icl, IclScale::Learned(_)))),
+            P::I32(ni),
+            P::I32(ki),
+            P::I32(sp as i32),
+        ],
+    );
+    let mut steps = vec![normalize];
+    if !clip {
+        steps.push(targets);
+    }
+    steps.extend(task_stats);
+    if !clip {
+        steps.extend(icl_stats);
+    }
+    steps.extend(task_grads);
+    if !clip {
+        steps.extend(icl_grads);
+    }
+    steps.extend([finish, reduce]);
+    Ok(steps)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -694,9 +675,11 @@ pub fn mt_loss_cpu<F: LossElem>(
             r
         }
     };
-    // Slots: (image targets, text targets, row weights, column keep), each [N, D] / [N].
+    // Slots: (image targets, text targets, row weights, column keep), each [N, D] / [N]. CLIP
+    // mode has none, which leaves the task term alone.
     let mut slots: Vec<Slot> = Vec::new();
     match cfg.mode {
+        _ if cfg.is_clip() => {}
         TeacherMode::Random => {
             let pick = inp.pick.unwrap_or(&[]);
             let (mut a, mut b) = (Vec::new(), Vec::new());
@@ -892,13 +875,15 @@ pub fn mt_loss_emu<F: LossElem>(
         scratch.len(),
     )?;
     let steps = plan(cfg, F::SUFFIX)?;
+    // CLIP mode hands the kernels null teacher slots: nothing may read them.
+    let teacher = |p: u64| if cfg.is_clip() { 0 } else { p };
     let ptrs = [
         inp.image.as_ptr() as u64,
         inp.text.as_ptr() as u64,
-        inp.teacher_image.as_ptr() as u64,
-        inp.teacher_text.as_ptr() as u64,
-        inp.mask.as_ptr() as u64,
-        inp.pick.map_or(0, |p| p.as_ptr() as u64),
+        teacher(inp.teacher_image.as_ptr() as u64),
+        teacher(inp.teacher_text.as_ptr() as u64),
+        teacher(inp.mask.as_ptr() as u64),
+        teacher(inp.pick.map_or(0, |p| p.as_ptr() as u64)),
         dimage.as_mut_ptr() as u64,
         dtext.as_mut_ptr() as u64,
         out.as_mut_ptr() as u64,
@@ -909,7 +894,9 @@ pub fn mt_loss_emu<F: LossElem>(
     LossResult::from_out(out).map(|_| ())
 }
 
-/// Device-side inputs of [`mt_loss_cuda`] (`E` = `f32`, or `u16` holding bf16).
+/// Device-side inputs of [`mt_loss_cuda`] (`E` = `f32`, or `u16` holding bf16). In CLIP mode
+/// (`t == 0`) only `image` and `text` are read; the teacher fields may be any slices (they are
+/// passed to the kernels as null).
 pub struct DevLossInputs<'a, E: DevLossElem> {
     /// Student image features `[N, D]`.
     pub image: &'a CudaSlice<E>,
@@ -961,12 +948,17 @@ pub fn mt_loss_cuda<E: DevLossElem>(
     let mut a = DevArgs::new(gpu.stream());
     a.r(inp.image);
     a.r(inp.text);
-    a.r(inp.teacher_image);
-    a.r(inp.teacher_text);
-    a.r(inp.mask);
-    match inp.pick {
-        Some(p) => a.r(p),
-        None => a.null(),
+    if cfg.is_clip() {
+        // No step names the teacher slots in CLIP mode.
+        (0..4).for_each(|_| a.null());
+    } else {
+        a.r(inp.teacher_image);
+        a.r(inp.teacher_text);
+        a.r(inp.mask);
+        match inp.pick {
+            Some(p) => a.r(p),
+            None => a.null(),
+        }
     }
     a.w(dimage);
     a.w(dtext);
@@ -1079,12 +1071,22 @@ mod tests {
     /// Worst relative error: the gradients, and each of the six values separately (a small
     /// component must not hide behind a large one).
     fn err(got: &Run, want: &Run) -> f64 {
+        err_ds(got, want, 0.0)
+    }
+
+    /// [`err`] with d/ds measured against at least `ds_scale` (the magnitude of its terms).
+    fn err_ds(got: &Run, want: &Run, ds_scale: f64) -> f64 {
         let mut e = rel_err(&f32_to_f64(&got.0), &f32_to_f64(&want.0))
             .max(rel_err(&f32_to_f64(&got.1), &f32_to_f64(&want.1)));
         for k in 0..6 {
             let (g, w) = (f64::from(got.2[k]), f64::from(want.2[k]));
+            let scale = if k == 4 {
+                w.abs().max(ds_scale)
+            } else {
+                w.abs()
+            };
             let r = if g.is_finite() {
-                (g - w).abs() / w.abs().max(1e-3)
+                (g - w).abs() / scale.max(1e-3)
             } else {
                 f64::INFINITY
             };
@@ -1361,5 +1363,337 @@ mod tests {
         assert!(format!("{}", run(&c, None).unwrap_err()).contains("`text` holds 23"));
         let c = case_f32(cfg(3, 2, 2000, TeacherMode::Mean), 1);
         assert!(run(&c, Some(&Emu::default())).is_err());
+    }
+
+    // ---- CLIP mode (t == 0) --------------------------------------------------------------
+
+    /// A CLIP-mode case: random features, no teacher input at all, a random logit scale in
+    /// [0, ln 100] (the clamp range, so saturated softmax rows occur too).
+    fn clip_case(n: usize, d: usize, seed: u64) -> Case<f32> {
+        let mut g = rng(seed);
+        let mut cf = cfg(n, 0, d, TeacherMode::Random);
+        cf.logit_scale = g.gen_range(0.0f32..4.6);
+        Case {
+            cfg: cf,
+            image: random_f32(&mut g, n * d, -1.0, 1.0),
+            text: random_f32(&mut g, n * d, -1.0, 1.0),
+            ti: Vec::new(),
+            tt: Vec::new(),
+            mask: Vec::new(),
+            pick: None,
+        }
+    }
+
+    /// The CLIP loss written out on its own in f64, sharing nothing with the reference:
+    /// (task, d/d image, d/d text, d/d s, Σ |terms of d/ds|) w.r.t. the unnormalised features
+    /// and the raw scale. With L = e^s Î T̂ᵀ, P / Q the row softmax of L / Lᵀ:
+    /// dL = ((P − I) + (Q − I)ᵀ) / 2N and d/ds = Σ dL ⊙ L.
+    fn clip_direct(
+        image: &[f64],
+        text: &[f64],
+        s: f64,
+        n: usize,
+        d: usize,
+    ) -> (f64, Vec<f64>, Vec<f64>, f64, f64) {
+        let unit = |x: &[f64]| {
+            let norms: Vec<f64> = x
+                .chunks(d)
+                .map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12))
+                .collect();
+            let u: Vec<f64> = x
+                .iter()
+                .enumerate()
+                .map(|(e, v)| v / norms[e / d])
+                .collect();
+            (u, norms)
+        };
+        let (a, na) = unit(image);
+        let (b, nb) = unit(text);
+        let scale = s.exp();
+        let l: Vec<f64> = (0..n * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                scale * (0..d).map(|e| a[i * d + e] * b[j * d + e]).sum::<f64>()
+            })
+            .collect();
+        let lse = |v: Vec<f64>| {
+            let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+        };
+        let row: Vec<f64> = (0..n)
+            .map(|i| lse((0..n).map(|j| l[i * n + j]).collect()))
+            .collect();
+        let col: Vec<f64> = (0..n)
+            .map(|j| lse((0..n).map(|i| l[i * n + j]).collect()))
+            .collect();
+        let h = 0.5 / n as f64;
+        let task = (0..n)
+            .map(|i| h * (row[i] - l[i * n + i]) + h * (col[i] - l[i * n + i]))
+            .sum::<f64>();
+        let (mut da, mut db) = (vec![0.0; n * d], vec![0.0; n * d]);
+        let (mut ds, mut ds_mag) = (0.0, 0.0);
+        for i in 0..n {
+            for j in 0..n {
+                let z = l[i * n + j];
+                let eye = if i == j { 1.0 } else { 0.0 };
+                let gz = h * ((z - row[i]).exp() - eye) + h * ((z - col[j]).exp() - eye);
+                ds += gz * z;
+                ds_mag += (gz * z).abs();
+                for e in 0..d {
+                    da[i * d + e] += scale * gz * b[j * d + e];
+                    db[j * d + e] += scale * gz * a[i * d + e];
+                }
+            }
+        }
+        // Back through x̂ = x / ‖x‖: (g − x̂ (g·x̂)) / ‖x‖.
+        let back = |u: &[f64], nrm: &[f64], g: &[f64]| -> Vec<f64> {
+            let mut out = vec![0.0; n * d];
+            for (i, nv) in nrm.iter().enumerate() {
+                let r = i * d..(i + 1) * d;
+                let p: f64 = r.clone().map(|e| g[e] * u[e]).sum();
+                for e in r {
+                    out[e] = (g[e] - u[e] * p) / nv;
+                }
+            }
+            out
+        };
+        (task, back(&a, &na, &da), back(&b, &nb, &db), ds, ds_mag)
+    }
+
+    /// The direct formula as a [`Run`] (gradients and `out` rounded to f32), and the magnitude
+    /// Σ |dL_ij L_ij| of the terms of d/ds.
+    fn clip_direct_run<F: LossElem>(c: &Case<F>) -> (Run, f64) {
+        let wide = |v: &[F]| v.iter().map(|x| x.f64()).collect::<Vec<f64>>();
+        let (n, d) = (c.cfg.n, c.cfg.d);
+        let s = f64::from(c.cfg.logit_scale);
+        let (task, di, dt, ds, mag) = clip_direct(&wide(&c.image), &wide(&c.text), s, n, d);
+        let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        let t = task as f32;
+        let out = vec![t, 0.0, 0.0, t, ds as f32, 0.0, 0.0, 0.0];
+        ((f(di), f(dt), out), mag)
+    }
+
+    /// The direct formula's gradients against central differences of its own loss (all f64).
+    #[test]
+    fn clip_direct_gradient_is_the_derivative() {
+        let seed = fresh_seed();
+        let mut g = rng(seed);
+        let (n, d) = (5, 7);
+        let x: Vec<f64> = (0..2 * n * d).map(|_| g.gen_range(-1.0..1.0)).collect();
+        let s = 1.3;
+        let (_, di, dt, ds, _) = clip_direct(&x[..n * d], &x[n * d..], s, n, d);
+        let loss = |x: &[f64], s: f64| clip_direct(&x[..n * d], &x[n * d..], s, n, d).0;
+        let h = 1e-6;
+        let analytic: Vec<f64> = di.iter().chain(&dt).cloned().collect();
+        for (idx, want) in analytic.iter().enumerate() {
+            let (mut p, mut m) = (x.clone(), x.clone());
+            p[idx] += h;
+            m[idx] -= h;
+            let num = (loss(&p, s) - loss(&m, s)) / (2.0 * h);
+            assert!(
+                (num - want).abs() <= 1e-7,
+                "seed {seed} [{idx}]: {want} vs {num}"
+            );
+        }
+        let num = (loss(&x, s + h) - loss(&x, s - h)) / (2.0 * h);
+        assert!((num - ds).abs() <= 1e-7, "seed {seed} ds: {ds} vs {num}");
+    }
+
+    /// t == 0 on the kernels (emulation, outputs poisoned) against the f64 reference and the
+    /// direct formula: fp32 inputs within 1e-4, bf16 within 1e-2, at odd and even N and D.
+    /// d/ds = Σ dL ⊙ L cancels (it nears 0 where the scale is at its optimum), so its error is
+    /// taken relative to the magnitude of its terms Σ |dL ⊙ L| when that is larger: the
+    /// tensor-core path rounds the logits' operands to bf16, which bounds d/ds only that way.
+    /// fp32 inputs also pass the plain measure.
+    #[test]
+    fn clip_mode_matches_reference_and_direct_formula() {
+        let shapes = [(1, 64), (5, 100), (33, 512), (33, 64), (5, 512)];
+        for (n, d) in shapes {
+            let seed = fresh_seed();
+            let c32 = clip_case(n, d, seed);
+            let cb = to_bf16(&c32);
+            let (e32, eb) = (check_clip(&c32, 1e-4, seed), check_clip(&cb, 1e-2, seed));
+            eprintln!("CLIP N={n} D={d}: worst rel err fp32 {e32:.2e}, bf16 {eb:.2e}");
+        }
+    }
+
+    /// Runs `c` on the kernels and the reference and compares both with the direct formula;
+    /// returns the kernels' worst error.
+    fn check_clip<F: LossElem>(c: &Case<F>, tol: f64, seed: u64) -> f64 {
+        let (direct, mag) = clip_direct_run(c);
+        let want = run(c, None).unwrap();
+        let got = run(c, Some(&Emu::default())).unwrap();
+        let what = format!(
+            "{} N={} D={} s={} seed {seed}",
+            F::SUFFIX,
+            c.cfg.n,
+            c.cfg.d,
+            c.cfg.logit_scale
+        );
+        let e_ref = err(&want, &direct);
+        assert!(e_ref <= 1e-6, "{what}: reference vs direct {e_ref}");
+        let e = err_ds(&got, &want, mag).max(err_ds(&got, &direct, mag));
+        assert!(
+            e <= tol,
+            "{what}: rel err {e}\n got {:?}\nwant {:?}",
+            got.2,
+            want.2
+        );
+        if F::SUFFIX == "f32" {
+            let plain = err(&got, &want).max(err(&got, &direct));
+            assert!(plain <= tol, "{what}: rel err {plain} (plain measure)");
+        }
+        // No teacher terms at all: exact zeros, total = task, nothing flagged.
+        for r in [&got, &want] {
+            assert_eq!(&r.2[1..3], &[0.0, 0.0], "{what}: fd, icl {:?}", r.2);
+            assert_eq!(r.2[3], r.2[0], "{what}: total != task");
+            assert_eq!(&r.2[5..8], &[0.0, 0.0, 0.0], "{what}: {:?}", r.2);
+        }
+        e
+    }
+
+    /// The task term and d/ds do not depend on the teachers: a t == 0 run gives bit for bit the
+    /// task and d/ds of teacher runs on the same features, and with λ = 0, c = 0 the teacher
+    /// runs' gradients are the CLIP ones.
+    #[test]
+    fn clip_mode_equals_task_part_of_teacher_runs() {
+        let seed = fresh_seed();
+        for mode in [TeacherMode::Random, TeacherMode::Mean, TeacherMode::All] {
+            let mut teach = case_f32(cfg(9, 3, 64, mode), seed);
+            teach.cfg.logit_scale = 2.2;
+            let mut clip = clip_case(9, 64, seed);
+            clip.cfg.logit_scale = 2.2;
+            clip.image.clone_from(&teach.image);
+            clip.text.clone_from(&teach.text);
+            let (tb, cb) = (to_bf16(&teach), to_bf16(&clip));
+            for emu in [None, Some(&Emu::default())] {
+                let pairs: [(Run, Run, &str); 2] = [
+                    (run(&clip, emu).unwrap(), run(&teach, emu).unwrap(), "f32"),
+                    (run(&cb, emu).unwrap(), run(&tb, emu).unwrap(), "bf16"),
+                ];
+                for (c, t, sfx) in pairs {
+                    let what = format!("{mode:?} {sfx} emu={} seed {seed}", emu.is_some());
+                    assert!(t.2[1] > 0.0 && t.2[2] > 0.0, "{what}: {:?}", t.2);
+                    assert_eq!(c.2[0], t.2[0], "{what}: task");
+                    assert_eq!(c.2[4], t.2[4], "{what}: d/ds");
+                }
+            }
+            // λ = 0 and c = 0 leave every teacher gradient at zero (icl logits all 0).
+            teach.cfg.fd_weight = 0.0;
+            teach.cfg.icl = IclScale::Const(0.0);
+            let emu = Emu::default();
+            for (c, t) in [
+                (
+                    run(&clip, Some(&emu)).unwrap(),
+                    run(&teach, Some(&emu)).unwrap(),
+                ),
+                (
+                    run(&to_bf16(&clip), Some(&emu)).unwrap(),
+                    run(&to_bf16(&teach), Some(&emu)).unwrap(),
+                ),
+            ] {
+                let e = rel_err(&f32_to_f64(&c.0), &f32_to_f64(&t.0))
+                    .max(rel_err(&f32_to_f64(&c.1), &f32_to_f64(&t.1)));
+                assert!(e <= 1e-6, "{mode:?} seed {seed}: gradients differ by {e}");
+            }
+        }
+    }
+
+    /// The plan of CLIP mode: no targets step, no student–teacher pass, no teacher slot named;
+    /// the scratch shrinks to 2ND(1 + S) + N(10 + S).
+    #[test]
+    fn clip_plan_skips_teacher_work() {
+        for (n, d, sfx) in [(7, 64, "f32"), (7, 64, "bf16"), (40, 100, "bf16")] {
+            let c = cfg(n, 0, d, TeacherMode::All);
+            let steps = plan(&c, sfx).unwrap();
+            let names: Vec<&str> = steps.iter().map(|s| s.kernel).collect();
+            let tc = uses_tc(&c, sfx);
+            let (st, gr) = if tc {
+                ("mtl_row_stats_tc", "mtl_grad_rows_tc")
+            } else {
+                ("mtl_row_stats", "mtl_grad_rows")
+            };
+            let norm = if sfx == "f32" {
+                "mtl_normalize_f32"
+            } else {
+                "mtl_normalize_bf16"
+            };
+            assert_eq!(
+                names,
+                [norm, st, st, gr, gr, "mtl_finish", "mtl_reduce"],
+                "{sfx} D={d}"
+            );
+            for s in &steps {
+                for a in &s.args {
+                    assert!(
+                        !matches!(a, P::Buf(2..=5) | P::At(2..=5, _)),
+                        "{}: names a teacher slot: {a:?}",
+                        s.kernel
+                    );
+                }
+            }
+            let sp = splits(&c, tc);
+            assert_eq!(
+                scratch_len_for(&c, sfx),
+                2 * n * d * (1 + sp) + n * (10 + sp)
+            );
+            let k = 3;
+            let t = cfg(n, k, d, TeacherMode::All);
+            assert_eq!(
+                scratch_len_for(&t, sfx),
+                2 * n * d * (1 + sp + k) + n * (11 + 8 * k + 2 * sp)
+            );
+            let with_teacher: Vec<&str> = plan(&t, sfx).unwrap().iter().map(|s| s.kernel).collect();
+            assert_eq!(with_teacher.len(), 12);
+        }
+        assert!(plan(&cfg(0, 0, 8, TeacherMode::Random), "f32").is_err());
+        assert!(plan(&cfg(4, 0, 0, TeacherMode::Random), "f32").is_err());
+    }
+
+    /// CLIP mode ignores whatever teacher input it is handed, in any mode, with or without pick.
+    #[test]
+    fn clip_mode_ignores_teacher_inputs() {
+        let seed = fresh_seed();
+        let base = clip_case(6, 24, seed);
+        let want = run(&base, None).unwrap();
+        let full = case_f32(cfg(6, 2, 24, TeacherMode::Random), seed);
+        for mode in [TeacherMode::Random, TeacherMode::Mean, TeacherMode::All] {
+            for pick in [None, full.pick.clone()] {
+                let mut c = clip_case(6, 24, seed);
+                c.cfg.mode = mode;
+                c.ti.clone_from(&full.ti);
+                c.tt.clone_from(&full.tt);
+                c.mask.clone_from(&full.mask);
+                c.pick = pick;
+                assert_eq!(run(&c, None).unwrap(), want, "{mode:?} seed {seed}");
+            }
+        }
+        let got = run(&base, Some(&Emu::default())).unwrap();
+        assert!(err(&got, &want) <= 1e-4, "seed {seed}");
+    }
+
+    /// The deliberately broken kernels fail the CLIP-mode comparison too (the task passes use
+    /// the same online softmax and, for bf16, the same fragment code).
+    #[test]
+    fn broken_kernels_fail_in_clip_mode() {
+        let seed = fresh_seed();
+        let mut c = clip_case(16, 32, seed);
+        c.cfg.logit_scale = 3.0;
+        for (i, v) in c.image.iter_mut().enumerate() {
+            *v += (i % 32) as f32 * 0.1;
+        }
+        let want = run(&c, None).unwrap();
+        let got = run(&c, Some(&Emu::variant("broken_online"))).unwrap();
+        assert!(
+            err(&got, &want) > 1e-4,
+            "seed {seed}: the broken online softmax passed"
+        );
+        let c = to_bf16(&clip_case(20, 32, seed));
+        let want = run(&c, None).unwrap();
+        let got = run(&c, Some(&Emu::variant("broken_frag"))).unwrap();
+        assert!(
+            err(&got, &want) > 1e-2,
+            "seed {seed}: the broken fragment layout passed"
+        );
     }
 }

@@ -109,7 +109,7 @@ pub const IMAGE_NORM: KernelFile = KernelFile {
     tensor_core_entries: &[],
 };
 
-/// Casts, axpby, embedding gather/scatter-add, GELU/QuickGELU, row softmax.
+/// Casts, axpby, embedding gather/scatter-add, GELU/QuickGELU, row softmax, row transpose.
 pub const ELEMENTWISE: KernelFile = KernelFile {
     name: "elementwise",
     source: include_str!("../cuda/elementwise.cu"),
@@ -123,6 +123,7 @@ pub const ELEMENTWISE: KernelFile = KernelFile {
         "act_fwd",
         "act_bwd",
         "softmax_rows",
+        "row_transpose",
     ],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],

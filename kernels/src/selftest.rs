@@ -158,7 +158,8 @@ fn loss_case<F: mt_loss::LossElem + Copy>(
     let (n, t, d) = (cfg.n, cfg.t, cfg.d);
     let mut mask: Vec<u8> = (0..n * t).map(|_| u8::from(g.gen_bool(0.6))).collect();
     let mut pick = vec![0i32; n];
-    for i in 0..n {
+    // CLIP mode (t = 0) draws no teachers.
+    for i in (0..n).filter(|_| t > 0) {
         let k = g.gen_range(0..t);
         mask[i * t + k] = 1;
         pick[i] = k as i32;
@@ -210,6 +211,12 @@ fn loss_case<F: mt_loss::LossElem + Copy>(
         HostBuf::F32(vec![0.0; scratch]),
     ];
     outs.iter_mut().for_each(HostBuf::poison);
+    // CLIP mode reads no teacher buffers; one element keeps every upload non-empty.
+    let (ti, tt, mask) = if t == 0 {
+        (vec![conv(0.0)], vec![conv(0.0)], vec![0u8])
+    } else {
+        (ti, tt, mask)
+    };
     let mut bufs = vec![
         wrap(image),
         wrap(text),
@@ -220,7 +227,11 @@ fn loss_case<F: mt_loss::LossElem + Copy>(
     ];
     bufs.extend(outs);
     Ok(Case {
-        name: format!("mt_loss {suffix} {:?} N={n} T={t} D={d}", cfg.mode),
+        name: if cfg.is_clip() {
+            format!("mt_loss {suffix} clip N={n} D={d}")
+        } else {
+            format!("mt_loss {suffix} {:?} N={n} T={t} D={d}", cfg.mode)
+        },
         bufs,
         steps: mt_loss::plan(&cfg, suffix)?,
         expect,
@@ -391,6 +402,14 @@ fn cases(gpu: bool) -> Result<Vec<Case>> {
     }
     v.push(loss_case::<bf16>(
         loss_cfg(ln + 1, lt, ld, TeacherMode::All),
+        seed,
+        true,
+        HostBuf::Bf16,
+        bf16::from_f32,
+    )?);
+    // Stage 1: the CLIP loss alone (no teachers).
+    v.push(loss_case::<bf16>(
+        loss_cfg(ln + 3, 0, ld, TeacherMode::All),
         seed,
         true,
         HostBuf::Bf16,

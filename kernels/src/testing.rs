@@ -12,8 +12,15 @@ pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }
 
-/// A seed that differs between runs (time and process id), printed by tests on failure.
+/// A seed that differs between runs (time and process id), printed by tests on failure;
+/// `MMKD_TEST_SEED=N` replays a printed seed.
 pub fn fresh_seed() -> u64 {
+    if let Some(s) = std::env::var("MMKD_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return s;
+    }
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

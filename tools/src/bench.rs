@@ -21,11 +21,13 @@ use mmkd_engine::loss::{
 use mmkd_engine::optim::{clip_grad_norm, cosine_lr, grad_norm, AdamW, AdamWConfig};
 use mmkd_engine::trainer::{load_configs, TrainConfig};
 use mmkd_engine::{ClipModel, Device, ModelConfig, Tape, Tensor};
-use mmkd_kernels::DeviceRequest;
 use mmkd_loaders::batch::{CLIP_MEAN, CLIP_STD};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+use crate::kstep::KernelTrainer;
+use mmkd_engine::cuda::{KernelStep, KernelTarget, Section, ICL_SCALE};
 
 /// Bf16 dense peak of an H200 as measured for this project (issue 6: about 790 TFLOP/s); the
 /// default MFU denominator on CUDA.
@@ -42,6 +44,82 @@ pub enum BenchCommand {
 pub enum BenchKind {
     /// Time the stage-1 or stage-2 training step on synthetic batches of the config's shapes.
     Train(TrainBenchArgs),
+    /// Train the same weights on the same batches on the CPU and on the kernels (GPU or
+    /// emulation) and compare the loss curves step by step.
+    Parity(ParityArgs),
+    /// The device arena of the training step for a config and batch, section by section,
+    /// without allocating it (weights, gradients, AdamW moments, activations kept for
+    /// backward, scratch, index tables).
+    Memory(MemoryArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MemoryArgs {
+    /// Model config TOML.
+    #[arg(long)]
+    config: PathBuf,
+    /// Stage (stage 2 adds the teacher targets).
+    #[arg(long, value_enum, default_value = "kd")]
+    stage: BenchStage,
+    /// Samples per step.
+    #[arg(long)]
+    batch: usize,
+    /// Teacher slots of the stage-2 targets `[N, T, D]`.
+    #[arg(long, default_value_t = 8)]
+    teachers: usize,
+    /// Also write the JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Overrides `key=value` of the config.
+    #[arg(long = "set")]
+    sets: Vec<String>,
+}
+
+/// The synthetic batches of `bench train` and `bench parity`.
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Teacher slots of the synthetic stage-2 targets `[N, T, D]`.
+    #[arg(long, default_value_t = 8)]
+    teachers: usize,
+    /// Median caption length in tokens (default: a quarter of the context length).
+    #[arg(long)]
+    caption_median: Option<f64>,
+    /// Spread σ of the log-normal caption-length distribution.
+    #[arg(long, default_value_t = 0.6)]
+    caption_sigma: f64,
+    /// Seed of the synthetic data.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ParityArgs {
+    /// Model config TOML (an optional `[train]` table supplies the loss and optimiser settings).
+    #[arg(long)]
+    config: PathBuf,
+    /// Stage.
+    #[arg(long, value_enum, default_value = "kd")]
+    stage: BenchStage,
+    /// Samples per step.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Steps of both runs.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Where the kernels run: cuda, cuda:N or emu (the CPU emulation; small configs only).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Largest relative difference of a step's total loss.
+    #[arg(long, default_value_t = 2e-2)]
+    tol: f64,
+    #[command(flatten)]
+    data: SynthArgs,
+    /// Also write the curves and the verdict as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Overrides `key=value` of the config (as `mmkd train --set`).
+    #[arg(long = "set")]
+    sets: Vec<String>,
 }
 
 /// Which loss the step trains.
@@ -80,18 +158,8 @@ pub struct TrainBenchArgs {
     /// dense figure; on the CPU no MFU is reported unless this is given).
     #[arg(long)]
     peak_tflops: Option<f64>,
-    /// Teacher slots of the synthetic stage-2 targets `[N, T, D]`.
-    #[arg(long, default_value_t = 8)]
-    teachers: usize,
-    /// Median caption length in tokens (default: a quarter of the context length).
-    #[arg(long)]
-    caption_median: Option<f64>,
-    /// Spread σ of the log-normal caption-length distribution.
-    #[arg(long, default_value_t = 0.6)]
-    caption_sigma: f64,
-    /// Seed of the synthetic data.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    data: SynthArgs,
     /// Recompute each transformer block during backward (activation checkpointing).
     #[arg(long)]
     checkpointing: bool,
@@ -108,6 +176,8 @@ pub struct TrainBenchArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Bench(BenchKind::Train(a)) => bench_train(&a),
+        BenchCommand::Bench(BenchKind::Parity(a)) => bench_parity(&a),
+        BenchCommand::Bench(BenchKind::Memory(a)) => bench_memory(&a),
     }
 }
 
@@ -187,6 +257,11 @@ fn unit_rows(rng: &mut SplitMix64, rows: usize, d: usize) -> Vec<f32> {
 }
 
 impl Synthetic {
+    /// The raw crops for the kernels' on-device normalisation (3-channel images only).
+    fn pixels(&self) -> Option<&[u8]> {
+        (self.channels == 3).then_some(self.images_u8.as_slice())
+    }
+
     fn new(cfg: &ModelConfig, batch: usize, teachers: usize, seed: u64) -> Self {
         let mut rng = SplitMix64::new(seed ^ 0x5EED_DA7A);
         let s = cfg.vision.image_size;
@@ -234,15 +309,15 @@ impl Synthetic {
 }
 
 /// One step's model inputs.
-struct StepInputs {
-    images: Tensor,
-    tokens: Tensor,
-    lengths: Vec<usize>,
+pub(crate) struct StepInputs {
+    pub(crate) images: Tensor,
+    pub(crate) tokens: Tensor,
+    pub(crate) lengths: Vec<usize>,
     /// Targets handed to the loss: `[N, T', D]` and mask `[N, T']` (`T' = 1` in random mode).
-    t_image: Vec<f32>,
-    t_text: Vec<f32>,
-    t_mask: Vec<bool>,
-    t_slots: usize,
+    pub(crate) t_image: Vec<f32>,
+    pub(crate) t_text: Vec<f32>,
+    pub(crate) t_mask: Vec<bool>,
+    pub(crate) t_slots: usize,
 }
 
 /// Assembles a batch as the loader hands it over: images normalised with CLIP's statistics,
@@ -302,13 +377,16 @@ fn assemble(
 
 /// Seconds spent in each part of one step, and what the forward kept for backward.
 #[derive(Clone, Copy, Debug, Default)]
-struct StepTimes {
-    data: f64,
-    forward: f64,
-    backward: f64,
-    optimizer: f64,
+pub(crate) struct StepTimes {
+    pub(crate) data: f64,
+    pub(crate) forward: f64,
+    pub(crate) backward: f64,
+    pub(crate) optimizer: f64,
     /// Bytes the tape held for backward after the forward (`Tape::activation_bytes`).
-    activation_bytes: usize,
+    pub(crate) activation_bytes: usize,
+    /// The token length the text tower ran at (the kernels round the longest caption up to
+    /// their tile; the CPU runs at the longest caption).
+    pub(crate) text_len: usize,
 }
 
 /// The model, optimiser and loss settings of a benchmark run.
@@ -370,6 +448,7 @@ impl Trainer {
         let t1 = Instant::now();
         // Measured outside the timed parts.
         t.activation_bytes = tape.activation_bytes();
+        t.text_len = inp.tokens.shape()[1];
         let t1b = Instant::now();
         self.model.params.zero_grad();
         tape.backward(&mut self.model.params, &[(vi, &d_image), (vt, &d_text)])?;
@@ -422,74 +501,198 @@ fn parse_vm_hwm(status: &str) -> Option<u64> {
     }
 }
 
-/// Resolves `--device` to the engine's device; a CUDA request without a driver or device is an
-/// error that says so.
-fn engine_device(req: &str) -> Result<Device> {
-    let req: DeviceRequest = req.parse()?;
-    Ok(match mmkd_kernels::Device::select(req)? {
-        mmkd_kernels::Device::Cpu => Device::Cpu,
-        mmkd_kernels::Device::Cuda(g) => Device::Cuda(g.ordinal),
+/// Where a benchmark runs the training step.
+enum Target {
+    /// The engine's CPU backend (the tape and its ops).
+    Cpu,
+    /// The project's kernels over one arena: a GPU, or their CPU emulation.
+    Kernels(KernelTarget),
+}
+
+/// Resolves `--device` ([`KernelTarget::resolve`]): the CPU backend unless it names the
+/// kernels on a GPU or under the emulation.
+fn resolve_target(req: &str) -> Result<Target> {
+    Ok(match KernelTarget::resolve(req)? {
+        Some(k) => Target::Kernels(k),
+        None => Target::Cpu,
     })
+}
+
+impl Target {
+    fn label(&self) -> String {
+        match self {
+            Target::Cpu => Device::Cpu.to_string(),
+            Target::Kernels(k) => k.label(),
+        }
+    }
+}
+
+/// The step of either backend.
+enum Stepper {
+    Cpu(Box<Trainer>),
+    Kernels(Box<KernelTrainer>),
+}
+
+impl Stepper {
+    /// One step; the kernels take the raw crops `pixels` when given (see
+    /// [`KernelTrainer::step`]).
+    fn step(
+        &mut self,
+        inp: &StepInputs,
+        pixels: Option<&[u8]>,
+        t: &mut StepTimes,
+    ) -> Result<LossParts> {
+        match self {
+            Stepper::Cpu(c) => c.step(inp, t),
+            Stepper::Kernels(k) => k.step(inp, pixels, t),
+        }
+    }
+}
+
+/// What both backends are built from: the configs, the loss, and the model's initial weights.
+struct Setup {
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    distill: DistillConfig,
+    stage: BenchStage,
+    total_steps: u64,
+}
+
+impl Setup {
+    fn load(
+        config: &Path,
+        sets: &[String],
+        batch: usize,
+        stage: BenchStage,
+        total_steps: u64,
+    ) -> Result<Self> {
+        let mut sets = sets.to_vec();
+        sets.push(format!("train.batch_size={batch}"));
+        let (mcfg, tcfg) = load_configs(config, &sets)?;
+        let distill = tcfg.distill()?;
+        Ok(Setup {
+            mcfg,
+            tcfg,
+            distill,
+            stage,
+            total_steps,
+        })
+    }
+
+    /// The model at its seeded initial weights (the same weights on every call), with the
+    /// learned icl scale `ℓ` as an extra parameter when stage 2 learns it.
+    fn model(&self) -> Result<ClipModel> {
+        let mut model = ClipModel::new(&self.mcfg)?;
+        if let (BenchStage::Kd, IclScale::Learned(l)) = (self.stage, self.distill.icl_scale) {
+            model.params.add(ICL_SCALE, &[], |x| x[0] = l as f32)?;
+        }
+        Ok(model)
+    }
+
+    /// The CPU trainer from `model`.
+    fn cpu(&self, mut model: ClipModel, checkpointing: bool) -> Result<Trainer> {
+        model.set_checkpointing(checkpointing);
+        let icl_id = model.params.id(ICL_SCALE);
+        let t = &self.tcfg;
+        let opt = AdamW::new(
+            &model.params,
+            AdamWConfig {
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: t.eps,
+                weight_decay: t.weight_decay,
+            },
+        );
+        Ok(Trainer {
+            model,
+            opt,
+            train: t.clone(),
+            distill: self.distill,
+            icl_id,
+            device: Device::Cpu,
+            stage: self.stage,
+            step: 0,
+            total_steps: self.total_steps,
+        })
+    }
+
+    /// The kernel trainer from `model` for batches of `batch` with `teachers` synthetic
+    /// teachers.
+    fn kernels(
+        &self,
+        target: &KernelTarget,
+        model: &ClipModel,
+        batch: usize,
+        teachers: usize,
+    ) -> Result<KernelTrainer> {
+        KernelTrainer::new(
+            target,
+            model,
+            &self.tcfg,
+            self.distill,
+            batch,
+            self.slots(teachers),
+            self.total_steps,
+        )
+    }
+
+    /// Teacher slots of the loss's targets: one in random mode (the drawn teacher), else all.
+    fn slots(&self, teachers: usize) -> usize {
+        match (self.stage, self.distill.teacher_mode) {
+            (BenchStage::Clip, _) => 0,
+            (BenchStage::Kd, TeacherMode::Random) => 1,
+            (BenchStage::Kd, _) => teachers,
+        }
+    }
+}
+
+fn check_caption_args(sigma: f64, median: Option<f64>, ctx: usize) -> Result<f64> {
+    if !(sigma >= 0.0 && sigma.is_finite()) {
+        bail!("--caption-sigma must be a finite number ≥ 0");
+    }
+    let median = median.unwrap_or(ctx as f64 / 4.0);
+    if !(median >= 1.0 && median.is_finite()) {
+        bail!("--caption-median must be a finite number ≥ 1");
+    }
+    Ok(median)
 }
 
 fn bench_train(a: &TrainBenchArgs) -> Result<()> {
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
-    if a.teachers == 0 {
+    if a.data.teachers == 0 {
         bail!("--teachers must be at least 1");
     }
-    if !(a.caption_sigma >= 0.0 && a.caption_sigma.is_finite()) {
-        bail!("--caption-sigma must be a finite number ≥ 0");
-    }
-    let mut sets = a.sets.clone();
-    sets.push(format!("train.batch_size={}", a.batch));
-    let (mcfg, tcfg) = load_configs(&a.config, &sets)?;
-    let distill = tcfg.distill()?;
-    let device = engine_device(&a.device)?;
-    let peak_tflops = match (a.peak_tflops, device) {
+    let total = (a.warmup + a.steps) as u64;
+    let setup = Setup::load(&a.config, &a.sets, a.batch, a.stage, total)?;
+    let (mcfg, distill) = (&setup.mcfg, setup.distill);
+    let target = resolve_target(&a.device)?;
+    let on_gpu = matches!(target, Target::Kernels(KernelTarget::Gpu(_)));
+    let peak_tflops = match (a.peak_tflops, on_gpu) {
         (Some(p), _) if !(p > 0.0 && p.is_finite()) => bail!("--peak-tflops must be positive"),
         (Some(p), _) => Some(p),
-        (None, Device::Cuda(_)) => Some(H200_BF16_PEAK_TFLOPS),
-        (None, Device::Cpu) => None,
+        (None, true) => Some(H200_BF16_PEAK_TFLOPS),
+        (None, false) => None,
     };
     let ctx = mcfg.text.context_length;
-    let median = a.caption_median.unwrap_or(ctx as f64 / 4.0);
-    if !(median >= 1.0 && median.is_finite()) {
-        bail!("--caption-median must be a finite number ≥ 1");
+    let median = check_caption_args(a.data.caption_sigma, a.data.caption_median, ctx)?;
+    if a.checkpointing && !matches!(target, Target::Cpu) {
+        bail!("--checkpointing is not available on the kernels yet; `--device cpu` has it");
     }
 
-    let mut model = ClipModel::new(&mcfg)?;
-    model.set_checkpointing(a.checkpointing);
-    let icl_id = match distill.icl_scale {
-        IclScale::Learned(l) if a.stage == BenchStage::Kd => {
-            Some(model.params.add("icl_scale", &[], |x| x[0] = l as f32)?)
-        }
-        _ => None,
+    let model = setup.model()?;
+    let mut stepper = match &target {
+        Target::Cpu => Stepper::Cpu(Box::new(setup.cpu(setup.model()?, a.checkpointing)?)),
+        Target::Kernels(k) => Stepper::Kernels(Box::new(setup.kernels(
+            k,
+            &model,
+            a.batch,
+            a.data.teachers,
+        )?)),
     };
-    let opt = AdamW::new(
-        &model.params,
-        AdamWConfig {
-            beta1: tcfg.beta1,
-            beta2: tcfg.beta2,
-            eps: tcfg.eps,
-            weight_decay: tcfg.weight_decay,
-        },
-    );
-    let total = (a.warmup + a.steps) as u64;
-    let mut trainer = Trainer {
-        model,
-        opt,
-        train: tcfg.clone(),
-        distill,
-        icl_id,
-        device,
-        stage: a.stage,
-        step: 0,
-        total_steps: total,
-    };
-    let syn = Synthetic::new(&mcfg, a.batch, a.teachers, a.seed);
-    let mut len_rng = SplitMix64::new(a.seed);
+    let syn = Synthetic::new(mcfg, a.batch, a.data.teachers, a.data.seed);
+    let mut len_rng = SplitMix64::new(a.data.seed);
 
     let mut times = StepTimes::default();
     let mut flops = 0.0;
@@ -500,11 +703,10 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         let timed = i >= a.warmup;
         let mut t = StepTimes::default();
         let t0 = Instant::now();
-        let lengths = caption_lengths(&mut len_rng, a.batch, median, a.caption_sigma, ctx);
+        let lengths = caption_lengths(&mut len_rng, a.batch, median, a.data.caption_sigma, ctx);
         if timed {
-            flops += batch_flops(&mcfg, &lengths);
+            flops += batch_flops(mcfg, &lengths);
             tokens += lengths.iter().sum::<usize>();
-            padded += lengths.iter().copied().max().unwrap_or(0);
         }
         let inp = assemble(
             &syn,
@@ -512,23 +714,13 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
             a.stage,
             distill.teacher_mode,
             mcfg.embed_dim,
-            a.seed.wrapping_add(i as u64),
+            a.data.seed.wrapping_add(i as u64),
         )?;
         t.data = t0.elapsed().as_secs_f64();
         if let (0, Some(dir)) = (i, &a.save_parity) {
-            save_parity_inputs(dir, &trainer.model, &inp)?;
+            save_parity_inputs(dir, &model, &inp)?;
         }
-        last = trainer.step(&inp, &mut t).map_err(|e| {
-            if matches!(device, Device::Cuda(_)) {
-                e.context(format!(
-                    "the training step on {} is not available in this build yet; \
-                     `--device cpu` runs the CPU backend",
-                    a.device
-                ))
-            } else {
-                e
-            }
-        })?;
+        last = stepper.step(&inp, syn.pixels(), &mut t)?;
         if let (0, Some(dir)) = (i, &a.save_parity) {
             write_json(
                 &dir.join("loss.json"),
@@ -541,6 +733,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
             times.backward += t.backward;
             times.optimizer += t.optimizer;
             act_max = act_max.max(t.activation_bytes);
+            padded += t.text_len;
         }
         eprintln!(
             "{} step {}/{}: {:.1} ms, loss {:.4}",
@@ -557,13 +750,18 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
     let samples_per_s = (a.batch as f64 * steps) / total_s;
     let flops_per_sample = flops / (a.batch as f64 * steps);
     let achieved = flops / total_s;
-    let peak_mem = match device {
-        Device::Cpu => Some(peak_rss_bytes()?),
-        Device::Cuda(_) => None,
+    // On the kernels the activations kept for backward are the arena's activation section,
+    // sized for the longest caption.
+    let (peak_mem, arena_bytes) = match (&target, &stepper) {
+        (Target::Kernels(t), Stepper::Kernels(k)) => {
+            act_max = k.activation_bytes();
+            (t.device_used_bytes()?, Some(k.arena_bytes()))
+        }
+        _ => (Some(peak_rss_bytes()?), None),
     };
     let out = serde_json::json!({
         "engine": "mmkd",
-        "device": device.to_string(),
+        "device": target.label(),
         "config": a.config.display().to_string(),
         "stage": match a.stage { BenchStage::Clip => "clip", BenchStage::Kd => "kd" },
         "batch": a.batch,
@@ -578,6 +776,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
             "total": ms(total_s),
         },
         "peak_mem_bytes": peak_mem,
+        "arena_bytes": arena_bytes,
         "flops_per_sample": flops_per_sample,
         // The largest step's saved activations over its batch (the padded length varies).
         "activation_bytes_per_sample": act_max as f64 / a.batch as f64,
@@ -595,6 +794,153 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
     if let Some(p) = &a.json {
         write_json(p, &text)?;
     }
+    Ok(())
+}
+
+/// `mmkd bench memory`: the arena's table for the step, summed per section.
+fn bench_memory(a: &MemoryArgs) -> Result<()> {
+    if a.batch == 0 || a.teachers == 0 {
+        bail!("--batch and --teachers must be at least 1");
+    }
+    let setup = Setup::load(&a.config, &a.sets, a.batch, a.stage, 1)?;
+    let lay = KernelStep::layout_for(&setup.mcfg, setup.distill, a.batch, setup.slots(a.teachers))?;
+    let sections = [
+        ("params_f32", Section::Params),
+        ("params_bf16", Section::ParamsBf16),
+        ("grads_f32", Section::Grads),
+        ("adamw_moments", Section::Optim),
+        ("activations", Section::Acts),
+        ("scratch", Section::Scratch),
+        ("tables", Section::Tables),
+    ];
+    let mut by = serde_json::Map::new();
+    for (name, sec) in sections {
+        by.insert(name.into(), lay.section_bytes(sec).into());
+    }
+    let acts = lay.section_bytes(Section::Acts);
+    let out = serde_json::json!({
+        "config": a.config.display().to_string(),
+        "stage": match a.stage { BenchStage::Clip => "clip", BenchStage::Kd => "kd" },
+        "batch": a.batch,
+        "text_len": setup.mcfg.text.context_length,
+        "arena_bytes": lay.bytes(),
+        "sections": by,
+        "activation_bytes_per_sample": acts as f64 / a.batch as f64,
+        "regions": lay.regions().len(),
+    });
+    let text = serde_json::to_string_pretty(&out)?;
+    println!("{text}");
+    if let Some(p) = &a.json {
+        write_json(p, &text)?;
+    }
+    Ok(())
+}
+
+/// Relative difference of `b` from `a`, against `|a|` (at least 1e-6).
+fn rel_diff(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(1e-6)
+}
+
+/// `mmkd bench parity`: both backends from the same initial weights, on the same batches
+/// with the same schedule; the step's total loss must agree within `--tol` at every step.
+fn bench_parity(a: &ParityArgs) -> Result<()> {
+    if a.batch == 0 || a.steps == 0 || a.data.teachers == 0 {
+        bail!("--batch, --steps and --teachers must be at least 1");
+    }
+    if !(a.tol > 0.0 && a.tol.is_finite()) {
+        bail!("--tol must be a positive number");
+    }
+    let target = match resolve_target(&a.device)? {
+        Target::Kernels(k) => k,
+        Target::Cpu => bail!(
+            "`--device {}` resolved to the CPU: parity compares the CPU with the kernels \
+             (cuda, cuda:N or emu)",
+            a.device
+        ),
+    };
+    let setup = Setup::load(&a.config, &a.sets, a.batch, a.stage, a.steps as u64)?;
+    let mcfg = &setup.mcfg;
+    let ctx = mcfg.text.context_length;
+    let median = check_caption_args(a.data.caption_sigma, a.data.caption_median, ctx)?;
+    let model = setup.model()?;
+    let mut kern = setup.kernels(&target, &model, a.batch, a.data.teachers)?;
+    let mut cpu = setup.cpu(model, false)?;
+    let syn = Synthetic::new(mcfg, a.batch, a.data.teachers, a.data.seed);
+    let mut len_rng = SplitMix64::new(a.data.seed);
+    let mut rows = Vec::with_capacity(a.steps);
+    let mut worst = (0usize, 0.0f64);
+    eprintln!(
+        "parity: {} on cpu and {}, batch {}, {} steps, tolerance {:.1e}",
+        a.config.display(),
+        target.label(),
+        a.batch,
+        a.steps,
+        a.tol
+    );
+    for i in 0..a.steps {
+        let lengths = caption_lengths(&mut len_rng, a.batch, median, a.data.caption_sigma, ctx);
+        let inp = assemble(
+            &syn,
+            lengths,
+            a.stage,
+            setup.distill.teacher_mode,
+            mcfg.embed_dim,
+            a.data.seed.wrapping_add(i as u64),
+        )?;
+        let mut t = StepTimes::default();
+        let c = cpu.step(&inp, &mut t)?;
+        let k = kern
+            .step(&inp, syn.pixels(), &mut t)
+            .map_err(|e| e.context(format!("kernel step {} of the parity run", i + 1)))?;
+        let rel = rel_diff(c.total, k.total);
+        // A non-finite difference is the worst step.
+        if rel.is_nan() || rel > worst.1 {
+            worst = (i + 1, rel);
+        }
+        eprintln!(
+            "step {:>3}: cpu {:.5}  {} {:.5}  relative {:.2e}",
+            i + 1,
+            c.total,
+            target.label(),
+            k.total,
+            rel
+        );
+        rows.push(serde_json::json!({
+            "step": i + 1,
+            "cpu": c,
+            "kernels": k,
+            "rel_total": rel,
+        }));
+    }
+    let pass = worst.1 <= a.tol;
+    let out = serde_json::json!({
+        "config": a.config.display().to_string(),
+        "device": target.label(),
+        "stage": match a.stage { BenchStage::Clip => "clip", BenchStage::Kd => "kd" },
+        "batch": a.batch,
+        "steps": a.steps,
+        "tol": a.tol,
+        "max_rel_total": worst.1,
+        "worst_step": worst.0,
+        "pass": pass,
+        "curve": rows,
+    });
+    let text = serde_json::to_string_pretty(&out)?;
+    if let Some(p) = &a.json {
+        write_json(p, &text)?;
+    }
+    if !pass {
+        bail!(
+            "the loss curves differ: step {} has relative difference {:.3e} > {:.1e}",
+            worst.0,
+            worst.1,
+            a.tol
+        );
+    }
+    eprintln!(
+        "parity: pass, largest relative difference {:.2e} at step {}",
+        worst.1, worst.0
+    );
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 mod bench;
 mod data;
 mod kernel;
+mod kstep;
 mod train;
 
 use clap::{Parser, Subcommand};

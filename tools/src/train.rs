@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use mmkd_engine::checkpoint::{read_tensors, write_tensors, NamedTensor};
+use mmkd_engine::cuda::KernelTarget;
 use mmkd_engine::eval;
 use mmkd_engine::loss::{
     clip_loss, distill_loss, pick_random_teacher_seeded, DistillConfig, IclScale, TeacherMode,
@@ -183,6 +184,10 @@ pub struct TrainArgs {
     /// Override a config value: `lr=1e-4`, `train.epochs=3`, `model.embed_dim=512`.
     #[arg(long = "set")]
     sets: Vec<String>,
+    /// Where the step runs: cpu (the engine's CPU backend), cuda, cuda:N, auto (a GPU when
+    /// one is usable) or emu (the CUDA kernels under CPU emulation: slow, small configs only).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -460,6 +465,7 @@ fn progress(quiet: bool) -> (indicatif::ProgressBar, impl FnMut(&StepRecord, u64
 
 fn train_cmd(a: TrainArgs) -> Result<()> {
     let (model, train) = load_configs(&a.config, &a.sets)?;
+    let kernels = KernelTarget::resolve(&a.device)?;
     let opts = TrainOptions {
         stage: engine_stage(a.stage),
         data: a.data,
@@ -468,6 +474,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         resume: a.resume,
         model,
         train,
+        kernels,
     };
     let (pb, mut f) = progress(a.quiet);
     let res = trainer::train(&opts, &mut f);
@@ -899,6 +906,7 @@ fn demo(a: DemoArgs) -> Result<()> {
                     epochs: r.epochs,
                     ..base.clone()
                 },
+                kernels: None,
             },
             &mut f,
         );

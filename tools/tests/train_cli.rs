@@ -439,3 +439,95 @@ fn align_writes_a_dataset_that_stage_2_trains_on() {
     let report: serde_json::Value = serde_json::from_str(&s[s.find('{').unwrap()..]).unwrap();
     assert!(report["zero_shot"]["top1"].as_f64().unwrap().is_finite());
 }
+
+/// Reads `metrics.jsonl`'s total losses.
+fn metric_totals(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["total"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `mmkd train --device emu`: the kernels' training step (stage 2, all teachers) under the
+/// emulation follows the CPU run's losses; a run stopped at a checkpoint and resumed ends
+/// bit-identical to the uninterrupted one (weights and AdamW moments come back from the
+/// arena in the CPU order and go back in); a NaN stops it before the step is applied.
+#[test]
+fn kernel_training_follows_cpu_resumes_exactly_and_stops_on_nan() {
+    let (root, ..) = data();
+    // 64-wide heads for the attention kernels; the whole batch in one pass.
+    let sets = [
+        "--set",
+        "vision.width=64",
+        "--set",
+        "vision.heads=1",
+        "--set",
+        "text.width=64",
+        "--set",
+        "text.heads=1",
+        "--set",
+        "train.micro_batch=0",
+        "--set",
+        "teacher_mode=all",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut v = sets.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let cpu = root.join("kern-cpu");
+    ok(
+        train_cmd(&cpu, &with(&["--set", "stop_after=4"]))
+            .output()
+            .unwrap(),
+        "cpu run",
+    );
+    let full = root.join("kern-full");
+    ok(
+        train_cmd(&full, &with(&["--set", "stop_after=4", "--device", "emu"]))
+            .output()
+            .unwrap(),
+        "emulated run",
+    );
+    let (c, k) = (metric_totals(&cpu), metric_totals(&full));
+    eprintln!("total loss per step: cpu {c:?}, kernels {k:?}");
+    assert_eq!(k.len(), 4);
+    for (i, (a, b)) in c.iter().zip(&k).enumerate() {
+        let rel = (a - b).abs() / a.abs();
+        assert!(rel < 2e-2, "step {}: cpu {a}, kernels {b}", i + 1);
+    }
+    // The weights moved and came back from the arena.
+    assert!(final_weights(&full) != final_weights(&cpu));
+
+    let split = root.join("kern-split");
+    for extra in [&[][..], &["--resume"][..]] {
+        let mut args = with(&["--set", "stop_after=2", "--device", "emu"]);
+        args.extend_from_slice(extra);
+        ok(train_cmd(&split, &args).output().unwrap(), "split run");
+    }
+    assert_eq!(metric_steps(&split), vec![1, 2, 3, 4]);
+    assert!(
+        final_weights(&split) == final_weights(&full),
+        "a resumed kernel run differs from the uninterrupted one"
+    );
+
+    let bad = root.join("kern-nan");
+    let out = train_cmd(
+        &bad,
+        &with(&["--set", "fault_nan_at_step=3", "--device", "emu"]),
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("step 3") && err.contains("non-finite") && err.contains("step-00000002"),
+        "{err}"
+    );
+    assert_eq!(metric_steps(&bad), vec![1, 2]);
+}

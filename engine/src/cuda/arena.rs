@@ -4,7 +4,7 @@
 //! launch plan runs on either backend and a step allocates nothing.
 
 use anyhow::{anyhow, bail, ensure, Result};
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use half::bf16;
 use mmkd_kernels::exec::{self, Backend, Step};
 use mmkd_kernels::testing::BF16_POISON;
@@ -235,8 +235,37 @@ struct Chunk([u8; ALIGN]);
 enum Mem {
     /// Host memory run by the emulation.
     Host { emu: Emu, buf: Vec<Chunk> },
-    /// One device allocation.
-    Device { gpu: Arc<Gpu>, buf: CudaSlice<u8> },
+    /// One device allocation, and the staging of regions filled on a copy stream.
+    Device {
+        gpu: Arc<Gpu>,
+        buf: CudaSlice<u8>,
+        staging: Staging,
+    },
+}
+
+/// Regions filled from the host through pinned buffers on a second stream, so the copy of the
+/// next batch overlaps the compute of the current one (GPU only; created on first use).
+#[derive(Default)]
+struct Staging {
+    copy: Option<Arc<CudaStream>>,
+    regions: HashMap<RegionId, Staged>,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // A copy out of the pinned buffer may still be in flight: it must end before the
+        // buffer is freed.
+        let _ = self.copied.synchronize();
+    }
+}
+
+/// One staged region's pinned host buffer and its two events.
+struct Staged {
+    pinned: PinnedHostSlice<u8>,
+    /// Recorded on the copy stream once the copy into the region is done.
+    copied: CudaEvent,
+    /// Recorded on the compute stream once the last plan that read the region is done.
+    consumed: CudaEvent,
 }
 
 /// The memory of a [`Layout`], zeroed at creation, and the backend that runs plans on it.
@@ -264,7 +293,11 @@ impl Arena {
             .map_err(|e| anyhow!("allocating the {n}-byte arena on the device: {e:?}"))?;
         Ok(Arena {
             layout,
-            mem: Mem::Device { gpu, buf },
+            mem: Mem::Device {
+                gpu,
+                buf,
+                staging: Staging::default(),
+            },
         })
     }
 
@@ -310,7 +343,7 @@ impl Arena {
             Mem::Host { buf, .. } => {
                 Self::host_bytes(buf)[off..off + src.len()].copy_from_slice(src);
             }
-            Mem::Device { gpu, buf } => {
+            Mem::Device { gpu, buf, .. } => {
                 let mut dst = buf.slice_mut(off..off + src.len());
                 gpu.stream()
                     .memcpy_htod(src, &mut dst)
@@ -325,7 +358,7 @@ impl Arena {
         let (off, n, name) = (r.offset, r.len * r.dtype.bytes(), r.name.clone());
         match &mut self.mem {
             Mem::Host { buf, .. } => Ok(Self::host_bytes(buf)[off..off + n].to_vec()),
-            Mem::Device { gpu, buf } => {
+            Mem::Device { gpu, buf, .. } => {
                 let mut out = vec![0u8; n];
                 let src = buf.slice(off..off + n);
                 let st = gpu.stream();
@@ -408,7 +441,7 @@ impl Arena {
         let base = match &mut self.mem {
             Mem::Host { buf, .. } => buf.as_mut_ptr() as u64,
             // The guard is released at once: every launch and copy goes to the one stream.
-            Mem::Device { gpu, buf } => buf.device_ptr(gpu.stream()).0,
+            Mem::Device { gpu, buf, .. } => buf.device_ptr(gpu.stream()).0,
         };
         let mut ptrs = Vec::with_capacity(slots.len());
         for &(id, off) in slots {
@@ -430,6 +463,104 @@ impl Arena {
         };
         // SAFETY: forwarded from this function's contract; the pointers lie inside the arena.
         unsafe { exec::run(backend, steps, &ptrs) }
+    }
+
+    /// Fills the u8 region `id` with `src` asynchronously: on a GPU, `src` goes into the
+    /// region's pinned host buffer (after the previous copy out of it is done) and from there
+    /// to the device on the copy stream, which first waits until the last plan that read the
+    /// region ([`Arena::run_staged`]) is done. Under the emulation it is a plain write.
+    /// Stage into two regions in turn to overlap a batch's copy with the previous step.
+    pub fn stage_u8(&mut self, id: RegionId, src: &[u8]) -> Result<()> {
+        let off = self.checked(id, Dtype::U8, src.len())?.offset;
+        let (gpu, buf, staging) = match &mut self.mem {
+            Mem::Host { .. } => return self.write_u8(id, src),
+            Mem::Device { gpu, buf, staging } => (gpu, buf, staging),
+        };
+        let ctx = gpu.context();
+        let err = |what: &str, e: cudarc::driver::DriverError| {
+            anyhow!("staging arena region {}: {what}: {e:?}", id.0)
+        };
+        if staging.copy.is_none() {
+            staging.copy = Some(ctx.new_stream().map_err(|e| err("copy stream", e))?);
+        }
+        let copy = staging
+            .copy
+            .as_ref()
+            .ok_or_else(|| anyhow!("no copy stream"))?;
+        let st = match staging.regions.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                // SAFETY: the buffer is fully written below before any copy reads it.
+                let pinned = unsafe { ctx.alloc_pinned::<u8>(src.len()) }
+                    .map_err(|e| err("pinned allocation", e))?;
+                let copied = ctx.new_event(None).map_err(|e| err("event", e))?;
+                let consumed = ctx.new_event(None).map_err(|e| err("event", e))?;
+                e.insert(Staged {
+                    pinned,
+                    copied,
+                    consumed,
+                })
+            }
+        };
+        // The previous copy out of the pinned buffer must be done before it is overwritten.
+        st.copied
+            .synchronize()
+            .map_err(|e| err("waiting for the last copy", e))?;
+        st.pinned
+            .as_mut_slice()
+            .map_err(|e| err("pinned buffer", e))?
+            .copy_from_slice(src);
+        copy.wait(&st.consumed)
+            .map_err(|e| err("waiting for the last reader", e))?;
+        // The pointer is taken through the compute stream, whose guard is released at once as
+        // in `run`: a guard on the copy stream would make the next compute-stream write to the
+        // arena wait for this copy.
+        let base = buf.device_ptr(gpu.stream()).0;
+        let pinned = st.pinned.as_slice().map_err(|e| err("pinned buffer", e))?;
+        // SAFETY: the destination lies inside the arena (checked above); the pinned source
+        // stays alive and unwritten until `copied` has been reached (waited for above on the
+        // next call, and before the arena is dropped).
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(base + off as u64, pinned, copy.cu_stream())
+        }
+        .map_err(|e| err("copy", e))?;
+        st.copied.record(copy).map_err(|e| err("event", e))?;
+        Ok(())
+    }
+
+    /// [`Arena::run`] for a plan that reads the staged regions `staged`: the compute stream
+    /// first waits for their copies, and marks them read afterwards (so the next
+    /// [`Arena::stage_u8`] into them waits for this plan).
+    ///
+    /// # Safety
+    /// As [`Arena::run`].
+    pub unsafe fn run_staged(
+        &mut self,
+        steps: &[Step],
+        slots: &[(RegionId, usize)],
+        staged: &[RegionId],
+    ) -> Result<()> {
+        if let Mem::Device { gpu, staging, .. } = &self.mem {
+            for id in staged {
+                if let Some(st) = staging.regions.get(id) {
+                    gpu.stream()
+                        .wait(&st.copied)
+                        .map_err(|e| anyhow!("waiting for staged region {}: {e:?}", id.0))?;
+                }
+            }
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.run(steps, slots)? };
+        if let Mem::Device { gpu, staging, .. } = &self.mem {
+            for id in staged {
+                if let Some(st) = staging.regions.get(id) {
+                    st.consumed
+                        .record(gpu.stream())
+                        .map_err(|e| anyhow!("marking staged region {}: {e:?}", id.0))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Waits until every launch on the arena's backend is done (a no-op on the host).

@@ -9,14 +9,21 @@
 //! weights, gradients, LayerNorm statistics and the attention's log-sum-exp are fp32.
 //!
 //! Heads. The attention kernel takes `(Z, L, 64)` tensors. The QKV projection writes
-//! `(B·L, 3·W)`; an embedding-gather with 64-wide rows and a fixed index table permutes it
-//! into `(3, H, B, L, 64)`, so attention runs with `Z = H·B` "sequences" of one head each and
-//! the key lengths repeated per head. Gathers with the inverse tables merge the heads back and
-//! carry the gradients the other way.
+//! `(B·L, 3·W)`, a `(B·L, 3·H)` grid of 64-wide rows; the row transpose ([`Ew::RowTranspose`])
+//! turns it into `(3·H, B·L)` rows, i.e. `(3, H, B, L, 64)`, so attention runs with `Z = H·B`
+//! "sequences" of one head each and the key lengths repeated per head. Transposes the other
+//! way merge the heads back and carry the gradients: no index table, nothing rewritten per
+//! batch but the key lengths.
 //!
 //! Stacks. [`CudaBlock::in_layout`] adds a block to a shared [`Layout::grouped`] table under
 //! a name prefix, reading the previous block's output as its input and writing its input
 //! gradient into the previous block's output gradient; the towers build on it.
+//!
+//! Variable length. `BlockDims::len` is the longest padded length: it sizes every region. A
+//! batch padded to a shorter length L uses the first B·L rows of each `(B·L, ·)` region (every
+//! op of the block runs on the same m = B·L rows, so they form one contiguous prefix), with
+//! plans built for that L ([`CudaBlock::set_padded_lengths`]). The kernels take their shapes
+//! as launch arguments, so a plan for another length is only a new list of launches.
 //!
 //! Gradients are overwritten by each backward (the kernels store, they do not accumulate).
 
@@ -28,6 +35,8 @@ use mmkd_kernels::elementwise::{Act, Ew};
 use mmkd_kernels::exec::{Step, P};
 use mmkd_kernels::gemm::{Activation as Epilogue, GemmLayout, GemmOpts, GemmShape};
 use mmkd_kernels::layernorm::{backward_scratch_len, LnShape};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 /// Sizes of one block and of the batch it runs on.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -46,12 +55,13 @@ pub struct BlockDims {
     pub eps: f32,
     /// Sequences B per batch.
     pub batch: usize,
-    /// Tokens L per sequence (the padded length).
+    /// Tokens L per sequence: the longest padded length, which sizes the arena (a batch may
+    /// be padded to any length up to it).
     pub len: usize,
 }
 
 impl BlockDims {
-    /// Tokens per batch, B·L.
+    /// Tokens per batch at the longest length, B·L.
     pub fn tokens(&self) -> usize {
         self.batch * self.len
     }
@@ -211,14 +221,16 @@ struct Acts {
     ln_part: RegionId,
 }
 
-/// Index tables and lengths.
+/// Per-batch tables: the key length of each attention sequence.
 struct Tables {
-    split: RegionId,
-    merge: RegionId,
-    heads: RegionId,
-    unsplit: RegionId,
     seqlens: RegionId,
-    bad: RegionId,
+}
+
+/// The forward and backward plans of one padded length, over their own slot list.
+struct Plans {
+    slots: Vec<(RegionId, usize)>,
+    forward: Vec<Step>,
+    backward: Vec<Step>,
 }
 
 /// One block's arena layout and its forward and backward plans.
@@ -229,13 +241,22 @@ pub struct CudaBlock {
     layout: Layout,
     /// The forward starts with the section-wide weight cast (standalone blocks only).
     cast: bool,
+    /// Post-norm (BERT) rather than pre-norm.
+    post: bool,
     params: Vec<RegionId>,
+    /// The bf16 copies of `params`, read by the kernels.
+    bf: Vec<RegionId>,
     grads: Vec<RegionId>,
     acts: Acts,
     tables: Tables,
-    slots: Vec<(RegionId, usize)>,
-    forward: Vec<Step>,
-    backward: Vec<Step>,
+    /// Plans per padded length (entry L − 1), each built on first use. Lazily rather than
+    /// for every length up front: a block accepts any length up to `dims.len` (256 for the
+    /// BERT context, times 12 blocks), while a training run pads to multiples of the text
+    /// tile and so asks for a handful; building one costs only the planning of its launches
+    /// (no compilation: shapes are launch arguments). The longest is built with the block.
+    plans: Vec<OnceLock<Plans>>,
+    /// The padded length selected by the last [`CudaBlock::set_padded_lengths`].
+    len: AtomicUsize,
 }
 
 impl CudaBlock {
@@ -366,12 +387,7 @@ impl CudaBlock {
             Some(tab("zero", bfl, m * w)?)
         };
         let tables = Tables {
-            split: tab("split_heads", Dtype::I32, 3 * m * hd)?,
-            merge: tab("merge_heads", Dtype::I32, m * hd)?,
-            heads: tab("grad_heads", Dtype::I32, m * hd)?,
-            unsplit: tab("grad_merge_qkv", Dtype::I32, 3 * m * hd)?,
             seqlens: tab("seqlens", Dtype::I32, hd * dims.batch)?,
-            bad: tab("bad_index_count", Dtype::I32, 1)?,
         };
         let acts = Acts {
             x,
@@ -409,40 +425,56 @@ impl CudaBlock {
             delta,
             ln_part,
         };
-        let mut block = CudaBlock {
+        let block = CudaBlock {
             dims,
             layout: lay.clone(),
             cast,
+            post,
             params,
+            bf,
             grads,
             acts,
             tables,
-            slots: Vec::new(),
-            forward: Vec::new(),
-            backward: Vec::new(),
+            plans: (0..dims.len).map(|_| OnceLock::new()).collect(),
+            len: AtomicUsize::new(dims.len),
         };
-        block.build_plans(&bf, post)?;
+        block.plans(dims.len)?;
         Ok(block)
     }
 
-    /// Builds the forward (weight cast included) and backward plans.
-    fn build_plans(&mut self, bf: &[RegionId], post: bool) -> Result<()> {
+    /// The plans of padded length `len`, built on first use.
+    fn plans(&self, len: usize) -> Result<&Plans> {
+        let cell = self.plans.get(len.wrapping_sub(1)).ok_or_else(|| {
+            anyhow!(
+                "cuda block: padded length {len} is not in 1..={}",
+                self.dims.len
+            )
+        })?;
+        if let Some(p) = cell.get() {
+            return Ok(p);
+        }
+        let p = self.build_plans(len)?;
+        Ok(cell.get_or_init(|| p))
+    }
+
+    /// Builds (once) and checks the plans of padded length `len`, so that a caller can have
+    /// every error of a batch before it writes anything.
+    pub(super) fn prepare_len(&self, len: usize) -> Result<()> {
+        self.plans(len).map(|_| ())
+    }
+
+    /// Builds the forward (weight cast included) and backward plans for a batch padded to
+    /// `len` (≤ `dims.len`): every op runs on m = B·len rows, the prefix of its regions.
+    fn build_plans(&self, len: usize) -> Result<Plans> {
         let d = self.dims;
-        let (w, hd, fh, m) = (d.width, d.heads, d.hidden, d.tokens());
+        let post = self.post;
+        let (w, hd, fh, m) = (d.width, d.heads, d.hidden, d.batch * len);
         let hm = hd * m;
         let lay = &self.layout;
         let (ac, tb) = (&self.acts, &self.tables);
         let mut pl = Planner {
             layout: lay,
             slots: Vec::new(),
-        };
-        let whole = |id: RegionId| {
-            Some(Buf {
-                id,
-                off: 0,
-                need: lay.region(id).len,
-                span: false,
-            })
         };
         let part = |id: RegionId, off: usize, need: usize| {
             Some(Buf {
@@ -452,7 +484,12 @@ impl CudaBlock {
                 span: false,
             })
         };
-        let wt = |p: Pm| whole(bf[p as usize]);
+        // Regions of fixed size (weights, gradients, per-sequence tables) are used whole.
+        let whole = |id: RegionId| part(id, 0, lay.region(id).len);
+        // The first m·per_row elements of a `(B·L, per_row)` region: the planner checks that
+        // the region (sized for the longest length) holds them.
+        let rows = |id: RegionId, per_row: usize| part(id, 0, m * per_row);
+        let wt = |p: Pm| whole(self.bf[p as usize]);
         let gr = |p: Pm| whole(self.grads[p as usize]);
         let ln = LnShape {
             n: m,
@@ -488,7 +525,7 @@ impl CudaBlock {
         let attn = AttnShape {
             batch: hd * d.batch,
             heads: 1,
-            len: d.len,
+            len,
             causal: false,
             scale: 1.0 / (HEAD_DIM as f32).sqrt(),
         };
@@ -497,14 +534,11 @@ impl CudaBlock {
             Activation::Gelu => Act::Gelu,
         };
         let e = HEAD_DIM;
-        let gather = |rows: usize| Ew::Gather {
-            n: rows,
-            v: rows,
-            c: e,
-        };
-        let bad = whole(tb.bad);
+        // `src (a, b)` rows of one head → `dst (b, a)`.
+        let transpose = |a: usize, b: usize| Ew::RowTranspose { a, b, c: e };
         let qkv_view = |id: RegionId, i: usize| part(id, i * hm * e, hm * e);
-        let (fwd, bwd) = (&mut self.forward, &mut self.backward);
+        let (mut forward, mut backward) = (Vec::new(), Vec::new());
+        let (fwd, bwd) = (&mut forward, &mut backward);
 
         // ---- forward ----
         if self.cast {
@@ -518,17 +552,18 @@ impl CudaBlock {
                 fwd,
                 ln.forward_plan()?,
                 &[
-                    whole(ac.x),
-                    whole(
+                    rows(ac.x, w),
+                    rows(
                         ac.zero
                             .ok_or_else(|| anyhow!("pre-norm block without zero residual"))?,
+                        w,
                     ),
                     wt(Pm::Ln1G),
                     wt(Pm::Ln1B),
-                    whole(ac.s1),
-                    whole(ac.h1),
-                    whole(ac.mean1),
-                    whole(ac.rstd1),
+                    rows(ac.s1, w),
+                    rows(ac.h1, w),
+                    rows(ac.mean1, 1),
+                    rows(ac.rstd1, 1),
                 ],
             )?;
             ac.h1
@@ -537,19 +572,19 @@ impl CudaBlock {
             fwd,
             gemm(GemmLayout::Forward, m, 3 * w, w).plan(bias)?,
             &[
-                whole(attn_in),
+                rows(attn_in, w),
                 wt(Pm::Wqkv),
                 wt(Pm::Bqkv),
                 None,
-                whole(ac.qkv),
+                rows(ac.qkv, 3 * w),
                 None,
             ],
         )?;
-        let g = gather(3 * hm);
+        // (M, 3·H) head rows → (3·H, M).
         pl.add(
             fwd,
-            g.plan()?,
-            &[whole(ac.qkv), whole(tb.split), whole(ac.qkvh), bad],
+            transpose(m, 3 * hd).plan()?,
+            &[rows(ac.qkv, 3 * w), rows(ac.qkvh, 3 * w)],
         )?;
         pl.add(
             fwd,
@@ -559,19 +594,27 @@ impl CudaBlock {
                 qkv_view(ac.qkvh, 1),
                 qkv_view(ac.qkvh, 2),
                 whole(tb.seqlens),
-                whole(ac.oh),
-                whole(ac.lse),
+                rows(ac.oh, w),
+                rows(ac.lse, hd),
             ],
         )?;
+        // (H, M) → (M, H).
         pl.add(
             fwd,
-            gather(hm).plan()?,
-            &[whole(ac.oh), whole(tb.merge), whole(ac.o), bad],
+            transpose(hd, m).plan()?,
+            &[rows(ac.oh, w), rows(ac.o, w)],
         )?;
         pl.add(
             fwd,
             gemm(GemmLayout::Forward, m, w, w).plan(bias)?,
-            &[whole(ac.o), wt(Pm::Wo), wt(Pm::Bo), None, whole(ac.a), None],
+            &[
+                rows(ac.o, w),
+                wt(Pm::Wo),
+                wt(Pm::Bo),
+                None,
+                rows(ac.a, w),
+                None,
+            ],
         )?;
         // Pre: s2 = x + a, h2 = LN2(s2). Post: s1 = x + a, h1 = LN1(s1).
         let (ln_g, ln_b, s, h, mean, rstd) = if post {
@@ -583,14 +626,14 @@ impl CudaBlock {
             fwd,
             ln.forward_plan()?,
             &[
-                whole(ac.x),
-                whole(ac.a),
+                rows(ac.x, w),
+                rows(ac.a, w),
                 wt(ln_g),
                 wt(ln_b),
-                whole(s),
-                whole(h),
-                whole(mean),
-                whole(rstd),
+                rows(s, w),
+                rows(h, w),
+                rows(mean, 1),
+                rows(rstd, 1),
             ],
         )?;
         let mlp_in = h;
@@ -598,37 +641,44 @@ impl CudaBlock {
             fwd,
             gemm(GemmLayout::Forward, m, fh, w).plan(bias)?,
             &[
-                whole(mlp_in),
+                rows(mlp_in, w),
                 wt(Pm::W1),
                 wt(Pm::B1),
                 None,
-                whole(ac.u),
+                rows(ac.u, fh),
                 None,
             ],
         )?;
         pl.add(
             fwd,
             Ew::ActFwd { n: m * fh, act }.plan()?,
-            &[whole(ac.u), whole(ac.f)],
+            &[rows(ac.u, fh), rows(ac.f, fh)],
         )?;
         if let Some(mo) = ac.m {
             pl.add(
                 fwd,
                 gemm(GemmLayout::Forward, m, w, fh).plan(bias)?,
-                &[whole(ac.f), wt(Pm::W2), wt(Pm::B2), None, whole(mo), None],
+                &[
+                    rows(ac.f, fh),
+                    wt(Pm::W2),
+                    wt(Pm::B2),
+                    None,
+                    rows(mo, w),
+                    None,
+                ],
             )?;
             pl.add(
                 fwd,
                 ln.forward_plan()?,
                 &[
-                    whole(ac.h1),
-                    whole(mo),
+                    rows(ac.h1, w),
+                    rows(mo, w),
                     wt(Pm::Ln2G),
                     wt(Pm::Ln2B),
-                    whole(ac.s2),
-                    whole(ac.y),
-                    whole(ac.mean2),
-                    whole(ac.rstd2),
+                    rows(ac.s2, w),
+                    rows(ac.y, w),
+                    rows(ac.mean2, 1),
+                    rows(ac.rstd2, 1),
                 ],
             )?;
         } else {
@@ -636,11 +686,11 @@ impl CudaBlock {
                 fwd,
                 gemm(GemmLayout::Forward, m, w, fh).plan(bias_res)?,
                 &[
-                    whole(ac.f),
+                    rows(ac.f, fh),
                     wt(Pm::W2),
                     wt(Pm::B2),
-                    whole(ac.s2),
-                    whole(ac.y),
+                    rows(ac.s2, w),
+                    rows(ac.y, w),
                     None,
                 ],
             )?;
@@ -653,16 +703,16 @@ impl CudaBlock {
                 bwd,
                 ln.backward_plan(false)?,
                 &[
-                    whole(ac.dy),
-                    whole(ac.s2),
+                    rows(ac.dy, w),
+                    rows(ac.s2, w),
                     wt(Pm::Ln2G),
-                    whole(ac.mean2),
-                    whole(ac.rstd2),
+                    rows(ac.mean2, 1),
+                    rows(ac.rstd2, 1),
                     None,
-                    whole(ac.ds2),
+                    rows(ac.ds2, w),
                     gr(Pm::Ln2G),
                     gr(Pm::Ln2B),
-                    whole(ac.ln_part),
+                    part(ac.ln_part, 0, backward_scratch_len(ln)),
                 ],
             )?;
             ac.ds2
@@ -672,24 +722,31 @@ impl CudaBlock {
         pl.add(
             bwd,
             gemm(GemmLayout::WeightGrad, w, fh, m).plan(wgrad)?,
-            &[whole(dmlp), whole(ac.f), None, None, gr(Pm::W2), gr(Pm::B2)],
+            &[
+                rows(dmlp, w),
+                rows(ac.f, fh),
+                None,
+                None,
+                gr(Pm::W2),
+                gr(Pm::B2),
+            ],
         )?;
         pl.add(
             bwd,
             gemm(GemmLayout::InputGrad, m, fh, w).plan(plain)?,
-            &[whole(dmlp), wt(Pm::W2), None, None, whole(ac.df), None],
+            &[rows(dmlp, w), wt(Pm::W2), None, None, rows(ac.df, fh), None],
         )?;
         pl.add(
             bwd,
             Ew::ActBwd { n: m * fh, act }.plan()?,
-            &[whole(ac.u), whole(ac.df), whole(ac.du)],
+            &[rows(ac.u, fh), rows(ac.df, fh), rows(ac.du, fh)],
         )?;
         pl.add(
             bwd,
             gemm(GemmLayout::WeightGrad, fh, w, m).plan(wgrad)?,
             &[
-                whole(ac.du),
-                whole(mlp_in),
+                rows(ac.du, fh),
+                rows(mlp_in, w),
                 None,
                 None,
                 gr(Pm::W1),
@@ -703,11 +760,11 @@ impl CudaBlock {
                 bwd,
                 gemm(GemmLayout::InputGrad, m, w, fh).plan(with_res)?,
                 &[
-                    whole(ac.du),
+                    rows(ac.du, fh),
                     wt(Pm::W1),
                     None,
-                    whole(ac.ds2),
-                    whole(ac.dh1),
+                    rows(ac.ds2, w),
+                    rows(ac.dh1, w),
                     None,
                 ],
             )?;
@@ -715,16 +772,16 @@ impl CudaBlock {
                 bwd,
                 ln.backward_plan(false)?,
                 &[
-                    whole(ac.dh1),
-                    whole(ac.s1),
+                    rows(ac.dh1, w),
+                    rows(ac.s1, w),
                     wt(Pm::Ln1G),
-                    whole(ac.mean1),
-                    whole(ac.rstd1),
+                    rows(ac.mean1, 1),
+                    rows(ac.rstd1, 1),
                     None,
-                    whole(ac.ds1),
+                    rows(ac.ds1, w),
                     gr(Pm::Ln1G),
                     gr(Pm::Ln1B),
-                    whole(ac.ln_part),
+                    part(ac.ln_part, 0, backward_scratch_len(ln)),
                 ],
             )?;
             ac.ds1
@@ -732,22 +789,29 @@ impl CudaBlock {
             pl.add(
                 bwd,
                 gemm(GemmLayout::InputGrad, m, w, fh).plan(plain)?,
-                &[whole(ac.du), wt(Pm::W1), None, None, whole(ac.dh2), None],
+                &[
+                    rows(ac.du, fh),
+                    wt(Pm::W1),
+                    None,
+                    None,
+                    rows(ac.dh2, w),
+                    None,
+                ],
             )?;
             pl.add(
                 bwd,
                 ln.backward_plan(true)?,
                 &[
-                    whole(ac.dh2),
-                    whole(ac.s2),
+                    rows(ac.dh2, w),
+                    rows(ac.s2, w),
                     wt(Pm::Ln2G),
-                    whole(ac.mean2),
-                    whole(ac.rstd2),
-                    whole(ac.dy),
-                    whole(ac.ds2),
+                    rows(ac.mean2, 1),
+                    rows(ac.rstd2, 1),
+                    rows(ac.dy, w),
+                    rows(ac.ds2, w),
                     gr(Pm::Ln2G),
                     gr(Pm::Ln2B),
-                    whole(ac.ln_part),
+                    part(ac.ln_part, 0, backward_scratch_len(ln)),
                 ],
             )?;
             ac.ds2
@@ -756,8 +820,8 @@ impl CudaBlock {
             bwd,
             gemm(GemmLayout::WeightGrad, w, w, m).plan(wgrad)?,
             &[
-                whole(dattn),
-                whole(ac.o),
+                rows(dattn, w),
+                rows(ac.o, w),
                 None,
                 None,
                 gr(Pm::Wo),
@@ -767,12 +831,20 @@ impl CudaBlock {
         pl.add(
             bwd,
             gemm(GemmLayout::InputGrad, m, w, w).plan(plain)?,
-            &[whole(dattn), wt(Pm::Wo), None, None, whole(ac.d_o), None],
+            &[
+                rows(dattn, w),
+                wt(Pm::Wo),
+                None,
+                None,
+                rows(ac.d_o, w),
+                None,
+            ],
         )?;
+        // (M, H) → (H, M).
         pl.add(
             bwd,
-            gather(hm).plan()?,
-            &[whole(ac.d_o), whole(tb.heads), whole(ac.doh), bad],
+            transpose(m, hd).plan()?,
+            &[rows(ac.d_o, w), rows(ac.doh, w)],
         )?;
         pl.add(
             bwd,
@@ -781,27 +853,28 @@ impl CudaBlock {
                 qkv_view(ac.qkvh, 0),
                 qkv_view(ac.qkvh, 1),
                 qkv_view(ac.qkvh, 2),
-                whole(ac.oh),
-                whole(ac.lse),
-                whole(ac.doh),
+                rows(ac.oh, w),
+                rows(ac.lse, hd),
+                rows(ac.doh, w),
                 whole(tb.seqlens),
                 qkv_view(ac.dqkvh, 0),
                 qkv_view(ac.dqkvh, 1),
                 qkv_view(ac.dqkvh, 2),
-                whole(ac.delta),
+                rows(ac.delta, hd),
             ],
         )?;
+        // (3·H, M) → (M, 3·H).
         pl.add(
             bwd,
-            gather(3 * hm).plan()?,
-            &[whole(ac.dqkvh), whole(tb.unsplit), whole(ac.dqkv), bad],
+            transpose(3 * hd, m).plan()?,
+            &[rows(ac.dqkvh, 3 * w), rows(ac.dqkv, 3 * w)],
         )?;
         pl.add(
             bwd,
             gemm(GemmLayout::WeightGrad, 3 * w, w, m).plan(wgrad)?,
             &[
-                whole(ac.dqkv),
-                whole(attn_in),
+                rows(ac.dqkv, 3 * w),
+                rows(attn_in, w),
                 None,
                 None,
                 gr(Pm::Wqkv),
@@ -814,11 +887,11 @@ impl CudaBlock {
                 bwd,
                 gemm(GemmLayout::InputGrad, m, w, 3 * w).plan(with_res)?,
                 &[
-                    whole(ac.dqkv),
+                    rows(ac.dqkv, 3 * w),
                     wt(Pm::Wqkv),
                     None,
-                    whole(ac.ds1),
-                    whole(ac.dx),
+                    rows(ac.ds1, w),
+                    rows(ac.dx, w),
                     None,
                 ],
             )?;
@@ -827,11 +900,11 @@ impl CudaBlock {
                 bwd,
                 gemm(GemmLayout::InputGrad, m, w, 3 * w).plan(plain)?,
                 &[
-                    whole(ac.dqkv),
+                    rows(ac.dqkv, 3 * w),
                     wt(Pm::Wqkv),
                     None,
                     None,
-                    whole(ac.dh1),
+                    rows(ac.dh1, w),
                     None,
                 ],
             )?;
@@ -840,21 +913,24 @@ impl CudaBlock {
                 bwd,
                 ln.backward_plan(true)?,
                 &[
-                    whole(ac.dh1),
-                    whole(ac.s1),
+                    rows(ac.dh1, w),
+                    rows(ac.s1, w),
                     wt(Pm::Ln1G),
-                    whole(ac.mean1),
-                    whole(ac.rstd1),
-                    whole(ac.ds2),
-                    whole(ac.dx),
+                    rows(ac.mean1, 1),
+                    rows(ac.rstd1, 1),
+                    rows(ac.ds2, w),
+                    rows(ac.dx, w),
                     gr(Pm::Ln1G),
                     gr(Pm::Ln1B),
-                    whole(ac.ln_part),
+                    part(ac.ln_part, 0, backward_scratch_len(ln)),
                 ],
             )?;
         }
-        self.slots = pl.slots;
-        Ok(())
+        Ok(Plans {
+            slots: pl.slots,
+            forward,
+            backward,
+        })
     }
 
     /// The sizes the block was built for.
@@ -869,9 +945,19 @@ impl CudaBlock {
         &self.layout
     }
 
-    /// Launches per forward and per backward.
+    /// Launches per forward and per backward (the same at every padded length).
     pub fn launches(&self) -> (usize, usize) {
-        (self.forward.len(), self.backward.len())
+        self.plans
+            .last()
+            .and_then(OnceLock::get)
+            .map_or((0, 0), |p| (p.forward.len(), p.backward.len()))
+    }
+
+    /// The padded length L of the current batch (the last one set; `dims().len` before any).
+    /// The block, not the arena, holds it: an arena shared by two batches in flight would need
+    /// a block each.
+    pub fn padded_len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
     }
 
     fn spec_index(&self, name: &str) -> Result<usize> {
@@ -911,10 +997,12 @@ impl CudaBlock {
         self.acts.dx
     }
 
-    /// The count of out-of-range gather indices seen so far (0 unless the tables are wrong).
+    /// The count of out-of-range gather indices seen so far: always 0, since the block runs
+    /// no index-driven kernel (heads move by row transpose). Kept so that a tower's count
+    /// can sum over everything it owns; checks that `arena` belongs to the block.
     pub fn bad_index_count(&self, arena: &mut Arena) -> Result<i32> {
         self.check_arena(arena)?;
-        Ok(arena.read_i32(self.tables.bad)?[0])
+        Ok(0)
     }
 
     fn check_arena(&self, arena: &Arena) -> Result<()> {
@@ -925,9 +1013,24 @@ impl CudaBlock {
         Ok(())
     }
 
-    /// Writes the head permutation tables and the valid length of each sequence (key
-    /// padding: keys at positions ≥ `lengths[b]` are hidden from every query of sequence b).
+    /// Writes the valid length of each sequence (key padding: keys at positions ≥
+    /// `lengths[b]` are hidden from every query of sequence b) for a batch padded to the
+    /// longest length, `dims().len`.
     pub fn set_lengths(&self, arena: &mut Arena, lengths: &[usize]) -> Result<()> {
+        self.set_padded_lengths(arena, self.dims.len, lengths)
+    }
+
+    /// Selects a batch padded to `len` tokens per sequence (1..=`dims().len`): the next
+    /// [`CudaBlock::forward`] and [`CudaBlock::backward`] run on the first B·`len` rows of the
+    /// input, output and every activation. Writes the valid length of each sequence (each at
+    /// most `len`; keys at positions ≥ `lengths[b]` are hidden from every query of sequence
+    /// b): `heads · batch` integers, the only per-batch upload of the block.
+    pub fn set_padded_lengths(
+        &self,
+        arena: &mut Arena,
+        len: usize,
+        lengths: &[usize],
+    ) -> Result<()> {
         self.check_arena(arena)?;
         let d = &self.dims;
         ensure!(
@@ -936,50 +1039,39 @@ impl CudaBlock {
             lengths.len(),
             d.batch
         );
-        if let Some((b, &n)) = lengths.iter().enumerate().find(|(_, &n)| n > d.len) {
-            bail!(
-                "cuda block: sequence {b} has length {n}, the batch is padded to {}",
-                d.len
-            );
+        if let Some((b, &n)) = lengths.iter().enumerate().find(|(_, &n)| n > len) {
+            bail!("cuda block: sequence {b} has length {n}, the batch is padded to {len}");
         }
-        let (hd, m) = (d.heads, d.tokens());
-        let hm = hd * m;
-        let idx = |v: usize| v as i32;
-        // (3, H, M) rows ← (M, 3, H) rows, and back; (H, M) ← (M, H), and back.
-        let split: Vec<i32> = (0..3 * hm).map(|r| idx((r % m) * 3 * hd + r / m)).collect();
-        let unsplit: Vec<i32> = (0..3 * hm)
-            .map(|r| idx((r % (3 * hd)) * m + r / (3 * hd)))
+        // Built (and checked) before anything is written.
+        self.plans(len)?;
+        // Attention sequence z = h·B + b. Lengths are at most `len` ≤ `dims.len`, which the
+        // plan's i32 shapes already hold.
+        let seqlens: Vec<i32> = (0..d.heads * d.batch)
+            .map(|z| lengths[z % d.batch] as i32)
             .collect();
-        let merge: Vec<i32> = (0..hm).map(|r| idx((r % hd) * m + r / hd)).collect();
-        let heads: Vec<i32> = (0..hm).map(|r| idx((r % m) * hd + r / m)).collect();
-        // Attention sequence z = h·B + b.
-        let seqlens: Vec<i32> = (0..hd * d.batch)
-            .map(|z| idx(lengths[z % d.batch]))
-            .collect();
-        let t = &self.tables;
-        arena.write_i32(t.split, &split)?;
-        arena.write_i32(t.unsplit, &unsplit)?;
-        arena.write_i32(t.merge, &merge)?;
-        arena.write_i32(t.heads, &heads)?;
-        arena.write_i32(t.seqlens, &seqlens)?;
-        arena.write_i32(t.bad, &[0])?;
+        arena.write_i32(self.tables.seqlens, &seqlens)?;
+        self.len.store(len, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Forward: casts the master weights to bf16, then computes `y` from `x`.
+    /// Forward at the selected padded length: casts the master weights to bf16 (standalone
+    /// blocks), then computes `y` from `x`.
     pub fn forward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
+        let p = self.plans(self.padded_len())?;
         // SAFETY: the arena has this block's layout and every slot was checked against its
         // region when the plan was built.
-        unsafe { arena.run(&self.forward, &self.slots) }
+        unsafe { arena.run(&p.forward, &p.slots) }
     }
 
-    /// Backward from `output_grad`: parameter gradients (overwritten) and `input_grad`. Uses
-    /// the activations of the last [`CudaBlock::forward`].
+    /// Backward from `output_grad` at the selected padded length: parameter gradients
+    /// (overwritten) and `input_grad`. Uses the activations of the last
+    /// [`CudaBlock::forward`].
     pub fn backward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
+        let p = self.plans(self.padded_len())?;
         // SAFETY: as in `forward`.
-        unsafe { arena.run(&self.backward, &self.slots) }
+        unsafe { arena.run(&p.backward, &p.slots) }
     }
 }
 

@@ -9,6 +9,11 @@
 //! norm and AdamW run once over whole sections, and AdamW writes the bf16 copy the next
 //! forward reads (no separate cast after the first).
 //!
+//! Text length. Each batch is padded only to its longest row rounded up to [`TEXT_LEN_TILE`]
+//! (at most `text_len`, which sizes the arena), and the text tower runs the plans of that
+//! length: short captions do not pay for the whole context. The key-padding mask hides the
+//! pad tokens, so the features do not depend on the padded length.
+//!
 //! Host traffic per step. The loss plan takes the logit scale as a launch argument, so the
 //! scale is read back (4 bytes) and clamped to `[0, ln 100]` on the host after each update; the
 //! loss components (8 floats) and the gradient norm (2 floats) are read back before the
@@ -27,23 +32,50 @@ use anyhow::{anyhow, bail, ensure, Result};
 use half::bf16;
 use mmkd_kernels::adamw::{adamw_plan, norm_plan, norm_scratch_len, AdamWConfig as KAdamW};
 use mmkd_kernels::elementwise::Ew;
+use mmkd_kernels::image_norm::{self, ImageNormConfig, CLIP_MEAN, CLIP_STD};
 use mmkd_kernels::mt_loss::{self, LossConfig, LossResult};
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
 /// The model's name of the logit-scale parameter.
 pub const LOGIT_SCALE: &str = "logit_scale";
+/// The trainer's name of the learned icl scale `ℓ` (`c = e^ℓ`).
+pub const ICL_SCALE: &str = "icl_scale";
+
+/// A batch's token length is rounded up to a multiple of this (capped at `text_len`). The
+/// bf16 tensor-core fragments (`mma.m16n8k16`) of the GEMMs and of the attention are 16 rows
+/// tall: with L a multiple of 16 the B·L rows of the GEMMs and each sequence's query and key
+/// rows fill whole fragments (none half out of bounds), while a short caption pays at most
+/// 15 padded tokens (the attention's 64-row tile would cost up to 63). A run also meets at
+/// most `text_len / 16` distinct lengths, each planned once.
+pub const TEXT_LEN_TILE: usize = 16;
+
+/// The token id the step pads rows with: `[PAD]`, id 0 of the vocabulary, as the loader pads
+/// (any id would do: the key-padding mask hides the padded positions).
+pub const TEXT_PAD_ID: u32 = 0;
+
+/// The length a batch of `len` tokens per row is padded to: `len` rounded up to
+/// [`TEXT_LEN_TILE`], at most `max` (for `1 ≤ len ≤ max`).
+pub fn padded_text_len(len: usize, max: usize) -> usize {
+    len.div_ceil(TEXT_LEN_TILE)
+        .saturating_mul(TEXT_LEN_TILE)
+        .min(max)
+}
 
 /// Shapes and switches of a [`CudaStudent`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StudentSetup {
     /// Pairs per batch N.
     pub batch: usize,
-    /// Padded token length of every batch (at most the text context).
+    /// The longest token length of a batch (at most the text context): it sizes the arena;
+    /// each batch is padded only to [`padded_text_len`] of its own length.
     pub text_len: usize,
-    /// Teacher slots T of the `[N, T, D]` targets.
+    /// Teacher slots T of the `[N, T, D]` targets; 0 trains stage 1 (the CLIP loss alone,
+    /// `loss` is then not read).
     pub teachers: usize,
-    /// The distillation loss's switches (the icl scale must be a constant).
+    /// The distillation loss's switches. A learned icl scale is a parameter of the arena
+    /// (the model's store must then hold [`ICL_SCALE`]).
     pub loss: DistillConfig,
     /// AdamW hyper-parameters.
     pub adamw: AdamWConfig,
@@ -51,14 +83,37 @@ pub struct StudentSetup {
     pub grad_clip: f64,
 }
 
-/// One batch on the host: images `(N, C, S, S)` normalised, token ids `(N, L)` with the valid
-/// length of each row, teacher targets `[N, T, D]` per modality with availability `[N, T]`
-/// and, in random-teacher mode, the drawn slot of each sample.
+/// A batch's images.
+#[derive(Clone, Copy, Debug)]
+pub enum Images<'a> {
+    /// Normalised values `(N, C, S, S)`, converted to bf16 on the host.
+    F32(&'a [f32]),
+    /// Raw crops `(N, 3, S, S)`, normalised on the device with CLIP's statistics (half the
+    /// bytes of bf16 to copy, no host conversion).
+    U8(&'a [u8]),
+    /// The oldest crops staged with [`CudaStudent::stage_pixels`] and not used yet.
+    Staged,
+}
+
+impl Images<'_> {
+    fn len(&self) -> Option<usize> {
+        match self {
+            Images::F32(v) => Some(v.len()),
+            Images::U8(v) => Some(v.len()),
+            Images::Staged => None,
+        }
+    }
+}
+
+/// One batch on the host: images `(N, C, S, S)`, token ids `(N, L)` (any
+/// `1 ≤ L ≤ text_len`) with the valid length of each row, teacher targets `[N, T, D]` per
+/// modality with availability `[N, T]` and, in random-teacher mode, the drawn slot of each
+/// sample.
 #[derive(Clone, Copy, Debug)]
 pub struct StudentBatch<'a> {
     /// Images, `(N, C, S, S)`.
-    pub images: &'a [f32],
-    /// Token ids, `(N, L)`.
+    pub images: Images<'a>,
+    /// Token ids, `(N, L)` with `1 ≤ L ≤ text_len`.
     pub tokens: &'a [u32],
     /// Valid tokens per row, each in `1..=L`.
     pub lengths: &'a [usize],
@@ -81,6 +136,26 @@ pub struct StepReport {
     pub grad_norm: f32,
     /// The logit scale after the update and the clamp.
     pub logit_scale: f32,
+    /// The learned icl scale's `ℓ` after the update (`None` for a constant).
+    pub icl_log_scale: Option<f32>,
+    /// The token length the batch was padded to and the text tower ran at.
+    pub text_len: usize,
+    /// Host wall time of the step's parts.
+    pub phases: StepPhases,
+}
+
+/// Seconds of host wall time per part of a step, each ending at a point where the host waits
+/// for the device anyway (a read-back), so no synchronisation is added to measure them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepPhases {
+    /// The batch written into the arena.
+    pub upload: f64,
+    /// Both towers' forward and the loss, up to reading the loss back.
+    pub forward: f64,
+    /// Both towers' backward and the gradient norm, up to reading it back.
+    pub backward: f64,
+    /// AdamW and the logit-scale clamp.
+    pub update: f64,
 }
 
 /// Where one model parameter lies: `len` elements from element `offset` of the master region
@@ -97,12 +172,15 @@ struct Regions {
     logit_scale: RegionId,
     logit_scale_bf16: RegionId,
     logit_grad: RegionId,
+    /// The learned icl scale's master and gradient.
+    icl: Option<(RegionId, RegionId)>,
     m: RegionId,
     v: RegionId,
     decay: RegionId,
-    teacher_image: RegionId,
-    teacher_text: RegionId,
-    mask: RegionId,
+    /// The teacher targets and mask (none in CLIP mode).
+    teacher_image: Option<RegionId>,
+    teacher_text: Option<RegionId>,
+    mask: Option<RegionId>,
     pick: Option<RegionId>,
     dimage: RegionId,
     dtext: RegionId,
@@ -124,6 +202,12 @@ pub struct CudaStudent {
     numel: usize,
     loss_cfg: LossConfig,
     steps: u32,
+    /// Two u8 staging regions for raw crops (3-channel images only), used in turn.
+    pixels: Option<[RegionId; 2]>,
+    /// Staged regions not yet normalised, oldest first.
+    staged: VecDeque<RegionId>,
+    /// The staging region the next [`CudaStudent::stage_pixels`] fills.
+    next_stage: usize,
 }
 
 /// The kernel's teacher mode for the engine's.
@@ -144,11 +228,12 @@ impl CudaStudent {
             "cuda student: gradient clip {} is not finite",
             setup.grad_clip
         );
-        let c = match setup.loss.icl_scale {
-            IclScale::Const(c) => c as f32,
-            IclScale::Learned(_) => {
-                bail!("cuda student: a learned icl scale is not supported by the device step yet")
-            }
+        let clip = setup.teachers == 0;
+        // A learned ℓ is read from the arena at each step; the value here is a placeholder.
+        let (icl, learned) = match setup.loss.icl_scale {
+            _ if clip => (mt_loss::IclScale::Const(0.0), false),
+            IclScale::Const(c) => (mt_loss::IclScale::Const(c as f32), false),
+            IclScale::Learned(l) => (mt_loss::IclScale::Learned(l as f32), true),
         };
         let loss_cfg = LossConfig {
             n,
@@ -157,7 +242,7 @@ impl CudaStudent {
             mode: kernel_mode(setup.loss.teacher_mode),
             teacher_l2: setup.loss.teacher_norm == TeacherNorm::L2,
             logit_scale: 0.0,
-            icl: mt_loss::IclScale::Const(c),
+            icl,
             fd_weight: setup.loss.fd_weight as f32,
         };
         let mut lay = Layout::grouped();
@@ -170,24 +255,49 @@ impl CudaStudent {
         let logit_scale = lay.add("param.logit_scale", Section::Params, f32l, 1)?;
         let logit_scale_bf16 = lay.add("bf16.logit_scale", Section::ParamsBf16, Dtype::Bf16, 1)?;
         let logit_grad = lay.add("grad.logit_scale", Section::Grads, f32l, 1)?;
+        let pixels = {
+            let d = image.dims();
+            let len = n * d.channels * d.image * d.image;
+            if d.channels == 3 {
+                Some([
+                    lay.add("table.input.pixels0", Section::Tables, u8l, len)?,
+                    lay.add("table.input.pixels1", Section::Tables, u8l, len)?,
+                ])
+            } else {
+                None
+            }
+        };
+        let icl_regions = if learned {
+            let p = lay.add("param.icl_scale", Section::Params, f32l, 1)?;
+            lay.add("bf16.icl_scale", Section::ParamsBf16, Dtype::Bf16, 1)?;
+            let g = lay.add("grad.icl_scale", Section::Grads, f32l, 1)?;
+            Some((p, g))
+        } else {
+            None
+        };
         let numel = check_twins(&lay)?;
         let (t, d) = (loss_cfg.t, loss_cfg.d);
         let (a, s, tb) = (Section::Acts, Section::Scratch, Section::Tables);
-        let pick = if loss_cfg.mode == mt_loss::TeacherMode::Random {
+        let pick = if !clip && loss_cfg.mode == mt_loss::TeacherMode::Random {
             Some(lay.add("table.loss.pick", tb, Dtype::I32, n)?)
         } else {
             None
+        };
+        // CLIP mode reads no teacher buffers: they get no region.
+        let teacher = |lay: &mut Layout, name: &str, sec: Section, dt: Dtype, len: usize| {
+            (!clip).then(|| lay.add(name, sec, dt, len)).transpose()
         };
         let r = Regions {
             logit_scale,
             logit_scale_bf16,
             logit_grad,
+            icl: icl_regions,
             m: lay.add("optim.m", Section::Optim, f32l, numel)?,
             v: lay.add("optim.v", Section::Optim, f32l, numel)?,
             decay: lay.add("table.optim.decay", tb, u8l, numel)?,
-            teacher_image: lay.add("act.loss.teacher_image", a, f32l, n * t * d)?,
-            teacher_text: lay.add("act.loss.teacher_text", a, f32l, n * t * d)?,
-            mask: lay.add("table.loss.mask", tb, u8l, n * t)?,
+            teacher_image: teacher(&mut lay, "act.loss.teacher_image", a, f32l, n * t * d)?,
+            teacher_text: teacher(&mut lay, "act.loss.teacher_text", a, f32l, n * t * d)?,
+            mask: teacher(&mut lay, "table.loss.mask", tb, u8l, n * t)?,
             pick,
             dimage: lay.add("scratch.loss.dimage", s, f32l, n * d)?,
             dtext: lay.add("scratch.loss.dtext", s, f32l, n * d)?,
@@ -232,6 +342,14 @@ impl CudaStudent {
             offset: 0,
             len: 1,
         });
+        if let Some((param, _)) = icl_regions {
+            slices.push(Slice {
+                name: ICL_SCALE.to_string(),
+                param,
+                offset: 0,
+                len: 1,
+            });
+        }
         Ok(CudaStudent {
             setup,
             layout: lay,
@@ -242,7 +360,61 @@ impl CudaStudent {
             numel,
             loss_cfg,
             steps: 0,
+            pixels,
+            staged: VecDeque::new(),
+            next_stage: 0,
         })
+    }
+
+    /// Stages one batch of raw crops `(N, 3, S, S)` into the next of two staging regions: on a
+    /// GPU the copy runs on a second stream (see [`Arena::stage_u8`]), so staging batch k+1
+    /// before running step k overlaps its copy with step k. A step with [`Images::Staged`]
+    /// normalises the oldest staged batch on the device. At most two can wait.
+    pub fn stage_pixels(&mut self, arena: &mut Arena, pixels: &[u8]) -> Result<()> {
+        self.check_arena(arena)?;
+        let regions = self.pixels.ok_or_else(|| {
+            anyhow!(
+                "cuda student: raw crops need 3-channel images, the tower has {}",
+                self.image.dims().channels
+            )
+        })?;
+        ensure!(
+            self.staged.len() < 2,
+            "cuda student: two batches are staged already; run a step first"
+        );
+        let id = regions[self.next_stage];
+        arena.stage_u8(id, pixels)?;
+        self.staged.push_back(id);
+        self.next_stage ^= 1;
+        Ok(())
+    }
+
+    /// Normalises the oldest staged crops into the image tower's input (bf16).
+    fn normalize_staged(&mut self, arena: &mut Arena) -> Result<()> {
+        let id = self
+            .staged
+            .pop_front()
+            .ok_or_else(|| anyhow!("cuda student: no staged images"))?;
+        let d = self.image.dims();
+        let cfg = ImageNormConfig {
+            b: self.loss_cfg.n,
+            h: d.image,
+            w: d.image,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        };
+        let mut pl = Planner {
+            layout: &self.layout,
+            slots: Vec::new(),
+        };
+        let mut steps = Vec::new();
+        pl.add(
+            &mut steps,
+            image_norm::plan(&cfg, false),
+            &[self.whole(id), None, self.whole(self.image.images())],
+        )?;
+        // SAFETY: the arena has this student's layout; the planner checked every slot.
+        unsafe { arena.run_staged(&steps, &pl.slots, &[id]) }
     }
 
     /// The arena layout; make the arena with `Arena::host(student.layout().clone(), emu)` or
@@ -377,17 +549,38 @@ impl CudaStudent {
         Ok(arena.read_f32(self.r.logit_scale)?[0])
     }
 
-    /// Writes one batch into the arena.
-    fn write_batch(&self, arena: &mut Arena, b: &StudentBatch<'_>) -> Result<()> {
-        let c = &self.loss_cfg;
-        let id = self.image.dims();
-        let want = c.n * id.channels * id.image * id.image;
+    /// Writes one batch into the arena; returns the token length it was padded to.
+    fn write_batch(&mut self, arena: &mut Arena, b: &StudentBatch<'_>) -> Result<usize> {
+        let c = self.loss_cfg;
+        let max = self.setup.text_len;
+        let l = b.tokens.len() / c.n;
         ensure!(
-            b.images.len() == want,
-            "cuda student: {} image values, {want} expected for a batch of {}",
-            b.images.len(),
+            b.tokens.len() % c.n == 0 && (1..=max).contains(&l),
+            "cuda student: {} token ids are not a batch of {} rows of 1..={max} tokens",
+            b.tokens.len(),
             c.n
         );
+        ensure!(
+            b.lengths.len() == c.n,
+            "cuda student: {} text lengths for a batch of {}",
+            b.lengths.len(),
+            c.n
+        );
+        if let Some((i, &n)) = b.lengths.iter().enumerate().find(|(_, &n)| n == 0 || n > l) {
+            bail!("cuda student: text length {n} of row {i} is not in 1..={l}");
+        }
+        let id = self.image.dims();
+        let want = c.n * id.channels * id.image * id.image;
+        if let Some(got) = b.images.len() {
+            ensure!(
+                got == want,
+                "cuda student: {got} image values, {want} expected for a batch of {}",
+                c.n
+            );
+        }
+        if let (Images::Staged, true) = (b.images, self.staged.is_empty()) {
+            bail!("cuda student: the batch names staged images but none are staged");
+        }
         let targets = c.n * c.t * c.d;
         ensure!(
             b.teacher_image.len() == targets && b.teacher_text.len() == targets,
@@ -419,16 +612,41 @@ impl CudaStudent {
             (Some(_), None) => bail!("cuda student: random-teacher mode needs `pick`"),
             (None, Some(_)) => bail!("cuda student: `pick` is only read in random-teacher mode"),
         };
-        let img: Vec<bf16> = b.images.iter().map(|&x| bf16::from_f32(x)).collect();
-        arena.write_bf16(self.image.images(), &img)?;
-        self.text.set_batch(arena, b.tokens, b.lengths)?;
-        arena.write_f32(self.r.teacher_image, b.teacher_image)?;
-        arena.write_f32(self.r.teacher_text, b.teacher_text)?;
-        arena.write_u8(self.r.mask, b.mask)?;
+        match b.images {
+            Images::F32(v) => {
+                let img: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                arena.write_bf16(self.image.images(), &img)?;
+            }
+            Images::U8(p) => {
+                self.stage_pixels(arena, p)?;
+                self.normalize_staged(arena)?;
+            }
+            Images::Staged => self.normalize_staged(arena)?,
+        }
+        let padded = padded_text_len(l, max);
+        if padded == l {
+            self.text.set_batch(arena, b.tokens, b.lengths)?;
+        } else {
+            let mut tokens = vec![TEXT_PAD_ID; c.n * padded];
+            for (dst, src) in tokens
+                .chunks_exact_mut(padded)
+                .zip(b.tokens.chunks_exact(l))
+            {
+                dst[..l].copy_from_slice(src);
+            }
+            self.text.set_batch(arena, &tokens, b.lengths)?;
+        }
+        if let (Some(ti), Some(tt), Some(m)) =
+            (self.r.teacher_image, self.r.teacher_text, self.r.mask)
+        {
+            arena.write_f32(ti, b.teacher_image)?;
+            arena.write_f32(tt, b.teacher_text)?;
+            arena.write_u8(m, b.mask)?;
+        }
         if let Some((id, p)) = pick {
             arena.write_i32(id, p)?;
         }
-        Ok(())
+        Ok(padded)
     }
 
     fn buf(&self, id: RegionId, off: usize, need: usize, span: bool) -> Option<Buf> {
@@ -471,8 +689,14 @@ impl CudaStudent {
             lr.is_finite() && lr >= 0.0,
             "cuda student: learning rate {lr} is not a finite non-negative number"
         );
-        self.write_batch(arena, batch)?;
+        let t0 = Instant::now();
+        let text_len = self.write_batch(arena, batch)?;
         let s = arena.read_f32(self.r.logit_scale)?[0];
+        let icl = match self.r.icl {
+            Some((p, _)) => mt_loss::IclScale::Learned(arena.read_f32(p)?[0]),
+            None => self.loss_cfg.icl,
+        };
+        let t1 = Instant::now();
         let r = &self.r;
         let (n, d) = (self.loss_cfg.n, self.loss_cfg.d);
 
@@ -480,6 +704,7 @@ impl CudaStudent {
         self.text.forward(arena)?;
         let cfg = LossConfig {
             logit_scale: s,
+            icl,
             ..self.loss_cfg
         };
         let mut pl = Planner {
@@ -493,9 +718,9 @@ impl CudaStudent {
             &[
                 self.whole(self.image.features()),
                 self.whole(self.text.features()),
-                self.whole(r.teacher_image),
-                self.whole(r.teacher_text),
-                self.whole(r.mask),
+                r.teacher_image.and_then(|id| self.whole(id)),
+                r.teacher_text.and_then(|id| self.whole(id)),
+                r.mask.and_then(|id| self.whole(id)),
                 r.pick.and_then(|p| self.whole(p)),
                 self.whole(r.dimage),
                 self.whole(r.dtext),
@@ -506,7 +731,15 @@ impl CudaStudent {
         // SAFETY: the arena has this student's layout; the planner checked every slot.
         unsafe { arena.run(&loss, &pl.slots)? };
         let out = LossResult::from_out(&arena.read_f32(r.out)?)?;
-        let parts = [out.task, out.fd, out.icl, out.total, out.dlogit_scale];
+        let t2 = Instant::now();
+        let parts = [
+            out.task,
+            out.fd,
+            out.icl,
+            out.total,
+            out.dlogit_scale,
+            out.dicl_scale,
+        ];
         if parts.iter().any(|v| !v.is_finite()) {
             bail!(
                 "cuda student: non-finite loss at step {}: task {}, fd {}, icl {}, total {}; \
@@ -531,16 +764,20 @@ impl CudaStudent {
             Ew::CastF32Bf16 { n: n * d }.plan()?,
             &[self.whole(r.dtext), self.whole(self.text.features_grad())],
         )?;
-        pl.add(
-            &mut seed,
-            Ew::AxpbyF32 {
+        // out[4] = d total / d s, out[5] = d total / d ℓ (a learned icl scale).
+        let scalars = std::iter::once((4, r.logit_grad)).chain(r.icl.map(|(_, g)| (5, g)));
+        for (at, grad) in scalars {
+            let copy = Ew::AxpbyF32 {
                 n: 1,
                 a: 1.0,
                 b: 0.0,
-            }
-            .plan()?,
-            &[self.buf(r.out, 4, 1, false), self.whole(r.logit_grad)],
-        )?;
+            };
+            pl.add(
+                &mut seed,
+                copy.plan()?,
+                &[self.buf(r.out, at, 1, false), self.whole(grad)],
+            )?;
+        }
         // SAFETY: as above.
         unsafe { arena.run(&seed, &pl.slots)? };
         self.image.backward(arena)?;
@@ -559,6 +796,7 @@ impl CudaStudent {
         // SAFETY: as above.
         unsafe { arena.run(&norm, &pl.slots)? };
         let grad_norm = arena.read_f32(r.norm_out)?[0];
+        let t3 = Instant::now();
         ensure!(
             grad_norm.is_finite(),
             "cuda student: non-finite gradient norm at step {}; the step was not applied",
@@ -598,10 +836,22 @@ impl CudaStudent {
             arena.write_f32(r.logit_scale, &[clamped])?;
             arena.write_bf16(r.logit_scale_bf16, &[bf16::from_f32(clamped)])?;
         }
+        let phases = StepPhases {
+            upload: (t1 - t0).as_secs_f64(),
+            forward: (t2 - t1).as_secs_f64(),
+            backward: (t3 - t2).as_secs_f64(),
+            update: t3.elapsed().as_secs_f64(),
+        };
         Ok(StepReport {
             loss: out,
             grad_norm,
             logit_scale: clamped,
+            icl_log_scale: match r.icl {
+                Some((p, _)) => Some(arena.read_f32(p)?[0]),
+                None => None,
+            },
+            text_len,
+            phases,
         })
     }
 }
@@ -628,4 +878,91 @@ fn check_twins(lay: &Layout) -> Result<usize> {
         "cuda student: the parameter, bf16 and gradient sections do not line up"
     );
     Ok(p.iter().map(|x| x.1).sum())
+}
+
+/// The AdamW moments between the arena (section order) and the host (the [`ParamStore`]'s
+/// flat order, as `optim::AdamW` keeps them): checkpoints written by either backend resume on
+/// the other.
+impl CudaStudent {
+    /// For every parameter: its element index in the arena's sections and its offset and length
+    /// in `store`'s flat buffer.
+    fn moment_map(&self, store: &ParamStore) -> Result<Vec<(usize, usize, usize)>> {
+        ensure!(
+            store.infos().len() == self.slices.len(),
+            "cuda student: the model has {} parameters, the arena {}",
+            store.infos().len(),
+            self.slices.len()
+        );
+        self.slices
+            .iter()
+            .map(|s| {
+                let id = store.id(&s.name).ok_or_else(|| {
+                    anyhow!("cuda student: the model has no parameter `{}`", s.name)
+                })?;
+                let info = store.info(id);
+                ensure!(
+                    info.len == s.len,
+                    "cuda student: parameter `{}` has {} elements, the arena holds {}",
+                    s.name,
+                    info.len,
+                    s.len
+                );
+                Ok((self.section_index(s)?, info.offset, s.len))
+            })
+            .collect()
+    }
+
+    /// Copies the first and second moments into `m` and `v` (each `store.data().len()` long).
+    pub fn read_moments(
+        &self,
+        arena: &mut Arena,
+        store: &ParamStore,
+        m: &mut [f32],
+        v: &mut [f32],
+    ) -> Result<()> {
+        self.check_arena(arena)?;
+        let total = store.data().len();
+        ensure!(
+            m.len() == total && v.len() == total,
+            "cuda student: moments of {} and {} elements for {total} parameters",
+            m.len(),
+            v.len()
+        );
+        let map = self.moment_map(store)?;
+        let (am, av) = (arena.read_f32(self.r.m)?, arena.read_f32(self.r.v)?);
+        for (at, off, len) in map {
+            m[off..off + len].copy_from_slice(&am[at..at + len]);
+            v[off..off + len].copy_from_slice(&av[at..at + len]);
+        }
+        Ok(())
+    }
+
+    /// Writes the moments `m`, `v` (the store's order) into the arena and sets the optimiser's
+    /// step count to `steps` (AdamW's bias correction continues from there).
+    pub fn load_moments(
+        &mut self,
+        arena: &mut Arena,
+        store: &ParamStore,
+        m: &[f32],
+        v: &[f32],
+        steps: u32,
+    ) -> Result<()> {
+        self.check_arena(arena)?;
+        let total = store.data().len();
+        ensure!(
+            m.len() == total && v.len() == total,
+            "cuda student: moments of {} and {} elements for {total} parameters",
+            m.len(),
+            v.len()
+        );
+        let (mut am, mut av) = (vec![0.0f32; self.numel], vec![0.0f32; self.numel]);
+        for (at, off, len) in self.moment_map(store)? {
+            am[at..at + len].copy_from_slice(&m[off..off + len]);
+            av[at..at + len].copy_from_slice(&v[off..off + len]);
+        }
+        arena.write_f32(self.r.m, &am)?;
+        arena.write_f32(self.r.v, &av)?;
+        self.steps = steps;
+        Ok(())
+    }
 }

@@ -13,6 +13,10 @@
 //! query, key and value packed as the attention kernel reads them; [`CudaTextTower::param_map`]
 //! says where each Hugging Face `BertLayer` tensor lies in them.
 //!
+//! Variable length. `TextTowerDims::block.len` is the longest padded length and sizes the
+//! arena; [`CudaTextTower::set_batch`] takes token ids `(B, L)` for any L up to it and runs the
+//! plans of that L (see [`super::block`]: the first B·L rows of every `(B·L, ·)` region).
+//!
 //! Gradients are overwritten by each backward.
 
 use super::arena::{Arena, Dtype, Layout, RegionId, Section};
@@ -24,6 +28,8 @@ use mmkd_kernels::elementwise::{Act, Ew};
 use mmkd_kernels::exec::Step;
 use mmkd_kernels::gemm::{Activation as Epilogue, GemmLayout, GemmOpts, GemmShape};
 use mmkd_kernels::layernorm::{backward_scratch_len, LnShape};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 /// Sizes of the text tower and of the batch it runs on.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -42,12 +48,14 @@ pub struct TextTowerDims {
     pub embed: usize,
     /// Which row of each sequence is projected.
     pub pooling: Pooling,
-    /// One block's sizes; `len` is the padded length of the batch (at most `context`).
+    /// One block's sizes; `len` is the longest padded length of a batch (at most `context`),
+    /// which sizes the arena.
     pub block: BlockDims,
 }
 
 impl TextTowerDims {
-    /// The text tower of `config` for batches of `batch` sequences padded to `len` tokens.
+    /// The text tower of `config` for batches of `batch` sequences padded to at most `len`
+    /// tokens.
     pub fn from_config(config: &ModelConfig, batch: usize, len: usize) -> Result<Self> {
         let t = &config.text;
         ensure!(
@@ -168,6 +176,15 @@ struct Regions {
     bad: RegionId,
 }
 
+/// The tower's own plans (the blocks keep theirs) for one padded length.
+struct Plans {
+    slots: Vec<(RegionId, usize)>,
+    embed_fwd: Vec<Step>,
+    head_fwd: Vec<Step>,
+    head_bwd: Vec<Step>,
+    embed_bwd: Vec<Step>,
+}
+
 /// The text tower's arena layout and its plans.
 pub struct CudaTextTower {
     dims: TextTowerDims,
@@ -179,11 +196,11 @@ pub struct CudaTextTower {
     grads: Vec<RegionId>,
     blocks: Vec<CudaBlock>,
     r: Regions,
-    slots: Vec<(RegionId, usize)>,
-    embed_fwd: Vec<Step>,
-    head_fwd: Vec<Step>,
-    head_bwd: Vec<Step>,
-    embed_bwd: Vec<Step>,
+    /// Plans per padded length (entry L − 1), built on first use, as the blocks do theirs
+    /// (see `CudaBlock`: any length is accepted, training asks for a few).
+    plans: Vec<OnceLock<Plans>>,
+    /// The padded length of the batch set last.
+    len: AtomicUsize,
 }
 
 impl CudaTextTower {
@@ -289,7 +306,7 @@ impl CudaTextTower {
             dy_rows: add(t, "table", "dy_rows", i32l, m)?,
             bad: add(t, "table", "bad_index_count", i32l, 1)?,
         };
-        let mut tower = CudaTextTower {
+        let tower = CudaTextTower {
             dims,
             layout: lay.clone(),
             cast,
@@ -297,21 +314,35 @@ impl CudaTextTower {
             grads,
             blocks,
             r,
-            slots: Vec::new(),
-            embed_fwd: Vec::new(),
-            head_fwd: Vec::new(),
-            head_bwd: Vec::new(),
-            embed_bwd: Vec::new(),
+            plans: (0..l).map(|_| OnceLock::new()).collect(),
+            len: AtomicUsize::new(l),
         };
-        tower.build_plans()?;
+        tower.plans(l)?;
         Ok(tower)
     }
 
-    fn build_plans(&mut self) -> Result<()> {
+    /// The tower's plans of padded length `len`, built on first use.
+    fn plans(&self, len: usize) -> Result<&Plans> {
+        let cell = self.plans.get(len.wrapping_sub(1)).ok_or_else(|| {
+            anyhow!(
+                "text tower: padded length {len} is not in 1..={}",
+                self.dims.block.len
+            )
+        })?;
+        if let Some(p) = cell.get() {
+            return Ok(p);
+        }
+        let p = self.build_plans(len)?;
+        Ok(cell.get_or_init(|| p))
+    }
+
+    /// The embedding, pooling and projection plans for a batch padded to `len` tokens: every
+    /// `(B·L, ·)` op runs on the first m = B·`len` rows of its regions.
+    fn build_plans(&self, len: usize) -> Result<Plans> {
         let d = self.dims;
         let bd = d.block;
-        let (w, b, l, ph, e) = (bd.width, bd.batch, bd.len, d.proj_hidden, d.embed);
-        let m = b * l;
+        let (w, b, ph, e) = (bd.width, bd.batch, d.proj_hidden, d.embed);
+        let m = b * len;
         let lay = &self.layout;
         let r = &self.r;
         let mut pl = Planner {
@@ -326,7 +357,11 @@ impl CudaTextTower {
                 span: false,
             })
         };
+        // Regions of fixed size (weights, gradients, per-sequence rows) are used whole.
         let whole = |id: RegionId| part(id, 0, lay.region(id).len);
+        // The first m·per_row elements of a `(B·L, per_row)` region: the planner checks that
+        // the region (sized for the longest length) holds them.
+        let rows = |id: RegionId, per_row: usize| part(id, 0, m * per_row);
         let wt = |p: Tp| -> Result<Option<Buf>> {
             let id = *self
                 .params
@@ -364,8 +399,10 @@ impl CudaTextTower {
             (Some(f), Some(l)) => (f, l),
             _ => bail!("text tower without blocks"),
         };
-        let (fwd, hfwd) = (&mut self.embed_fwd, &mut self.head_fwd);
-        let (hbwd, bwd) = (&mut self.head_bwd, &mut self.embed_bwd);
+        let (mut embed_fwd, mut head_fwd) = (Vec::new(), Vec::new());
+        let (mut head_bwd, mut embed_bwd) = (Vec::new(), Vec::new());
+        let (fwd, hfwd) = (&mut embed_fwd, &mut head_fwd);
+        let (hbwd, bwd) = (&mut head_bwd, &mut embed_bwd);
         let gather = |n, v| Ew::Gather { n, v, c: w };
 
         // ---- forward: embeddings ----
@@ -375,17 +412,22 @@ impl CudaTextTower {
         pl.add(
             fwd,
             gather(m, d.vocab).plan()?,
-            &[wt(Tp::Word)?, whole(r.tokens), whole(r.x0), bad],
+            &[wt(Tp::Word)?, rows(r.tokens, 1), rows(r.x0, w), bad],
         )?;
         pl.add(
             fwd,
             gather(m, d.context).plan()?,
-            &[wt(Tp::Pos)?, whole(r.pos_index), whole(r.pos_rows), bad],
+            &[wt(Tp::Pos)?, rows(r.pos_index, 1), rows(r.pos_rows, w), bad],
         )?;
         pl.add(
             fwd,
             gather(m, d.type_vocab).plan()?,
-            &[wt(Tp::Type)?, whole(r.type_index), whole(r.type_rows), bad],
+            &[
+                wt(Tp::Type)?,
+                rows(r.type_index, 1),
+                rows(r.type_rows, w),
+                bad,
+            ],
         )?;
         pl.add(
             fwd,
@@ -395,20 +437,20 @@ impl CudaTextTower {
                 b: 1.0,
             }
             .plan()?,
-            &[whole(r.pos_rows), whole(r.x0)],
+            &[rows(r.pos_rows, w), rows(r.x0, w)],
         )?;
         pl.add(
             fwd,
             ln_m.forward_plan()?,
             &[
-                whole(r.x0),
-                whole(r.type_rows),
+                rows(r.x0, w),
+                rows(r.type_rows, w),
                 wt(Tp::EmbG)?,
                 wt(Tp::EmbB)?,
-                whole(r.s_emb),
-                whole(first.input()),
-                whole(r.mean_emb),
-                whole(r.rstd_emb),
+                rows(r.s_emb, w),
+                rows(first.input(), w),
+                rows(r.mean_emb, 1),
+                rows(r.rstd_emb, 1),
             ],
         )?;
 
@@ -417,7 +459,7 @@ impl CudaTextTower {
             hfwd,
             gather(b, m).plan()?,
             &[
-                whole(last.output()),
+                rows(last.output(), w),
                 whole(r.pool_rows),
                 whole(r.pooled),
                 bad,
@@ -554,8 +596,8 @@ impl CudaTextTower {
             gather(m, b + 1).plan()?,
             &[
                 whole(r.dpooled),
-                whole(r.dy_rows),
-                whole(last.output_grad()),
+                rows(r.dy_rows, 1),
+                rows(last.output_grad(), w),
                 bad,
             ],
         )?;
@@ -565,16 +607,16 @@ impl CudaTextTower {
             bwd,
             ln_m.backward_plan(false)?,
             &[
-                whole(first.input_grad()),
-                whole(r.s_emb),
+                rows(first.input_grad(), w),
+                rows(r.s_emb, w),
                 wt(Tp::EmbG)?,
-                whole(r.mean_emb),
-                whole(r.rstd_emb),
+                rows(r.mean_emb, 1),
+                rows(r.rstd_emb, 1),
                 None,
-                whole(r.ds_emb),
+                rows(r.ds_emb, w),
                 gr(Tp::EmbG),
                 gr(Tp::EmbB),
-                whole(r.part_emb),
+                part(r.part_emb, 0, backward_scratch_len(ln_m)),
             ],
         )?;
         for (p, v, idx) in [
@@ -596,11 +638,16 @@ impl CudaTextTower {
             pl.add(
                 bwd,
                 Ew::ScatterAdd { n: m, v, c: w }.plan()?,
-                &[whole(r.ds_emb), whole(idx), gr(p), bad],
+                &[rows(r.ds_emb, w), rows(idx, 1), gr(p), bad],
             )?;
         }
-        self.slots = pl.slots;
-        Ok(())
+        Ok(Plans {
+            slots: pl.slots,
+            embed_fwd,
+            head_fwd,
+            head_bwd,
+            embed_bwd,
+        })
     }
 
     /// The sizes the tower was built for.
@@ -690,17 +737,24 @@ impl CudaTextTower {
         Ok(())
     }
 
-    /// Writes a batch: token ids `(B, L)` row-major and the valid length of each sequence
-    /// (1..=L; keys past it are masked), and every index table derived from them.
+    /// Writes a batch: token ids `(B, L)` row-major for any L in 1..=`dims().block.len` (the
+    /// batch's padded length, selected for the next forward and backward) and the valid
+    /// length of each sequence (1..=L; keys past it are masked), and every index table
+    /// derived from them.
     pub fn set_batch(&self, arena: &mut Arena, tokens: &[u32], lengths: &[usize]) -> Result<()> {
         self.check_arena(arena)?;
         let d = &self.dims;
-        let (b, l) = (d.block.batch, d.block.len);
+        let (b, max) = (d.block.batch, d.block.len);
         ensure!(
-            tokens.len() == b * l && lengths.len() == b,
-            "text tower: {} token ids and {} lengths for a batch of {b} × {l}",
-            tokens.len(),
+            lengths.len() == b,
+            "text tower: {} lengths for a batch of {b}",
             lengths.len()
+        );
+        let l = tokens.len() / b;
+        ensure!(
+            tokens.len() % b == 0 && (1..=max).contains(&l),
+            "text tower: {} token ids are not a batch of {b} rows of 1..={max} tokens",
+            tokens.len()
         );
         if let Some((i, &n)) = lengths.iter().enumerate().find(|(_, &n)| n == 0 || n > l) {
             bail!("text tower: length {n} of row {i} is not in 1..={l}");
@@ -715,9 +769,12 @@ impl CudaTextTower {
                 d.vocab
             );
         }
+        // Every plan of this length is built (and checked) before anything is written.
+        self.plans(l)?;
+        for blk in &self.blocks {
+            blk.prepare_len(l)?;
+        }
         let idx = |v: usize| v as i32;
-        let toks: Vec<i32> = tokens.iter().map(|&t| idx(t as usize)).collect();
-        let pos: Vec<i32> = (0..b * l).map(|r| idx(r % l)).collect();
         let pool: Vec<usize> = (0..b)
             .map(|i| match d.pooling {
                 Pooling::Cls => i * l,
@@ -725,22 +782,34 @@ impl CudaTextTower {
             })
             .collect();
         // Output-gradient row r: the pooled gradient of its sequence, else the zero row B.
-        let dy_rows: Vec<i32> = (0..b * l)
-            .map(|r| idx(pool.iter().position(|&p| p == r).unwrap_or(b)))
-            .collect();
-        let pool: Vec<i32> = pool.into_iter().map(idx).collect();
+        let mut dy_rows = vec![idx(b); b * l];
+        for (i, &p) in pool.iter().enumerate() {
+            dy_rows[p] = idx(i);
+        }
+        // `(B·L)` tables are written whole: past the B·L entries of this length they hold
+        // index 0 (in range, never read).
         let r = &self.r;
-        arena.write_i32(r.tokens, &toks)?;
-        arena.write_i32(r.pos_index, &pos)?;
-        arena.write_i32(r.type_index, &vec![0; b * l])?;
-        arena.write_i32(r.pool_rows, &pool)?;
-        arena.write_i32(r.dy_rows, &dy_rows)?;
+        let mut rows = |id: RegionId, mut v: Vec<i32>| -> Result<()> {
+            v.resize(self.layout.region(id).len, 0);
+            arena.write_i32(id, &v)
+        };
+        rows(r.tokens, tokens.iter().map(|&t| idx(t as usize)).collect())?;
+        rows(r.pos_index, (0..b * l).map(|p| idx(p % l)).collect())?;
+        rows(r.type_index, vec![0; b * l])?;
+        rows(r.dy_rows, dy_rows)?;
+        arena.write_i32(r.pool_rows, &pool.into_iter().map(idx).collect::<Vec<_>>())?;
         arena.write_i32(r.bad, &[0])?;
         arena.write_bf16(r.zero, &vec![bf16::ZERO; b * d.block.width])?;
         for blk in &self.blocks {
-            blk.set_lengths(arena, lengths)?;
+            blk.set_padded_lengths(arena, l, lengths)?;
         }
+        self.len.store(l, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The padded length L of the current batch (the last one set; the longest before any).
+    pub fn batch_len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
     }
 
     /// Out-of-range gather indices seen so far, the blocks' included.
@@ -753,29 +822,32 @@ impl CudaTextTower {
         Ok(n)
     }
 
-    /// Forward: casts the master weights to bf16 (standalone towers), then computes the features of the batch.
+    /// Forward at the batch's padded length: casts the master weights to bf16 (standalone
+    /// towers), then computes the features of the batch.
     pub fn forward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
+        let p = self.plans(self.batch_len())?;
         // SAFETY: the arena has this tower's layout and every slot was checked against its
         // region when the plans were built.
-        unsafe { arena.run(&self.embed_fwd, &self.slots)? };
+        unsafe { arena.run(&p.embed_fwd, &p.slots)? };
         for blk in &self.blocks {
             blk.forward(arena)?;
         }
         // SAFETY: as above.
-        unsafe { arena.run(&self.head_fwd, &self.slots) }
+        unsafe { arena.run(&p.head_fwd, &p.slots) }
     }
 
     /// Backward from `features_grad`: every parameter gradient (overwritten). Uses the
     /// activations of the last [`CudaTextTower::forward`].
     pub fn backward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
+        let p = self.plans(self.batch_len())?;
         // SAFETY: as in `forward`.
-        unsafe { arena.run(&self.head_bwd, &self.slots)? };
+        unsafe { arena.run(&p.head_bwd, &p.slots)? };
         for blk in self.blocks.iter().rev() {
             blk.backward(arena)?;
         }
         // SAFETY: as in `forward`.
-        unsafe { arena.run(&self.embed_bwd, &self.slots) }
+        unsafe { arena.run(&p.embed_bwd, &p.slots) }
     }
 }

@@ -1,0 +1,73 @@
+//! Where the kernels of a training step run: a CUDA device, or the CPU emulation of the same
+//! CUDA sources (slow; for tests and small configs). Parsed from the same `--device` strings
+//! as the rest of the command line, with `emu` added.
+
+use super::arena::{Arena, Layout};
+use anyhow::{anyhow, Result};
+use mmkd_kernels::device::{Device as KDevice, DeviceRequest, Gpu};
+use mmkd_kernels::emu::Emu;
+use std::sync::Arc;
+
+/// A backend for [`Arena`]s.
+#[derive(Clone)]
+pub enum KernelTarget {
+    /// A CUDA device.
+    Gpu(Arc<Gpu>),
+    /// The CPU emulation of the CUDA sources.
+    Emu,
+}
+
+impl std::fmt::Debug for KernelTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+impl KernelTarget {
+    /// Resolves a `--device` string: `emu` is the emulation, `cuda`/`cuda:N` a GPU (an error
+    /// without a driver or device), `auto` a GPU when one is usable; `cpu` and `auto` without a
+    /// GPU give `None` (the engine's CPU backend).
+    pub fn resolve(device: &str) -> Result<Option<KernelTarget>> {
+        if device == "emu" {
+            return Ok(Some(KernelTarget::Emu));
+        }
+        let req: DeviceRequest = device
+            .parse()
+            .map_err(|e: anyhow::Error| e.context("`emu` runs the kernels under emulation"))?;
+        Ok(match KDevice::select(req)? {
+            KDevice::Cpu => None,
+            KDevice::Cuda(g) => Some(KernelTarget::Gpu(g)),
+        })
+    }
+
+    /// `cuda:N` or `emu`, for reports.
+    pub fn label(&self) -> String {
+        match self {
+            KernelTarget::Gpu(g) => format!("cuda:{}", g.ordinal),
+            KernelTarget::Emu => "emu".into(),
+        }
+    }
+
+    /// A zeroed arena for `layout` on this backend.
+    pub fn arena(&self, layout: Layout) -> Result<Arena> {
+        match self {
+            KernelTarget::Gpu(g) => Arena::device(layout, g.clone()),
+            KernelTarget::Emu => Ok(Arena::host(layout, Emu::default())),
+        }
+    }
+
+    /// Device memory in use on the GPU (every context on it), in bytes; `None` under the
+    /// emulation.
+    pub fn device_used_bytes(&self) -> Result<Option<u64>> {
+        match self {
+            KernelTarget::Gpu(g) => {
+                let (free, total) = g
+                    .context()
+                    .mem_get_info()
+                    .map_err(|e| anyhow!("cuMemGetInfo failed: {e:?}"))?;
+                Ok(Some(total.saturating_sub(free) as u64))
+            }
+            KernelTarget::Emu => Ok(None),
+        }
+    }
+}
