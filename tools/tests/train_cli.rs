@@ -193,7 +193,17 @@ fn sigkill_then_resume_is_bit_identical() {
             .unwrap();
         let t0 = Instant::now();
         match wait_for {
-            None => std::thread::sleep(Duration::from_millis(300)),
+            // As soon as the run has opened its metrics (a whole run can take well under a
+            // second on a fast machine, so a fixed delay may miss it).
+            None => {
+                while !dir.join("metrics.jsonl").exists() && t0.elapsed() < Duration::from_secs(120)
+                {
+                    if child.try_wait().unwrap().is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
             Some(name) => {
                 while !dir.join("checkpoints").join(name).exists()
                     && t0.elapsed() < Duration::from_secs(120)
