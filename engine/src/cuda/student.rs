@@ -885,8 +885,20 @@ fn check_twins(lay: &Layout) -> Result<usize> {
 /// the other.
 impl CudaStudent {
     /// For every parameter: its element index in the arena's sections and its offset and length
-    /// in `store`'s flat buffer.
-    fn moment_map(&self, store: &ParamStore) -> Result<Vec<(usize, usize, usize)>> {
+    /// in `store`'s flat buffer; `moments` are the host moments' lengths, which must cover the
+    /// store.
+    fn moment_map(
+        &self,
+        store: &ParamStore,
+        moments: [usize; 2],
+    ) -> Result<Vec<(usize, usize, usize)>> {
+        let total = store.data().len();
+        ensure!(
+            moments == [total; 2],
+            "cuda student: moments of {} and {} elements for {total} parameters",
+            moments[0],
+            moments[1]
+        );
         ensure!(
             store.infos().len() == self.slices.len(),
             "cuda student: the model has {} parameters, the arena {}",
@@ -921,14 +933,7 @@ impl CudaStudent {
         v: &mut [f32],
     ) -> Result<()> {
         self.check_arena(arena)?;
-        let total = store.data().len();
-        ensure!(
-            m.len() == total && v.len() == total,
-            "cuda student: moments of {} and {} elements for {total} parameters",
-            m.len(),
-            v.len()
-        );
-        let map = self.moment_map(store)?;
+        let map = self.moment_map(store, [m.len(), v.len()])?;
         let (am, av) = (arena.read_f32(self.r.m)?, arena.read_f32(self.r.v)?);
         for (at, off, len) in map {
             m[off..off + len].copy_from_slice(&am[at..at + len]);
@@ -948,15 +953,8 @@ impl CudaStudent {
         steps: u32,
     ) -> Result<()> {
         self.check_arena(arena)?;
-        let total = store.data().len();
-        ensure!(
-            m.len() == total && v.len() == total,
-            "cuda student: moments of {} and {} elements for {total} parameters",
-            m.len(),
-            v.len()
-        );
         let (mut am, mut av) = (vec![0.0f32; self.numel], vec![0.0f32; self.numel]);
-        for (at, off, len) in self.moment_map(store)? {
+        for (at, off, len) in self.moment_map(store, [m.len(), v.len()])? {
             am[at..at + len].copy_from_slice(&m[off..off + len]);
             av[at..at + len].copy_from_slice(&v[off..off + len]);
         }
