@@ -143,7 +143,9 @@ run() {
       --resume && cat '$tdir/run/metrics.jsonl'"
   # The device arena of the paper's student at batch 256 (computed from its table).
   step bench_memory 20 sh -c "'$bin' bench memory --config '$root/configs/vit-b16-biomedbert.toml' \
-    --batch 256 --json '$out/bench_memory.json'"
+    --batch 256 --json '$out/bench_memory.json' && \
+    '$bin' bench memory --config '$root/configs/vit-b16-biomedbert.toml' --batch 256 \
+    --checkpointing --json '$out/bench_memory_ckpt.json'"
   # The training-step benchmark (issue 7): mmkd and PyTorch (eager, then torch.compile) on the
   # paper's student, batch 256, same synthetic shapes and caption lengths: stage 2 (the bar),
   # then stage 1 (mmkd and eager only: compiling again would not fit the budget).
@@ -170,11 +172,16 @@ run() {
       fi
     fi
   done
+  # Stage 2 with activation checkpointing (one more forward per block, less memory).
+  if [ -f "$cfg" ]; then
+    step bench_train_mmkd_ckpt 40 "$bin" bench train --config "$cfg" --stage kd --batch 256 \
+      --steps 5 --warmup 2 --device cuda --checkpointing --json "$out/bench_train_mmkd_ckpt.json"
+  fi
   step bench_train_ratio 10 python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 runs = {}
-for name in ("mmkd", "torch_eager", "torch_compile", "mmkd_clip", "torch_eager_clip"):
+for name in ("mmkd", "torch_eager", "torch_compile", "mmkd_clip", "torch_eager_clip", "mmkd_ckpt"):
     try:
         runs[name] = json.loads((out / f"bench_train_{name}.json").read_text())
     except Exception as e:

@@ -601,12 +601,6 @@ pub fn train(
                     tc.batch_size
                 );
             }
-            if tc.checkpointing {
-                bail!(
-                    "train.checkpointing is not available on the kernels yet: train without it \
-                     or with `--device cpu`"
-                );
-            }
             let slots = match loader_mode {
                 LoadMode::None => 0,
                 LoadMode::One => 1,

@@ -26,6 +26,7 @@ fn dims(norm: NormPlacement, act: Activation, len: usize) -> BlockDims {
         eps: 1e-5,
         batch: 2,
         len,
+        recompute: false,
     }
 }
 

@@ -62,6 +62,7 @@ fn setup() -> StudentSetup {
         },
         adamw: AdamWConfig::default(),
         grad_clip: 1.0,
+        recompute: false,
     }
 }
 

@@ -98,6 +98,7 @@ fn setup_for(mode: TeacherMode) -> StudentSetup {
         },
         adamw: AdamWConfig::default(),
         grad_clip: CLIP,
+        recompute: false,
     }
 }
 

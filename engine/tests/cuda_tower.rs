@@ -780,3 +780,117 @@ fn gpu_text_tower_matches_tape_when_present() {
         );
     }
 }
+
+// ---- activation checkpointing and shared regions ----
+
+/// Every fp32 gradient region of an arena, by name.
+fn grads_by_name(arena: &mut Arena) -> Vec<(String, Vec<f32>)> {
+    let lay = arena.layout().clone();
+    lay.regions()
+        .iter()
+        .filter(|r| r.section == Section::Grads)
+        .map(|r| {
+            (
+                r.name.clone(),
+                arena.read_f32(lay.id(&r.name).unwrap()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Features and gradients of a tower run, compared bit for bit.
+fn assert_same(
+    what: &str,
+    seed: u64,
+    a: &(Vec<f32>, Vec<(String, Vec<f32>)>),
+    b: &(Vec<f32>, Vec<(String, Vec<f32>)>),
+) {
+    assert!(a.0.iter().all(|x| x.is_finite()), "{what}: NaN features");
+    assert_eq!(a.0, b.0, "seed {seed}: {what}: features differ");
+    assert_eq!(a.1.len(), b.1.len());
+    for ((na, ga), (nb, gb)) in a.1.iter().zip(&b.1) {
+        assert_eq!(na, nb);
+        assert!(ga.iter().all(|x| x.is_finite()), "{what}: NaN in {na}");
+        assert!(ga == gb, "seed {seed}: {what}: gradient {na} differs");
+    }
+}
+
+/// Three blocks per tower, so that the stack's two alternating output-gradient buffers are
+/// each used twice. With the blocks recomputing their forward in the backward (one set of
+/// activations shared by the stack), both towers give bit-for-bit the features and gradients
+/// of the towers that keep every block's activations, which match the tape; and their
+/// activation sections are smaller. Everything is NaN-poisoned before each run, so a block
+/// whose backward read another block's activations (a missing recompute) would show.
+#[test]
+fn recomputing_blocks_match_stored_activations_bit_for_bit() {
+    let mut cfg = config();
+    cfg.vision.layers = 3;
+    cfg.text.layers = 3;
+    let seed = fresh_seed();
+    let mut g = rng(seed);
+
+    // Image tower.
+    let mut kept_dims = ImageTowerDims::from_config(&cfg, BATCH).unwrap();
+    let mut model = ClipModel::new(&cfg).unwrap();
+    let kept = CudaImageTower::new(kept_dims).unwrap();
+    let names = kept.param_names();
+    randomise(&mut model, &names, &mut g);
+    let v = &cfg.vision;
+    let img = on_grid(
+        &mut g,
+        BATCH * v.channels * v.image_size * v.image_size,
+        -1.5,
+        1.5,
+    );
+    let dfeat = on_grid(&mut g, BATCH * cfg.embed_dim, -1.0, 1.0);
+    let want = cpu_tower(&mut model, &names, &img, &dfeat);
+    kept_dims.block.recompute = true;
+    let recomputed = CudaImageTower::new(kept_dims).unwrap();
+    let mut runs = Vec::new();
+    for tower in [&kept, &recomputed] {
+        let mut arena = Arena::host(tower.layout().clone(), Emu::default());
+        prepare(tower, &mut arena, &model, &img, &dfeat);
+        let got = cuda_run(tower, &mut arena);
+        let rows = errors(&names, &got, &want);
+        let worst = report("image tower, 3 blocks", seed, &rows);
+        assert!(worst <= TOL, "seed {seed}: image tower rel err {worst:.3e}");
+        let feats = arena.read_f32(tower.features()).unwrap();
+        runs.push((feats, grads_by_name(&mut arena)));
+    }
+    assert_same("image tower recompute", seed, &runs[1], &runs[0]);
+    let acts = |t: &CudaImageTower| t.layout().section_bytes(Section::Acts);
+    eprintln!(
+        "image tower activations: {} bytes kept, {} recomputed",
+        acts(&kept),
+        acts(&recomputed)
+    );
+    assert!(acts(&recomputed) * 2 < acts(&kept));
+
+    // Text tower (post-norm).
+    let mut dims = TextTowerDims::from_config(&cfg, BATCH, TEXT_LEN).unwrap();
+    let kept = CudaTextTower::new(dims).unwrap();
+    let names: Vec<String> = kept.param_map().into_iter().map(|p| p.name).collect();
+    randomise(&mut model, &names, &mut g);
+    let tokens: Vec<u32> = (0..BATCH * TEXT_LEN)
+        .map(|_| g.gen_range(0..cfg.text.vocab_size as u32))
+        .collect();
+    let dfeat = on_grid(&mut g, BATCH * cfg.embed_dim, -1.0, 1.0);
+    dims.block.recompute = true;
+    let recomputed = CudaTextTower::new(dims).unwrap();
+    let mut runs = Vec::new();
+    for tower in [&kept, &recomputed] {
+        let gr = groups(tower);
+        let want = tape_text(&mut model, tower, &gr, &tokens, &TEXT_LENGTHS, &dfeat);
+        let mut arena = Arena::host(tower.layout().clone(), Emu::default());
+        text_load(tower, &model, &mut arena, &tokens, &TEXT_LENGTHS, &dfeat);
+        let got = tower_run(tower, &gr, &mut arena);
+        let names: Vec<String> = gr.iter().map(|g| g.1.clone()).collect();
+        let worst = report("text tower, 3 blocks", seed, &errors(&names, &got, &want));
+        assert!(worst <= TOL, "seed {seed}: text tower rel err {worst:.3e}");
+        let feats = arena.read_f32(tower.features()).unwrap();
+        runs.push((feats, grads_by_name(&mut arena)));
+    }
+    assert_same("text tower recompute", seed, &runs[1], &runs[0]);
+    let acts = |t: &CudaTextTower| t.layout().section_bytes(Section::Acts);
+    assert!(acts(&recomputed) * 2 < acts(&kept));
+}

@@ -67,6 +67,10 @@ pub struct MemoryArgs {
     /// Teacher slots of the stage-2 targets `[N, T, D]`.
     #[arg(long, default_value_t = 8)]
     teachers: usize,
+    /// Activation checkpointing: each block keeps only its output and recomputes the rest
+    /// in the backward.
+    #[arg(long)]
+    checkpointing: bool,
     /// Also write the JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -589,9 +593,10 @@ impl Setup {
         Ok(model)
     }
 
-    /// The CPU trainer from `model`.
-    fn cpu(&self, mut model: ClipModel, checkpointing: bool) -> Result<Trainer> {
-        model.set_checkpointing(checkpointing);
+    /// The CPU trainer from `model` (with activation checkpointing when the train config
+    /// asks for it).
+    fn cpu(&self, mut model: ClipModel) -> Result<Trainer> {
+        model.set_checkpointing(self.tcfg.checkpointing);
         let icl_id = model.params.id(ICL_SCALE);
         let t = &self.tcfg;
         let opt = AdamW::new(
@@ -665,7 +670,8 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         bail!("--teachers must be at least 1");
     }
     let total = (a.warmup + a.steps) as u64;
-    let setup = Setup::load(&a.config, &a.sets, a.batch, a.stage, total)?;
+    let mut setup = Setup::load(&a.config, &a.sets, a.batch, a.stage, total)?;
+    setup.tcfg.checkpointing |= a.checkpointing;
     let (mcfg, distill) = (&setup.mcfg, setup.distill);
     let target = resolve_target(&a.device)?;
     let on_gpu = matches!(target, Target::Kernels(KernelTarget::Gpu(_)));
@@ -677,13 +683,10 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
     };
     let ctx = mcfg.text.context_length;
     let median = check_caption_args(a.data.caption_sigma, a.data.caption_median, ctx)?;
-    if a.checkpointing && !matches!(target, Target::Cpu) {
-        bail!("--checkpointing is not available on the kernels yet; `--device cpu` has it");
-    }
 
     let model = setup.model()?;
     let mut stepper = match &target {
-        Target::Cpu => Stepper::Cpu(Box::new(setup.cpu(setup.model()?, a.checkpointing)?)),
+        Target::Cpu => Stepper::Cpu(Box::new(setup.cpu(setup.model()?)?)),
         Target::Kernels(k) => Stepper::Kernels(Box::new(setup.kernels(
             k,
             &model,
@@ -786,7 +789,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         "text_tokens_per_sample": tokens as f64 / (a.batch as f64 * steps),
         "padded_text_len": padded as f64 / steps,
         "teacher_mode": format!("{:?}", distill.teacher_mode).to_lowercase(),
-        "checkpointing": a.checkpointing,
+        "checkpointing": setup.tcfg.checkpointing,
         "last_loss": last.total,
     });
     let text = serde_json::to_string_pretty(&out)?;
@@ -803,7 +806,14 @@ fn bench_memory(a: &MemoryArgs) -> Result<()> {
         bail!("--batch and --teachers must be at least 1");
     }
     let setup = Setup::load(&a.config, &a.sets, a.batch, a.stage, 1)?;
-    let lay = KernelStep::layout_for(&setup.mcfg, setup.distill, a.batch, setup.slots(a.teachers))?;
+    let checkpointing = a.checkpointing || setup.tcfg.checkpointing;
+    let lay = KernelStep::layout_for(
+        &setup.mcfg,
+        setup.distill,
+        a.batch,
+        setup.slots(a.teachers),
+        checkpointing,
+    )?;
     let sections = [
         ("params_f32", Section::Params),
         ("params_bf16", Section::ParamsBf16),
@@ -822,6 +832,7 @@ fn bench_memory(a: &MemoryArgs) -> Result<()> {
         "config": a.config.display().to_string(),
         "stage": match a.stage { BenchStage::Clip => "clip", BenchStage::Kd => "kd" },
         "batch": a.batch,
+        "checkpointing": checkpointing,
         "text_len": setup.mcfg.text.context_length,
         "arena_bytes": lay.bytes(),
         "sections": by,
@@ -864,7 +875,7 @@ fn bench_parity(a: &ParityArgs) -> Result<()> {
     let median = check_caption_args(a.data.caption_sigma, a.data.caption_median, ctx)?;
     let model = setup.model()?;
     let mut kern = setup.kernels(&target, &model, a.batch, a.data.teachers)?;
-    let mut cpu = setup.cpu(model, false)?;
+    let mut cpu = setup.cpu(model)?;
     let syn = Synthetic::new(mcfg, a.batch, a.data.teachers, a.data.seed);
     let mut len_rng = SplitMix64::new(a.data.seed);
     let mut rows = Vec::with_capacity(a.steps);

@@ -225,6 +225,34 @@ fn emulated_kernel_step_reports() {
     }
 }
 
+/// Activation checkpointing on the kernels: the same step (same loss, bit for bit) with a
+/// smaller activation section, reported as such.
+#[test]
+fn emulated_kernel_step_with_checkpointing() {
+    let cfg = tiny();
+    let c = cfg.to_str().unwrap();
+    let runs: Vec<serde_json::Value> = [&[][..], &["--checkpointing"][..]]
+        .iter()
+        .map(|extra| {
+            let mut args = vec![
+                "bench", "train", "--config", c, "--stage", "kd", "--batch", "4", "--steps", "2",
+                "--warmup", "0", "--device", "emu",
+            ];
+            args.extend_from_slice(extra);
+            let out = run(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{extra:?}: {err}");
+            serde_json::from_slice(&out.stdout).unwrap()
+        })
+        .collect();
+    assert_eq!(runs[0]["checkpointing"], false);
+    assert_eq!(runs[1]["checkpointing"], true);
+    assert!(num(&runs[0], "last_loss") > 0.0);
+    assert_eq!(runs[0]["last_loss"], runs[1]["last_loss"]);
+    let acts = |v: &serde_json::Value| num(v, "activation_bytes_per_sample");
+    assert!(acts(&runs[1]) < acts(&runs[0]), "{} {}", runs[0], runs[1]);
+}
+
 /// `bench parity` under the emulation: the CPU and kernel curves agree within the default
 /// tolerance, and a tolerance below bf16 precision makes the same run fail (the comparison is
 /// live), with the curve still written.
@@ -356,8 +384,9 @@ fn save_parity_writes_weights_batch_and_loss() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `bench parity` under the emulation for stage 1 and for a learned icl scale (stage 2, a
-/// learning rate large enough that ℓ moves): both follow the CPU within the default tolerance.
+/// `bench parity` under the emulation for stage 1, for a learned icl scale (stage 2, a
+/// learning rate large enough that ℓ moves) and with activation checkpointing on both sides:
+/// each follows the CPU within the default tolerance.
 #[test]
 fn emulated_parity_of_stage_1_and_a_learned_icl_scale() {
     let cfg = tiny();
@@ -374,6 +403,7 @@ fn emulated_parity_of_stage_1_and_a_learned_icl_scale() {
             "--set",
             "warmup=0",
         ][..],
+        &["--stage", "kd", "--set", "checkpointing=true"][..],
     ] {
         let mut args = vec![
             "bench", "parity", "--config", c, "--device", "emu", "--batch", "4", "--steps", "3",

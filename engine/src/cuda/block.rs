@@ -17,7 +17,13 @@
 //!
 //! Stacks. [`CudaBlock::in_layout`] adds a block to a shared [`Layout::grouped`] table under
 //! a name prefix, reading the previous block's output as its input and writing its input
-//! gradient into the previous block's output gradient; the towers build on it.
+//! gradient into the previous block's output gradient; the towers build on it. A block built
+//! with the same dims as the one before it shares that block's scratch and constant tables
+//! (one backward runs at a time), the output gradients alternating between two buffers.
+//!
+//! Checkpointing. With `BlockDims::recompute` the backward plan starts with the forward again:
+//! the blocks of a stack then keep only their outputs and share one set of every other
+//! activation, which the recomputation refills block by block.
 //!
 //! Variable length. `BlockDims::len` is the longest padded length: it sizes every region. A
 //! batch padded to a shorter length L uses the first B·L rows of each `(B·L, ·)` region (every
@@ -58,6 +64,10 @@ pub struct BlockDims {
     /// Tokens L per sequence: the longest padded length, which sizes the arena (a batch may
     /// be padded to any length up to it).
     pub len: usize,
+    /// Activation checkpointing: the backward first recomputes the block's forward from its
+    /// input, so that the blocks of a stack keep only their outputs between the two passes
+    /// and share one set of the other activations, at the cost of one more forward.
+    pub recompute: bool,
 }
 
 impl BlockDims {
@@ -181,16 +191,14 @@ enum Pm {
     B2,
 }
 
-/// Activation and scratch regions (see the module docs for the head layout).
-struct Acts {
-    x: RegionId,
-    /// Pre-norm only: the zero residual of LN1 (the fused kernel always adds one).
-    zero: Option<RegionId>,
+/// The activations a block keeps from its forward for its backward (see the module docs for
+/// the head layout).
+#[derive(Clone, Copy)]
+struct Kept {
     s1: RegionId,
     h1: RegionId,
     mean1: RegionId,
     rstd1: RegionId,
-    qkv: RegionId,
     qkvh: RegionId,
     lse: RegionId,
     oh: RegionId,
@@ -204,8 +212,13 @@ struct Acts {
     f: RegionId,
     /// Post-norm only: the MLP output, added to h1 by LN2.
     m: Option<RegionId>,
-    y: RegionId,
-    dy: RegionId,
+}
+
+/// Per-pass scratch: the packed projection, the gradients of the activations inside the
+/// block, and the reduction partials.
+#[derive(Clone, Copy)]
+struct Scratch {
+    qkv: RegionId,
     df: RegionId,
     du: RegionId,
     dh2: RegionId,
@@ -216,9 +229,23 @@ struct Acts {
     doh: RegionId,
     dqkvh: RegionId,
     dqkv: RegionId,
-    dx: RegionId,
     delta: RegionId,
     ln_part: RegionId,
+}
+
+/// Every region the block's plans touch besides its weights.
+#[derive(Clone, Copy)]
+struct Acts {
+    /// Input and output, bf16 (B·L, W).
+    x: RegionId,
+    y: RegionId,
+    /// Pre-norm only: the zero residual of LN1 (the fused kernel always adds one); constant.
+    zero: Option<RegionId>,
+    /// Output and input gradients.
+    dy: RegionId,
+    dx: RegionId,
+    k: Kept,
+    s: Scratch,
 }
 
 /// Per-batch tables: the key length of each attention sequence.
@@ -331,99 +358,101 @@ impl CudaBlock {
             grads.push(lay.add(&name, Section::Grads, Dtype::F32, n)?);
         }
         let (bfl, f32l) = (Dtype::Bf16, Dtype::F32);
+        let post = dims.norm == NormPlacement::Post;
         let x = match prev {
             Some(p) => p.output(),
             None => lay.add(&format!("act.{prefix}x"), Section::Acts, bfl, m * w)?,
         };
+        // A block of a stack built like the one before it shares that block's scratch (one
+        // backward runs at a time), its constant tables and, under recompute, its kept
+        // activations (one block's are live at a time): only its output is its own.
+        let twin = prev.filter(|p| p.dims == dims);
         let mut act = |name: &str, dt: Dtype, n: usize| {
             lay.add(&format!("act.{prefix}{name}"), Section::Acts, dt, n)
         };
-        let post = dims.norm == NormPlacement::Post;
-        let (s1, h1) = (act("s1", bfl, m * w)?, act("h1", bfl, m * w)?);
-        let (mean1, rstd1) = (act("mean1", f32l, m)?, act("rstd1", f32l, m)?);
-        let qkvh = act("qkv_heads", bfl, 3 * m * w)?;
-        let (lse, oh) = (act("lse", f32l, hd * m)?, act("o_heads", bfl, m * w)?);
-        let (o, a) = (act("o", bfl, m * w)?, act("attn_out", bfl, m * w)?);
-        let (s2, h2) = (act("s2", bfl, m * w)?, act("h2", bfl, m * w)?);
-        let (mean2, rstd2) = (act("mean2", f32l, m)?, act("rstd2", f32l, m)?);
-        let (u, fa) = (act("u", bfl, m * f)?, act("f", bfl, m * f)?);
-        let mo = if post {
-            Some(act("mlp_out", bfl, m * w)?)
-        } else {
-            None
+        let k = match twin {
+            Some(p) if dims.recompute => p.acts.k,
+            _ => Kept {
+                s1: act("s1", bfl, m * w)?,
+                h1: act("h1", bfl, m * w)?,
+                mean1: act("mean1", f32l, m)?,
+                rstd1: act("rstd1", f32l, m)?,
+                qkvh: act("qkv_heads", bfl, 3 * m * w)?,
+                lse: act("lse", f32l, hd * m)?,
+                oh: act("o_heads", bfl, m * w)?,
+                o: act("o", bfl, m * w)?,
+                a: act("attn_out", bfl, m * w)?,
+                s2: act("s2", bfl, m * w)?,
+                h2: act("h2", bfl, m * w)?,
+                mean2: act("mean2", f32l, m)?,
+                rstd2: act("rstd2", f32l, m)?,
+                u: act("u", bfl, m * f)?,
+                f: act("f", bfl, m * f)?,
+                m: if post {
+                    Some(act("mlp_out", bfl, m * w)?)
+                } else {
+                    None
+                },
+            },
         };
         let y = act("y", bfl, m * w)?;
         let mut scr = |name: &str, dt: Dtype, n: usize| {
             lay.add(&format!("scratch.{prefix}{name}"), Section::Scratch, dt, n)
         };
-        // The packed projection is only read by the head split, so it is not kept.
-        let qkv = scr("qkv", bfl, 3 * m * w)?;
-        let dy = scr("dy", bfl, m * w)?;
-        let (df, du) = (scr("df", bfl, m * f)?, scr("du", bfl, m * f)?);
-        let (dh2, ds2) = (scr("dh2", bfl, m * w)?, scr("ds2", bfl, m * w)?);
-        let (dh1, ds1) = (scr("dh1", bfl, m * w)?, scr("ds1", bfl, m * w)?);
-        let (d_o, doh) = (scr("do", bfl, m * w)?, scr("do_heads", bfl, m * w)?);
-        let (dqkvh, dqkv) = (
-            scr("dqkv_heads", bfl, 3 * m * w)?,
-            scr("dqkv", bfl, 3 * m * w)?,
-        );
-        let dx = match prev {
-            Some(p) => p.output_grad(),
-            None => scr("dx", bfl, m * w)?,
-        };
-        let delta = scr("attn_delta", f32l, hd * m)?;
         let ln = LnShape {
             n: m,
             c: w,
             eps: dims.eps,
         };
-        let ln_part = scr("ln_partials", f32l, backward_scratch_len(ln))?;
+        let s = match twin {
+            Some(p) => p.acts.s,
+            None => Scratch {
+                // The packed projection is only read by the head split, so it is not kept.
+                qkv: scr("qkv", bfl, 3 * m * w)?,
+                df: scr("df", bfl, m * f)?,
+                du: scr("du", bfl, m * f)?,
+                dh2: scr("dh2", bfl, m * w)?,
+                ds2: scr("ds2", bfl, m * w)?,
+                dh1: scr("dh1", bfl, m * w)?,
+                ds1: scr("ds1", bfl, m * w)?,
+                d_o: scr("do", bfl, m * w)?,
+                doh: scr("do_heads", bfl, m * w)?,
+                dqkvh: scr("dqkv_heads", bfl, 3 * m * w)?,
+                dqkv: scr("dqkv", bfl, 3 * m * w)?,
+                delta: scr("attn_delta", f32l, hd * m)?,
+                ln_part: scr("ln_partials", f32l, backward_scratch_len(ln))?,
+            },
+        };
+        // The output gradients of a run of twins alternate between two buffers: a block reads
+        // the one its predecessor writes (that block's own input gradient, free until then)
+        // and writes the one its predecessor reads.
+        let (dy, dx) = match (twin, prev) {
+            (Some(p), _) => (p.acts.dx, p.acts.dy),
+            (None, Some(p)) => (scr("dy", bfl, m * w)?, p.output_grad()),
+            (None, None) => (scr("dy", bfl, m * w)?, scr("dx", bfl, m * w)?),
+        };
         let mut tab = |name: &str, dt: Dtype, n: usize| {
             lay.add(&format!("table.{prefix}{name}"), Section::Tables, dt, n)
         };
-        let zero = if post {
-            None
-        } else {
-            Some(tab("zero", bfl, m * w)?)
+        let zero = match (post, twin) {
+            (true, _) => None,
+            (false, Some(p)) => p.acts.zero,
+            (false, None) => Some(tab("zero", bfl, m * w)?),
         };
         let tables = Tables {
-            seqlens: tab("seqlens", Dtype::I32, hd * dims.batch)?,
+            seqlens: match twin {
+                Some(p) => p.tables.seqlens,
+                None => tab("seqlens", Dtype::I32, hd * dims.batch)?,
+            },
         };
         let acts = Acts {
             x,
-            zero,
-            s1,
-            h1,
-            mean1,
-            rstd1,
-            qkv,
-            qkvh,
-            lse,
-            oh,
-            o,
-            a,
-            s2,
-            h2,
-            mean2,
-            rstd2,
-            u,
-            f: fa,
-            m: mo,
             y,
+            zero,
             dy,
-            df,
-            du,
-            dh2,
-            ds2,
-            dh1,
-            ds1,
-            d_o,
-            doh,
-            dqkvh,
-            dqkv,
             dx,
-            delta,
-            ln_part,
+            k,
+            s,
         };
         let block = CudaBlock {
             dims,
@@ -544,6 +573,7 @@ impl CudaBlock {
         if self.cast {
             cast_weights(&mut pl, fwd)?;
         }
+        let cast_steps = fwd.len();
         // Attention input: LN1(x) (pre) or x itself (post).
         let attn_in = if post {
             ac.x
@@ -560,13 +590,13 @@ impl CudaBlock {
                     ),
                     wt(Pm::Ln1G),
                     wt(Pm::Ln1B),
-                    rows(ac.s1, w),
-                    rows(ac.h1, w),
-                    rows(ac.mean1, 1),
-                    rows(ac.rstd1, 1),
+                    rows(ac.k.s1, w),
+                    rows(ac.k.h1, w),
+                    rows(ac.k.mean1, 1),
+                    rows(ac.k.rstd1, 1),
                 ],
             )?;
-            ac.h1
+            ac.k.h1
         };
         pl.add(
             fwd,
@@ -576,7 +606,7 @@ impl CudaBlock {
                 wt(Pm::Wqkv),
                 wt(Pm::Bqkv),
                 None,
-                rows(ac.qkv, 3 * w),
+                rows(ac.s.qkv, 3 * w),
                 None,
             ],
         )?;
@@ -584,50 +614,50 @@ impl CudaBlock {
         pl.add(
             fwd,
             transpose(m, 3 * hd).plan()?,
-            &[rows(ac.qkv, 3 * w), rows(ac.qkvh, 3 * w)],
+            &[rows(ac.s.qkv, 3 * w), rows(ac.k.qkvh, 3 * w)],
         )?;
         pl.add(
             fwd,
             attn.forward_plan(true)?,
             &[
-                qkv_view(ac.qkvh, 0),
-                qkv_view(ac.qkvh, 1),
-                qkv_view(ac.qkvh, 2),
+                qkv_view(ac.k.qkvh, 0),
+                qkv_view(ac.k.qkvh, 1),
+                qkv_view(ac.k.qkvh, 2),
                 whole(tb.seqlens),
-                rows(ac.oh, w),
-                rows(ac.lse, hd),
+                rows(ac.k.oh, w),
+                rows(ac.k.lse, hd),
             ],
         )?;
         // (H, M) → (M, H).
         pl.add(
             fwd,
             transpose(hd, m).plan()?,
-            &[rows(ac.oh, w), rows(ac.o, w)],
+            &[rows(ac.k.oh, w), rows(ac.k.o, w)],
         )?;
         pl.add(
             fwd,
             gemm(GemmLayout::Forward, m, w, w).plan(bias)?,
             &[
-                rows(ac.o, w),
+                rows(ac.k.o, w),
                 wt(Pm::Wo),
                 wt(Pm::Bo),
                 None,
-                rows(ac.a, w),
+                rows(ac.k.a, w),
                 None,
             ],
         )?;
         // Pre: s2 = x + a, h2 = LN2(s2). Post: s1 = x + a, h1 = LN1(s1).
         let (ln_g, ln_b, s, h, mean, rstd) = if post {
-            (Pm::Ln1G, Pm::Ln1B, ac.s1, ac.h1, ac.mean1, ac.rstd1)
+            (Pm::Ln1G, Pm::Ln1B, ac.k.s1, ac.k.h1, ac.k.mean1, ac.k.rstd1)
         } else {
-            (Pm::Ln2G, Pm::Ln2B, ac.s2, ac.h2, ac.mean2, ac.rstd2)
+            (Pm::Ln2G, Pm::Ln2B, ac.k.s2, ac.k.h2, ac.k.mean2, ac.k.rstd2)
         };
         pl.add(
             fwd,
             ln.forward_plan()?,
             &[
                 rows(ac.x, w),
-                rows(ac.a, w),
+                rows(ac.k.a, w),
                 wt(ln_g),
                 wt(ln_b),
                 rows(s, w),
@@ -645,21 +675,21 @@ impl CudaBlock {
                 wt(Pm::W1),
                 wt(Pm::B1),
                 None,
-                rows(ac.u, fh),
+                rows(ac.k.u, fh),
                 None,
             ],
         )?;
         pl.add(
             fwd,
             Ew::ActFwd { n: m * fh, act }.plan()?,
-            &[rows(ac.u, fh), rows(ac.f, fh)],
+            &[rows(ac.k.u, fh), rows(ac.k.f, fh)],
         )?;
-        if let Some(mo) = ac.m {
+        if let Some(mo) = ac.k.m {
             pl.add(
                 fwd,
                 gemm(GemmLayout::Forward, m, w, fh).plan(bias)?,
                 &[
-                    rows(ac.f, fh),
+                    rows(ac.k.f, fh),
                     wt(Pm::W2),
                     wt(Pm::B2),
                     None,
@@ -671,14 +701,14 @@ impl CudaBlock {
                 fwd,
                 ln.forward_plan()?,
                 &[
-                    rows(ac.h1, w),
+                    rows(ac.k.h1, w),
                     rows(mo, w),
                     wt(Pm::Ln2G),
                     wt(Pm::Ln2B),
-                    rows(ac.s2, w),
+                    rows(ac.k.s2, w),
                     rows(ac.y, w),
-                    rows(ac.mean2, 1),
-                    rows(ac.rstd2, 1),
+                    rows(ac.k.mean2, 1),
+                    rows(ac.k.rstd2, 1),
                 ],
             )?;
         } else {
@@ -686,10 +716,10 @@ impl CudaBlock {
                 fwd,
                 gemm(GemmLayout::Forward, m, w, fh).plan(bias_res)?,
                 &[
-                    rows(ac.f, fh),
+                    rows(ac.k.f, fh),
                     wt(Pm::W2),
                     wt(Pm::B2),
-                    rows(ac.s2, w),
+                    rows(ac.k.s2, w),
                     rows(ac.y, w),
                     None,
                 ],
@@ -704,18 +734,18 @@ impl CudaBlock {
                 ln.backward_plan(false)?,
                 &[
                     rows(ac.dy, w),
-                    rows(ac.s2, w),
+                    rows(ac.k.s2, w),
                     wt(Pm::Ln2G),
-                    rows(ac.mean2, 1),
-                    rows(ac.rstd2, 1),
+                    rows(ac.k.mean2, 1),
+                    rows(ac.k.rstd2, 1),
                     None,
-                    rows(ac.ds2, w),
+                    rows(ac.s.ds2, w),
                     gr(Pm::Ln2G),
                     gr(Pm::Ln2B),
-                    part(ac.ln_part, 0, backward_scratch_len(ln)),
+                    part(ac.s.ln_part, 0, backward_scratch_len(ln)),
                 ],
             )?;
-            ac.ds2
+            ac.s.ds2
         } else {
             ac.dy
         };
@@ -724,7 +754,7 @@ impl CudaBlock {
             gemm(GemmLayout::WeightGrad, w, fh, m).plan(wgrad)?,
             &[
                 rows(dmlp, w),
-                rows(ac.f, fh),
+                rows(ac.k.f, fh),
                 None,
                 None,
                 gr(Pm::W2),
@@ -734,18 +764,25 @@ impl CudaBlock {
         pl.add(
             bwd,
             gemm(GemmLayout::InputGrad, m, fh, w).plan(plain)?,
-            &[rows(dmlp, w), wt(Pm::W2), None, None, rows(ac.df, fh), None],
+            &[
+                rows(dmlp, w),
+                wt(Pm::W2),
+                None,
+                None,
+                rows(ac.s.df, fh),
+                None,
+            ],
         )?;
         pl.add(
             bwd,
             Ew::ActBwd { n: m * fh, act }.plan()?,
-            &[rows(ac.u, fh), rows(ac.df, fh), rows(ac.du, fh)],
+            &[rows(ac.k.u, fh), rows(ac.s.df, fh), rows(ac.s.du, fh)],
         )?;
         pl.add(
             bwd,
             gemm(GemmLayout::WeightGrad, fh, w, m).plan(wgrad)?,
             &[
-                rows(ac.du, fh),
+                rows(ac.s.du, fh),
                 rows(mlp_in, w),
                 None,
                 None,
@@ -760,11 +797,11 @@ impl CudaBlock {
                 bwd,
                 gemm(GemmLayout::InputGrad, m, w, fh).plan(with_res)?,
                 &[
-                    rows(ac.du, fh),
+                    rows(ac.s.du, fh),
                     wt(Pm::W1),
                     None,
-                    rows(ac.ds2, w),
-                    rows(ac.dh1, w),
+                    rows(ac.s.ds2, w),
+                    rows(ac.s.dh1, w),
                     None,
                 ],
             )?;
@@ -772,29 +809,29 @@ impl CudaBlock {
                 bwd,
                 ln.backward_plan(false)?,
                 &[
-                    rows(ac.dh1, w),
-                    rows(ac.s1, w),
+                    rows(ac.s.dh1, w),
+                    rows(ac.k.s1, w),
                     wt(Pm::Ln1G),
-                    rows(ac.mean1, 1),
-                    rows(ac.rstd1, 1),
+                    rows(ac.k.mean1, 1),
+                    rows(ac.k.rstd1, 1),
                     None,
-                    rows(ac.ds1, w),
+                    rows(ac.s.ds1, w),
                     gr(Pm::Ln1G),
                     gr(Pm::Ln1B),
-                    part(ac.ln_part, 0, backward_scratch_len(ln)),
+                    part(ac.s.ln_part, 0, backward_scratch_len(ln)),
                 ],
             )?;
-            ac.ds1
+            ac.s.ds1
         } else {
             pl.add(
                 bwd,
                 gemm(GemmLayout::InputGrad, m, w, fh).plan(plain)?,
                 &[
-                    rows(ac.du, fh),
+                    rows(ac.s.du, fh),
                     wt(Pm::W1),
                     None,
                     None,
-                    rows(ac.dh2, w),
+                    rows(ac.s.dh2, w),
                     None,
                 ],
             )?;
@@ -802,26 +839,26 @@ impl CudaBlock {
                 bwd,
                 ln.backward_plan(true)?,
                 &[
-                    rows(ac.dh2, w),
-                    rows(ac.s2, w),
+                    rows(ac.s.dh2, w),
+                    rows(ac.k.s2, w),
                     wt(Pm::Ln2G),
-                    rows(ac.mean2, 1),
-                    rows(ac.rstd2, 1),
+                    rows(ac.k.mean2, 1),
+                    rows(ac.k.rstd2, 1),
                     rows(ac.dy, w),
-                    rows(ac.ds2, w),
+                    rows(ac.s.ds2, w),
                     gr(Pm::Ln2G),
                     gr(Pm::Ln2B),
-                    part(ac.ln_part, 0, backward_scratch_len(ln)),
+                    part(ac.s.ln_part, 0, backward_scratch_len(ln)),
                 ],
             )?;
-            ac.ds2
+            ac.s.ds2
         };
         pl.add(
             bwd,
             gemm(GemmLayout::WeightGrad, w, w, m).plan(wgrad)?,
             &[
                 rows(dattn, w),
-                rows(ac.o, w),
+                rows(ac.k.o, w),
                 None,
                 None,
                 gr(Pm::Wo),
@@ -836,7 +873,7 @@ impl CudaBlock {
                 wt(Pm::Wo),
                 None,
                 None,
-                rows(ac.d_o, w),
+                rows(ac.s.d_o, w),
                 None,
             ],
         )?;
@@ -844,36 +881,36 @@ impl CudaBlock {
         pl.add(
             bwd,
             transpose(m, hd).plan()?,
-            &[rows(ac.d_o, w), rows(ac.doh, w)],
+            &[rows(ac.s.d_o, w), rows(ac.s.doh, w)],
         )?;
         pl.add(
             bwd,
             attn.backward_plan(true)?,
             &[
-                qkv_view(ac.qkvh, 0),
-                qkv_view(ac.qkvh, 1),
-                qkv_view(ac.qkvh, 2),
-                rows(ac.oh, w),
-                rows(ac.lse, hd),
-                rows(ac.doh, w),
+                qkv_view(ac.k.qkvh, 0),
+                qkv_view(ac.k.qkvh, 1),
+                qkv_view(ac.k.qkvh, 2),
+                rows(ac.k.oh, w),
+                rows(ac.k.lse, hd),
+                rows(ac.s.doh, w),
                 whole(tb.seqlens),
-                qkv_view(ac.dqkvh, 0),
-                qkv_view(ac.dqkvh, 1),
-                qkv_view(ac.dqkvh, 2),
-                rows(ac.delta, hd),
+                qkv_view(ac.s.dqkvh, 0),
+                qkv_view(ac.s.dqkvh, 1),
+                qkv_view(ac.s.dqkvh, 2),
+                rows(ac.s.delta, hd),
             ],
         )?;
         // (3·H, M) → (M, 3·H).
         pl.add(
             bwd,
             transpose(3 * hd, m).plan()?,
-            &[rows(ac.dqkvh, 3 * w), rows(ac.dqkv, 3 * w)],
+            &[rows(ac.s.dqkvh, 3 * w), rows(ac.s.dqkv, 3 * w)],
         )?;
         pl.add(
             bwd,
             gemm(GemmLayout::WeightGrad, 3 * w, w, m).plan(wgrad)?,
             &[
-                rows(ac.dqkv, 3 * w),
+                rows(ac.s.dqkv, 3 * w),
                 rows(attn_in, w),
                 None,
                 None,
@@ -887,10 +924,10 @@ impl CudaBlock {
                 bwd,
                 gemm(GemmLayout::InputGrad, m, w, 3 * w).plan(with_res)?,
                 &[
-                    rows(ac.dqkv, 3 * w),
+                    rows(ac.s.dqkv, 3 * w),
                     wt(Pm::Wqkv),
                     None,
-                    rows(ac.ds1, w),
+                    rows(ac.s.ds1, w),
                     rows(ac.dx, w),
                     None,
                 ],
@@ -900,11 +937,11 @@ impl CudaBlock {
                 bwd,
                 gemm(GemmLayout::InputGrad, m, w, 3 * w).plan(plain)?,
                 &[
-                    rows(ac.dqkv, 3 * w),
+                    rows(ac.s.dqkv, 3 * w),
                     wt(Pm::Wqkv),
                     None,
                     None,
-                    rows(ac.dh1, w),
+                    rows(ac.s.dh1, w),
                     None,
                 ],
             )?;
@@ -913,18 +950,23 @@ impl CudaBlock {
                 bwd,
                 ln.backward_plan(true)?,
                 &[
-                    rows(ac.dh1, w),
-                    rows(ac.s1, w),
+                    rows(ac.s.dh1, w),
+                    rows(ac.k.s1, w),
                     wt(Pm::Ln1G),
-                    rows(ac.mean1, 1),
-                    rows(ac.rstd1, 1),
-                    rows(ac.ds2, w),
+                    rows(ac.k.mean1, 1),
+                    rows(ac.k.rstd1, 1),
+                    rows(ac.s.ds2, w),
                     rows(ac.dx, w),
                     gr(Pm::Ln1G),
                     gr(Pm::Ln1B),
-                    part(ac.ln_part, 0, backward_scratch_len(ln)),
+                    part(ac.s.ln_part, 0, backward_scratch_len(ln)),
                 ],
             )?;
+        }
+        if d.recompute {
+            // The backward starts by recomputing the forward (weights already cast) from the
+            // block's input: same kernels on the same input, so the same activations.
+            backward.splice(0..0, forward[cast_steps..].iter().cloned());
         }
         Ok(Plans {
             slots: pl.slots,
@@ -1066,7 +1108,8 @@ impl CudaBlock {
 
     /// Backward from `output_grad` at the selected padded length: parameter gradients
     /// (overwritten) and `input_grad`. Uses the activations of the last
-    /// [`CudaBlock::forward`].
+    /// [`CudaBlock::forward`], or under `dims().recompute` recomputes them from `input`
+    /// (which must still hold what that forward read).
     pub fn backward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
         let p = self.plans(self.padded_len())?;

@@ -81,6 +81,9 @@ pub struct StudentSetup {
     pub adamw: AdamWConfig,
     /// Global gradient-norm bound (≤ 0: no clipping).
     pub grad_clip: f64,
+    /// Activation checkpointing: every transformer block recomputes its forward in the
+    /// backward and keeps only its output ([`super::block::BlockDims::recompute`]).
+    pub recompute: bool,
 }
 
 /// A batch's images.
@@ -246,11 +249,12 @@ impl CudaStudent {
             fd_weight: setup.loss.fd_weight as f32,
         };
         let mut lay = Layout::grouped();
-        let image = CudaImageTower::in_layout(ImageTowerDims::from_config(config, n)?, &mut lay)?;
-        let text = CudaTextTower::in_layout(
-            TextTowerDims::from_config(config, n, setup.text_len)?,
-            &mut lay,
-        )?;
+        let mut image_dims = ImageTowerDims::from_config(config, n)?;
+        image_dims.block.recompute = setup.recompute;
+        let mut text_dims = TextTowerDims::from_config(config, n, setup.text_len)?;
+        text_dims.block.recompute = setup.recompute;
+        let image = CudaImageTower::in_layout(image_dims, &mut lay)?;
+        let text = CudaTextTower::in_layout(text_dims, &mut lay)?;
         let (f32l, u8l) = (Dtype::F32, Dtype::U8);
         let logit_scale = lay.add("param.logit_scale", Section::Params, f32l, 1)?;
         let logit_scale_bf16 = lay.add("bf16.logit_scale", Section::ParamsBf16, Dtype::Bf16, 1)?;

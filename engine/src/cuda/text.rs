@@ -79,6 +79,7 @@ impl TextTowerDims {
                 eps: t.ln_eps as f32,
                 batch,
                 len,
+                recompute: false,
             },
         })
     }

@@ -74,6 +74,7 @@ impl ImageTowerDims {
                 eps: v.ln_eps as f32,
                 batch,
                 len: 1 + g * g,
+                recompute: false,
             },
         })
     }

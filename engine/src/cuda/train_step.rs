@@ -21,6 +21,7 @@ fn setup(
     grad_clip: f64,
     batch: usize,
     slots: usize,
+    recompute: bool,
 ) -> StudentSetup {
     // A drawn teacher arrives as the only slot: the kernel's `all` mode over one slot is the
     // random mode's loss (weight 1 per sample).
@@ -38,6 +39,7 @@ fn setup(
         loss,
         adamw,
         grad_clip,
+        recompute,
     }
 }
 
@@ -68,7 +70,15 @@ impl KernelStep {
             eps: train.eps,
             weight_decay: train.weight_decay,
         };
-        let s = setup(model, distill, adamw, train.grad_clip, batch, slots);
+        let s = setup(
+            model,
+            distill,
+            adamw,
+            train.grad_clip,
+            batch,
+            slots,
+            train.checkpointing,
+        );
         let mut student = CudaStudent::new(model, s)?;
         let mut arena = target.arena(student.layout().clone())?;
         student.load_params(&mut arena, params)?;
@@ -79,14 +89,24 @@ impl KernelStep {
         })
     }
 
-    /// The arena's table for these shapes, built without allocating anything.
+    /// The arena's table for these shapes (with activation checkpointing under
+    /// `recompute`), built without allocating anything.
     pub fn layout_for(
         model: &ModelConfig,
         distill: DistillConfig,
         batch: usize,
         slots: usize,
+        recompute: bool,
     ) -> Result<Layout> {
-        let s = setup(model, distill, AdamWConfig::default(), 0.0, batch, slots);
+        let s = setup(
+            model,
+            distill,
+            AdamWConfig::default(),
+            0.0,
+            batch,
+            slots,
+            recompute,
+        );
         Ok(CudaStudent::new(model, s)?.layout().clone())
     }
 
