@@ -17,7 +17,7 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::ModelConfig;
-use crate::cuda::{KernelStep, KernelTarget};
+use crate::cuda::{Images, KernelStep, KernelTarget};
 use crate::loss::{
     clip_loss, distill_loss, DistillConfig, IclScale, LossParts, TeacherMode, TeacherNorm,
     TeacherTargets, REFERENCE_ICL_SCALE,
@@ -27,7 +27,10 @@ use crate::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, Context, Result};
-use mmkd_loaders::batch::{Batch, BatchConfig, BatchLoader, Cursor, TeacherMode as LoadMode};
+use mmkd_loaders::batch::{
+    Batch, BatchConfig, BatchLoader, Cursor, ImageDtype, TeacherMode as LoadMode, CLIP_MEAN,
+    CLIP_STD,
+};
 use mmkd_loaders::Dataset;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -532,6 +535,12 @@ pub fn train(
         // makes the result independent of the padding.
         pad_to_longest: true,
         teachers: loader_mode,
+        // The kernels take raw crops (a quarter of the bytes) and normalise on the device.
+        image_dtype: if opts.kernels.is_some() {
+            ImageDtype::U8
+        } else {
+            ImageDtype::F32
+        },
         ..BatchConfig::default()
     };
     let mut loader = BatchLoader::new(ds.clone(), bcfg)?;
@@ -643,16 +652,36 @@ pub fn train(
     let mut last = None;
     let mut ran = 0u64;
     let mut last_saved = resume_from.clone();
+    // On the kernels the next batch is fetched and its crops staged (copied on the device's
+    // copy stream) before the current step runs, so that the copy overlaps the step: the
+    // batch and the loader's cursor after it.
+    let mut ahead: Option<(Batch, Cursor)> = None;
     loop {
         if tc.stop_after.is_some_and(|n| ran >= n) {
             break;
         }
         let t0 = Instant::now();
-        let Some(batch) = loader.next_batch()? else {
-            break;
+        let (batch, cursor) = match ahead.take() {
+            Some(b) => b,
+            None => {
+                let Some(b) = loader.next_batch()? else {
+                    break;
+                };
+                if let Some(k) = kstep.as_mut() {
+                    k.stage_pixels(raw_crops(&b)?)?;
+                }
+                (b, loader.cursor())
+            }
         };
+        if let Some(k) = kstep.as_mut() {
+            if !tc.stop_after.is_some_and(|n| ran + 1 >= n) {
+                if let Some(b) = loader.next_batch()? {
+                    k.stage_pixels(raw_crops(&b)?)?;
+                    ahead = Some((b, loader.cursor()));
+                }
+            }
+        }
         let wait = t0.elapsed().as_secs_f64();
-        let inputs = BatchInputs::from_batch(&batch)?;
         let poison = tc.fault_nan_at_step == Some(step + 1);
         let lr = cosine_lr(step, tc.lr, tc.warmup, total_steps);
         let not_applied = |what: String| {
@@ -665,11 +694,20 @@ pub fn train(
             )
         };
         let (parts, gnorm, logit_scale, icl_log) = if let Some(k) = kstep.as_mut() {
-            let mut images = inputs.images;
-            if poison {
-                images[0] = f32::NAN;
-            }
-            let r = k.step(&batch, &images, lr).map_err(|e| {
+            // A fault replaces the staged crops by host-normalised images with a NaN (the run
+            // stops at this step, so the staged copy is never needed).
+            let faulty = if poison {
+                let mut v = normalised(raw_crops(&batch)?, batch.image_size);
+                v[0] = f32::NAN;
+                Some(v)
+            } else {
+                None
+            };
+            let images = match &faulty {
+                Some(v) => Images::F32(v),
+                None => Images::Staged,
+            };
+            let r = k.step(&batch, images, lr).map_err(|e| {
                 not_applied(format!(
                     "step {} on {}: {e:#}",
                     step + 1,
@@ -686,6 +724,7 @@ pub fn train(
             let icl_log = r.icl_log_scale.map(f64::from);
             (parts, r.grad_norm as f64, r.logit_scale as f64, icl_log)
         } else {
+            let inputs = BatchInputs::from_batch(&batch)?;
             let s = model.logit_scale();
             // The learned icl scale is read from the store each step.
             let dcfg_step = match (icl_id, dcfg.icl_scale) {
@@ -757,7 +796,7 @@ pub fn train(
             if let Some(k) = kstep.as_mut() {
                 k.save_to(&mut model.params, &mut opt.m, &mut opt.v)?;
             }
-            let st = state(step, loader.cursor())?;
+            let st = state(step, cursor)?;
             last_saved = Some(checkpoint::save(
                 &ckroot,
                 &model.params,
@@ -775,7 +814,12 @@ pub fn train(
             if let Some(k) = kstep.as_mut() {
                 k.save_to(&mut model.params, &mut opt.m, &mut opt.v)?;
             }
-            let st = state(step, loader.cursor())?;
+            // A batch fetched ahead was not trained on: the run resumes at its start.
+            let end = match &ahead {
+                Some((b, _)) => b.start,
+                None => loader.cursor(),
+            };
+            let st = state(step, end)?;
             checkpoint::save(
                 &ckroot,
                 &model.params,
@@ -790,6 +834,25 @@ pub fn train(
         checkpoint: fin,
         last,
     })
+}
+
+/// The raw crops of a batch loaded for the kernels.
+fn raw_crops(b: &Batch) -> Result<&[u8]> {
+    b.images_u8()
+        .context("batch images are not u8 (the kernel trainer needs image_dtype U8)")
+}
+
+/// Raw planar crops `(N, 3, s, s)` normalised with CLIP's statistics on the host, as the
+/// device normalises them.
+fn normalised(raw: &[u8], s: usize) -> Vec<f32> {
+    let plane = (s * s).max(1);
+    raw.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let c = (i / plane) % 3;
+            (v as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]
+        })
+        .collect()
 }
 
 /// Drops records after `step` from `metrics.jsonl` (a resumed run rewrites them).

@@ -36,8 +36,13 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 /// Element type of the image tensor in a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageDtype {
+    /// Normalised with the batch config's mean and std.
     F32,
+    /// Normalised, rounded to bf16.
     Bf16,
+    /// Raw pixel values 0–255 of the crop (bilinear samples rounded to nearest), for a
+    /// consumer that normalises on its own side (the device step): a quarter of f32's bytes.
+    U8,
 }
 
 /// Which distillation targets a batch carries.
@@ -201,6 +206,10 @@ impl Batch {
     /// Images `(B, 3, S, S)` when the dtype is bf16.
     pub fn images_bf16(&self) -> Option<&[bf16]> {
         (self.image_dtype == ImageDtype::Bf16).then(|| self.view(self.layout.images))
+    }
+    /// Raw crops `(B, 3, S, S)` when the dtype is u8.
+    pub fn images_u8(&self) -> Option<&[u8]> {
+        (self.image_dtype == ImageDtype::U8).then(|| self.view(self.layout.images))
     }
     /// Token ids `(B, L)`.
     pub fn tokens(&self) -> &[u32] {
@@ -595,6 +604,7 @@ fn build_batch(
     let isz = match cfg.image_dtype {
         ImageDtype::F32 => 4,
         ImageDtype::Bf16 => 2,
+        ImageDtype::U8 => 1,
     };
     let mut off = 0;
     let mut lay = BatchLayout {
@@ -625,8 +635,11 @@ fn build_batch(
     tokbuf.resize(ctx, 0);
     tmp.resize(PROJ_DIM, 0.0);
     // (x / 255 - mean) / std as one multiply-add per value.
-    let norm: [(f32, f32); 3] =
-        std::array::from_fn(|c| (1.0 / (255.0 * cfg.std[c]), -cfg.mean[c] / cfg.std[c]));
+    // Raw crops keep pixel values: the identity.
+    let norm: [(f32, f32); 3] = match cfg.image_dtype {
+        ImageDtype::U8 => [(1.0, 0.0); 3],
+        _ => std::array::from_fn(|c| (1.0 / (255.0 * cfg.std[c]), -cfg.mean[c] / cfg.std[c])),
+    };
     for (k, &i) in job.indices.iter().enumerate() {
         let img = ds.image(i)?;
         let aug = cfg
@@ -654,6 +667,7 @@ fn build_batch(
                 bytemuck::cast_slice_mut(dst),
                 iscratch,
             ),
+            ImageDtype::U8 => render_into::<u8>(img, src, s, aug, &norm, dst, iscratch),
         }
         ds.tokens_into(i, tokbuf)?;
         let n = lens[k].min(l);
@@ -730,6 +744,14 @@ impl Pixel for f32 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
+    }
+}
+
+impl Pixel for u8 {
+    /// Rounds to nearest (halves up) and saturates to 0..=255 (NaN gives 0).
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        (x + 0.5) as u8
     }
 }
 

@@ -1012,6 +1012,95 @@ fn bf16_images_match_the_reference_exactly() {
     }
 }
 
+/// Raw u8 crops: the bilinear sample rounded to nearest, the stored pixels unchanged at the
+/// stored size and mirrored by a flip; and the same batch in f32 is these values normalised
+/// (exactly where no resampling happens, within half a pixel level where it does). The rest
+/// of the batch is byte for byte that of the f32 batch.
+#[test]
+fn u8_images_are_rounded_crops_of_the_f32_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = packed(dir.path(), 4);
+    let src = ds.image_size();
+    let norm: [(f32, f32); 3] =
+        std::array::from_fn(|c| (1.0 / (255.0 * CLIP_STD[c]), -CLIP_MEAN[c] / CLIP_STD[c]));
+    let base = BatchConfig {
+        batch_size: 4,
+        workers: 0,
+        shuffle: false,
+        image_dtype: ImageDtype::U8,
+        teachers: TeacherMode::All,
+        ..Default::default()
+    };
+    for (out, mirror) in [
+        (Some(37), false),
+        (Some(src + 9), false),
+        (None, false),
+        (None, true),
+    ] {
+        let cfg = BatchConfig {
+            output_size: out,
+            augment: mirror.then_some(Augment {
+                scale: (1.0, 1.0),
+                ratio: (1.0, 1.0),
+                flip: 1.0,
+            }),
+            ..base.clone()
+        };
+        let first = |cfg: BatchConfig| {
+            BatchLoader::new(ds.clone(), cfg)
+                .unwrap()
+                .next_batch()
+                .unwrap()
+                .unwrap()
+        };
+        let b = first(cfg.clone());
+        let f = first(BatchConfig {
+            image_dtype: ImageDtype::F32,
+            ..cfg
+        });
+        assert!(b.images_f32().is_none() && b.images_bf16().is_none());
+        let s = b.image_size;
+        let img = b.images_u8().unwrap();
+        assert_eq!(img.len(), 4 * 3 * s * s);
+        let fimg = f.images_f32().unwrap();
+        for (k, &i) in b.indices().iter().enumerate() {
+            let raw = ds.image(i).unwrap();
+            for c in 0..3 {
+                for y in 0..s {
+                    for x in 0..s {
+                        let v = match out {
+                            Some(_) => reference_resize(raw, src, s, c, y, x),
+                            None if mirror => raw[c * s * s + y * s + (s - 1 - x)] as f32,
+                            None => raw[c * s * s + y * s + x] as f32,
+                        };
+                        let at = ((k * 3 + c) * s + y) * s + x;
+                        let got = img[at];
+                        assert_eq!(got, v.round() as u8, "{out:?} {mirror} {k} {c} {y} {x}");
+                        let from_u8 = got as f32 * norm[c].0 + norm[c].1;
+                        let bound = if out.is_some() {
+                            0.5 * norm[c].0 * 1.0001
+                        } else {
+                            0.0
+                        };
+                        assert!(
+                            (from_u8 - fimg[at]).abs() <= bound,
+                            "{out:?} {mirror} {k} {c} {y} {x}: {from_u8} vs {}",
+                            fimg[at]
+                        );
+                    }
+                }
+            }
+        }
+        // Everything after the images is laid out and filled as in the f32 batch.
+        let (ib, fb) = (b.as_bytes(), f.as_bytes());
+        assert_eq!(b.tokens(), f.tokens());
+        assert_eq!(b.teacher_image(), f.teacher_image());
+        assert_eq!(b.teacher_mask(), f.teacher_mask());
+        assert_eq!(b.indices(), f.indices());
+        assert!(ib.len() < fb.len());
+    }
+}
+
 #[test]
 fn reused_batch_buffers_give_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();

@@ -131,9 +131,10 @@ impl KernelStep {
         self.student.step(&mut self.arena, batch, lr)
     }
 
-    /// One optimiser step on a loader batch whose images (f32, normalised) are `images`
-    /// (given separately so that a fault can be injected into them).
-    pub fn step(&mut self, batch: &Batch, images: &[f32], lr: f64) -> Result<StepReport> {
+    /// One optimiser step on a loader batch whose images are `images`: the loader's crops
+    /// staged earlier ([`Images::Staged`]), or given here (for example with a fault
+    /// injected into them).
+    pub fn step(&mut self, batch: &Batch, images: Images<'_>, lr: f64) -> Result<StepReport> {
         let lengths: Vec<usize> = batch.lengths().iter().map(|&l| l as usize).collect();
         let mask: Vec<u8> = match batch.teachers {
             LoadMode::None => Vec::new(),
@@ -145,7 +146,7 @@ impl KernelStep {
             LoadMode::All => batch.teacher_mask().to_vec(),
         };
         let sb = StudentBatch {
-            images: Images::F32(images),
+            images,
             tokens: batch.tokens(),
             lengths: &lengths,
             teacher_image: batch.teacher_image(),
