@@ -674,7 +674,7 @@ pub fn train(
             }
         };
         if let Some(k) = kstep.as_mut() {
-            if !tc.stop_after.is_some_and(|n| ran + 1 >= n) {
+            if tc.stop_after.is_none_or(|n| ran + 1 < n) {
                 if let Some(b) = loader.next_batch()? {
                     k.stage_pixels(raw_crops(&b)?)?;
                     ahead = Some((b, loader.cursor()));
