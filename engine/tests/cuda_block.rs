@@ -7,6 +7,7 @@ use half::bf16;
 use mmkd_engine::cuda::arena::ALIGN;
 use mmkd_engine::cuda::{param_specs, Arena, BlockDims, CudaBlock, Dtype, Layout, Section};
 use mmkd_engine::{Activation, NormPlacement, ParamStore, Tape, TransformerBlock, WLayout};
+use mmkd_kernels::gemm::GemmPath;
 use mmkd_kernels::testing::{fresh_seed, rel_err, rng};
 use mmkd_kernels::{Device, DeviceRequest, Emu, Schedule};
 use rand::Rng;
@@ -27,6 +28,7 @@ fn dims(norm: NormPlacement, act: Activation, len: usize) -> BlockDims {
         batch: 2,
         len,
         recompute: false,
+        gemm: GemmPath::MmaSync,
     }
 }
 
@@ -255,7 +257,20 @@ fn compare(what: &str, d: &BlockDims, got: &Run, want: &Run, seed: u64) -> f64 {
 }
 
 fn check_against_tape(norm: NormPlacement, act: Activation, len: usize, lengths: &[usize]) {
-    let d = dims(norm, act, len);
+    check_path_against_tape(norm, act, len, lengths, GemmPath::MmaSync);
+}
+
+fn check_path_against_tape(
+    norm: NormPlacement,
+    act: Activation,
+    len: usize,
+    lengths: &[usize],
+    gemm: GemmPath,
+) {
+    let d = BlockDims {
+        gemm,
+        ..dims(norm, act, len)
+    };
     let seed = fresh_seed();
     let mut g = rng(seed);
     let mut ps = random_store(&d, &mut g);
@@ -267,7 +282,7 @@ fn check_against_tape(norm: NormPlacement, act: Activation, len: usize, lengths:
     let mut arena = Arena::host(block.layout().clone(), Emu::default());
     let got = cuda_block(&block, &mut arena, &ps, lengths, &x, &dy);
     compare(
-        &format!("{norm:?}/{act:?} L={len} lengths={lengths:?}, emulation"),
+        &format!("{norm:?}/{act:?} L={len} lengths={lengths:?}, {gemm:?}, emulation"),
         &d,
         &got,
         &want,
@@ -285,6 +300,25 @@ fn pre_norm_quick_gelu_block_matches_tape_with_padding() {
 #[test]
 fn post_norm_gelu_block_matches_tape_with_padding() {
     check_against_tape(NormPlacement::Post, Activation::Gelu, 17, &[9, 17]);
+}
+
+/// Both blocks with the forward products on Hopper's wgmma (the path an sm_90 GPU takes).
+#[test]
+fn blocks_on_the_wgmma_path_match_tape() {
+    check_path_against_tape(
+        NormPlacement::Pre,
+        Activation::QuickGelu,
+        37,
+        &[37, 23],
+        GemmPath::Wgmma,
+    );
+    check_path_against_tape(
+        NormPlacement::Post,
+        Activation::Gelu,
+        17,
+        &[9, 17],
+        GemmPath::Wgmma,
+    );
 }
 
 /// One block sized for 37 tokens runs batches padded to 20 and then to 9 (the first B·L rows

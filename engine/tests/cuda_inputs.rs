@@ -63,6 +63,7 @@ fn setup() -> StudentSetup {
         adamw: AdamWConfig::default(),
         grad_clip: 1.0,
         recompute: false,
+        gemm: mmkd_kernels::gemm::GemmPath::MmaSync,
     }
 }
 

@@ -99,6 +99,8 @@ fn setup_for(mode: TeacherMode) -> StudentSetup {
         adamw: AdamWConfig::default(),
         grad_clip: CLIP,
         recompute: false,
+        // The Hopper path, as a GPU with sm_90 runs it.
+        gemm: mmkd_kernels::gemm::GemmPath::Wgmma,
     }
 }
 

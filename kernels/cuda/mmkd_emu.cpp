@@ -20,6 +20,12 @@ struct Copy {
     int bytes;
 };
 
+// One wgmma issued by this thread: its accumulators and the two operand descriptors.
+struct Wgmma {
+    float* d;
+    uint64_t desc_a, desc_b;
+};
+
 struct Fiber {
     ucontext_t ctx;
     dim3 tid;
@@ -27,6 +33,8 @@ struct Fiber {
     State state;
     std::vector<Copy> open;                 // cp.async issued since the last commit
     std::vector<std::vector<Copy>> groups;  // committed, not yet waited for
+    std::vector<Wgmma> wg_open;                 // wgmma issued since the last commit
+    std::vector<std::vector<Wgmma>> wg_groups;  // committed, not yet waited for
 };
 
 struct Warp {
@@ -56,6 +64,7 @@ struct Block {
     void (*body)(void*) = nullptr;
     void* ctx = nullptr;
     unsigned char* dyn_smem = nullptr;
+    unsigned dyn_bytes = 0;
     bool failed = false;
 };
 
@@ -111,6 +120,8 @@ void fiber_entry() {
     Block& b = *g_block;
     b.body(b.ctx);
     Fiber& f = *g_fiber;
+    // Accumulators of an unfinished wgmma would be written after the thread is gone.
+    if (!f.wg_open.empty() || !f.wg_groups.empty()) fail("thread exited with a wgmma not waited for");
     f.state = DONE;
     b.live--;
     // An exited thread no longer holds up a barrier.
@@ -136,6 +147,8 @@ bool run_block(Block& b, std::vector<char*>& stacks) {
         f.state = RUNNABLE;
         f.open.clear();
         f.groups.clear();
+        f.wg_open.clear();
+        f.wg_groups.clear();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = stacks[i];
         f.ctx.uc_stack.ss_size = kStackBytes;
@@ -320,6 +333,82 @@ void ldmatrix(int count, bool trans, unsigned* r, const void* row) {
     }
 }
 
+// ---- wgmma (sm_90a) ----------------------------------------------------------------------
+// Descriptors address dynamic shared memory by byte offset (the emulation's shared window).
+// Only the no-swizzle canonical layout is emulated: element (r, k) of a K-major operand lies at
+// start + (r/8)·SBO + (k/8)·LBO + (r%8)·16 + (k%8)·2 bytes (core matrices of 8 rows × 16 bytes).
+
+uint64_t smem_offset(const void* p) {
+    Block& b = *g_block;
+    const unsigned char* q = static_cast<const unsigned char*>(p);
+    if (q < b.dyn_smem || q >= b.dyn_smem + b.dyn_bytes)
+        fail("wgmma operand outside dynamic shared memory");
+    uint64_t off = (uint64_t)(q - b.dyn_smem);
+    if (off % 16 != 0) fail("wgmma operand not 16-byte aligned");
+    if (off >= (1u << 18)) fail("wgmma operand beyond the descriptor's 18-bit address");
+    return off;
+}
+
+// Element (r, k) of the K-major operand of `desc`.
+static float wg_elem(uint64_t desc, int r, int k) {
+    Block& b = *g_block;
+    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0)
+        fail("wgmma: only no-swizzle descriptors with base offset 0 are emulated");
+    uint64_t start = (desc & 0x3FFFu) << 4, lbo = ((desc >> 16) & 0x3FFFu) << 4,
+             sbo = ((desc >> 32) & 0x3FFFu) << 4;
+    uint64_t off = start + (uint64_t)(r / 8) * sbo + (uint64_t)(k / 8) * lbo + (uint64_t)(r % 8) * 16 +
+                   (uint64_t)(k % 8) * 2;
+    if (off + 2 > b.dyn_bytes) fail("wgmma operand element outside dynamic shared memory");
+    uint16_t v;
+    std::memcpy(&v, b.dyn_smem + off, 2);
+    return bf16_to_f32((mmkd_bf16)v);
+}
+
+// D += A·Bᵀ for this thread's accumulators: warp w of the warpgroup holds rows 16w + g (+8),
+// lane (g = lane/4, q = lane%4) columns 8j + 2q (+1) in d[4j .. 4j+3].
+static void wgmma_perform(const Wgmma& op) {
+    unsigned lin = g_fiber->linear, lane = lin % 32, w = (lin / 32) % 4;
+    int g = (int)lane / 4, q = (int)lane % 4;
+    float a[2][16], bt[32][16];  // this thread's two rows of A and 32 columns of B
+    for (int h = 0; h < 2; ++h)
+        for (int k = 0; k < 16; ++k) a[h][k] = wg_elem(op.desc_a, 16 * (int)w + g + 8 * h, k);
+    for (int j = 0; j < 16; ++j)
+        for (int e = 0; e < 2; ++e)
+            for (int k = 0; k < 16; ++k) bt[2 * j + e][k] = wg_elem(op.desc_b, 8 * j + 2 * q + e, k);
+    for (int j = 0; j < 16; ++j)
+        for (int i = 0; i < 4; ++i) {
+            const float* ar = a[i / 2];
+            const float* bc = bt[2 * j + (i & 1)];
+            float acc = op.d[4 * j + i];
+            for (int k = 0; k < 16; ++k) acc += ar[k] * bc[k];  // bf16 products are exact in fp32
+            op.d[4 * j + i] = acc;
+        }
+}
+
+void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b) {
+    if (g_block->nthreads % 128 != 0) fail("wgmma in a block that is not whole warpgroups");
+    // The descriptors must agree across the warp (the instruction is .sync.aligned).
+    uint32_t words[4] = {(uint32_t)desc_a, (uint32_t)(desc_a >> 32), (uint32_t)desc_b,
+                         (uint32_t)(desc_b >> 32)};
+    auto snap = warp_exchange(TAG_WGMMA, 0xffffffffu, words, 4);
+    for (int l = 0; l < 32; ++l)
+        for (int i = 0; i < 4; ++i)
+            if (snap[l][i] != words[i]) fail("wgmma descriptors differ between lanes of a warp");
+    g_fiber->wg_open.push_back(Wgmma{d, desc_a, desc_b});
+}
+void wgmma_commit() {
+    Fiber& f = *g_fiber;
+    f.wg_groups.push_back(std::move(f.wg_open));
+    f.wg_open.clear();
+}
+void wgmma_wait(int pending_allowed) {
+    Fiber& f = *g_fiber;
+    while (f.wg_groups.size() > (size_t)pending_allowed) {
+        for (const Wgmma& op : f.wg_groups.front()) wgmma_perform(op);
+        f.wg_groups.erase(f.wg_groups.begin());
+    }
+}
+
 const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
     g_error.clear();
     if (g_block != nullptr) {
@@ -350,6 +439,7 @@ const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
     // bf16), so a read of something no thread wrote shows up.
     uintptr_t base = reinterpret_cast<uintptr_t>(smem.data());
     b.dyn_smem = smem.data() + ((16 - base % 16) % 16);
+    b.dyn_bytes = cfg->shared_bytes;
     std::vector<char*> stacks(b.nthreads);
     for (auto& s : stacks) s = static_cast<char*>(std::malloc(kStackBytes));
     Schedule sch = current_schedule();

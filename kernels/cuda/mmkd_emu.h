@@ -64,7 +64,7 @@ void cp_async_commit();
 void cp_async_wait(int pending_allowed);
 void cp_async_wait_all();
 
-enum Tag { TAG_SYNCWARP = 1, TAG_SHFL, TAG_VOTE, TAG_LDMATRIX, TAG_MMA };
+enum Tag { TAG_SYNCWARP = 1, TAG_SHFL, TAG_VOTE, TAG_LDMATRIX, TAG_MMA, TAG_WGMMA };
 
 template <typename... A, std::size_t... I>
 void call_kernel(void (*k)(A...), void** args, std::index_sequence<I...>) {
@@ -269,5 +269,30 @@ static inline void cp_async_wait() {
     ::mmkd_emu::cp_async_wait(N);
 }
 static inline void cp_async_wait_all() { ::mmkd_emu::cp_async_wait_all(); }
+
+// wgmma: deferred like cp.async, until the wait that covers its commit group, so accumulators
+// read early are stale and shared memory overwritten early is what the product reads.
+namespace mmkd_emu {
+uint64_t smem_offset(const void* p);
+void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b);
+void wgmma_commit();
+void wgmma_wait(int pending_allowed);
+}  // namespace mmkd_emu
+static inline unsigned long long wgmma_desc(const void* smem, unsigned lbo_bytes, unsigned sbo_bytes) {
+    return (unsigned long long)(::mmkd_emu::smem_offset(smem) >> 4) |
+           ((unsigned long long)((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+           ((unsigned long long)((sbo_bytes >> 4) & 0x3FFFu) << 32);
+}
+static inline void wgmma_fence() {}
+static inline void fence_proxy_async() {}
+static inline void wgmma_hold(float*) {}
+static inline void wgmma_commit() { ::mmkd_emu::wgmma_commit(); }
+template <int N>
+static inline void wgmma_wait() {
+    ::mmkd_emu::wgmma_wait(N);
+}
+static inline void wgmma_m64n128k16_bf16(float d[64], unsigned long long desc_a, unsigned long long desc_b) {
+    ::mmkd_emu::wgmma_issue(d, desc_a, desc_b);
+}
 
 #endif  // MMKD_EMU_H

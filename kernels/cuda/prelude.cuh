@@ -19,6 +19,17 @@
 //   ldmatrix_x1/x2/x4 and ldmatrix_x1/x2/x4_trans (shared memory, .b16)
 //   cp_async_16/8/4 (shared dst, global src), cp_async_commit(), cp_async_wait<N>(), cp_async_wait_all()
 //   MMKD_EXPORT(kernel) after each kernel: the emulation's C entry point (nothing under NVRTC).
+//   Hopper, for files compiled for sm_90a only (MinArch::Sm90a):
+//   wgmma_desc(smem, lbo, sbo)      matrix descriptor of a no-swizzle operand in dynamic shared
+//                                   memory: core matrices of 8 rows x 16 bytes (128 contiguous
+//                                   bytes), `lbo` bytes apart along K, `sbo` apart along M/N
+//   wgmma_m64n128k16_bf16(d[64], desc_a, desc_b)   D += A·Bᵀ, issued by a whole warpgroup;
+//                                   thread t of the group holds rows 16(t/32) + (t%32)/4 (+8)
+//                                   and columns 8j + 2(t%4) (+1) of D: d[4j..4j+3]
+//   wgmma_fence() before the first wgmma that reads accumulators written by other code,
+//   wgmma_hold(d) around issue and wait (pins the accumulators in their registers),
+//   wgmma_commit(), wgmma_wait<N>() (all but the newest N committed groups are done), and
+//   fence_proxy_async() after ordinary or cp.async writes to shared memory that wgmma reads.
 #ifndef MMKD_PRELUDE_CUH
 #define MMKD_PRELUDE_CUH
 
@@ -118,6 +129,51 @@ MMKD_DEVICE void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 MMKD_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;"); }
+
+
+// ---- Hopper (sm_90a only; the files that use these are compiled for sm_90a alone) ----------
+// wgmma: the four warps of a warpgroup (128 consecutive threads starting at a multiple of 128)
+// multiply operands that sit in shared memory, described by 64-bit matrix descriptors, into
+// fp32 accumulators in registers; issue, commit and wait are asynchronous (see prelude docs).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+MMKD_DEVICE unsigned long long wgmma_desc(const void* smem, unsigned lbo_bytes, unsigned sbo_bytes) {
+    // Start address, leading and stride byte offsets, each >> 4 in 14 bits; no swizzle.
+    return (unsigned long long)((smem_addr(smem) & 0x3FFFFu) >> 4) |
+           ((unsigned long long)((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+           ((unsigned long long)((sbo_bytes >> 4) & 0x3FFFu) << 32);
+}
+MMKD_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+MMKD_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+MMKD_DEVICE void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+MMKD_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Keeps the compiler from moving accesses of the accumulators across an issue or a wait.
+MMKD_DEVICE void wgmma_hold(float d[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// D(64 x 128) += A(64 x 16) · B(128 x 16)ᵀ, A and B K-major in shared memory.
+MMKD_DEVICE void wgmma_m64n128k16_bf16(float d[64], unsigned long long desc_a,
+                                       unsigned long long desc_b) {
+    // scale-d is a predicate: set, so D accumulates (accumulators start from zeros).
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(1)
+        : "memory");
+}
+#endif
 
 #else
 // ============================================================================================

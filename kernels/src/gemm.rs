@@ -19,7 +19,7 @@ use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::exec::{Step, P};
 use crate::launch::{check_len, Arg, LaunchShape};
-use crate::registry::GEMM;
+use crate::registry::{KernelFile, GEMM, GEMM_WGMMA};
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
@@ -32,6 +32,22 @@ const THREADS: u32 = 128;
 const SMEM_BYTES: u32 = 3 * (128 * 40 + 64 * 40) * 2;
 // The launchers do not raise the 48 KiB default limit of dynamic shared memory.
 const _: () = assert!(SMEM_BYTES <= 48 * 1024);
+/// The wgmma kernel (`gemm_wgmma.cu`): block tile 128 × 128, two warpgroups, three stages of
+/// two 16 KiB operand tiles (`WG_SMEM_BYTES`; the GPU launcher opts in above 48 KiB).
+const WG_TILE: usize = 128;
+const WG_THREADS: u32 = 256;
+const WG_SMEM_BYTES: u32 = 3 * 2 * 128 * 64 * 2;
+
+/// Which tensor-core instruction a product runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmPath {
+    /// `mma.sync` m16n8k16 (`gemm.cu`, sm_80 and newer), every layout.
+    #[default]
+    MmaSync,
+    /// Hopper's warpgroup `wgmma` (`gemm_wgmma.cu`, sm_90a only) for the `Forward` layout; the
+    /// gradient layouts stay on `mma.sync`.
+    Wgmma,
+}
 
 /// How A and B are stored; see the module table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,8 +148,21 @@ impl GemmShape {
             b * self.m * self.n,
         )
     }
-    fn launch(&self) -> LaunchShape {
-        LaunchShape {
+    /// The kernel file, entry point and launch of this product on `path`.
+    fn kernel(&self, path: GemmPath) -> (&'static KernelFile, &'static str, LaunchShape) {
+        if path == GemmPath::Wgmma && self.layout == GemmLayout::Forward {
+            let launch = LaunchShape {
+                grid: [
+                    self.n.div_ceil(WG_TILE) as u32,
+                    self.m.div_ceil(WG_TILE) as u32,
+                    self.batch as u32,
+                ],
+                block: [WG_THREADS, 1, 1],
+                shared_bytes: WG_SMEM_BYTES,
+            };
+            return (&GEMM_WGMMA, "gemm_fwd_wgmma", launch);
+        }
+        let launch = LaunchShape {
             grid: [
                 self.n.div_ceil(TILE_N) as u32,
                 self.m.div_ceil(TILE_M) as u32,
@@ -141,7 +170,8 @@ impl GemmShape {
             ],
             block: [THREADS, 1, 1],
             shared_bytes: SMEM_BYTES,
-        }
+        };
+        (&GEMM, self.layout.entry(), launch)
     }
     /// Row lengths of the stored A, B and C.
     fn leading(&self) -> (usize, usize, usize) {
@@ -229,6 +259,8 @@ pub struct GemmOpts {
     pub out_f32: bool,
     /// Reduce the bias gradient into slot 5 (`WeightGrad` only).
     pub dbias: bool,
+    /// The tensor-core instruction.
+    pub path: GemmPath,
 }
 
 impl GemmShape {
@@ -263,10 +295,11 @@ impl GemmShape {
                 other => anyhow::bail!("gemm: unexpected scalar argument {other:?}"),
             }
         }
+        let (file, kernel, shape) = self.kernel(opts.path);
         Ok(vec![Step {
-            file: &GEMM,
-            kernel: self.layout.entry(),
-            shape: self.launch(),
+            file,
+            kernel,
+            shape,
             args,
         }])
     }
@@ -354,6 +387,22 @@ pub fn gemm_emu(
     out: GemmOut<'_>,
     dbias: Option<&mut [f32]>,
 ) -> Result<()> {
+    gemm_emu_on(emu, GemmPath::MmaSync, sh, a, b, bias, residual, out, dbias)
+}
+
+/// [`gemm_emu`] on the tensor-core instruction `path`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_emu_on(
+    emu: &Emu,
+    path: GemmPath,
+    sh: &GemmShape,
+    a: &[bf16],
+    b: &[bf16],
+    bias: Option<&[bf16]>,
+    residual: Option<&[bf16]>,
+    out: GemmOut<'_>,
+    dbias: Option<&mut [f32]>,
+) -> Result<()> {
     check_lens(
         sh,
         [
@@ -378,8 +427,9 @@ pub fn gemm_emu(
         dbias.map_or(Arg::Ptr(0), Arg::host_mut),
     ];
     args.extend(scalar_args(sh, out_f32)?);
+    let (_, kernel, shape) = sh.kernel(path);
     // SAFETY: every buffer was checked against the shape the kernel indexes.
-    unsafe { emu.launch(sh.layout.entry(), sh.launch(), &args) }
+    unsafe { emu.launch(kernel, shape, &args) }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -390,6 +440,22 @@ pub fn gemm_emu(
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_cuda(
     gpu: &Gpu,
+    sh: &GemmShape,
+    a: &CudaSlice<u16>,
+    b: &CudaSlice<u16>,
+    bias: Option<&CudaSlice<u16>>,
+    residual: Option<&CudaSlice<u16>>,
+    out: GemmOutCuda<'_>,
+    dbias: Option<&mut CudaSlice<f32>>,
+) -> Result<()> {
+    gemm_cuda_on(gpu, GemmPath::MmaSync, sh, a, b, bias, residual, out, dbias)
+}
+
+/// [`gemm_cuda`] on the tensor-core instruction `path` (`Wgmma` needs an sm_90 device).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_cuda_on(
+    gpu: &Gpu,
+    path: GemmPath,
     sh: &GemmShape,
     a: &CudaSlice<u16>,
     b: &CudaSlice<u16>,
@@ -449,8 +515,9 @@ pub fn gemm_cuda(
     };
     let mut args: Vec<Arg> = [pa, pb, pbias, pres, pc, pdb].map(Arg::Ptr).to_vec();
     args.extend(scalar_args(sh, out_f32)?);
+    let (file, kernel, shape) = sh.kernel(path);
     // SAFETY: every buffer was checked against the shape the kernel indexes.
-    unsafe { gpu.launch(&GEMM, sh.layout.entry(), sh.launch(), &args) }
+    unsafe { gpu.launch(file, kernel, shape, &args) }
 }
 
 #[cfg(test)]
@@ -476,6 +543,7 @@ mod tests {
         res: Option<Vec<bf16>>,
         out_f32: bool,
         dbias: bool,
+        path: GemmPath,
     }
 
     fn case(sh: GemmShape, bias: bool, res: bool, out_f32: bool, seed: u64) -> Case {
@@ -489,6 +557,7 @@ mod tests {
             res: res.then(|| random_bf16(&mut g, lc, -1.0, 1.0)),
             out_f32,
             dbias: sh.layout == GemmLayout::WeightGrad,
+            path: GemmPath::MmaSync,
         }
     }
 
@@ -506,7 +575,7 @@ mod tests {
         let dbias = c.dbias.then_some(db.as_mut_slice());
         let (bias, res) = (c.bias.as_deref(), c.res.as_deref());
         match emu {
-            Some(e) => gemm_emu(e, &c.sh, &c.a, &c.b, bias, res, out, dbias).unwrap(),
+            Some(e) => gemm_emu_on(e, c.path, &c.sh, &c.a, &c.b, bias, res, out, dbias).unwrap(),
             None => gemm_cpu(&c.sh, &c.a, &c.b, bias, res, out, dbias).unwrap(),
         }
         let outv = if c.out_f32 {
@@ -696,6 +765,7 @@ mod tests {
                 residual: true,
                 out_f32: false,
                 dbias: c.dbias,
+                ..GemmOpts::default()
             };
             let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
             // SAFETY: the buffers have the lengths the shape needs.
@@ -725,6 +795,146 @@ mod tests {
             ..GemmOpts::default()
         };
         assert!(fwd.plan(bad).is_err());
+    }
+
+    /// The wgmma kernel (forward layout) at aligned, tail, one-row and multi-tile sizes, with
+    /// each epilogue piece, batched, and under two other thread orders (bit-identical).
+    #[test]
+    fn wgmma_forward_matches_reference() {
+        // (batch, M, N, K, act, bias, residual, f32 out)
+        let cases = [
+            (1, 1, 128, 64, Activation::None, false, false, false),
+            (1, 17, 99, 72, Activation::Gelu, true, false, true),
+            (1, 130, 200, 200, Activation::QuickGelu, true, true, false),
+            (2, 33, 64, 40, Activation::None, false, true, true),
+            (1, 64, 256, 192, Activation::Gelu, true, true, false),
+        ];
+        for &(batch, m, n, k, act, bias, res, f32o) in &cases {
+            let sh = GemmShape {
+                layout: GemmLayout::Forward,
+                batch,
+                m,
+                n,
+                k,
+                act,
+            };
+            let seed = fresh_seed();
+            let mut c = case(sh, bias, res, f32o, seed);
+            c.path = GemmPath::Wgmma;
+            assert_close(&c, &Emu::default(), seed);
+            if m == 17 {
+                let first = run(&c, Some(&Emu::default()));
+                for sched in [Schedule::Reverse, Schedule::Shuffled(seed)] {
+                    let got = run(&c, Some(&Emu::default().with_schedule(sched)));
+                    assert_eq!(got, first, "{sched:?} seed {seed}");
+                }
+            }
+        }
+    }
+
+    /// Refilling a stage before the wgmma that reads it has completed must fail the comparison
+    /// the real kernel passes (K spans four tiles, so stages are reused).
+    #[test]
+    fn wgmma_broken_wait_variant_fails() {
+        let sh = GemmShape {
+            layout: GemmLayout::Forward,
+            batch: 1,
+            m: 16,
+            n: 64,
+            k: 256,
+            act: Activation::None,
+        };
+        let seed = fresh_seed();
+        let mut c = case(sh, false, false, false, seed);
+        c.path = GemmPath::Wgmma;
+        let (e, _) = errors(&c, &Emu::variant("broken_wait"));
+        assert!(e > 1e-2, "seed {seed}: missing wgmma wait passed ({e})");
+    }
+
+    /// A plan on the wgmma path runs `gemm_fwd_wgmma` for the forward layout only, with the
+    /// launcher's results bit for bit; operands off a 16-byte boundary take the element path.
+    #[test]
+    fn wgmma_plan_matches_launcher_and_handles_misalignment() {
+        use crate::exec::{run as run_plan, Backend, HostBuf};
+        let sh = GemmShape {
+            layout: GemmLayout::Forward,
+            batch: 1,
+            m: 21,
+            n: 72,
+            k: 64,
+            act: Activation::QuickGelu,
+        };
+        let seed = fresh_seed();
+        let mut c = case(sh, true, true, false, seed);
+        c.path = GemmPath::Wgmma;
+        let (want, _) = run(&c, Some(&Emu::default()));
+        let opts = GemmOpts {
+            bias: true,
+            residual: true,
+            path: GemmPath::Wgmma,
+            ..GemmOpts::default()
+        };
+        let plan = sh.plan(opts).unwrap();
+        assert_eq!(plan[0].kernel, "gemm_fwd_wgmma");
+        let mut bufs = [
+            HostBuf::Bf16(c.a.clone()),
+            HostBuf::Bf16(c.b.clone()),
+            HostBuf::Bf16(c.bias.clone().unwrap()),
+            HostBuf::Bf16(c.res.clone().unwrap()),
+            HostBuf::Bf16(vec![BF16_POISON; want.len()]),
+            HostBuf::F32(vec![f32::NAN; 1]),
+        ];
+        let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
+        // SAFETY: the buffers have the lengths the shape needs.
+        unsafe { run_plan(Backend::Emu(&Emu::default()), &plan, &ptrs) }.unwrap();
+        let HostBuf::Bf16(got) = &bufs[4] else {
+            panic!("output buffer changed type")
+        };
+        assert_eq!(bf16_to_f64(got), want, "seed {seed}");
+        // The gradient layouts stay on mma.sync.
+        for layout in [GemmLayout::InputGrad, GemmLayout::WeightGrad] {
+            let p = GemmShape { layout, ..sh }.plan(opts).unwrap();
+            assert_eq!(p[0].kernel, layout.entry());
+        }
+        // Same values one element past a 16-byte boundary.
+        let shift = |v: &[bf16]| {
+            let mut o = vec![bf16::ZERO; v.len() + 1];
+            o[1..].copy_from_slice(v);
+            o
+        };
+        let (pa, pb) = (shift(&c.a), shift(&c.b));
+        let mut got = vec![BF16_POISON; want.len()];
+        gemm_emu_on(
+            &Emu::default(),
+            GemmPath::Wgmma,
+            &sh,
+            &pa[1..],
+            &pb[1..],
+            c.bias.as_deref(),
+            c.res.as_deref(),
+            GemmOut::Bf16(&mut got),
+            None,
+        )
+        .unwrap();
+        let e = rel_err(&bf16_to_f64(&got), &run(&c, None).0);
+        assert!(e <= 1e-2, "seed {seed}: misaligned wgmma rel err {e}");
+    }
+
+    /// The wgmma launch constants are the ones `gemm_wgmma.cu` is written for.
+    #[test]
+    fn wgmma_launch_constants_match_the_source() {
+        let src = GEMM_WGMMA.source;
+        for d in [
+            "#define WG_BM 128",
+            "#define WG_BN 128",
+            "#define WG_BK 64",
+            "#define WG_STAGES 3",
+            "#define WG_THREADS 256",
+        ] {
+            assert!(src.contains(d), "gemm_wgmma.cu lacks `{d}`");
+        }
+        assert_eq!((WG_TILE, WG_THREADS), (128, 256));
+        assert_eq!(WG_SMEM_BYTES, 3 * 2 * 128 * 64 * 2);
     }
 
     /// The launch constants here are the tile sizes `gemm.cu` is written for.

@@ -9,7 +9,7 @@
 
 use crate::attention::{self, AttnShape, HEAD_DIM};
 use crate::device::Gpu;
-use crate::gemm::{self, Activation, GemmLayout, GemmOut, GemmOutCuda, GemmShape};
+use crate::gemm::{self, Activation, GemmLayout, GemmOut, GemmOutCuda, GemmPath, GemmShape};
 use crate::testing::{bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
 use anyhow::{anyhow, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -55,7 +55,8 @@ pub struct BenchRecord {
     pub tower: &'static str,
     /// Layer (GEMM) or "masked"/"plain" (attention).
     pub layer: String,
-    /// fwd, dgrad, wgrad (GEMM); fwd, fwd+bwd (attention).
+    /// fwd, fwd_wgmma (the forward on wgmma, sm_90 only), dgrad, wgrad (GEMM); fwd, fwd+bwd
+    /// (attention).
     pub layout: &'static str,
     /// The product's M, N, K (GEMM) or B·H, L, 64 (attention).
     pub dims: [usize; 3],
@@ -194,13 +195,23 @@ fn from_bits(v: Vec<u16>) -> Vec<bf16> {
 }
 
 /// GEMM, every layout, at a small odd size against [`gemm::gemm_cpu`].
+/// The products' paths on this device: `mma.sync` everywhere, and `wgmma` for the forward
+/// layout on sm_90.
+fn paths(gpu: &Gpu) -> Vec<(GemmLayout, GemmPath)> {
+    let mut v = vec![
+        (GemmLayout::Forward, GemmPath::MmaSync),
+        (GemmLayout::InputGrad, GemmPath::MmaSync),
+        (GemmLayout::WeightGrad, GemmPath::MmaSync),
+    ];
+    if gpu.capability == (9, 0) {
+        v.insert(1, (GemmLayout::Forward, GemmPath::Wgmma));
+    }
+    v
+}
+
 fn check_gemm(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
     let st = gpu.stream();
-    for layout in [
-        GemmLayout::Forward,
-        GemmLayout::InputGrad,
-        GemmLayout::WeightGrad,
-    ] {
+    for (layout, path) in paths(gpu) {
         let sh = GemmShape {
             layout,
             batch: 2,
@@ -238,8 +249,9 @@ fn check_gemm(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
         let mut ddb = st
             .clone_htod(&vec![f32::NAN; 2 * sh.m])
             .map_err(|e| anyhow!("{e:?}"))?;
-        gemm::gemm_cuda(
+        gemm::gemm_cuda_on(
             gpu,
+            path,
             &sh,
             &da,
             &db,
@@ -251,7 +263,7 @@ fn check_gemm(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
         let got = from_bits(st.clone_dtoh(&dc).map_err(|e| anyhow!("{e:?}"))?);
         let e = rel_err(&bf16_to_f64(&got), &bf16_to_f64(&want));
         out.push(CheckRecord {
-            name: format!("gemm {layout:?} {sh:?}"),
+            name: format!("gemm {layout:?} {path:?} {sh:?}"),
             rel_err: e,
             passed: e <= 1e-2,
             seed,
@@ -401,6 +413,23 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                 None,
             )
         })?;
+        let t_fwd_wgmma = if gpu.capability == (9, 0) {
+            Some(time_ms(gpu, cfg, || {
+                gemm::gemm_cuda_on(
+                    gpu,
+                    GemmPath::Wgmma,
+                    &fwd,
+                    &x,
+                    &w,
+                    Some(&bias),
+                    None,
+                    GemmOutCuda::Bf16(&mut y),
+                    None,
+                )
+            })?)
+        } else {
+            None
+        };
         let dgrad = shape(GemmLayout::InputGrad, m, k, n, Activation::None);
         let t_dgrad = time_ms(gpu, cfg, || {
             gemm::gemm_cuda(
@@ -427,7 +456,13 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                 Some(&mut db),
             )
         })?;
-        for (layout, t) in [("fwd", t_fwd), ("dgrad", t_dgrad), ("wgrad", t_wgrad)] {
+        let timed = [
+            ("fwd", Some(t_fwd)),
+            ("fwd_wgmma", t_fwd_wgmma),
+            ("dgrad", Some(t_dgrad)),
+            ("wgrad", Some(t_wgrad)),
+        ];
+        for (layout, t) in timed.into_iter().filter_map(|(l, t)| t.map(|t| (l, t))) {
             cases.push(BenchRecord {
                 kind: "gemm",
                 tower,

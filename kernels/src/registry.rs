@@ -57,6 +57,24 @@ pub const FRAGMENT_TEST: KernelFile = KernelFile {
     tensor_core_entries: &["frag_mma_direct", "frag_mma_ldmatrix"],
 };
 
+/// The forward product on Hopper's `wgmma`, same parameters and epilogue as `gemm_fwd`.
+pub const GEMM_WGMMA: KernelFile = KernelFile {
+    name: "gemm_wgmma",
+    source: include_str!("../cuda/gemm_wgmma.cu"),
+    entries: &["gemm_fwd_wgmma"],
+    min_arch: MinArch::Sm90a,
+    tensor_core_entries: &["gemm_fwd_wgmma"],
+};
+
+/// One warpgroup through `wgmma` (Hopper): tests the emulation's descriptors and layouts.
+pub const WGMMA_TEST: KernelFile = KernelFile {
+    name: "wgmma_test",
+    source: include_str!("../cuda/wgmma_test.cu"),
+    entries: &["frag_wgmma"],
+    min_arch: MinArch::Sm90a,
+    tensor_core_entries: &["frag_wgmma"],
+};
+
 /// Kernels that pin down the emulation's warp and memory semantics.
 pub const EMU_TEST: KernelFile = KernelFile {
     name: "emu_test",
@@ -151,12 +169,14 @@ pub const ATTENTION: KernelFile = KernelFile {
 pub const KERNEL_FILES: &[&KernelFile] = &[
     &LAYERNORM,
     &FRAGMENT_TEST,
+    &WGMMA_TEST,
     &EMU_TEST,
     &MT_LOSS,
     &ADAMW,
     &IMAGE_NORM,
     &ELEMENTWISE,
     &GEMM,
+    &GEMM_WGMMA,
     &ATTENTION,
 ];
 

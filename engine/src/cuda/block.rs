@@ -39,7 +39,7 @@ use anyhow::{anyhow, bail, ensure, Result};
 use mmkd_kernels::attention::{AttnShape, HEAD_DIM};
 use mmkd_kernels::elementwise::{Act, Ew};
 use mmkd_kernels::exec::{Step, P};
-use mmkd_kernels::gemm::{Activation as Epilogue, GemmLayout, GemmOpts, GemmShape};
+use mmkd_kernels::gemm::{Activation as Epilogue, GemmLayout, GemmOpts, GemmPath, GemmShape};
 use mmkd_kernels::layernorm::{backward_scratch_len, LnShape};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -68,6 +68,9 @@ pub struct BlockDims {
     /// input, so that the blocks of a stack keep only their outputs between the two passes
     /// and share one set of the other activations, at the cost of one more forward.
     pub recompute: bool,
+    /// The tensor-core instruction of the forward products (the gradient products always
+    /// run on `mma.sync`): `Wgmma` needs an sm_90 GPU or the emulation.
+    pub gemm: GemmPath,
 }
 
 impl BlockDims {
@@ -535,6 +538,7 @@ impl CudaBlock {
         };
         let bias = GemmOpts {
             bias: true,
+            path: d.gemm,
             ..GemmOpts::default()
         };
         let bias_res = GemmOpts {
@@ -546,7 +550,10 @@ impl CudaBlock {
             dbias: true,
             ..GemmOpts::default()
         };
-        let plain = GemmOpts::default();
+        let plain = GemmOpts {
+            path: d.gemm,
+            ..GemmOpts::default()
+        };
         let with_res = GemmOpts {
             residual: true,
             ..plain

@@ -32,6 +32,7 @@ use anyhow::{anyhow, bail, ensure, Result};
 use half::bf16;
 use mmkd_kernels::adamw::{adamw_plan, norm_plan, norm_scratch_len, AdamWConfig as KAdamW};
 use mmkd_kernels::elementwise::Ew;
+use mmkd_kernels::gemm::GemmPath;
 use mmkd_kernels::image_norm::{self, ImageNormConfig, CLIP_MEAN, CLIP_STD};
 use mmkd_kernels::mt_loss::{self, LossConfig, LossResult};
 use std::collections::hash_map::Entry;
@@ -84,6 +85,8 @@ pub struct StudentSetup {
     /// Activation checkpointing: every transformer block recomputes its forward in the
     /// backward and keeps only its output ([`super::block::BlockDims::recompute`]).
     pub recompute: bool,
+    /// The tensor-core instruction of the blocks' forward products.
+    pub gemm: GemmPath,
 }
 
 /// A batch's images.
@@ -251,8 +254,10 @@ impl CudaStudent {
         let mut lay = Layout::grouped();
         let mut image_dims = ImageTowerDims::from_config(config, n)?;
         image_dims.block.recompute = setup.recompute;
+        image_dims.block.gemm = setup.gemm;
         let mut text_dims = TextTowerDims::from_config(config, n, setup.text_len)?;
         text_dims.block.recompute = setup.recompute;
+        text_dims.block.gemm = setup.gemm;
         let image = CudaImageTower::in_layout(image_dims, &mut lay)?;
         let text = CudaTextTower::in_layout(text_dims, &mut lay)?;
         let (f32l, u8l) = (Dtype::F32, Dtype::U8);

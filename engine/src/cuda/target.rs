@@ -6,6 +6,7 @@ use super::arena::{Arena, Layout};
 use anyhow::{anyhow, Result};
 use mmkd_kernels::device::{Device as KDevice, DeviceRequest, Gpu};
 use mmkd_kernels::emu::Emu;
+use mmkd_kernels::gemm::GemmPath;
 use std::sync::Arc;
 
 /// A backend for [`Arena`]s.
@@ -45,6 +46,32 @@ impl KernelTarget {
         match self {
             KernelTarget::Gpu(g) => format!("cuda:{}", g.ordinal),
             KernelTarget::Emu => "emu".into(),
+        }
+    }
+
+    /// The tensor-core instruction of the forward products: `wgmma` on an sm_90 GPU (Hopper)
+    /// and under the emulation (which so runs what an H100/H200 runs), `mma.sync` on other
+    /// GPUs. `MMKD_GEMM_PATH=mma` or `=wgmma` overrides the choice (`wgmma` still needs sm_90).
+    pub fn gemm_path(&self) -> Result<GemmPath> {
+        let hopper = match self {
+            KernelTarget::Gpu(g) => g.capability == (9, 0),
+            KernelTarget::Emu => true,
+        };
+        match std::env::var("MMKD_GEMM_PATH").ok().as_deref() {
+            None | Some("") => Ok(if hopper {
+                GemmPath::Wgmma
+            } else {
+                GemmPath::MmaSync
+            }),
+            Some("mma") => Ok(GemmPath::MmaSync),
+            Some("wgmma") if hopper => Ok(GemmPath::Wgmma),
+            Some("wgmma") => Err(anyhow!(
+                "MMKD_GEMM_PATH=wgmma needs an sm_90 GPU; {} is not one",
+                self.label()
+            )),
+            Some(other) => Err(anyhow!(
+                "MMKD_GEMM_PATH must be `mma` or `wgmma`, got `{other}`"
+            )),
         }
     }
 

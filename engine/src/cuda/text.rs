@@ -80,6 +80,7 @@ impl TextTowerDims {
                 batch,
                 len,
                 recompute: false,
+                gemm: mmkd_kernels::gemm::GemmPath::MmaSync,
             },
         })
     }

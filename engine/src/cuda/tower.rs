@@ -75,6 +75,7 @@ impl ImageTowerDims {
                 batch,
                 len: 1 + g * g,
                 recompute: false,
+                gemm: mmkd_kernels::gemm::GemmPath::MmaSync,
             },
         })
     }

@@ -11,6 +11,7 @@ use crate::optim::AdamWConfig;
 use crate::params::ParamStore;
 use crate::trainer::TrainConfig;
 use anyhow::{ensure, Result};
+use mmkd_kernels::gemm::GemmPath;
 use mmkd_loaders::batch::{Batch, TeacherMode as LoadMode};
 
 /// The student's setup for a run's shapes.
@@ -21,7 +22,6 @@ fn setup(
     grad_clip: f64,
     batch: usize,
     slots: usize,
-    recompute: bool,
 ) -> StudentSetup {
     // A drawn teacher arrives as the only slot: the kernel's `all` mode over one slot is the
     // random mode's loss (weight 1 per sample).
@@ -39,7 +39,8 @@ fn setup(
         loss,
         adamw,
         grad_clip,
-        recompute,
+        recompute: false,
+        gemm: GemmPath::MmaSync,
     }
 }
 
@@ -70,15 +71,11 @@ impl KernelStep {
             eps: train.eps,
             weight_decay: train.weight_decay,
         };
-        let s = setup(
-            model,
-            distill,
-            adamw,
-            train.grad_clip,
-            batch,
-            slots,
-            train.checkpointing,
-        );
+        let s = StudentSetup {
+            recompute: train.checkpointing,
+            gemm: target.gemm_path()?,
+            ..setup(model, distill, adamw, train.grad_clip, batch, slots)
+        };
         let mut student = CudaStudent::new(model, s)?;
         let mut arena = target.arena(student.layout().clone())?;
         student.load_params(&mut arena, params)?;
@@ -98,15 +95,11 @@ impl KernelStep {
         slots: usize,
         recompute: bool,
     ) -> Result<Layout> {
-        let s = setup(
-            model,
-            distill,
-            AdamWConfig::default(),
-            0.0,
-            batch,
-            slots,
+        // The tensor-core path does not change the table.
+        let s = StudentSetup {
             recompute,
-        );
+            ..setup(model, distill, AdamWConfig::default(), 0.0, batch, slots)
+        };
         Ok(CudaStudent::new(model, s)?.layout().clone())
     }
 
