@@ -302,7 +302,8 @@ fn post_norm_gelu_block_matches_tape_with_padding() {
     check_against_tape(NormPlacement::Post, Activation::Gelu, 17, &[9, 17]);
 }
 
-/// Both blocks with the forward products on Hopper's wgmma (the path an sm_90 GPU takes).
+/// Both blocks with the forward and input-gradient products on Hopper's wgmma (the path an
+/// sm_90 GPU takes).
 #[test]
 fn blocks_on_the_wgmma_path_match_tape() {
     check_path_against_tape(
@@ -319,6 +320,17 @@ fn blocks_on_the_wgmma_path_match_tape() {
         &[9, 17],
         GemmPath::Wgmma,
     );
+    // The input gradients run as forward-layout products after a weight transpose: four more
+    // launches in the backward, the same forward.
+    let d = dims(NormPlacement::Pre, Activation::QuickGelu, 9);
+    let mma = CudaBlock::new(d).unwrap().launches();
+    let wg = CudaBlock::new(BlockDims {
+        gemm: GemmPath::Wgmma,
+        ..d
+    })
+    .unwrap()
+    .launches();
+    assert_eq!((wg.0, wg.1), (mma.0, mma.1 + 4), "{mma:?} {wg:?}");
 }
 
 /// One block sized for 37 tokens runs batches padded to 20 and then to 9 (the first B·L rows

@@ -21,6 +21,11 @@
 //! with the same dims as the one before it shares that block's scratch and constant tables
 //! (one backward runs at a time), the output gradients alternating between two buffers.
 //!
+//! Hopper. With `BlockDims::gemm` = `Wgmma` the forward products run on `wgmma`, and so do the
+//! input gradients `dX = dY·W`: W is transposed into a scratch region first (one weight at a
+//! time), which makes them forward-layout products. The weight gradients read both operands
+//! token-major and stay on `mma.sync`.
+//!
 //! Checkpointing. With `BlockDims::recompute` the backward plan starts with the forward again:
 //! the blocks of a stack then keep only their outputs and share one set of every other
 //! activation, which the recomputation refills block by block.
@@ -68,8 +73,9 @@ pub struct BlockDims {
     /// input, so that the blocks of a stack keep only their outputs between the two passes
     /// and share one set of the other activations, at the cost of one more forward.
     pub recompute: bool,
-    /// The tensor-core instruction of the forward products (the gradient products always
-    /// run on `mma.sync`): `Wgmma` needs an sm_90 GPU or the emulation.
+    /// The tensor-core instruction of the forward-layout products. With `Wgmma` (an sm_90 GPU
+    /// or the emulation) the input gradients become forward-layout products too, each weight
+    /// transposed into scratch first; the weight gradients stay on `mma.sync`.
     pub gemm: GemmPath,
 }
 
@@ -234,6 +240,9 @@ struct Scratch {
     dqkv: RegionId,
     delta: RegionId,
     ln_part: RegionId,
+    /// On the wgmma path: one weight matrix transposed, so that an input gradient
+    /// `dX = dY·W` runs as the forward-layout product `dY·(Wᵀ)ᵀ`.
+    wt: Option<RegionId>,
 }
 
 /// Every region the block's plans touch besides its weights.
@@ -424,6 +433,11 @@ impl CudaBlock {
                 dqkv: scr("dqkv", bfl, 3 * m * w)?,
                 delta: scr("attn_delta", f32l, hd * m)?,
                 ln_part: scr("ln_partials", f32l, backward_scratch_len(ln))?,
+                wt: if dims.gemm == GemmPath::Wgmma {
+                    Some(scr("weight_t", bfl, (3 * w * w).max(f * w))?)
+                } else {
+                    None
+                },
             },
         };
         // The output gradients of a run of twins alternate between two buffers: a block reads
@@ -535,6 +549,37 @@ impl CudaBlock {
             n,
             k,
             act: Epilogue::None,
+        };
+        // dX (M, n) = dY (M, k) · W (k, n) (+ residual) with slots [dY, residual, dX]. On the
+        // wgmma path W is first transposed into scratch (one weight at a time), so the product
+        // is a forward-layout one, `dY·(Wᵀ)ᵀ`, which that path runs; else the input-gradient
+        // layout reads W as stored.
+        let dgrad = |pl: &mut Planner,
+                     out: &mut Vec<Step>,
+                     (n, k): (usize, usize),
+                     wgt: Pm,
+                     opts: GemmOpts,
+                     [dy, res, dx]: [Option<Buf>; 3]|
+         -> Result<()> {
+            match self.acts.s.wt {
+                Some(t) => {
+                    pl.add(
+                        out,
+                        Ew::RowTranspose { a: k, b: n, c: 1 }.plan()?,
+                        &[wt(wgt), part(t, 0, n * k)],
+                    )?;
+                    pl.add(
+                        out,
+                        gemm(GemmLayout::Forward, m, n, k).plan(opts)?,
+                        &[dy, part(t, 0, n * k), None, res, dx, None],
+                    )
+                }
+                None => pl.add(
+                    out,
+                    gemm(GemmLayout::InputGrad, m, n, k).plan(opts)?,
+                    &[dy, wt(wgt), None, res, dx, None],
+                ),
+            }
         };
         let bias = GemmOpts {
             bias: true,
@@ -768,17 +813,13 @@ impl CudaBlock {
                 gr(Pm::B2),
             ],
         )?;
-        pl.add(
+        dgrad(
+            &mut pl,
             bwd,
-            gemm(GemmLayout::InputGrad, m, fh, w).plan(plain)?,
-            &[
-                rows(dmlp, w),
-                wt(Pm::W2),
-                None,
-                None,
-                rows(ac.s.df, fh),
-                None,
-            ],
+            (fh, w),
+            Pm::W2,
+            plain,
+            [rows(dmlp, w), None, rows(ac.s.df, fh)],
         )?;
         pl.add(
             bwd,
@@ -800,17 +841,13 @@ impl CudaBlock {
         // The gradient reaching the attention output: post, dh1 = du·W1 + ds2, then LN1;
         // pre, dh2 = du·W1, then LN2 with the residual gradient dy added.
         let dattn = if post {
-            pl.add(
+            dgrad(
+                &mut pl,
                 bwd,
-                gemm(GemmLayout::InputGrad, m, w, fh).plan(with_res)?,
-                &[
-                    rows(ac.s.du, fh),
-                    wt(Pm::W1),
-                    None,
-                    rows(ac.s.ds2, w),
-                    rows(ac.s.dh1, w),
-                    None,
-                ],
+                (w, fh),
+                Pm::W1,
+                with_res,
+                [rows(ac.s.du, fh), rows(ac.s.ds2, w), rows(ac.s.dh1, w)],
             )?;
             pl.add(
                 bwd,
@@ -830,17 +867,13 @@ impl CudaBlock {
             )?;
             ac.s.ds1
         } else {
-            pl.add(
+            dgrad(
+                &mut pl,
                 bwd,
-                gemm(GemmLayout::InputGrad, m, w, fh).plan(plain)?,
-                &[
-                    rows(ac.s.du, fh),
-                    wt(Pm::W1),
-                    None,
-                    None,
-                    rows(ac.s.dh2, w),
-                    None,
-                ],
+                (w, fh),
+                Pm::W1,
+                plain,
+                [rows(ac.s.du, fh), None, rows(ac.s.dh2, w)],
             )?;
             pl.add(
                 bwd,
@@ -872,17 +905,13 @@ impl CudaBlock {
                 gr(Pm::Bo),
             ],
         )?;
-        pl.add(
+        dgrad(
+            &mut pl,
             bwd,
-            gemm(GemmLayout::InputGrad, m, w, w).plan(plain)?,
-            &[
-                rows(dattn, w),
-                wt(Pm::Wo),
-                None,
-                None,
-                rows(ac.s.d_o, w),
-                None,
-            ],
+            (w, w),
+            Pm::Wo,
+            plain,
+            [rows(dattn, w), None, rows(ac.s.d_o, w)],
         )?;
         // (M, H) → (H, M).
         pl.add(
@@ -927,30 +956,22 @@ impl CudaBlock {
         )?;
         if post {
             // dx = dqkv·Wqkv + ds1 (the residual around the attention).
-            pl.add(
+            dgrad(
+                &mut pl,
                 bwd,
-                gemm(GemmLayout::InputGrad, m, w, 3 * w).plan(with_res)?,
-                &[
-                    rows(ac.s.dqkv, 3 * w),
-                    wt(Pm::Wqkv),
-                    None,
-                    rows(ac.s.ds1, w),
-                    rows(ac.dx, w),
-                    None,
-                ],
+                (w, 3 * w),
+                Pm::Wqkv,
+                with_res,
+                [rows(ac.s.dqkv, 3 * w), rows(ac.s.ds1, w), rows(ac.dx, w)],
             )?;
         } else {
-            pl.add(
+            dgrad(
+                &mut pl,
                 bwd,
-                gemm(GemmLayout::InputGrad, m, w, 3 * w).plan(plain)?,
-                &[
-                    rows(ac.s.dqkv, 3 * w),
-                    wt(Pm::Wqkv),
-                    None,
-                    None,
-                    rows(ac.s.dh1, w),
-                    None,
-                ],
+                (w, 3 * w),
+                Pm::Wqkv,
+                plain,
+                [rows(ac.s.dqkv, 3 * w), None, rows(ac.s.dh1, w)],
             )?;
             // dx = LN1ᵀ(dh1) + ds2 (the residual around the attention).
             pl.add(

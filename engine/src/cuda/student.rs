@@ -85,7 +85,7 @@ pub struct StudentSetup {
     /// Activation checkpointing: every transformer block recomputes its forward in the
     /// backward and keeps only its output ([`super::block::BlockDims::recompute`]).
     pub recompute: bool,
-    /// The tensor-core instruction of the blocks' forward products.
+    /// The tensor-core instruction of the blocks' products ([`super::block::BlockDims::gemm`]).
     pub gemm: GemmPath,
 }
 

@@ -49,7 +49,7 @@ impl KernelTarget {
         }
     }
 
-    /// The tensor-core instruction of the forward products: `wgmma` on an sm_90 GPU (Hopper)
+    /// The tensor-core instruction of the blocks' products: `wgmma` on an sm_90 GPU (Hopper)
     /// and under the emulation (which so runs what an H100/H200 runs), `mma.sync` on other
     /// GPUs. `MMKD_GEMM_PATH=mma` or `=wgmma` overrides the choice (`wgmma` still needs sm_90).
     pub fn gemm_path(&self) -> Result<GemmPath> {
