@@ -3,8 +3,11 @@
 // gemm.cu (A (M, K), B (N, K), both K-contiguous), which stays the path for other GPUs.
 //
 // Tiling: block tile 128 (m) × 128 (n) × 64 (k), two warpgroups of 64 × 128 (256 threads), each
-// k tile four wgmma m64n128k16 per warpgroup with both operands read from shared memory, fed by
-// a WG_STAGES-deep cp.async pipeline. Shared tiles use the no-swizzle canonical layout: core
+// k tile four wgmma m64n128k16 per warpgroup with both operands read from shared memory. One
+// k tile's products stay in flight while the next tile's are issued (wgmma_wait<1>), and
+// cp.async fetches two tiles ahead into a WG_STAGES = 4 ring: the stage refilled at step kt
+// held tile kt - 2, whose products every warpgroup has waited for before the barrier of step
+// kt. Shared tiles use the no-swizzle canonical layout: core
 // matrices of 8 rows × 16 bytes (8 k) stored as 128 contiguous bytes, the 8 k-groups of a row
 // group 128 bytes apart (the descriptor's leading byte offset) and row groups 1024 bytes apart
 // (its stride byte offset). A warp's 16-byte copies fill 512 contiguous bytes, so the stores do
@@ -13,18 +16,25 @@
 // element by element with zero fill.
 //
 // Launch: grid (ceil(N/128), ceil(M/128), batch), block (256), dynamic shared memory
-// WG_SMEM_BYTES (98304: the kernel must opt in above 48 KiB).
+// WG_SMEM_BYTES (131072: the kernel must opt in above 48 KiB).
 //
 // Defines: gemm_fwd_wgmma.
-// Test-only variant: MMKD_WG_BROKEN_WAIT refills a stage before the wgmma that reads it is
-// done (no wait), so the product reads the next tile's data.
+// Test-only variants, each refilling a stage while a wgmma that reads it may still run:
+// MMKD_WG_BROKEN_WAIT does not wait inside the k loop; MMKD_WG_AHEAD3 fetches three tiles
+// ahead, one too many for four stages with one k tile's products in flight.
 // mmkd-emu-variant: broken_wait MMKD_WG_BROKEN_WAIT
+// mmkd-emu-variant: ahead3 MMKD_WG_AHEAD3
 #include "prelude.cuh"
 
 #define WG_BM 128
 #define WG_BN 128
 #define WG_BK 64
-#define WG_STAGES 3
+#define WG_STAGES 4
+#ifdef MMKD_WG_AHEAD3
+#define WG_AHEAD 3
+#else
+#define WG_AHEAD 2  // tiles fetched ahead of the one computed
+#endif
 #define WG_THREADS 256
 #define WG_TILE_BYTES (128 * WG_BK * 2)  // one operand tile: 16384 bytes
 #define WG_SMEM_BYTES (WG_STAGES * 2 * WG_TILE_BYTES)
@@ -88,7 +98,7 @@ MMKD_KERNEL void gemm_fwd_wgmma(const mmkd_bf16* __restrict__ A, const mmkd_bf16
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
 
 #pragma unroll
-    for (int s = 0; s < WG_STAGES - 1; ++s) {
+    for (int s = 0; s < WG_AHEAD; ++s) {
         if (s < KT) {
             wg_load_tile(As + s * WG_TILE_BYTES, A, lda, M, K, m0, s * WG_BK, avec);
             wg_load_tile(Bs + s * WG_TILE_BYTES, B, ldb, N, K, n0, s * WG_BK, bvec);
@@ -96,12 +106,12 @@ MMKD_KERNEL void gemm_fwd_wgmma(const mmkd_bf16* __restrict__ A, const mmkd_bf16
         cp_async_commit();  // an empty group keeps the wait count uniform
     }
     for (int kt = 0; kt < KT; ++kt) {
-        cp_async_wait<WG_STAGES - 2>();  // tile kt has landed (this thread's copies)
-        fence_proxy_async();            // ... and is visible to the tensor cores' reads
-        // Everyone's copies of tile kt are in; the stage the prefetch below refills held tile
-        // kt - 1, whose products were waited for at the end of the last iteration.
+        cp_async_wait<WG_AHEAD - 1>();  // tile kt has landed (this thread's copies)
+        fence_proxy_async();           // ... and is visible to the tensor cores' reads
+        // Everyone's copies of tile kt are in, and every warpgroup has waited for the products
+        // of tile kt - 2 (at most one group, kt - 1, is in flight): its stage can be refilled.
         __syncthreads();
-        const int nk = kt + WG_STAGES - 1;
+        const int nk = kt + WG_AHEAD;
         if (nk < KT) {
             wg_load_tile(As + (nk % WG_STAGES) * WG_TILE_BYTES, A, lda, M, K, m0, nk * WG_BK, avec);
             wg_load_tile(Bs + (nk % WG_STAGES) * WG_TILE_BYTES, B, ldb, N, K, n0, nk * WG_BK, bvec);
@@ -118,7 +128,7 @@ MMKD_KERNEL void gemm_fwd_wgmma(const mmkd_bf16* __restrict__ A, const mmkd_bf16
                                   wgmma_desc(bs + 2 * j * WG_LBO, WG_LBO, WG_SBO));
         wgmma_commit();
 #ifndef MMKD_WG_BROKEN_WAIT
-        wgmma_wait<0>();
+        wgmma_wait<1>();  // tile kt - 1's products are done; tile kt's may still run
 #endif
         wgmma_hold(acc);
     }

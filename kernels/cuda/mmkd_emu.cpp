@@ -65,6 +65,9 @@ struct Block {
     void* ctx = nullptr;
     unsigned char* dyn_smem = nullptr;
     unsigned dyn_bytes = 0;
+    // Per 16-byte chunk of dynamic shared memory: wgmma operand reads issued and not yet
+    // performed (a cp.async into such a chunk is a write-after-read race).
+    std::vector<uint32_t> wg_reads;
     bool failed = false;
 };
 
@@ -243,6 +246,11 @@ const uint32_t (*warp_exchange(int tag, unsigned mask, const uint32_t* words, in
 void cp_async(void* dst, const void* src, int bytes) {
     if (reinterpret_cast<uintptr_t>(dst) % bytes || reinterpret_cast<uintptr_t>(src) % bytes)
         fail("cp.async: address not aligned to the copy size");
+    Block& b = *g_block;
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    if (d >= b.dyn_smem && d < b.dyn_smem + b.dyn_bytes && !b.wg_reads.empty() &&
+        b.wg_reads[(size_t)(d - b.dyn_smem) / 16] != 0)
+        fail("cp.async into shared memory that an unfinished wgmma reads");
     g_fiber->open.push_back(Copy{dst, src, bytes});
 }
 void cp_async_commit() {
@@ -364,6 +372,20 @@ static float wg_elem(uint64_t desc, int r, int k) {
     return bf16_to_f32((mmkd_bf16)v);
 }
 
+// Adds `delta` to the pending-read count of every 16-byte chunk of the operand of `desc`
+// (`rows` rows of 16 k: two k-groups).
+static void wg_mark(uint64_t desc, int rows, int delta) {
+    Block& b = *g_block;
+    uint64_t start = (desc & 0x3FFFu) << 4, lbo = ((desc >> 16) & 0x3FFFu) << 4,
+             sbo = ((desc >> 32) & 0x3FFFu) << 4;
+    for (int r = 0; r < rows; ++r)
+        for (int kg = 0; kg < 2; ++kg) {
+            uint64_t off = start + (uint64_t)(r / 8) * sbo + (uint64_t)kg * lbo + (uint64_t)(r % 8) * 16;
+            if (off + 16 > b.dyn_bytes) fail("wgmma operand outside dynamic shared memory");
+            b.wg_reads[off / 16] += (uint32_t)delta;
+        }
+}
+
 // D += A·Bᵀ for this thread's accumulators: warp w of the warpgroup holds rows 16w + g (+8),
 // lane (g = lane/4, q = lane%4) columns 8j + 2q (+1) in d[4j .. 4j+3].
 static void wgmma_perform(const Wgmma& op) {
@@ -383,6 +405,8 @@ static void wgmma_perform(const Wgmma& op) {
             for (int k = 0; k < 16; ++k) acc += ar[k] * bc[k];  // bf16 products are exact in fp32
             op.d[4 * j + i] = acc;
         }
+    wg_mark(op.desc_a, 64, -1);
+    wg_mark(op.desc_b, 128, -1);
 }
 
 void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b) {
@@ -394,6 +418,9 @@ void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b) {
     for (int l = 0; l < 32; ++l)
         for (int i = 0; i < 4; ++i)
             if (snap[l][i] != words[i]) fail("wgmma descriptors differ between lanes of a warp");
+    if (g_block->wg_reads.empty()) g_block->wg_reads.assign(g_block->dyn_bytes / 16 + 1, 0);
+    wg_mark(desc_a, 64, 1);
+    wg_mark(desc_b, 128, 1);
     g_fiber->wg_open.push_back(Wgmma{d, desc_a, desc_b});
 }
 void wgmma_commit() {
@@ -451,6 +478,7 @@ const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
             for (unsigned x = 0; x < gd.x && ok; ++x) {
                 b.bidx = dim3{x, y, z};
                 std::memset(b.dyn_smem, 0xff, cfg->shared_bytes);
+                b.wg_reads.clear();
                 for (unsigned i = 0; i < b.nthreads; ++i) b.order[i] = sch.mode == 1 ? b.nthreads - 1 - i : i;
                 if (sch.mode == 2)
                     for (unsigned i = b.nthreads; i > 1; --i) {

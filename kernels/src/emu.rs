@@ -42,6 +42,7 @@ emu_kernels! {
     "frag_wgmma" => mmkd_emu_frag_wgmma,
     "gemm_fwd_wgmma" => mmkd_emu_gemm_fwd_wgmma,
     "broken_wait:gemm_fwd_wgmma" => mmkd_emu_broken_wait_gemm_fwd_wgmma,
+    "ahead3:gemm_fwd_wgmma" => mmkd_emu_ahead3_gemm_fwd_wgmma,
     "early_read:frag_wgmma" => mmkd_emu_early_read_frag_wgmma,
     "emu_warp_ops" => mmkd_emu_emu_warp_ops,
     "emu_exit_before_barrier" => mmkd_emu_emu_exit_before_barrier,

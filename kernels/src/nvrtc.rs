@@ -429,7 +429,11 @@ mod tests {
             return;
         };
         for f in crate::registry::KERNEL_FILES {
-            let c = nv.compile(f, "sm_90", Output::Ptx).expect("compiles");
+            let arch = match f.min_arch {
+                crate::registry::MinArch::Sm80 => "sm_90",
+                crate::registry::MinArch::Sm90a => "sm_90a",
+            };
+            let c = nv.compile(f, arch, Output::Ptx).expect("compiles");
             let ptx = String::from_utf8(c.image).expect("PTX is text");
             for e in f.entries {
                 assert!(
