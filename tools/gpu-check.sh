@@ -128,6 +128,10 @@ run() {
   # the loss curves must agree within 2e-2 relative per step (issue 7).
   step parity 60 "$bin" bench parity --config "$root/configs/tiny.toml" --device cuda \
     --batch 16 --steps 50 --json "$out/parity.json"
+  # The same on the mma.sync path (the blocks take wgmma on sm_90 by default): a failure of the
+  # run above alone points at the Hopper path.
+  MMKD_GEMM_PATH=mma step parity_mma 40 "$bin" bench parity --config "$root/configs/tiny.toml" \
+    --device cuda --batch 16 --steps 50 --json "$out/parity_mma.json"
   # A real `mmkd train` on the GPU: synthetic data packed into shards, stage 2 from all
   # teachers on the tiny config for 8 steps with a checkpoint, then resumed for 4 more.
   local tdir="$out/train_cuda"
@@ -172,6 +176,11 @@ run() {
       fi
     fi
   done
+  # Stage 2 with every product on mma.sync, beside the default (wgmma) run above.
+  if [ -f "$cfg" ]; then
+    MMKD_GEMM_PATH=mma step bench_train_mmkd_mma 40 "$bin" bench train --config "$cfg" --stage kd \
+      --batch 256 --steps 5 --warmup 2 --device cuda --json "$out/bench_train_mmkd_mma.json"
+  fi
   # Stage 2 with activation checkpointing (one more forward per block, less memory).
   if [ -f "$cfg" ]; then
     step bench_train_mmkd_ckpt 40 "$bin" bench train --config "$cfg" --stage kd --batch 256 \
@@ -181,7 +190,7 @@ run() {
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 runs = {}
-for name in ("mmkd", "torch_eager", "torch_compile", "mmkd_clip", "torch_eager_clip", "mmkd_ckpt"):
+for name in ("mmkd", "torch_eager", "torch_compile", "mmkd_clip", "torch_eager_clip", "mmkd_mma", "mmkd_ckpt"):
     try:
         runs[name] = json.loads((out / f"bench_train_{name}.json").read_text())
     except Exception as e:
