@@ -652,9 +652,9 @@ pub fn train(
     let mut last = None;
     let mut ran = 0u64;
     let mut last_saved = resume_from.clone();
-    // On the kernels the next batch is fetched and its crops staged (copied on the device's
-    // copy stream) before the current step runs, so that the copy overlaps the step: the
-    // batch and the loader's cursor after it.
+    // On the kernels the next batch is fetched before the current step runs, and the step
+    // stages its crops (pinned copy, then the device's copy stream) while its own backward
+    // computes: the batch and the loader's cursor after it.
     let mut ahead: Option<(Batch, Cursor)> = None;
     loop {
         if tc.stop_after.is_some_and(|n| ran >= n) {
@@ -673,12 +673,10 @@ pub fn train(
                 (b, loader.cursor())
             }
         };
-        if let Some(k) = kstep.as_mut() {
-            if tc.stop_after.is_none_or(|n| ran + 1 < n) {
-                if let Some(b) = loader.next_batch()? {
-                    k.stage_pixels(raw_crops(&b)?)?;
-                    ahead = Some((b, loader.cursor()));
-                }
+        if kstep.is_some() && tc.stop_after.is_none_or(|n| ran + 1 < n) {
+            if let Some(b) = loader.next_batch()? {
+                raw_crops(&b)?;
+                ahead = Some((b, loader.cursor()));
             }
         }
         let wait = t0.elapsed().as_secs_f64();
@@ -707,7 +705,11 @@ pub fn train(
                 Some(v) => Images::F32(v),
                 None => Images::Staged,
             };
-            let r = k.step(&batch, images, lr).map_err(|e| {
+            let next = match &ahead {
+                Some((b, _)) => Some(raw_crops(b)?),
+                None => None,
+            };
+            let r = k.step(&batch, images, next, lr).map_err(|e| {
                 not_applied(format!(
                     "step {} on {}: {e:#}",
                     step + 1,

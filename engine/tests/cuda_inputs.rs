@@ -133,6 +133,7 @@ fn step(st: &mut CudaStudent, arena: &mut Arena, images: Images<'_>, r: &Rest) -
         teacher_text: &r.tt,
         mask: &r.mask,
         pick: None,
+        stage_next: None,
     };
     st.step(arena, &b, 1e-3).unwrap()
 }
@@ -202,6 +203,7 @@ fn staged_crops_are_used_first_in_first_out() {
         teacher_text: &r.tt,
         mask: &r.mask,
         pick: None,
+        stage_next: None,
     };
     let e = b.step(&mut ba, &none, 1e-3).unwrap_err();
     assert!(format!("{e:#}").contains("none are staged"), "{e:#}");
@@ -220,6 +222,19 @@ fn staged_crops_are_used_first_in_first_out() {
     // The same launches on the same values: identical under the emulation.
     assert_eq!(got, want, "seed {seed}");
     assert_ne!(want[0], want[1]);
+
+    // The second batch staged by the first step itself, once its backward is launched (as
+    // the training loop does): the same two steps.
+    let (mut c, mut ca) = student();
+    c.stage_pixels(&mut ca, &p1).unwrap();
+    let with_next = StudentBatch {
+        stage_next: Some(&p2),
+        ..none
+    };
+    let first = c.step(&mut ca, &with_next, 1e-3).unwrap().loss;
+    let second = step(&mut c, &mut ca, Images::Staged, &r).loss;
+    assert_input_is(&mut c, &mut ca, &normalise(&p2), seed);
+    assert_eq!([first, second], want, "seed {seed}");
 }
 
 /// On a GPU: crops staged through pinned buffers on the copy stream, two ahead, give the

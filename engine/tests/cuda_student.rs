@@ -306,6 +306,7 @@ fn device_curve(
             teacher_text: &b.teacher_text,
             mask: &b.mask,
             pick: (mode == TeacherMode::Random).then_some(&b.pick[..]),
+            stage_next: None,
         };
         let r = student.step(arena, &batch, lr).unwrap();
         // Each batch runs padded to its own longest row rounded to the tile, not to LEN.
@@ -630,6 +631,7 @@ fn student_rejects_foreign_arenas_bad_batches_and_missing_parameters() {
         teacher_text: &b.teacher_text,
         mask: &b.mask,
         pick: None,
+        stage_next: None,
     };
     let short = StudentBatch {
         mask: &b.mask[1..],
@@ -638,6 +640,7 @@ fn student_rejects_foreign_arenas_bad_batches_and_missing_parameters() {
     assert!(student.step(&mut arena, &short, LR).is_err());
     let picked = StudentBatch {
         pick: Some(&[0, 0, 1, 0]),
+        stage_next: None,
         ..good
     };
     assert!(student.step(&mut arena, &picked, LR).is_err());

@@ -70,9 +70,9 @@ impl KernelTrainer {
     ///
     /// With `pixels` (the raw crops `inp.images` were normalised from, 3 channels), the step
     /// runs as a training loop with a prefetching loader would: the crops are normalised on
-    /// the device, and the next batch's crops are staged before the step so that their copy
-    /// overlaps its compute (the synthetic crops are the same every step). Without, the
-    /// normalised values are converted and copied on the host.
+    /// the device, and the next batch's crops are staged while the step's backward computes
+    /// (the synthetic crops are the same every step). Without, the normalised values are
+    /// converted and copied on the host.
     pub fn step(
         &mut self,
         inp: &StepInputs,
@@ -86,8 +86,6 @@ impl KernelTrainer {
                     self.inner.stage_pixels(p)?;
                     self.staged += 1;
                 }
-                // The next step's crops.
-                self.inner.stage_pixels(p)?;
                 Images::Staged
             }
             None => Images::F32(inp.images.as_f32()?),
@@ -102,6 +100,8 @@ impl KernelTrainer {
             teacher_text: &inp.t_text,
             mask: &mask,
             pick: None,
+            // The next step's crops.
+            stage_next: pixels,
         };
         let lr = cosine_lr(
             self.step,

@@ -131,6 +131,10 @@ pub struct StudentBatch<'a> {
     pub mask: &'a [u8],
     /// The drawn slot per sample (random-teacher mode only).
     pub pick: Option<&'a [i32]>,
+    /// Raw crops of the next batch, staged ([`CudaStudent::stage_pixels`]) once this step's
+    /// backward is launched: their host copy into the pinned buffer runs while the device
+    /// computes, so a training loop does not wait for it.
+    pub stage_next: Option<&'a [u8]>,
 }
 
 /// What one applied step reports.
@@ -381,21 +385,14 @@ impl CudaStudent {
     /// normalises the oldest staged batch on the device. At most two can wait.
     pub fn stage_pixels(&mut self, arena: &mut Arena, pixels: &[u8]) -> Result<()> {
         self.check_arena(arena)?;
-        let regions = self.pixels.ok_or_else(|| {
-            anyhow!(
-                "cuda student: raw crops need 3-channel images, the tower has {}",
-                self.image.dims().channels
-            )
-        })?;
-        ensure!(
-            self.staged.len() < 2,
-            "cuda student: two batches are staged already; run a step first"
-        );
-        let id = regions[self.next_stage];
-        arena.stage_u8(id, pixels)?;
-        self.staged.push_back(id);
-        self.next_stage ^= 1;
-        Ok(())
+        stage_into(
+            self.pixels,
+            self.image.dims().channels,
+            &mut self.staged,
+            &mut self.next_stage,
+            arena,
+            pixels,
+        )
     }
 
     /// Normalises the oldest staged crops into the image tower's input (bf16).
@@ -791,6 +788,11 @@ impl CudaStudent {
         unsafe { arena.run(&seed, &pl.slots)? };
         self.image.backward(arena)?;
         self.text.backward(arena)?;
+        if let Some(p) = batch.stage_next {
+            let channels = self.image.dims().channels;
+            let (staged, next) = (&mut self.staged, &mut self.next_stage);
+            stage_into(self.pixels, channels, staged, next, arena, p)?;
+        }
 
         let mut norm = Vec::new();
         pl.add(
@@ -863,6 +865,29 @@ impl CudaStudent {
             phases,
         })
     }
+}
+
+/// Stages `pixels` into the next of the two pixel regions (first in, first out).
+fn stage_into(
+    regions: Option<[RegionId; 2]>,
+    channels: usize,
+    staged: &mut VecDeque<RegionId>,
+    next: &mut usize,
+    arena: &mut Arena,
+    pixels: &[u8],
+) -> Result<()> {
+    let regions = regions.ok_or_else(|| {
+        anyhow!("cuda student: raw crops need 3-channel images, the tower has {channels}")
+    })?;
+    ensure!(
+        staged.len() < 2,
+        "cuda student: two batches are staged already; run a step first"
+    );
+    let id = regions[*next];
+    arena.stage_u8(id, pixels)?;
+    staged.push_back(id);
+    *next ^= 1;
+    Ok(())
 }
 
 /// Checks that the fp32 masters, the bf16 copies and the gradients hold the same parameters in

@@ -355,7 +355,11 @@ impl CudaImageTower {
             out_f32: true,
             ..GemmOpts::default()
         };
-        let plain = GemmOpts::default();
+        // The forward products (the patch embedding, M = B·patches) take the blocks' path.
+        let plain = GemmOpts {
+            path: self.dims.block.gemm,
+            ..GemmOpts::default()
+        };
         let ln_m = LnShape {
             n: m,
             c: w,

@@ -126,8 +126,15 @@ impl KernelStep {
 
     /// One optimiser step on a loader batch whose images are `images`: the loader's crops
     /// staged earlier ([`Images::Staged`]), or given here (for example with a fault
-    /// injected into them).
-    pub fn step(&mut self, batch: &Batch, images: Images<'_>, lr: f64) -> Result<StepReport> {
+    /// injected into them). `next`: the following batch's crops, staged while this step's
+    /// backward runs ([`StudentBatch::stage_next`]).
+    pub fn step(
+        &mut self,
+        batch: &Batch,
+        images: Images<'_>,
+        next: Option<&[u8]>,
+        lr: f64,
+    ) -> Result<StepReport> {
         let lengths: Vec<usize> = batch.lengths().iter().map(|&l| l as usize).collect();
         let mask: Vec<u8> = match batch.teachers {
             LoadMode::None => Vec::new(),
@@ -146,6 +153,7 @@ impl KernelStep {
             teacher_text: batch.teacher_text(),
             mask: &mask,
             pick: None,
+            stage_next: next,
         };
         self.step_batch(&sb, lr)
     }
