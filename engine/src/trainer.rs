@@ -54,7 +54,9 @@ pub enum Stage {
 pub struct TrainConfig {
     /// Samples per optimiser step (the contrastive batch).
     pub batch_size: usize,
-    /// Samples per forward/backward pass; `0` or `batch_size` means no accumulation.
+    /// Samples per forward/backward pass; `0` or `batch_size` means no accumulation. The
+    /// features of every pass are gathered first, so the loss is the whole batch's (on the
+    /// kernels too, where the towers' activations are sized for one pass).
     pub micro_batch: usize,
     /// Passes over the data.
     pub epochs: u64,
@@ -603,13 +605,6 @@ pub fn train(
     let mut kstep = match &opts.kernels {
         None => None,
         Some(target) => {
-            if micro != tc.batch_size {
-                bail!(
-                    "train.micro_batch = {micro} (gradient accumulation) is not available on \
-                     the kernels yet: the device step takes the whole batch of {}",
-                    tc.batch_size
-                );
-            }
             let slots = match loader_mode {
                 LoadMode::None => 0,
                 LoadMode::One => 1,

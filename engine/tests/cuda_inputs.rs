@@ -64,6 +64,7 @@ fn setup() -> StudentSetup {
         grad_clip: 1.0,
         recompute: false,
         gemm: mmkd_kernels::gemm::GemmPath::MmaSync,
+        micro_batch: 0,
     }
 }
 
@@ -272,4 +273,88 @@ fn staged_crops_on_the_gpu_follow_the_emulation_when_present() {
             );
         }
     }
+}
+
+/// A student of `setup` at the config's initial weights on a fresh emulated arena.
+fn student_with(setup: StudentSetup) -> (CudaStudent, Arena, ClipModel) {
+    let cfg = config();
+    let model = ClipModel::new(&cfg).unwrap();
+    let mut st = CudaStudent::new(&cfg, setup).unwrap();
+    let mut arena = KernelTarget::Emu.arena(st.layout().clone()).unwrap();
+    st.load_params(&mut arena, &model.params).unwrap();
+    (st, arena, model)
+}
+
+/// Gradient accumulation: the batch of 4 as two passes of 2 (towers sized for 2, the loss on
+/// all 4) gives the one-pass step. The first loss is the same bit for bit (the features are
+/// per row, so a pass fed the wrong rows would change it); the gradients, hence the weights
+/// and the next loss, agree up to the order of the fp32 sums. Raw crops and host-normalised
+/// images both; a micro-batch that does not divide the batch is refused.
+#[test]
+fn two_passes_of_two_match_one_pass_of_four() {
+    let seed = fresh_seed();
+    let mut g = rng(seed);
+    let r = rest(&mut g);
+    let px = crops(&mut g);
+    let host = normalise(&px);
+    for images in [Images::U8(&px), Images::F32(&host)] {
+        let (mut a, mut aa, model) = student_with(setup());
+        let (mut b, mut ba, _) = student_with(StudentSetup {
+            micro_batch: 2,
+            ..setup()
+        });
+        assert!(
+            b.layout().section_bytes(mmkd_engine::cuda::Section::Acts)
+                < a.layout().section_bytes(mmkd_engine::cuda::Section::Acts)
+        );
+        for k in 0..2 {
+            let (ra, rb) = (
+                step(&mut a, &mut aa, images, &r),
+                step(&mut b, &mut ba, images, &r),
+            );
+            if k == 0 {
+                assert_eq!(ra.loss, rb.loss, "seed {seed}: first loss");
+            } else {
+                assert!(
+                    rel(ra.loss.total, rb.loss.total) < 1e-5,
+                    "seed {seed}: second loss {} vs {}",
+                    ra.loss.total,
+                    rb.loss.total
+                );
+            }
+            assert!(
+                rel(ra.grad_norm, rb.grad_norm) < 1e-4,
+                "seed {seed}: step {k}: grad norm {} vs {}",
+                ra.grad_norm,
+                rb.grad_norm
+            );
+        }
+        let (mut pa, mut pb) = (model.params.clone(), model.params.clone());
+        a.read_params(&mut aa, &mut pa).unwrap();
+        b.read_params(&mut ba, &mut pb).unwrap();
+        let worst = pa
+            .data()
+            .iter()
+            .zip(pb.data())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        let moved = pa
+            .data()
+            .iter()
+            .zip(model.params.data())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < 1e-3 * moved,
+            "seed {seed}: weights differ by {worst} (the step moved them by {moved})"
+        );
+    }
+    let bad = CudaStudent::new(
+        &config(),
+        StudentSetup {
+            micro_batch: 3,
+            ..setup()
+        },
+    );
+    assert!(format!("{:#}", bad.err().unwrap()).contains("does not divide"));
 }

@@ -101,6 +101,7 @@ fn setup_for(mode: TeacherMode) -> StudentSetup {
         recompute: false,
         // The Hopper path, as a GPU with sm_90 runs it.
         gemm: mmkd_kernels::gemm::GemmPath::Wgmma,
+        micro_batch: 0,
     }
 }
 

@@ -813,6 +813,7 @@ fn bench_memory(a: &MemoryArgs) -> Result<()> {
         a.batch,
         setup.slots(a.teachers),
         checkpointing,
+        setup.tcfg.micro_batch,
     )?;
     let sections = [
         ("params_f32", Section::Params),

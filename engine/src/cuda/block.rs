@@ -1067,14 +1067,6 @@ impl CudaBlock {
         self.acts.dx
     }
 
-    /// The count of out-of-range gather indices seen so far: always 0, since the block runs
-    /// no index-driven kernel (heads move by row transpose). Kept so that a tower's count
-    /// can sum over everything it owns; checks that `arena` belongs to the block.
-    pub fn bad_index_count(&self, arena: &mut Arena) -> Result<i32> {
-        self.check_arena(arena)?;
-        Ok(0)
-    }
-
     fn check_arena(&self, arena: &Arena) -> Result<()> {
         ensure!(
             arena.layout().extends(&self.layout),

@@ -32,9 +32,11 @@ use anyhow::{anyhow, bail, ensure, Result};
 use half::bf16;
 use mmkd_kernels::adamw::{adamw_plan, norm_plan, norm_scratch_len, AdamWConfig as KAdamW};
 use mmkd_kernels::elementwise::Ew;
+use mmkd_kernels::exec::Step;
 use mmkd_kernels::gemm::GemmPath;
 use mmkd_kernels::image_norm::{self, ImageNormConfig, CLIP_MEAN, CLIP_STD};
 use mmkd_kernels::mt_loss::{self, LossConfig, LossResult};
+use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
@@ -87,6 +89,10 @@ pub struct StudentSetup {
     pub recompute: bool,
     /// The tensor-core instruction of the blocks' products ([`super::block::BlockDims::gemm`]).
     pub gemm: GemmPath,
+    /// Samples per forward/backward pass (gradient accumulation): the towers are sized for
+    /// it and run each step as `batch / micro_batch` passes, the loss on the whole batch.
+    /// 0 or `batch`: one pass. Must divide `batch`.
+    pub micro_batch: usize,
 }
 
 /// A batch's images.
@@ -178,6 +184,7 @@ struct Slice {
     len: usize,
 }
 
+#[derive(Clone, Copy)]
 struct Regions {
     logit_scale: RegionId,
     logit_scale_bf16: RegionId,
@@ -198,6 +205,12 @@ struct Regions {
     loss_scratch: RegionId,
     norm_out: RegionId,
     norm_scratch: RegionId,
+    /// With several passes per step: the whole batch's image and text features `[N, D]`
+    /// (fp32), gathered from the passes for the loss.
+    features: Option<(RegionId, RegionId)>,
+    /// With several passes per step: the gradients summed over the passes (the towers'
+    /// kernels overwrite their gradients), laid out as the gradient section.
+    grad_sum: Option<RegionId>,
 }
 
 /// The student's arena layout, its plans and the optimiser's step count.
@@ -207,6 +220,8 @@ pub struct CudaStudent {
     image: CudaImageTower,
     text: CudaTextTower,
     r: Regions,
+    /// Samples per pass (the towers' batch).
+    micro: usize,
     slices: Vec<Slice>,
     /// Elements of the parameter section (padding included).
     numel: usize,
@@ -233,6 +248,14 @@ impl CudaStudent {
     /// Lays out one arena for the student of `config` and the step of `setup`.
     pub fn new(config: &ModelConfig, setup: StudentSetup) -> Result<Self> {
         let n = setup.batch;
+        let micro = match setup.micro_batch {
+            0 => n,
+            m => m,
+        };
+        ensure!(
+            n > 0 && micro <= n && n % micro == 0,
+            "cuda student: a micro-batch of {micro} does not divide the batch of {n}"
+        );
         ensure!(
             setup.grad_clip.is_finite(),
             "cuda student: gradient clip {} is not finite",
@@ -256,10 +279,10 @@ impl CudaStudent {
             fd_weight: setup.loss.fd_weight as f32,
         };
         let mut lay = Layout::grouped();
-        let mut image_dims = ImageTowerDims::from_config(config, n)?;
+        let mut image_dims = ImageTowerDims::from_config(config, micro)?;
         image_dims.block.recompute = setup.recompute;
         image_dims.block.gemm = setup.gemm;
-        let mut text_dims = TextTowerDims::from_config(config, n, setup.text_len)?;
+        let mut text_dims = TextTowerDims::from_config(config, micro, setup.text_len)?;
         text_dims.block.recompute = setup.recompute;
         text_dims.block.gemm = setup.gemm;
         let image = CudaImageTower::in_layout(image_dims, &mut lay)?;
@@ -328,6 +351,19 @@ impl CudaStudent {
                 f32l,
                 norm_scratch_len(numel),
             )?,
+            features: if micro < n {
+                Some((
+                    lay.add("act.loss.image_features", a, f32l, n * d)?,
+                    lay.add("act.loss.text_features", a, f32l, n * d)?,
+                ))
+            } else {
+                None
+            },
+            grad_sum: if micro < n {
+                Some(lay.add("scratch.optim.grad_sum", s, f32l, numel)?)
+            } else {
+                None
+            },
         };
         let mut slices: Vec<Slice> = image
             .param_names()
@@ -372,6 +408,7 @@ impl CudaStudent {
             slices,
             numel,
             loss_cfg,
+            micro,
             steps: 0,
             pixels,
             staged: VecDeque::new(),
@@ -395,20 +432,18 @@ impl CudaStudent {
         )
     }
 
-    /// Normalises the oldest staged crops into the image tower's input (bf16).
-    fn normalize_staged(&mut self, arena: &mut Arena) -> Result<()> {
-        let id = self
-            .staged
-            .pop_front()
-            .ok_or_else(|| anyhow!("cuda student: no staged images"))?;
+    /// Normalises the crops of pass `pass` (rows `pass·micro ..`) of the staged region `id`
+    /// into the image tower's input (bf16).
+    fn normalize_rows(&self, arena: &mut Arena, id: RegionId, pass: usize) -> Result<()> {
         let d = self.image.dims();
         let cfg = ImageNormConfig {
-            b: self.loss_cfg.n,
+            b: self.micro,
             h: d.image,
             w: d.image,
             mean: CLIP_MEAN,
             std: CLIP_STD,
         };
+        let per = d.channels * d.image * d.image;
         let mut pl = Planner {
             layout: &self.layout,
             slots: Vec::new(),
@@ -417,7 +452,11 @@ impl CudaStudent {
         pl.add(
             &mut steps,
             image_norm::plan(&cfg, false),
-            &[self.whole(id), None, self.whole(self.image.images())],
+            &[
+                self.buf(id, pass * self.micro * per, self.micro * per, false),
+                None,
+                self.whole(self.image.images()),
+            ],
         )?;
         // SAFETY: the arena has this student's layout; the planner checked every slot.
         unsafe { arena.run_staged(&steps, &pl.slots, &[id]) }
@@ -555,8 +594,9 @@ impl CudaStudent {
         Ok(arena.read_f32(self.r.logit_scale)?[0])
     }
 
-    /// Writes one batch into the arena; returns the token length it was padded to.
-    fn write_batch(&mut self, arena: &mut Arena, b: &StudentBatch<'_>) -> Result<usize> {
+    /// Checks one batch and writes what the loss reads (teacher targets, mask, picks); stages
+    /// raw crops; pads the tokens to the text tile. The towers' inputs are written per pass.
+    fn write_batch<'a>(&mut self, arena: &mut Arena, b: &StudentBatch<'a>) -> Result<Prepared<'a>> {
         let c = self.loss_cfg;
         let max = self.setup.text_len;
         let l = b.tokens.len() / c.n;
@@ -618,20 +658,17 @@ impl CudaStudent {
             (Some(_), None) => bail!("cuda student: random-teacher mode needs `pick`"),
             (None, Some(_)) => bail!("cuda student: `pick` is only read in random-teacher mode"),
         };
-        match b.images {
-            Images::F32(v) => {
-                let img: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-                arena.write_bf16(self.image.images(), &img)?;
-            }
+        let images = match b.images {
+            Images::F32(v) => Source::Host(v),
             Images::U8(p) => {
                 self.stage_pixels(arena, p)?;
-                self.normalize_staged(arena)?;
+                Source::Staged(self.pop_staged()?)
             }
-            Images::Staged => self.normalize_staged(arena)?,
-        }
+            Images::Staged => Source::Staged(self.pop_staged()?),
+        };
         let padded = padded_text_len(l, max);
-        if padded == l {
-            self.text.set_batch(arena, b.tokens, b.lengths)?;
+        let tokens = if padded == l {
+            Cow::Borrowed(b.tokens)
         } else {
             let mut tokens = vec![TEXT_PAD_ID; c.n * padded];
             for (dst, src) in tokens
@@ -640,8 +677,8 @@ impl CudaStudent {
             {
                 dst[..l].copy_from_slice(src);
             }
-            self.text.set_batch(arena, &tokens, b.lengths)?;
-        }
+            Cow::Owned(tokens)
+        };
         if let (Some(ti), Some(tt), Some(m)) =
             (self.r.teacher_image, self.r.teacher_text, self.r.mask)
         {
@@ -652,7 +689,42 @@ impl CudaStudent {
         if let Some((id, p)) = pick {
             arena.write_i32(id, p)?;
         }
-        Ok(padded)
+        Ok(Prepared {
+            padded,
+            tokens,
+            lengths: b.lengths,
+            images,
+        })
+    }
+
+    /// The oldest staged crops.
+    fn pop_staged(&mut self) -> Result<RegionId> {
+        self.staged
+            .pop_front()
+            .ok_or_else(|| anyhow!("cuda student: no staged images"))
+    }
+
+    /// Writes the inputs of pass `pass` (rows `pass·micro ..` of the batch) into the towers.
+    fn load_pass(&self, arena: &mut Arena, b: &Prepared<'_>, pass: usize) -> Result<()> {
+        let m = self.micro;
+        let rows = pass * m..(pass + 1) * m;
+        match b.images {
+            Source::Host(v) => {
+                let per = v.len() / self.loss_cfg.n;
+                let img: Vec<bf16> = v[rows.start * per..rows.end * per]
+                    .iter()
+                    .map(|&x| bf16::from_f32(x))
+                    .collect();
+                arena.write_bf16(self.image.images(), &img)?;
+            }
+            Source::Staged(id) => self.normalize_rows(arena, id, pass)?,
+        }
+        let l = b.padded;
+        self.text.set_batch(
+            arena,
+            &b.tokens[rows.start * l..rows.end * l],
+            &b.lengths[rows],
+        )
     }
 
     fn buf(&self, id: RegionId, off: usize, need: usize, span: bool) -> Option<Buf> {
@@ -696,34 +768,62 @@ impl CudaStudent {
             "cuda student: learning rate {lr} is not a finite non-negative number"
         );
         let t0 = Instant::now();
-        let text_len = self.write_batch(arena, batch)?;
+        let prep = self.write_batch(arena, batch)?;
+        let text_len = prep.padded;
         let s = arena.read_f32(self.r.logit_scale)?[0];
         let icl = match self.r.icl {
             Some((p, _)) => mt_loss::IclScale::Learned(arena.read_f32(p)?[0]),
             None => self.loss_cfg.icl,
         };
         let t1 = Instant::now();
-        let r = &self.r;
-        let (n, d) = (self.loss_cfg.n, self.loss_cfg.d);
+        let r = self.r;
+        let (n, d, m) = (self.loss_cfg.n, self.loss_cfg.d, self.micro);
+        let passes = n / m;
+        let mut pl = Planner {
+            layout: &self.layout,
+            slots: Vec::new(),
+        };
 
-        self.image.forward(arena)?;
-        self.text.forward(arena)?;
+        // Forward. With several passes, each pass's features go to its rows of the batch's.
+        let (fimage, ftext) = match r.features {
+            Some((fi, ft)) => {
+                for pass in 0..passes {
+                    let mut gather = Vec::new();
+                    for (src, dst) in [(self.image.features(), fi), (self.text.features(), ft)] {
+                        pl.add(
+                            &mut gather,
+                            copy_f32(m * d)?,
+                            &[self.whole(src), self.buf(dst, pass * m * d, m * d, false)],
+                        )?;
+                    }
+                    self.load_pass(arena, &prep, pass)?;
+                    self.image.forward(arena)?;
+                    self.text.forward(arena)?;
+                    // SAFETY: the arena has this student's layout; the planner checked every
+                    // slot.
+                    unsafe { arena.run(&gather, &pl.slots)? };
+                }
+                (fi, ft)
+            }
+            None => {
+                self.load_pass(arena, &prep, 0)?;
+                self.image.forward(arena)?;
+                self.text.forward(arena)?;
+                (self.image.features(), self.text.features())
+            }
+        };
         let cfg = LossConfig {
             logit_scale: s,
             icl,
             ..self.loss_cfg
-        };
-        let mut pl = Planner {
-            layout: &self.layout,
-            slots: Vec::new(),
         };
         let mut loss = Vec::new();
         pl.add(
             &mut loss,
             mt_loss::plan(&cfg, "f32")?,
             &[
-                self.whole(self.image.features()),
-                self.whole(self.text.features()),
+                self.whole(fimage),
+                self.whole(ftext),
                 r.teacher_image.and_then(|id| self.whole(id)),
                 r.teacher_text.and_then(|id| self.whole(id)),
                 r.mask.and_then(|id| self.whole(id)),
@@ -758,41 +858,65 @@ impl CudaStudent {
             );
         }
 
-        // Feature gradients to bf16 for the towers, dL/ds into the logit scale's gradient.
-        let mut seed = Vec::new();
-        pl.add(
-            &mut seed,
-            Ew::CastF32Bf16 { n: n * d }.plan()?,
-            &[self.whole(r.dimage), self.whole(self.image.features_grad())],
-        )?;
-        pl.add(
-            &mut seed,
-            Ew::CastF32Bf16 { n: n * d }.plan()?,
-            &[self.whole(r.dtext), self.whole(self.text.features_grad())],
-        )?;
-        // out[4] = d total / d s, out[5] = d total / d ℓ (a learned icl scale).
+        // Backward, pass by pass: the pass's rows of the feature gradients, as bf16, seed the
+        // towers. With several passes each first runs its forward again (the activations are
+        // the last pass's) and the gradients, which the towers' kernels overwrite, are summed.
+        let grads = self.section(Section::Grads)?;
+        for pass in 0..passes {
+            let mut seed = Vec::new();
+            for (src, dst) in [
+                (r.dimage, self.image.features_grad()),
+                (r.dtext, self.text.features_grad()),
+            ] {
+                pl.add(
+                    &mut seed,
+                    Ew::CastF32Bf16 { n: m * d }.plan()?,
+                    &[self.buf(src, pass * m * d, m * d, false), self.whole(dst)],
+                )?;
+            }
+            if r.features.is_some() {
+                self.load_pass(arena, &prep, pass)?;
+                self.image.forward(arena)?;
+                self.text.forward(arena)?;
+            }
+            // SAFETY: as above.
+            unsafe { arena.run(&seed, &pl.slots)? };
+            self.image.backward(arena)?;
+            self.text.backward(arena)?;
+            if let (0, Some(p)) = (pass, batch.stage_next) {
+                let channels = self.image.dims().channels;
+                let (staged, next) = (&mut self.staged, &mut self.next_stage);
+                stage_into(self.pixels, channels, staged, next, arena, p)?;
+            }
+            if let Some(g) = r.grad_sum {
+                // The first pass's gradients, then the sum.
+                let add = Ew::AxpbyF32 {
+                    n: self.numel,
+                    a: 1.0,
+                    b: if pass == 0 { 0.0 } else { 1.0 },
+                };
+                let mut sum = Vec::new();
+                pl.add(&mut sum, add.plan()?, &[grads, self.whole(g)])?;
+                // SAFETY: as above.
+                unsafe { arena.run(&sum, &pl.slots)? };
+            }
+        }
+        let mut fin = Vec::new();
+        if let Some(g) = r.grad_sum {
+            pl.add(&mut fin, copy_f32(self.numel)?, &[self.whole(g), grads])?;
+        }
+        // out[4] = d total / d s, out[5] = d total / d ℓ (a learned icl scale), written after
+        // the sum (which leaves stale values in their slots).
         let scalars = std::iter::once((4, r.logit_grad)).chain(r.icl.map(|(_, g)| (5, g)));
         for (at, grad) in scalars {
-            let copy = Ew::AxpbyF32 {
-                n: 1,
-                a: 1.0,
-                b: 0.0,
-            };
             pl.add(
-                &mut seed,
-                copy.plan()?,
+                &mut fin,
+                copy_f32(1)?,
                 &[self.buf(r.out, at, 1, false), self.whole(grad)],
             )?;
         }
         // SAFETY: as above.
-        unsafe { arena.run(&seed, &pl.slots)? };
-        self.image.backward(arena)?;
-        self.text.backward(arena)?;
-        if let Some(p) = batch.stage_next {
-            let channels = self.image.dims().channels;
-            let (staged, next) = (&mut self.staged, &mut self.next_stage);
-            stage_into(self.pixels, channels, staged, next, arena, p)?;
-        }
+        unsafe { arena.run(&fin, &pl.slots)? };
 
         let mut norm = Vec::new();
         pl.add(
@@ -865,6 +989,30 @@ impl CudaStudent {
             phases,
         })
     }
+}
+
+/// A batch checked and written except for what each pass loads ([`CudaStudent::load_pass`]).
+struct Prepared<'a> {
+    /// The token length the batch runs at (its longest caption rounded to the text tile).
+    padded: usize,
+    /// Token ids `(N, padded)`.
+    tokens: Cow<'a, [u32]>,
+    /// Valid tokens per row.
+    lengths: &'a [usize],
+    /// Where the images come from.
+    images: Source<'a>,
+}
+
+/// The images of a batch: host values, or crops in a staged region.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Host(&'a [f32]),
+    Staged(RegionId),
+}
+
+/// `y = x` over `n` fp32 values.
+fn copy_f32(n: usize) -> Result<Vec<Step>> {
+    Ew::AxpbyF32 { n, a: 1.0, b: 0.0 }.plan()
 }
 
 /// Stages `pixels` into the next of the two pixel regions (first in, first out).

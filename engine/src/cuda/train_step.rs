@@ -41,6 +41,7 @@ fn setup(
         grad_clip,
         recompute: false,
         gemm: GemmPath::MmaSync,
+        micro_batch: 0,
     }
 }
 
@@ -74,6 +75,7 @@ impl KernelStep {
         let s = StudentSetup {
             recompute: train.checkpointing,
             gemm: target.gemm_path()?,
+            micro_batch: train.micro_batch,
             ..setup(model, distill, adamw, train.grad_clip, batch, slots)
         };
         let mut student = CudaStudent::new(model, s)?;
@@ -86,18 +88,20 @@ impl KernelStep {
         })
     }
 
-    /// The arena's table for these shapes (with activation checkpointing under
-    /// `recompute`), built without allocating anything.
+    /// The arena's table for these shapes (with activation checkpointing under `recompute`,
+    /// passes of `micro_batch` samples when it is not 0), built without allocating anything.
     pub fn layout_for(
         model: &ModelConfig,
         distill: DistillConfig,
         batch: usize,
         slots: usize,
         recompute: bool,
+        micro_batch: usize,
     ) -> Result<Layout> {
         // The tensor-core path does not change the table.
         let s = StudentSetup {
             recompute,
+            micro_batch,
             ..setup(model, distill, AdamWConfig::default(), 0.0, batch, slots)
         };
         Ok(CudaStudent::new(model, s)?.layout().clone())
