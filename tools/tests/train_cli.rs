@@ -514,6 +514,25 @@ fn kernel_training_follows_cpu_resumes_exactly_and_stops_on_nan() {
     // The weights moved and came back from the arena.
     assert!(final_weights(&full) != final_weights(&cpu));
 
+    // Gradient accumulation on the kernels (two passes of 8): the curve of the one-pass run.
+    let micro = root.join("kern-micro");
+    let mut args = with(&["--set", "stop_after=4", "--device", "emu"]);
+    args.extend_from_slice(&["--set", "train.micro_batch=8"]);
+    ok(
+        train_cmd(&micro, &args).output().unwrap(),
+        "accumulating run",
+    );
+    let m = metric_totals(&micro);
+    eprintln!("total loss per step: kernels in two passes {m:?}");
+    assert_eq!(m.len(), 4);
+    for (i, (a, b)) in k.iter().zip(&m).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs(),
+            "step {}: {a} vs {b}",
+            i + 1
+        );
+    }
+
     let split = root.join("kern-split");
     for extra in [&[][..], &["--resume"][..]] {
         let mut args = with(&["--set", "stop_after=2", "--device", "emu"]);
