@@ -88,8 +88,9 @@ impl KernelStep {
         })
     }
 
-    /// The arena's table for these shapes (with activation checkpointing under `recompute`,
-    /// passes of `micro_batch` samples when it is not 0), built without allocating anything.
+    /// The arena's table for these shapes on an sm_90 GPU (with activation checkpointing under
+    /// `recompute`, passes of `micro_batch` samples when it is not 0), built without allocating
+    /// anything.
     pub fn layout_for(
         model: &ModelConfig,
         distill: DistillConfig,
@@ -98,10 +99,12 @@ impl KernelStep {
         recompute: bool,
         micro_batch: usize,
     ) -> Result<Layout> {
-        // The tensor-core path does not change the table.
+        // Sized for the wgmma path (an H100/H200's), whose blocks keep one transposed weight
+        // in scratch.
         let s = StudentSetup {
             recompute,
             micro_batch,
+            gemm: GemmPath::Wgmma,
             ..setup(model, distill, AdamWConfig::default(), 0.0, batch, slots)
         };
         Ok(CudaStudent::new(model, s)?.layout().clone())
