@@ -35,6 +35,13 @@ const GRAD_NORM_TOL: f64 = 0.1;
 /// over random seeds with the losses within 1%, and 11.5% once (seed 1795828301586176711, with
 /// every loss inside its bound). A learning rate off by 4× moves it by 39%.
 const GRAD_NORM_TOL_LATER: f64 = 0.25;
+/// Bound on the logit scale's drift after step k (1-based), in learning rates: 0.1 for the
+/// first step, whose AdamW update is ±lr whatever the gradient's size, so only a wrong sign or
+/// a missing update shows; 0.5·k later. From step 2 AdamW divides a running mean of the
+/// gradient by its running RMS: where the two steps' gradients of `s` nearly cancel, the bf16
+/// difference in the second is amplified (seed 1795849589891199016: 0.36·lr at step 2 with
+/// every loss inside its bound, the same on both tensor-core paths).
+const LOGIT_DRIFT: [f64; 2] = [0.1, 0.5];
 const N: usize = 4;
 const T: usize = 2;
 /// The longest token length of a batch (the arena's size).
@@ -458,7 +465,12 @@ fn excess(got: &Curve, want: &Curve) -> f64 {
             GRAD_NORM_TOL_LATER
         };
         x = x.max((gn - wn).abs() / wn / bound);
-        x = x.max((gs - ws).abs() / (0.1 * LR * (k + 1) as f64));
+        let drift = if k == 0 {
+            LOGIT_DRIFT[0] * LR
+        } else {
+            LOGIT_DRIFT[1] * LR * (k + 1) as f64
+        };
+        x = x.max((gs - ws).abs() / drift);
     }
     x
 }
@@ -510,9 +522,11 @@ fn device_step_follows_the_cpu_trainer_and_frozen_or_wrong_lr_steps_do_not() {
     let wrong = [LR, 4.0 * LR, 4.0 * LR];
     let bad = device_curve(&mut arena, &c.model, &c.data, &wrong, c.mode);
     report("student step, lr ×4 after step 1", c.seed, &bad, &c.want);
+    // Accepted curves stay within 1× the bounds (0.05–0.36× over the seeds tried); a 4× lr
+    // must land beyond 2× (2.5–3.6× over the same seeds).
     let x = excess(&bad, &c.want);
     assert!(
-        x > 5.0,
+        x > 2.0,
         "seed {}: a wrong learning rate stayed within {x:.2}× the bound",
         c.seed
     );

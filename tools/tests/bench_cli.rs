@@ -415,3 +415,47 @@ fn emulated_parity_of_stage_1_and_a_learned_icl_scale() {
         assert!(err.contains("parity: pass"), "{err}");
     }
 }
+
+/// `bench memory` builds the step's table without allocating it: the sections add up to the
+/// arena (within the alignment gaps), and checkpointing and micro-batches shrink the
+/// activations; a micro-batch that does not divide the batch is refused.
+#[test]
+fn memory_report_adds_up_and_shrinks_with_checkpointing_and_micro_batches() {
+    let cfg = tiny();
+    let c = cfg.to_str().unwrap();
+    let report = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench", "memory", "--config", c, "--batch", "8"];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {err}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let plain = report(&[]);
+    let sum: f64 = plain["sections"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    let arena = num(&plain, "arena_bytes");
+    assert!(sum <= arena && arena - sum < 7.0 * 256.0, "{plain}");
+    let acts = |v: &serde_json::Value| num(&v["sections"], "activations");
+    let ckpt = report(&["--checkpointing"]);
+    assert_eq!(ckpt["checkpointing"], true);
+    assert!(acts(&ckpt) < acts(&plain), "{ckpt}");
+    let micro = report(&["--set", "micro_batch=4"]);
+    assert!(acts(&micro) < acts(&plain), "{micro}");
+    let out = run(&[
+        "bench",
+        "memory",
+        "--config",
+        c,
+        "--batch",
+        "8",
+        "--set",
+        "micro_batch=3",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("divide"));
+}
