@@ -127,7 +127,8 @@ pub const IMAGE_NORM: KernelFile = KernelFile {
     tensor_core_entries: &[],
 };
 
-/// Casts, axpby, embedding gather/scatter-add, GELU/QuickGELU, row softmax, row transpose.
+/// Casts, axpby, embedding gather/scatter-add, GELU/QuickGELU, row softmax, row transpose
+/// (tiled for one-element rows).
 pub const ELEMENTWISE: KernelFile = KernelFile {
     name: "elementwise",
     source: include_str!("../cuda/elementwise.cu"),
@@ -142,6 +143,7 @@ pub const ELEMENTWISE: KernelFile = KernelFile {
         "act_bwd",
         "softmax_rows",
         "row_transpose",
+        "transpose_tiles",
     ],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],

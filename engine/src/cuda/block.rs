@@ -23,7 +23,7 @@
 //!
 //! Hopper. With `BlockDims::gemm` = `Wgmma` the forward products run on `wgmma`, and so do the
 //! input gradients `dX = dY·W`: W is transposed into a scratch region first (one weight at a
-//! time), which makes them forward-layout products. The weight gradients read both operands
+//! time, through shared-memory tiles), which makes them forward-layout products. The weight gradients read both operands
 //! token-major and stay on `mma.sync`.
 //!
 //! Checkpointing. With `BlockDims::recompute` the backward plan starts with the forward again:
