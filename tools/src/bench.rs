@@ -790,6 +790,12 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         "padded_text_len": padded as f64 / steps,
         "teacher_mode": format!("{:?}", distill.teacher_mode).to_lowercase(),
         "checkpointing": setup.tcfg.checkpointing,
+        "micro_batch": setup.tcfg.micro_batch,
+        // The tensor-core instruction of the blocks' products (kernels only).
+        "gemm_path": match &target {
+            Target::Kernels(k) => Some(format!("{:?}", k.gemm_path()?).to_lowercase()),
+            Target::Cpu => None,
+        },
         "last_loss": last.total,
     });
     let text = serde_json::to_string_pretty(&out)?;

@@ -193,6 +193,8 @@ fn emulated_kernel_step_reports() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["device"], "emu");
         assert_eq!(v["stage"], stage);
+        // The emulation runs the path an sm_90 GPU takes.
+        assert_eq!(v["gemm_path"], "wgmma");
         let ms = &v["ms_per_step"];
         let parts: Vec<f64> = ["data", "forward", "backward", "optimizer"]
             .iter()
