@@ -41,10 +41,6 @@
 #define GEMM_B_STAGE (GEMM_BN * GEMM_KPITCH)  // elements; ≥ GEMM_BK * GEMM_BPITCH
 #define GEMM_SMEM_BYTES (GEMM_STAGES * (GEMM_A_STAGE + GEMM_B_STAGE) * 2)
 
-#define GEMM_ACT_NONE 0
-#define GEMM_ACT_GELU 1
-#define GEMM_ACT_QUICK_GELU 2
-
 MMKD_DEVICE bool gemm_aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
@@ -85,13 +81,6 @@ MMKD_DEVICE void gemm_load_stage(mmkd_bf16* As, mmkd_bf16* Bs, const mmkd_bf16* 
         gemm_load_tile<GEMM_BN, GEMM_BK, GEMM_KPITCH>(Bs, B, ldb, N, K, n0, k0, bvec);
     else
         gemm_load_tile<GEMM_BK, GEMM_BN, GEMM_BPITCH>(Bs, B, ldb, K, N, k0, n0, bvec);
-}
-
-MMKD_DEVICE float gemm_act(float v, int act) {
-    if (act == GEMM_ACT_GELU)
-        return 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
-    if (act == GEMM_ACT_QUICK_GELU) return v / (1.0f + expf(-1.702f * v));
-    return v;
 }
 
 template <bool A_KMAJOR, bool B_KMAJOR>
@@ -211,33 +200,8 @@ MMKD_DEVICE void gemm_body(const mmkd_bf16* __restrict__ A,    // see the table 
                 if (col >= N) continue;
                 const bool two = col + 1 < N;
                 float v[2] = {acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]};
-                const long idx = cbase + (long)row * ldc + col;
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    if (e == 1 && !two) break;
-                    if (bias != nullptr) v[e] += bf16_to_f32(bias[col + e]);
-                    v[e] = gemm_act(v[e], act);
-                    if (res != nullptr) v[e] += bf16_to_f32(res[idx + e]);
-                }
-                if (two && cpair) {
-                    if (out_f32) {
-                        *reinterpret_cast<unsigned long long*>(static_cast<float*>(C) + idx) =
-                            (unsigned long long)__float_as_uint(v[0]) |
-                            ((unsigned long long)__float_as_uint(v[1]) << 32);
-                    } else {
-                        *reinterpret_cast<unsigned*>(static_cast<mmkd_bf16*>(C) + idx) =
-                            pack_bf16x2(f32_to_bf16(v[0]), f32_to_bf16(v[1]));
-                    }
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        if (e == 1 && !two) break;
-                        if (out_f32)
-                            static_cast<float*>(C)[idx + e] = v[e];
-                        else
-                            static_cast<mmkd_bf16*>(C)[idx + e] = f32_to_bf16(v[e]);
-                    }
-                }
+                gemm_store2(v, two, cpair, cbase + (long)row * ldc + col, col, bias, res, act, C,
+                            out_f32);
             }
         }
     if (sum_bias && m0 + (int)threadIdx.x < M) dbias[z * M + m0 + threadIdx.x] = db;

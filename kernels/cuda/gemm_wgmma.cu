@@ -41,17 +41,6 @@
 #define WG_LBO 128   // bytes between the core matrices of adjacent k-groups
 #define WG_SBO 1024  // bytes between the core matrices of adjacent 8-row groups
 
-#define WG_ACT_NONE 0
-#define WG_ACT_GELU 1
-#define WG_ACT_QUICK_GELU 2
-
-MMKD_DEVICE float wg_act(float v, int act) {
-    if (act == WG_ACT_GELU)
-        return 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
-    if (act == WG_ACT_QUICK_GELU) return v / (1.0f + expf(-1.702f * v));
-    return v;
-}
-
 // Copies rows r0.. r0+127, k0.. k0+63 of a row-major (rows, K) matrix with row length ld into
 // one shared tile in the canonical layout; outside the matrix it writes zeros. Chunk p of the
 // tile (16 bytes at byte 16p) holds row 8(p/64) + p%8, k-group (p/8)%8.
@@ -153,33 +142,8 @@ MMKD_KERNEL void gemm_fwd_wgmma(const mmkd_bf16* __restrict__ A, const mmkd_bf16
             if (col >= N) continue;
             const bool two = col + 1 < N;
             float v[2] = {acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]};
-            const long idx = cbase + (long)row * ldc + col;
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                if (e == 1 && !two) break;
-                if (bias != nullptr) v[e] += bf16_to_f32(bias[col + e]);
-                v[e] = wg_act(v[e], act);
-                if (res != nullptr) v[e] += bf16_to_f32(res[idx + e]);
-            }
-            if (two && cpair) {
-                if (out_f32) {
-                    *reinterpret_cast<unsigned long long*>(static_cast<float*>(C) + idx) =
-                        (unsigned long long)__float_as_uint(v[0]) |
-                        ((unsigned long long)__float_as_uint(v[1]) << 32);
-                } else {
-                    *reinterpret_cast<unsigned*>(static_cast<mmkd_bf16*>(C) + idx) =
-                        pack_bf16x2(f32_to_bf16(v[0]), f32_to_bf16(v[1]));
-                }
-            } else {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    if (e == 1 && !two) break;
-                    if (out_f32)
-                        static_cast<float*>(C)[idx + e] = v[e];
-                    else
-                        static_cast<mmkd_bf16*>(C)[idx + e] = f32_to_bf16(v[e]);
-                }
-            }
+            gemm_store2(v, two, cpair, cbase + (long)row * ldc + col, col, bias, res, act, C,
+                        out_f32);
         }
     }
 }

@@ -19,6 +19,7 @@
 //   ldmatrix_x1/x2/x4 and ldmatrix_x1/x2/x4_trans (shared memory, .b16)
 //   cp_async_16/8/4 (shared dst, global src), cp_async_commit(), cp_async_wait<N>(), cp_async_wait_all()
 //   MMKD_EXPORT(kernel) after each kernel: the emulation's C entry point (nothing under NVRTC).
+//   gemm_act(v, act), gemm_store2(...)   the GEMM epilogue shared by gemm.cu and gemm_wgmma.cu
 //   Hopper, for files compiled for sm_90a only (MinArch::Sm90a):
 //   wgmma_desc(smem, lbo, sbo)      matrix descriptor of a no-swizzle operand in dynamic shared
 //                                   memory: core matrices of 8 rows x 16 bytes (128 contiguous
@@ -185,6 +186,48 @@ MMKD_DEVICE void wgmma_m64n128k16_bf16(float d[64], unsigned long long desc_a,
 // ---- shared by both builds -------------------------------------------------------------------
 MMKD_DEVICE unsigned pack_bf16x2(mmkd_bf16 lo, mmkd_bf16 hi) {
     return (unsigned)lo | ((unsigned)hi << 16);
+}
+
+// ---- the GEMM epilogue (gemm.cu, gemm_wgmma.cu) ----------------------------------------------
+// act: 0 none, 1 GELU (tanh form), 2 QuickGELU (v · sigmoid(1.702 v)).
+MMKD_DEVICE float gemm_act(float v, int act) {
+    if (act == 1) return 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
+    if (act == 2) return v / (1.0f + expf(-1.702f * v));
+    return v;
+}
+
+// The sums v of C(row, col) and C(row, col + 1) (the second only when `two`) at
+// element `idx` of C: + bias[col], act, + res[idx], stored as bf16 or fp32 (`out_f32`). `pair`:
+// C's row length and base allow one 4-byte (bf16) or 8-byte (fp32) store of both.
+MMKD_DEVICE void gemm_store2(float v[2], bool two, bool pair, long idx, int col,
+                             const mmkd_bf16* __restrict__ bias, const mmkd_bf16* __restrict__ res,
+                             int act, void* __restrict__ C, int out_f32) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        if (e == 1 && !two) break;
+        if (bias != nullptr) v[e] += bf16_to_f32(bias[col + e]);
+        v[e] = gemm_act(v[e], act);
+        if (res != nullptr) v[e] += bf16_to_f32(res[idx + e]);
+    }
+    if (two && pair) {
+        if (out_f32) {
+            *reinterpret_cast<unsigned long long*>(static_cast<float*>(C) + idx) =
+                (unsigned long long)__float_as_uint(v[0]) |
+                ((unsigned long long)__float_as_uint(v[1]) << 32);
+        } else {
+            *reinterpret_cast<unsigned*>(static_cast<mmkd_bf16*>(C) + idx) =
+                pack_bf16x2(f32_to_bf16(v[0]), f32_to_bf16(v[1]));
+        }
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        if (e == 1 && !two) break;
+        if (out_f32)
+            static_cast<float*>(C)[idx + e] = v[e];
+        else
+            static_cast<mmkd_bf16*>(C)[idx + e] = f32_to_bf16(v[e]);
+    }
 }
 
 #endif  // MMKD_PRELUDE_CUH
