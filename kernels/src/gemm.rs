@@ -660,10 +660,14 @@ mod tests {
             act: Activation::None,
         };
         let seed = fresh_seed();
-        let c = case(sh, false, false, true, seed);
-        let first = run(&c, Some(&Emu::default()));
+        assert_order_free(&case(sh, false, false, true, seed), seed);
+    }
+
+    /// The same results bit for bit under the reverse and a shuffled thread order.
+    fn assert_order_free(c: &Case, seed: u64) {
+        let first = run(c, Some(&Emu::default()));
         for sched in [Schedule::Reverse, Schedule::Shuffled(seed)] {
-            let got = run(&c, Some(&Emu::default().with_schedule(sched)));
+            let got = run(c, Some(&Emu::default().with_schedule(sched)));
             assert_eq!(got, first, "{sched:?} seed {seed}");
         }
     }
@@ -823,11 +827,7 @@ mod tests {
             c.path = GemmPath::Wgmma;
             assert_close(&c, &Emu::default(), seed);
             if m == 17 {
-                let first = run(&c, Some(&Emu::default()));
-                for sched in [Schedule::Reverse, Schedule::Shuffled(seed)] {
-                    let got = run(&c, Some(&Emu::default().with_schedule(sched)));
-                    assert_eq!(got, first, "{sched:?} seed {seed}");
-                }
+                assert_order_free(&c, seed);
             }
         }
     }

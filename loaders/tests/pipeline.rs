@@ -950,154 +950,128 @@ fn reference_resize(raw: &[u8], src: usize, s: usize, c: usize, y: usize, x: usi
     t0 + (t1 - t0) * wy
 }
 
-#[test]
-fn bf16_images_match_the_reference_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let ds = packed(dir.path(), 4);
+/// The exact-image cases: resampled (down and up), at the stored size, and mirrored through a
+/// full-image crop; the first batch of 4 of each, in `dtype`, with `teachers`.
+fn image_cases(
+    ds: &Arc<Dataset>,
+    dtype: ImageDtype,
+    teachers: TeacherMode,
+) -> Vec<(Option<usize>, bool, mmkd_loaders::Batch)> {
     let src = ds.image_size();
-    let norm: [(f32, f32); 3] =
-        std::array::from_fn(|c| (1.0 / (255.0 * CLIP_STD[c]), -CLIP_MEAN[c] / CLIP_STD[c]));
-    let base = BatchConfig {
-        batch_size: 4,
-        workers: 0,
-        shuffle: false,
-        image_dtype: ImageDtype::Bf16,
-        teachers: TeacherMode::None,
-        ..Default::default()
-    };
-    // Resampled (down and up), at the stored size, and mirrored through a full-image crop.
-    for (out, mirror) in [
+    [
         (Some(37), false),
         (Some(src + 9), false),
         (None, false),
         (None, true),
-    ] {
+    ]
+    .into_iter()
+    .map(|(out, mirror)| {
         let cfg = BatchConfig {
+            batch_size: 4,
+            workers: 0,
+            shuffle: false,
+            image_dtype: dtype,
+            teachers,
             output_size: out,
             augment: mirror.then_some(Augment {
                 scale: (1.0, 1.0),
                 ratio: (1.0, 1.0),
                 flip: 1.0,
             }),
-            ..base.clone()
+            ..Default::default()
         };
         let b = BatchLoader::new(ds.clone(), cfg)
             .unwrap()
             .next_batch()
             .unwrap()
             .unwrap();
-        let s = b.image_size;
-        let img = b.images_bf16().unwrap();
-        for (k, &i) in b.indices().iter().enumerate() {
-            let raw = ds.image(i).unwrap();
-            for c in 0..3 {
-                for y in 0..s {
-                    for x in 0..s {
-                        let v = match out {
-                            Some(_) => reference_resize(raw, src, s, c, y, x),
-                            None if mirror => raw[c * s * s + y * s + (s - 1 - x)] as f32,
-                            None => raw[c * s * s + y * s + x] as f32,
-                        };
-                        let want = half::bf16::from_f32(v * norm[c].0 + norm[c].1);
-                        let got = img[((k * 3 + c) * s + y) * s + x];
-                        assert_eq!(
-                            got.to_bits(),
-                            want.to_bits(),
-                            "{out:?} {mirror} {k} {c} {y} {x}"
-                        );
-                    }
+        (out, mirror, b)
+    })
+    .collect()
+}
+
+/// Calls `f(at, c, v)` for every value of `b`'s images: its index in the image tensor, its
+/// channel and the reference sample (the plain bilinear definition, or the stored pixel), before
+/// normalisation and rounding.
+fn for_each_reference_value(
+    ds: &Dataset,
+    b: &mmkd_loaders::Batch,
+    resampled: bool,
+    mirror: bool,
+    mut f: impl FnMut(usize, usize, f32),
+) {
+    let (src, s) = (ds.image_size(), b.image_size);
+    for (k, &i) in b.indices().iter().enumerate() {
+        let raw = ds.image(i).unwrap();
+        for c in 0..3 {
+            for y in 0..s {
+                for x in 0..s {
+                    let v = match (resampled, mirror) {
+                        (true, _) => reference_resize(raw, src, s, c, y, x),
+                        (false, true) => raw[c * s * s + y * s + (s - 1 - x)] as f32,
+                        (false, false) => raw[c * s * s + y * s + x] as f32,
+                    };
+                    f(((k * 3 + c) * s + y) * s + x, c, v);
                 }
             }
         }
     }
 }
 
+fn clip_norm() -> [(f32, f32); 3] {
+    std::array::from_fn(|c| (1.0 / (255.0 * CLIP_STD[c]), -CLIP_MEAN[c] / CLIP_STD[c]))
+}
+
+#[test]
+fn bf16_images_match_the_reference_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = packed(dir.path(), 4);
+    let norm = clip_norm();
+    for (out, mirror, b) in image_cases(&ds, ImageDtype::Bf16, TeacherMode::None) {
+        let img = b.images_bf16().unwrap();
+        for_each_reference_value(&ds, &b, out.is_some(), mirror, |at, c, v| {
+            let want = half::bf16::from_f32(v * norm[c].0 + norm[c].1);
+            assert_eq!(img[at].to_bits(), want.to_bits(), "{out:?} {mirror} {at}");
+        });
+    }
+}
+
 /// Raw u8 crops: the bilinear sample rounded to nearest, the stored pixels unchanged at the
 /// stored size and mirrored by a flip; and the same batch in f32 is these values normalised
 /// (exactly where no resampling happens, within half a pixel level where it does). The rest
-/// of the batch is byte for byte that of the f32 batch.
+/// of the batch is that of the f32 batch.
 #[test]
 fn u8_images_are_rounded_crops_of_the_f32_ones() {
     let dir = tempfile::tempdir().unwrap();
     let ds = packed(dir.path(), 4);
-    let src = ds.image_size();
-    let norm: [(f32, f32); 3] =
-        std::array::from_fn(|c| (1.0 / (255.0 * CLIP_STD[c]), -CLIP_MEAN[c] / CLIP_STD[c]));
-    let base = BatchConfig {
-        batch_size: 4,
-        workers: 0,
-        shuffle: false,
-        image_dtype: ImageDtype::U8,
-        teachers: TeacherMode::All,
-        ..Default::default()
-    };
-    for (out, mirror) in [
-        (Some(37), false),
-        (Some(src + 9), false),
-        (None, false),
-        (None, true),
-    ] {
-        let cfg = BatchConfig {
-            output_size: out,
-            augment: mirror.then_some(Augment {
-                scale: (1.0, 1.0),
-                ratio: (1.0, 1.0),
-                flip: 1.0,
-            }),
-            ..base.clone()
-        };
-        let first = |cfg: BatchConfig| {
-            BatchLoader::new(ds.clone(), cfg)
-                .unwrap()
-                .next_batch()
-                .unwrap()
-                .unwrap()
-        };
-        let b = first(cfg.clone());
-        let f = first(BatchConfig {
-            image_dtype: ImageDtype::F32,
-            ..cfg
-        });
+    let norm = clip_norm();
+    let raw = image_cases(&ds, ImageDtype::U8, TeacherMode::All);
+    let f32s = image_cases(&ds, ImageDtype::F32, TeacherMode::All);
+    for ((out, mirror, b), (_, _, f)) in raw.into_iter().zip(f32s) {
         assert!(b.images_f32().is_none() && b.images_bf16().is_none());
-        let s = b.image_size;
         let img = b.images_u8().unwrap();
-        assert_eq!(img.len(), 4 * 3 * s * s);
+        assert_eq!(img.len(), 4 * 3 * b.image_size * b.image_size);
         let fimg = f.images_f32().unwrap();
-        for (k, &i) in b.indices().iter().enumerate() {
-            let raw = ds.image(i).unwrap();
-            for c in 0..3 {
-                for y in 0..s {
-                    for x in 0..s {
-                        let v = match out {
-                            Some(_) => reference_resize(raw, src, s, c, y, x),
-                            None if mirror => raw[c * s * s + y * s + (s - 1 - x)] as f32,
-                            None => raw[c * s * s + y * s + x] as f32,
-                        };
-                        let at = ((k * 3 + c) * s + y) * s + x;
-                        let got = img[at];
-                        assert_eq!(got, v.round() as u8, "{out:?} {mirror} {k} {c} {y} {x}");
-                        let from_u8 = got as f32 * norm[c].0 + norm[c].1;
-                        let bound = if out.is_some() {
-                            0.5 * norm[c].0 * 1.0001
-                        } else {
-                            0.0
-                        };
-                        assert!(
-                            (from_u8 - fimg[at]).abs() <= bound,
-                            "{out:?} {mirror} {k} {c} {y} {x}: {from_u8} vs {}",
-                            fimg[at]
-                        );
-                    }
-                }
-            }
-        }
+        for_each_reference_value(&ds, &b, out.is_some(), mirror, |at, c, v| {
+            assert_eq!(img[at], v.round() as u8, "{out:?} {mirror} {at}");
+            let from_u8 = img[at] as f32 * norm[c].0 + norm[c].1;
+            let bound = if out.is_some() {
+                0.5 * norm[c].0 * 1.0001
+            } else {
+                0.0
+            };
+            assert!(
+                (from_u8 - fimg[at]).abs() <= bound,
+                "{out:?} {mirror} {at}: {from_u8} vs {}",
+                fimg[at]
+            );
+        });
         // Everything after the images is laid out and filled as in the f32 batch.
-        let (ib, fb) = (b.as_bytes(), f.as_bytes());
         assert_eq!(b.tokens(), f.tokens());
         assert_eq!(b.teacher_image(), f.teacher_image());
         assert_eq!(b.teacher_mask(), f.teacher_mask());
         assert_eq!(b.indices(), f.indices());
-        assert!(ib.len() < fb.len());
+        assert!(b.as_bytes().len() < f.as_bytes().len());
     }
 }
 
