@@ -152,21 +152,24 @@ run() {
     --checkpointing --json '$out/bench_memory_ckpt.json'"
   # The training-step benchmark (issue 7): mmkd and PyTorch (eager, then torch.compile) on the
   # paper's student, batch 256, same synthetic shapes and caption lengths: stage 2 (the bar),
-  # then stage 1 (mmkd and eager only: compiling again would not fit the budget).
+  # then (after the GEMM/attention benchmark) stage 1, mmkd and eager only: compiling again
+  # would not fit the budget.
   local cfg="$root/configs/vit-b16-biomedbert.toml" tref="$here/torch_reference.py"
-  local stage bargs have_torch=1
+  local have_torch=1
   if [ ! -f "$tref" ] || [ ! -f "$cfg" ]; then
     echo "=== torch bench_train skipped: it needs $tref and $cfg"; have_torch=0
   elif ! python3 -c 'import torch' 2>/dev/null; then
     echo "=== torch bench_train skipped: PyTorch is not installed"; have_torch=0
   fi
-  for stage in kd clip; do
-    bargs=(--config "$cfg" --stage "$stage" --batch 256 --steps 10 --warmup 3 --device cuda)
+  # One stage of the training-step benchmark: mmkd, PyTorch eager and (stage 2 only)
+  # torch.compile.
+  bench_stage() {
+    local stage="$1" sfx=""
+    local bargs=(--config "$cfg" --stage "$stage" --batch 256 --steps 10 --warmup 3 --device cuda)
     if [ ! -f "$cfg" ]; then
       echo "=== bench_train skipped: $cfg not found"
-      break
+      return 0
     fi
-    local sfx=""
     if [ "$stage" = clip ]; then sfx="_clip"; fi
     step "bench_train_mmkd$sfx" 60 "$bin" bench train "${bargs[@]}" --json "$out/bench_train_mmkd$sfx.json"
     if [ "$have_torch" = 1 ]; then
@@ -175,7 +178,21 @@ run() {
         step bench_train_torch_compile 150 python3 "$tref" "${bargs[@]}" --compile --json "$out/bench_train_torch_compile.json"
       fi
     fi
-  done
+  }
+  bench_stage kd
+  # The GEMM and attention kernels beside cuBLAS and SDPA at the same shapes (issue 6), before
+  # the remaining variants of the step: the bars of both issues come first.
+  local b
+  b="$root/benches/gemm_attn"
+  if [ -x "$b" ]; then
+    MMKD_BENCH_JSON="$out/bench_gemm_attn.json" step bench_gemm_attn 60 "$b" --bench \
+      --warm-up-time 0.5 --measurement-time 1 --sample-size 10
+  fi
+  if [ -f "$here/torch_gemm_attn_bench.py" ]; then
+    step torch_gemm_attn_bench 45 python3 "$here/torch_gemm_attn_bench.py" \
+      --json "$out/torch_gemm_attn_bench.json"
+  fi
+  bench_stage clip
   # Stage 2 with every product on mma.sync, beside the default (wgmma) run above.
   if [ -f "$cfg" ]; then
     MMKD_GEMM_PATH=mma step bench_train_mmkd_mma 40 "$bin" bench train --config "$cfg" --stage kd \
@@ -205,20 +222,15 @@ mc, tc = runs.get("mmkd_clip"), runs.get("torch_eager_clip")
 if mc and tc:
     print(f"clip: mmkd / torch_eager samples/s: {mc['samples_per_s'] / tc['samples_per_s']:.3f}")
 PY
-  # Benchmark executables of the bundle (or of a release build), most relevant first; each may
-  # write JSON through MMKD_BENCH_JSON. Short criterion settings: a smoke run, not a careful
-  # measurement.
-  local b name
-  for name in gemm_attn engine loader; do
+  # The other benchmark executables of the bundle (or of a release build); each may write JSON
+  # through MMKD_BENCH_JSON. Short criterion settings: a smoke run, not a careful measurement.
+  local name
+  for name in engine loader; do
     b="$root/benches/$name"
     if [ ! -x "$b" ]; then continue; fi
     MMKD_BENCH_JSON="$out/bench_$name.json" step "bench_$name" 60 "$b" --bench \
       --warm-up-time 0.5 --measurement-time 1 --sample-size 10
   done
-  if [ -f "$here/torch_gemm_attn_bench.py" ]; then
-    step torch_gemm_attn_bench 45 python3 "$here/torch_gemm_attn_bench.py" \
-      --json "$out/torch_gemm_attn_bench.json"
-  fi
   step summary 10 python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
