@@ -449,7 +449,10 @@ mod tests {
             // The update moved the weights: the comparison is not of two untouched copies. (A
             // single parameter's three updates can cancel to nearly nothing; many cannot.)
             let moved = rel_err(&f32_to_f64(&pb), &f32_to_f64(&p0));
-            assert!(p == 1 || moved > 1e-4, "P={p} seed {seed}: moved by {moved}");
+            assert!(
+                p == 1 || moved > 1e-4,
+                "P={p} seed {seed}: moved by {moved}"
+            );
         }
     }
 
