@@ -634,6 +634,14 @@ fn student_rejects_foreign_arenas_bad_batches_and_missing_parameters() {
     let big = ClipModel::new(&bigger).unwrap();
     assert!(student.load_params(&mut arena, &big.params).is_err());
     student.load_params(&mut arena, &model.params).unwrap();
+    // Reading the weights back into a model of other shapes is an error, not a panic.
+    let mut wider = cfg.clone();
+    wider.embed_dim *= 2;
+    let mut other = ClipModel::new(&wider).unwrap();
+    let e = student
+        .read_params(&mut arena, &mut other.params)
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("elements"), "{e:#}");
     // Wrong batch shapes are refused before anything runs.
     let mut g = rng(1);
     let data = batches(&cfg, &mut g);

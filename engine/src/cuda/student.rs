@@ -27,7 +27,7 @@ use super::tower::{CudaImageTower, ImageTowerDims};
 use crate::config::ModelConfig;
 use crate::loss::distill::{DistillConfig, IclScale, TeacherMode, TeacherNorm};
 use crate::optim::{AdamWConfig, LOGIT_SCALE_MAX};
-use crate::params::ParamStore;
+use crate::params::{ParamId, ParamStore};
 use anyhow::{anyhow, bail, ensure, Result};
 use half::bf16;
 use mmkd_kernels::adamw::{adamw_plan, norm_plan, norm_scratch_len, AdamWConfig as KAdamW};
@@ -516,17 +516,8 @@ impl CudaStudent {
         let mut filled: HashMap<RegionId, usize> = HashMap::new();
         let mut decay = vec![0u8; self.numel];
         for s in &self.slices {
-            let id = store
-                .id(&s.name)
-                .ok_or_else(|| anyhow!("cuda student: the model has no parameter `{}`", s.name))?;
+            let id = store_id(store, s)?;
             let info = store.info(id);
-            ensure!(
-                info.len == s.len,
-                "cuda student: parameter `{}` has {} elements, the arena holds {}",
-                s.name,
-                info.len,
-                s.len
-            );
             let len = self.layout.region(s.param).len;
             let buf = regions.entry(s.param).or_insert_with(|| vec![0.0; len]);
             buf[s.offset..s.offset + s.len].copy_from_slice(store.value(id));
@@ -574,9 +565,7 @@ impl CudaStudent {
         self.check_arena(arena)?;
         let mut cache: HashMap<RegionId, Vec<f32>> = HashMap::new();
         for s in &self.slices {
-            let id = store
-                .id(&s.name)
-                .ok_or_else(|| anyhow!("cuda student: the model has no parameter `{}`", s.name))?;
+            let id = store_id(store, s)?;
             let v = match cache.entry(s.param) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => e.insert(arena.read_f32(s.param)?),
@@ -1010,6 +999,21 @@ enum Source<'a> {
     Staged(RegionId),
 }
 
+/// The parameter of `store` that fills slice `s` of the arena, of the slice's length.
+fn store_id(store: &ParamStore, s: &Slice) -> Result<ParamId> {
+    let id = store
+        .id(&s.name)
+        .ok_or_else(|| anyhow!("cuda student: the model has no parameter `{}`", s.name))?;
+    let n = store.info(id).len;
+    ensure!(
+        n == s.len,
+        "cuda student: parameter `{}` has {n} elements, the arena holds {}",
+        s.name,
+        s.len
+    );
+    Ok(id)
+}
+
 /// `y = x` over `n` fp32 values.
 fn copy_f32(n: usize) -> Result<Vec<Step>> {
     Ew::AxpbyF32 { n, a: 1.0, b: 0.0 }.plan()
@@ -1090,17 +1094,7 @@ impl CudaStudent {
         self.slices
             .iter()
             .map(|s| {
-                let id = store.id(&s.name).ok_or_else(|| {
-                    anyhow!("cuda student: the model has no parameter `{}`", s.name)
-                })?;
-                let info = store.info(id);
-                ensure!(
-                    info.len == s.len,
-                    "cuda student: parameter `{}` has {} elements, the arena holds {}",
-                    s.name,
-                    info.len,
-                    s.len
-                );
+                let info = store.info(store_id(store, s)?);
                 Ok((self.section_index(s)?, info.offset, s.len))
             })
             .collect()
