@@ -27,9 +27,9 @@ use crate::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, Context, Result};
+use mmkd_kernels::image_norm::{image_normalize_cpu, ImageNormConfig, CLIP_MEAN, CLIP_STD};
 use mmkd_loaders::batch::{
-    Batch, BatchConfig, BatchLoader, Cursor, ImageDtype, TeacherMode as LoadMode, CLIP_MEAN,
-    CLIP_STD,
+    Batch, BatchConfig, BatchLoader, Cursor, ImageDtype, TeacherMode as LoadMode,
 };
 use mmkd_loaders::Dataset;
 use std::io::Write;
@@ -670,7 +670,6 @@ pub fn train(
         };
         if kstep.is_some() && tc.stop_after.is_none_or(|n| ran + 1 < n) {
             if let Some(b) = loader.next_batch()? {
-                raw_crops(&b)?;
                 ahead = Some((b, loader.cursor()));
             }
         }
@@ -690,7 +689,7 @@ pub fn train(
             // A fault replaces the staged crops by host-normalised images with a NaN (the run
             // stops at this step, so the staged copy is never needed).
             let faulty = if poison {
-                let mut v = normalised(raw_crops(&batch)?, batch.image_size);
+                let mut v = normalised(&batch)?;
                 v[0] = f32::NAN;
                 Some(v)
             } else {
@@ -811,12 +810,9 @@ pub fn train(
             if let Some(k) = kstep.as_mut() {
                 k.save_to(&mut model.params, &mut opt.m, &mut opt.v)?;
             }
-            // A batch fetched ahead was not trained on: the run resumes at its start.
-            let end = match &ahead {
-                Some((b, _)) => b.start,
-                None => loader.cursor(),
-            };
-            let st = state(step, end)?;
+            // The loop fetches ahead only for a step it will run: nothing is pending here.
+            debug_assert!(ahead.is_none());
+            let st = state(step, loader.cursor())?;
             checkpoint::save(
                 &ckroot,
                 &model.params,
@@ -839,17 +835,20 @@ fn raw_crops(b: &Batch) -> Result<&[u8]> {
         .context("batch images are not u8 (the kernel trainer needs image_dtype U8)")
 }
 
-/// Raw planar crops `(N, 3, s, s)` normalised with CLIP's statistics on the host, as the
-/// device normalises them.
-fn normalised(raw: &[u8], s: usize) -> Vec<f32> {
-    let plane = (s * s).max(1);
-    raw.iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let c = (i / plane) % 3;
-            (v as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]
-        })
-        .collect()
+/// A kernel batch's crops normalised on the host by the device kernel's CPU reference.
+fn normalised(b: &Batch) -> Result<Vec<f32>> {
+    let raw = raw_crops(b)?;
+    let s = b.image_size;
+    let cfg = ImageNormConfig {
+        b: b.size,
+        h: s,
+        w: s,
+        mean: CLIP_MEAN,
+        std: CLIP_STD,
+    };
+    let mut out = vec![half::bf16::ZERO; raw.len()];
+    image_normalize_cpu(&cfg, raw, None, &mut out)?;
+    Ok(out.iter().map(|v| v.to_f32()).collect())
 }
 
 /// Drops records after `step` from `metrics.jsonl` (a resumed run rewrites them).

@@ -55,8 +55,8 @@ pub struct BenchRecord {
     pub tower: &'static str,
     /// Layer (GEMM) or "masked"/"plain" (attention).
     pub layer: String,
-    /// fwd, fwd_wgmma (the forward on wgmma, sm_90 only), dgrad, wgrad (GEMM); fwd, fwd+bwd
-    /// (attention).
+    /// fwd, dgrad, wgrad and, on sm_90, fwd_wgmma and dgrad_wgmma (the products the blocks
+    /// run there) for a GEMM; fwd, fwd+bwd for attention.
     pub layout: &'static str,
     /// The product's M, N, K (GEMM) or B·H, L, 64 (attention).
     pub dims: [usize; 3],
@@ -400,24 +400,18 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
         } else {
             Activation::Gelu
         };
+        let hopper = gpu.capability == (9, 0);
+        let mut timed = Vec::new();
+        // Y = X·Wᵀ on each path of this device.
         let fwd = shape(GemmLayout::Forward, m, n, k, act);
-        let t_fwd = time_ms(gpu, cfg, || {
-            gemm::gemm_cuda(
-                gpu,
-                &fwd,
-                &x,
-                &w,
-                Some(&bias),
-                None,
-                GemmOutCuda::Bf16(&mut y),
-                None,
-            )
-        })?;
-        let t_fwd_wgmma = if gpu.capability == (9, 0) {
-            Some(time_ms(gpu, cfg, || {
+        for path in [GemmPath::MmaSync, GemmPath::Wgmma] {
+            if path == GemmPath::Wgmma && !hopper {
+                continue;
+            }
+            let t = time_ms(gpu, cfg, || {
                 gemm::gemm_cuda_on(
                     gpu,
-                    GemmPath::Wgmma,
+                    path,
                     &fwd,
                     &x,
                     &w,
@@ -426,43 +420,71 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     GemmOutCuda::Bf16(&mut y),
                     None,
                 )
-            })?)
-        } else {
-            None
-        };
+            })?;
+            timed.push((
+                if path == GemmPath::Wgmma {
+                    "fwd_wgmma"
+                } else {
+                    "fwd"
+                },
+                t,
+            ));
+        }
         let dgrad = shape(GemmLayout::InputGrad, m, k, n, Activation::None);
-        let t_dgrad = time_ms(gpu, cfg, || {
-            gemm::gemm_cuda(
-                gpu,
-                &dgrad,
-                &dy,
-                &w,
-                None,
-                None,
-                GemmOutCuda::Bf16(&mut dx),
-                None,
-            )
-        })?;
+        timed.push((
+            "dgrad",
+            time_ms(gpu, cfg, || {
+                gemm::gemm_cuda(
+                    gpu,
+                    &dgrad,
+                    &dy,
+                    &w,
+                    None,
+                    None,
+                    GemmOutCuda::Bf16(&mut dx),
+                    None,
+                )
+            })?,
+        ));
+        if hopper {
+            // What the blocks run on sm_90: dX = dY·(Wᵀ)ᵀ as a forward-layout product over the
+            // transposed weight (`w` serves as Wᵀ, same size; the transpose itself is not
+            // timed here).
+            let dgrad_fwd = shape(GemmLayout::Forward, m, k, n, Activation::None);
+            timed.push((
+                "dgrad_wgmma",
+                time_ms(gpu, cfg, || {
+                    gemm::gemm_cuda_on(
+                        gpu,
+                        GemmPath::Wgmma,
+                        &dgrad_fwd,
+                        &dy,
+                        &w,
+                        None,
+                        None,
+                        GemmOutCuda::Bf16(&mut dx),
+                        None,
+                    )
+                })?,
+            ));
+        }
         let wgrad = shape(GemmLayout::WeightGrad, n, k, m, Activation::None);
-        let t_wgrad = time_ms(gpu, cfg, || {
-            gemm::gemm_cuda(
-                gpu,
-                &wgrad,
-                &dy,
-                &x,
-                None,
-                None,
-                GemmOutCuda::F32(&mut dw),
-                Some(&mut db),
-            )
-        })?;
-        let timed = [
-            ("fwd", Some(t_fwd)),
-            ("fwd_wgmma", t_fwd_wgmma),
-            ("dgrad", Some(t_dgrad)),
-            ("wgrad", Some(t_wgrad)),
-        ];
-        for (layout, t) in timed.into_iter().filter_map(|(l, t)| t.map(|t| (l, t))) {
+        timed.push((
+            "wgrad",
+            time_ms(gpu, cfg, || {
+                gemm::gemm_cuda(
+                    gpu,
+                    &wgrad,
+                    &dy,
+                    &x,
+                    None,
+                    None,
+                    GemmOutCuda::F32(&mut dw),
+                    Some(&mut db),
+                )
+            })?,
+        ));
+        for (layout, t) in timed {
             cases.push(BenchRecord {
                 kind: "gemm",
                 tower,

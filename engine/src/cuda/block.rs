@@ -263,6 +263,8 @@ struct Acts {
 /// Per-batch tables: the key length of each attention sequence.
 struct Tables {
     seqlens: RegionId,
+    /// False when the table is the previous block's (a twin), which writes it.
+    own_seqlens: bool,
 }
 
 /// The forward and backward plans of one padded length, over their own slot list.
@@ -461,6 +463,7 @@ impl CudaBlock {
                 Some(p) => p.tables.seqlens,
                 None => tab("seqlens", Dtype::I32, hd * dims.batch)?,
             },
+            own_seqlens: twin.is_none(),
         };
         let acts = Acts {
             x,
@@ -1086,7 +1089,9 @@ impl CudaBlock {
     /// [`CudaBlock::forward`] and [`CudaBlock::backward`] run on the first B·`len` rows of the
     /// input, output and every activation. Writes the valid length of each sequence (each at
     /// most `len`; keys at positions ≥ `lengths[b]` are hidden from every query of sequence
-    /// b): `heads · batch` integers, the only per-batch upload of the block.
+    /// b): `heads · batch` integers, the only per-batch upload of the block. A block that shares
+    /// the table of the block before it (built alike) leaves the write to that block: set the
+    /// lengths of a stack from its first block on.
     pub fn set_padded_lengths(
         &self,
         arena: &mut Arena,
@@ -1108,10 +1113,12 @@ impl CudaBlock {
         self.plans(len)?;
         // Attention sequence z = h·B + b. Lengths are at most `len` ≤ `dims.len`, which the
         // plan's i32 shapes already hold.
-        let seqlens: Vec<i32> = (0..d.heads * d.batch)
-            .map(|z| lengths[z % d.batch] as i32)
-            .collect();
-        arena.write_i32(self.tables.seqlens, &seqlens)?;
+        if self.tables.own_seqlens {
+            let seqlens: Vec<i32> = (0..d.heads * d.batch)
+                .map(|z| lengths[z % d.batch] as i32)
+                .collect();
+            arena.write_i32(self.tables.seqlens, &seqlens)?;
+        }
         self.len.store(len, Ordering::Relaxed);
         Ok(())
     }

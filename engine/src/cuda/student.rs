@@ -208,8 +208,8 @@ struct Regions {
     /// With several passes per step: the whole batch's image and text features `[N, D]`
     /// (fp32), gathered from the passes for the loss.
     features: Option<(RegionId, RegionId)>,
-    /// With several passes per step: the gradients summed over the passes (the towers'
-    /// kernels overwrite their gradients), laid out as the gradient section.
+    /// With several passes per step: the gradients of the passes before the last, summed (the
+    /// towers' kernels overwrite their gradients), laid out as the gradient section.
     grad_sum: Option<RegionId>,
 }
 
@@ -774,33 +774,26 @@ impl CudaStudent {
         };
 
         // Forward. With several passes, each pass's features go to its rows of the batch's.
-        let (fimage, ftext) = match r.features {
-            Some((fi, ft)) => {
-                for pass in 0..passes {
-                    let mut gather = Vec::new();
-                    for (src, dst) in [(self.image.features(), fi), (self.text.features(), ft)] {
-                        pl.add(
-                            &mut gather,
-                            copy_f32(m * d)?,
-                            &[self.whole(src), self.buf(dst, pass * m * d, m * d, false)],
-                        )?;
-                    }
-                    self.load_pass(arena, &prep, pass)?;
-                    self.image.forward(arena)?;
-                    self.text.forward(arena)?;
-                    // SAFETY: the arena has this student's layout; the planner checked every
-                    // slot.
-                    unsafe { arena.run(&gather, &pl.slots)? };
+        for pass in 0..passes {
+            self.load_pass(arena, &prep, pass)?;
+            self.image.forward(arena)?;
+            self.text.forward(arena)?;
+            if let Some((fi, ft)) = r.features {
+                let mut gather = Vec::new();
+                for (src, dst) in [(self.image.features(), fi), (self.text.features(), ft)] {
+                    pl.add(
+                        &mut gather,
+                        copy_f32(m * d)?,
+                        &[self.whole(src), self.buf(dst, pass * m * d, m * d, false)],
+                    )?;
                 }
-                (fi, ft)
+                // SAFETY: the arena has this student's layout; the planner checked every slot.
+                unsafe { arena.run(&gather, &pl.slots)? };
             }
-            None => {
-                self.load_pass(arena, &prep, 0)?;
-                self.image.forward(arena)?;
-                self.text.forward(arena)?;
-                (self.image.features(), self.text.features())
-            }
-        };
+        }
+        let (fimage, ftext) = r
+            .features
+            .unwrap_or((self.image.features(), self.text.features()));
         let cfg = LossConfig {
             logit_scale: s,
             icl,
@@ -878,22 +871,25 @@ impl CudaStudent {
                 stage_into(self.pixels, channels, staged, next, arena, p)?;
             }
             if let Some(g) = r.grad_sum {
-                // The first pass's gradients, then the sum.
+                // The sum so far: the first pass's gradients copied, later ones added; the last
+                // pass adds the sum into its own gradients instead, where the update reads.
+                let (src, dst) = if pass + 1 < passes {
+                    (grads, self.whole(g))
+                } else {
+                    (self.whole(g), grads)
+                };
                 let add = Ew::AxpbyF32 {
                     n: self.numel,
                     a: 1.0,
                     b: if pass == 0 { 0.0 } else { 1.0 },
                 };
                 let mut sum = Vec::new();
-                pl.add(&mut sum, add.plan()?, &[grads, self.whole(g)])?;
+                pl.add(&mut sum, add.plan()?, &[src, dst])?;
                 // SAFETY: as above.
                 unsafe { arena.run(&sum, &pl.slots)? };
             }
         }
         let mut fin = Vec::new();
-        if let Some(g) = r.grad_sum {
-            pl.add(&mut fin, copy_f32(self.numel)?, &[self.whole(g), grads])?;
-        }
         // out[4] = d total / d s, out[5] = d total / d ℓ (a learned icl scale), written after
         // the sum (which leaves stale values in their slots).
         let scalars = std::iter::once((4, r.logit_grad)).chain(r.icl.map(|(_, g)| (5, g)));
