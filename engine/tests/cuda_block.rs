@@ -302,8 +302,7 @@ fn post_norm_gelu_block_matches_tape_with_padding() {
     check_against_tape(NormPlacement::Post, Activation::Gelu, 17, &[9, 17]);
 }
 
-/// Both blocks with the forward and input-gradient products on Hopper's wgmma (the path an
-/// sm_90 GPU takes).
+/// Both blocks with every product on Hopper's wgmma (the path an sm_90 GPU takes).
 #[test]
 fn blocks_on_the_wgmma_path_match_tape() {
     check_path_against_tape(
@@ -320,17 +319,27 @@ fn blocks_on_the_wgmma_path_match_tape() {
         &[9, 17],
         GemmPath::Wgmma,
     );
-    // The input gradients run as forward-layout products after a weight transpose: four more
-    // launches in the backward, the same forward.
+    // The same launches on both paths, every product a wgmma kernel on the Hopper path: four
+    // in the forward, eight in the backward (input and weight gradient per linear layer).
     let d = dims(NormPlacement::Pre, Activation::QuickGelu, 9);
-    let mma = CudaBlock::new(d).unwrap().launches();
+    let mma = CudaBlock::new(d).unwrap().kernel_names();
     let wg = CudaBlock::new(BlockDims {
         gemm: GemmPath::Wgmma,
         ..d
     })
     .unwrap()
-    .launches();
-    assert_eq!((wg.0, wg.1), (mma.0, mma.1 + 4), "{mma:?} {wg:?}");
+    .kernel_names();
+    let gemms = |v: &[&str], wgmma: bool| {
+        v.iter()
+            .filter(|k| k.starts_with("gemm_") && k.ends_with("_wgmma") == wgmma)
+            .count()
+    };
+    for (m, w) in [(&mma.0, &wg.0), (&mma.1, &wg.1)] {
+        assert_eq!(m.len(), w.len(), "{m:?} {w:?}");
+        assert_eq!(gemms(w, false), 0, "{w:?}");
+        assert_eq!(gemms(w, true), gemms(m, false), "{m:?} {w:?}");
+    }
+    assert_eq!((gemms(&wg.0, true), gemms(&wg.1, true)), (4, 8));
 }
 
 /// One block sized for 37 tokens runs batches padded to 20 and then to 9 (the first B·L rows

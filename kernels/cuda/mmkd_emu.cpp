@@ -20,10 +20,12 @@ struct Copy {
     int bytes;
 };
 
-// One wgmma issued by this thread: its accumulators and the two operand descriptors.
+// One wgmma issued by this thread: its accumulators, the two operand descriptors and whether
+// each operand is MN-major (imm-trans = 1).
 struct Wgmma {
     float* d;
     uint64_t desc_a, desc_b;
+    bool mn_a, mn_b;
 };
 
 struct Fiber {
@@ -343,8 +345,11 @@ void ldmatrix(int count, bool trans, unsigned* r, const void* row) {
 
 // ---- wgmma (sm_90a) ----------------------------------------------------------------------
 // Descriptors address dynamic shared memory by byte offset (the emulation's shared window).
-// Only the no-swizzle canonical layout is emulated: element (r, k) of a K-major operand lies at
-// start + (r/8)·SBO + (k/8)·LBO + (r%8)·16 + (k%8)·2 bytes (core matrices of 8 rows × 16 bytes).
+// Only the no-swizzle canonical layouts are emulated. Core matrices are 128 contiguous bytes,
+// LBO apart along K and SBO apart along M/N (the PTX ISA's canonical layouts, and CUTLASS's
+// make_gmma_desc for INTERLEAVE in both majors). Element (r, k) of an operand (r along M/N):
+//   K-major  (imm-trans 0): start + (r/8)·SBO + (k/8)·LBO + (r%8)·16 + (k%8)·2
+//   MN-major (imm-trans 1): start + (r/8)·SBO + (k/8)·LBO + (k%8)·16 + (r%8)·2
 
 uint64_t smem_offset(const void* p) {
     Block& b = *g_block;
@@ -357,15 +362,20 @@ uint64_t smem_offset(const void* p) {
     return off;
 }
 
-// Element (r, k) of the K-major operand of `desc`.
-static float wg_elem(uint64_t desc, int r, int k) {
-    Block& b = *g_block;
+// Byte offset of the 16-byte chunk that holds element (r, k) of the operand of `desc`.
+static uint64_t wg_chunk(uint64_t desc, bool mn_major, int r, int k) {
     if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0)
         fail("wgmma: only no-swizzle descriptors with base offset 0 are emulated");
     uint64_t start = (desc & 0x3FFFu) << 4, lbo = ((desc >> 16) & 0x3FFFu) << 4,
              sbo = ((desc >> 32) & 0x3FFFu) << 4;
-    uint64_t off = start + (uint64_t)(r / 8) * sbo + (uint64_t)(k / 8) * lbo + (uint64_t)(r % 8) * 16 +
-                   (uint64_t)(k % 8) * 2;
+    uint64_t row = mn_major ? (uint64_t)(k % 8) : (uint64_t)(r % 8);  // 16-byte row of the core matrix
+    return start + (uint64_t)(r / 8) * sbo + (uint64_t)(k / 8) * lbo + row * 16;
+}
+
+// Element (r, k) of the operand of `desc`.
+static float wg_elem(uint64_t desc, bool mn_major, int r, int k) {
+    Block& b = *g_block;
+    uint64_t off = wg_chunk(desc, mn_major, r, k) + (uint64_t)(mn_major ? r % 8 : k % 8) * 2;
     if (off + 2 > b.dyn_bytes) fail("wgmma operand element outside dynamic shared memory");
     uint16_t v;
     std::memcpy(&v, b.dyn_smem + off, 2);
@@ -373,14 +383,13 @@ static float wg_elem(uint64_t desc, int r, int k) {
 }
 
 // Adds `delta` to the pending-read count of every 16-byte chunk of the operand of `desc`
-// (`rows` rows of 16 k: two k-groups).
-static void wg_mark(uint64_t desc, int rows, int delta) {
+// (`rows` rows of 16 k).
+static void wg_mark(uint64_t desc, bool mn_major, int rows, int delta) {
     Block& b = *g_block;
-    uint64_t start = (desc & 0x3FFFu) << 4, lbo = ((desc >> 16) & 0x3FFFu) << 4,
-             sbo = ((desc >> 32) & 0x3FFFu) << 4;
-    for (int r = 0; r < rows; ++r)
-        for (int kg = 0; kg < 2; ++kg) {
-            uint64_t off = start + (uint64_t)(r / 8) * sbo + (uint64_t)kg * lbo + (uint64_t)(r % 8) * 16;
+    // K-major: two chunks (k-groups) per row; MN-major: sixteen (one per k) per 8 rows.
+    for (int r = 0; r < rows; r += mn_major ? 8 : 1)
+        for (int k = 0; k < 16; k += mn_major ? 1 : 8) {
+            uint64_t off = wg_chunk(desc, mn_major, r, k);
             if (off + 16 > b.dyn_bytes) fail("wgmma operand outside dynamic shared memory");
             b.wg_reads[off / 16] += (uint32_t)delta;
         }
@@ -393,10 +402,11 @@ static void wgmma_perform(const Wgmma& op) {
     int g = (int)lane / 4, q = (int)lane % 4;
     float a[2][16], bt[32][16];  // this thread's two rows of A and 32 columns of B
     for (int h = 0; h < 2; ++h)
-        for (int k = 0; k < 16; ++k) a[h][k] = wg_elem(op.desc_a, 16 * (int)w + g + 8 * h, k);
+        for (int k = 0; k < 16; ++k) a[h][k] = wg_elem(op.desc_a, op.mn_a, 16 * (int)w + g + 8 * h, k);
     for (int j = 0; j < 16; ++j)
         for (int e = 0; e < 2; ++e)
-            for (int k = 0; k < 16; ++k) bt[2 * j + e][k] = wg_elem(op.desc_b, 8 * j + 2 * q + e, k);
+            for (int k = 0; k < 16; ++k)
+                bt[2 * j + e][k] = wg_elem(op.desc_b, op.mn_b, 8 * j + 2 * q + e, k);
     for (int j = 0; j < 16; ++j)
         for (int i = 0; i < 4; ++i) {
             const float* ar = a[i / 2];
@@ -405,11 +415,11 @@ static void wgmma_perform(const Wgmma& op) {
             for (int k = 0; k < 16; ++k) acc += ar[k] * bc[k];  // bf16 products are exact in fp32
             op.d[4 * j + i] = acc;
         }
-    wg_mark(op.desc_a, 64, -1);
-    wg_mark(op.desc_b, 128, -1);
+    wg_mark(op.desc_a, op.mn_a, 64, -1);
+    wg_mark(op.desc_b, op.mn_b, 128, -1);
 }
 
-void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b) {
+void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b, int mn_a, int mn_b) {
     if (g_block->nthreads % 128 != 0) fail("wgmma in a block that is not whole warpgroups");
     // The descriptors must agree across the warp (the instruction is .sync.aligned).
     uint32_t words[4] = {(uint32_t)desc_a, (uint32_t)(desc_a >> 32), (uint32_t)desc_b,
@@ -419,9 +429,9 @@ void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b) {
         for (int i = 0; i < 4; ++i)
             if (snap[l][i] != words[i]) fail("wgmma descriptors differ between lanes of a warp");
     if (g_block->wg_reads.empty()) g_block->wg_reads.assign(g_block->dyn_bytes / 16 + 1, 0);
-    wg_mark(desc_a, 64, 1);
-    wg_mark(desc_b, 128, 1);
-    g_fiber->wg_open.push_back(Wgmma{d, desc_a, desc_b});
+    wg_mark(desc_a, mn_a != 0, 64, 1);
+    wg_mark(desc_b, mn_b != 0, 128, 1);
+    g_fiber->wg_open.push_back(Wgmma{d, desc_a, desc_b, mn_a != 0, mn_b != 0});
 }
 void wgmma_commit() {
     Fiber& f = *g_fiber;

@@ -274,7 +274,7 @@ static inline void cp_async_wait_all() { ::mmkd_emu::cp_async_wait_all(); }
 // read early are stale and shared memory overwritten early is what the product reads.
 namespace mmkd_emu {
 uint64_t smem_offset(const void* p);
-void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b);
+void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b, int mn_a, int mn_b);
 void wgmma_commit();
 void wgmma_wait(int pending_allowed);
 }  // namespace mmkd_emu
@@ -291,8 +291,10 @@ template <int N>
 static inline void wgmma_wait() {
     ::mmkd_emu::wgmma_wait(N);
 }
+template <int TA = 0, int TB = 0>
 static inline void wgmma_m64n128k16_bf16(float d[64], unsigned long long desc_a, unsigned long long desc_b) {
-    ::mmkd_emu::wgmma_issue(d, desc_a, desc_b);
+    static_assert((TA == 0 || TA == 1) && (TB == 0 || TB == 1), "imm-trans is 0 or 1");
+    ::mmkd_emu::wgmma_issue(d, desc_a, desc_b, TA, TB);
 }
 
 #endif  // MMKD_EMU_H

@@ -22,9 +22,12 @@
 //   gemm_act(v, act), gemm_store2(...)   the GEMM epilogue shared by gemm.cu and gemm_wgmma.cu
 //   Hopper, for files compiled for sm_90a only (MinArch::Sm90a):
 //   wgmma_desc(smem, lbo, sbo)      matrix descriptor of a no-swizzle operand in dynamic shared
-//                                   memory: core matrices of 8 rows x 16 bytes (128 contiguous
-//                                   bytes), `lbo` bytes apart along K, `sbo` apart along M/N
-//   wgmma_m64n128k16_bf16(d[64], desc_a, desc_b)   D += A·Bᵀ, issued by a whole warpgroup;
+//                                   memory: core matrices of 128 contiguous bytes, `lbo` bytes
+//                                   apart along K, `sbo` apart along M/N. A K-major core matrix
+//                                   is 8 rows x 8 k (16 bytes per row); an MN-major one is 8 k x
+//                                   8 rows (16 bytes per k, the rows contiguous)
+//   wgmma_m64n128k16_bf16<TA, TB>(d[64], desc_a, desc_b)   D += A·Bᵀ, issued by a whole
+//                                   warpgroup; TA/TB = 1 for an MN-major operand (default 0);
 //                                   thread t of the group holds rows 16(t/32) + (t%32)/4 (+8)
 //                                   and columns 8j + 2(t%4) (+1) of D: d[4j..4j+3]
 //   wgmma_fence() before the first wgmma that reads accumulators written by other code,
@@ -155,14 +158,16 @@ MMKD_DEVICE void wgmma_hold(float d[64]) {
 #pragma unroll
     for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
-// D(64 x 128) += A(64 x 16) · B(128 x 16)ᵀ, A and B K-major in shared memory.
+// D(64 x 128) += A(64 x 16) · B(128 x 16)ᵀ, operands in shared memory; TA/TB = 1: that
+// operand is MN-major (the instruction's imm-trans-a/-b), else K-major.
+template <int TA = 0, int TB = 0>
 MMKD_DEVICE void wgmma_m64n128k16_bf16(float d[64], unsigned long long desc_a,
                                        unsigned long long desc_b) {
     // scale-d is a predicate: set, so D accumulates (accumulators start from zeros).
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -171,7 +176,7 @@ MMKD_DEVICE void wgmma_m64n128k16_bf16(float d[64], unsigned long long desc_a,
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(1)
+        : "l"(desc_a), "l"(desc_b), "r"(1), "n"(TA), "n"(TB)
         : "memory");
 }
 #endif

@@ -2,7 +2,9 @@
 // descriptor decoding, accumulator layout and deferred completion are tested against a plain
 // matrix product, and the compile gate sees HGMMA in the SASS.
 //
-// Defines: frag_wgmma. Launch: grid (1), block (128), dynamic shared memory 6144 bytes.
+// Defines: frag_wgmma (both operands K-major), frag_wgmma_mn (both MN-major, through the
+// instruction's transpose flags). Launch: grid (1), block (128), dynamic shared memory 6144
+// bytes.
 // Test-only variant: MMKD_WGMMA_EARLY_READ stores the accumulators before waiting for the
 // product, which must read the values from before it.
 // mmkd-emu-variant: early_read MMKD_WGMMA_EARLY_READ
@@ -58,3 +60,49 @@ MMKD_KERNEL void frag_wgmma(const mmkd_bf16* __restrict__ A, const mmkd_bf16* __
             D[(16 * w + g + (i / 2) * 8) * 128 + 8 * j + 2 * q + (i % 2)] = d[4 * j + i];
 }
 MMKD_EXPORT(frag_wgmma)
+
+// Byte offset of the 16-byte chunk (k, c) (k, rows 8c .. 8c + 7) of an MN-major operand of 16 k
+// with `groups` groups of 8 rows: core matrices of 8 k × 16 bytes; here, unlike the K-major
+// test, the row groups are adjacent (SBO 128) and the two k halves far apart (LBO 128·groups),
+// so a hardware run tells the two offsets apart.
+MMKD_DEVICE int wgt_chunk_mn(int k, int c, int groups) {
+    return (k / 8) * 128 * groups + c * 128 + (k % 8) * 16;
+}
+
+// D = A·Bᵀ + C as frag_wgmma, with the operands stored transposed: At (16, 64) = Aᵀ and
+// Bt (16, 128) = Bᵀ, row-major (k, m) and (k, n).
+MMKD_KERNEL void frag_wgmma_mn(const mmkd_bf16* __restrict__ At, const mmkd_bf16* __restrict__ Bt,
+                               const float* __restrict__ C, float* __restrict__ D) {
+    MMKD_DYNAMIC_SMEM(unsigned char, smem);
+    unsigned char* sa = smem;         // 8 row groups: 2048 bytes
+    unsigned char* sb = smem + 2048;  // 16 row groups: 4096 bytes
+    const int t = threadIdx.x;
+    cp_async_16(sa + wgt_chunk_mn(t / 8, t % 8, 8), At + (t / 8) * 64 + (t % 8) * 8);
+    cp_async_commit();
+    for (int c = t; c < 256; c += 128)
+        store_u32x4(sb + wgt_chunk_mn(c / 16, c % 16, 16),
+                    load_u32x4(Bt + (c / 16) * 128 + (c % 16) * 8));
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+
+    const int w = t / 32, g = (t % 32) / 4, q = t % 4;
+    float d[64];
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            d[4 * j + i] = C[(16 * w + g + (i / 2) * 8) * 128 + 8 * j + 2 * q + (i % 2)];
+    wgmma_fence();
+    wgmma_hold(d);
+    wgmma_m64n128k16_bf16<1, 1>(d, wgmma_desc(sa, 128 * 8, 128), wgmma_desc(sb, 128 * 16, 128));
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(d);
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            D[(16 * w + g + (i / 2) * 8) * 128 + 8 * j + 2 * q + (i % 2)] = d[4 * j + i];
+}
+MMKD_EXPORT(frag_wgmma_mn)

@@ -44,8 +44,8 @@ pub enum GemmPath {
     /// `mma.sync` m16n8k16 (`gemm.cu`, sm_80 and newer), every layout.
     #[default]
     MmaSync,
-    /// Hopper's warpgroup `wgmma` (`gemm_wgmma.cu`, sm_90a only) for the `Forward` layout; the
-    /// gradient layouts stay on `mma.sync`.
+    /// Hopper's warpgroup `wgmma` (`gemm_wgmma.cu`, sm_90a only), every layout: operands
+    /// stored with M or N contiguous are read through the instruction's transpose flags.
     Wgmma,
 }
 
@@ -66,6 +66,13 @@ impl GemmLayout {
             GemmLayout::Forward => "gemm_fwd",
             GemmLayout::InputGrad => "gemm_dgrad",
             GemmLayout::WeightGrad => "gemm_wgrad",
+        }
+    }
+    fn wgmma_entry(self) -> &'static str {
+        match self {
+            GemmLayout::Forward => "gemm_fwd_wgmma",
+            GemmLayout::InputGrad => "gemm_dgrad_wgmma",
+            GemmLayout::WeightGrad => "gemm_wgrad_wgmma",
         }
     }
 }
@@ -150,7 +157,7 @@ impl GemmShape {
     }
     /// The kernel file, entry point and launch of this product on `path`.
     fn kernel(&self, path: GemmPath) -> (&'static KernelFile, &'static str, LaunchShape) {
-        if path == GemmPath::Wgmma && self.layout == GemmLayout::Forward {
+        if path == GemmPath::Wgmma {
             let launch = LaunchShape {
                 grid: [
                     self.n.div_ceil(WG_TILE) as u32,
@@ -160,7 +167,7 @@ impl GemmShape {
                 block: [WG_THREADS, 1, 1],
                 shared_bytes: WG_SMEM_BYTES,
             };
-            return (&GEMM_WGMMA, "gemm_fwd_wgmma", launch);
+            return (&GEMM_WGMMA, self.layout.wgmma_entry(), launch);
         }
         let launch = LaunchShape {
             grid: [
@@ -801,10 +808,11 @@ mod tests {
         assert!(fwd.plan(bad).is_err());
     }
 
-    /// The wgmma kernel (forward layout) at aligned, tail, one-row and multi-tile sizes, with
-    /// each epilogue piece, batched, and under two other thread orders (bit-identical).
+    /// The wgmma kernels, every layout (the weight gradient with its bias gradient), at
+    /// aligned, tail, one-row and multi-tile sizes, with each epilogue piece, batched, and
+    /// under two other thread orders (bit-identical).
     #[test]
-    fn wgmma_forward_matches_reference() {
+    fn wgmma_layouts_match_reference() {
         // (batch, M, N, K, act, bias, residual, f32 out)
         let cases = [
             (1, 1, 128, 64, Activation::None, false, false, false),
@@ -813,63 +821,87 @@ mod tests {
             (2, 33, 64, 40, Activation::None, false, true, true),
             (1, 64, 256, 192, Activation::Gelu, true, true, false),
         ];
-        for &(batch, m, n, k, act, bias, res, f32o) in &cases {
-            let sh = GemmShape {
-                layout: GemmLayout::Forward,
-                batch,
-                m,
-                n,
-                k,
-                act,
-            };
-            let seed = fresh_seed();
-            let mut c = case(sh, bias, res, f32o, seed);
-            c.path = GemmPath::Wgmma;
-            assert_close(&c, &Emu::default(), seed);
-            if m == 17 {
-                assert_order_free(&c, seed);
+        for layout in LAYOUTS {
+            for &(batch, m, n, k, act, bias, res, f32o) in &cases {
+                let sh = GemmShape {
+                    layout,
+                    batch,
+                    m,
+                    n,
+                    k,
+                    act,
+                };
+                let seed = fresh_seed();
+                let mut c = case(sh, bias, res, f32o, seed);
+                c.path = GemmPath::Wgmma;
+                assert_close(&c, &Emu::default(), seed);
+                if m == 17 {
+                    assert_order_free(&c, seed);
+                }
             }
         }
     }
 
-    /// Refilling a stage while a wgmma that reads it may still run is a race the emulation
-    /// reports: with no wait in the k loop, and with one tile of prefetch too many (the
-    /// pipeline's depth is exactly what four stages allow). K spans eight tiles.
+    /// A weight gradient whose rows of C span two tiles and whose k runs over several tiles,
+    /// the bias gradient among them: the first column of tiles sums it, the others must not
+    /// touch it (poisoned before the run).
     #[test]
-    fn wgmma_pipeline_races_are_reported() {
+    fn wgmma_weight_gradient_reduces_the_bias_over_many_tiles() {
         let sh = GemmShape {
-            layout: GemmLayout::Forward,
+            layout: GemmLayout::WeightGrad,
             batch: 1,
-            m: 16,
-            n: 64,
-            k: 512,
+            m: 200,
+            n: 136,
+            k: 300,
             act: Activation::None,
         };
         let seed = fresh_seed();
-        let c = case(sh, false, false, false, seed);
-        for variant in ["broken_wait", "ahead3"] {
-            let mut out = vec![BF16_POISON; sh.m * sh.n];
-            let e = gemm_emu_on(
-                &Emu::variant(variant),
-                GemmPath::Wgmma,
-                &sh,
-                &c.a,
-                &c.b,
-                None,
-                None,
-                GemmOut::Bf16(&mut out),
-                None,
-            )
-            .expect_err(variant);
-            assert!(
-                format!("{e:#}").contains("unfinished wgmma"),
-                "{variant}: {e:#}"
-            );
+        let mut c = case(sh, false, false, true, seed);
+        c.path = GemmPath::Wgmma;
+        assert_close(&c, &Emu::default(), seed);
+    }
+
+    /// Refilling a stage while a wgmma that reads it may still run is a race the emulation
+    /// reports: with no wait in the k loop, and with one tile of prefetch too many (the
+    /// pipeline's depth is exactly what four stages allow), with K-major and with MN-major
+    /// operands. K spans eight tiles.
+    #[test]
+    fn wgmma_pipeline_races_are_reported() {
+        for layout in [GemmLayout::Forward, GemmLayout::WeightGrad] {
+            let sh = GemmShape {
+                layout,
+                batch: 1,
+                m: 16,
+                n: 64,
+                k: 512,
+                act: Activation::None,
+            };
+            let seed = fresh_seed();
+            let c = case(sh, false, false, false, seed);
+            for variant in ["broken_wait", "ahead3"] {
+                let mut out = vec![BF16_POISON; sh.m * sh.n];
+                let e = gemm_emu_on(
+                    &Emu::variant(variant),
+                    GemmPath::Wgmma,
+                    &sh,
+                    &c.a,
+                    &c.b,
+                    None,
+                    None,
+                    GemmOut::Bf16(&mut out),
+                    None,
+                )
+                .expect_err(variant);
+                assert!(
+                    format!("{e:#}").contains("unfinished wgmma"),
+                    "{layout:?} {variant}: {e:#}"
+                );
+            }
         }
     }
 
-    /// A plan on the wgmma path runs `gemm_fwd_wgmma` for the forward layout only, with the
-    /// launcher's results bit for bit; operands off a 16-byte boundary take the element path.
+    /// A plan on the wgmma path runs the wgmma kernel of each layout, with the launcher's
+    /// results bit for bit; operands off a 16-byte boundary take the element path.
     #[test]
     fn wgmma_plan_matches_launcher_and_handles_misalignment() {
         use crate::exec::{run as run_plan, Backend, HostBuf};
@@ -908,33 +940,53 @@ mod tests {
             panic!("output buffer changed type")
         };
         assert_eq!(bf16_to_f64(got), want, "seed {seed}");
-        // The gradient layouts stay on mma.sync.
-        for layout in [GemmLayout::InputGrad, GemmLayout::WeightGrad] {
+        for layout in LAYOUTS {
             let p = GemmShape { layout, ..sh }.plan(opts).unwrap();
-            assert_eq!(p[0].kernel, layout.entry());
+            assert_eq!(p[0].kernel, layout.wgmma_entry());
+            let mma = GemmOpts {
+                path: GemmPath::MmaSync,
+                ..opts
+            };
+            assert_eq!(
+                GemmShape { layout, ..sh }.plan(mma).unwrap()[0].kernel,
+                layout.entry()
+            );
         }
-        // Same values one element past a 16-byte boundary.
+        // Same values one element past a 16-byte boundary, every layout.
         let shift = |v: &[bf16]| {
             let mut o = vec![bf16::ZERO; v.len() + 1];
             o[1..].copy_from_slice(v);
             o
         };
-        let (pa, pb) = (shift(&c.a), shift(&c.b));
-        let mut got = vec![BF16_POISON; want.len()];
-        gemm_emu_on(
-            &Emu::default(),
-            GemmPath::Wgmma,
-            &sh,
-            &pa[1..],
-            &pb[1..],
-            c.bias.as_deref(),
-            c.res.as_deref(),
-            GemmOut::Bf16(&mut got),
-            None,
-        )
-        .unwrap();
-        let e = rel_err(&bf16_to_f64(&got), &run(&c, None).0);
-        assert!(e <= 1e-2, "seed {seed}: misaligned wgmma rel err {e}");
+        for layout in LAYOUTS {
+            let mut c = case(GemmShape { layout, ..sh }, true, true, false, seed);
+            c.path = GemmPath::Wgmma;
+            let (pa, pb) = (shift(&c.a), shift(&c.b));
+            let mut got = vec![BF16_POISON; want.len()];
+            let mut db = vec![f32::NAN; sh.m];
+            gemm_emu_on(
+                &Emu::default(),
+                GemmPath::Wgmma,
+                &c.sh,
+                &pa[1..],
+                &pb[1..],
+                c.bias.as_deref(),
+                c.res.as_deref(),
+                GemmOut::Bf16(&mut got),
+                c.dbias.then_some(db.as_mut_slice()),
+            )
+            .unwrap();
+            let (want, wdb) = run(&c, None);
+            let e = rel_err(&bf16_to_f64(&got), &want);
+            assert!(
+                e <= 1e-2,
+                "{layout:?} seed {seed}: misaligned wgmma rel err {e}"
+            );
+            if c.dbias {
+                let e = rel_err(&f32_to_f64(&db), &wdb);
+                assert!(e <= 1e-4, "seed {seed}: misaligned wgmma dbias rel err {e}");
+            }
+        }
     }
 
     /// The wgmma launch constants are the ones `gemm_wgmma.cu` is written for.

@@ -55,8 +55,8 @@ pub struct BenchRecord {
     pub tower: &'static str,
     /// Layer (GEMM) or "masked"/"plain" (attention).
     pub layer: String,
-    /// fwd, dgrad, wgrad and, on sm_90, fwd_wgmma and dgrad_wgmma (the products the blocks
-    /// run there) for a GEMM; fwd, fwd+bwd for attention.
+    /// fwd, dgrad, wgrad and, on sm_90, fwd_wgmma, dgrad_wgmma and wgrad_wgmma (the
+    /// products the blocks run there) for a GEMM; fwd, fwd+bwd for attention.
     pub layout: &'static str,
     /// The product's M, N, K (GEMM) or B·H, L, 64 (attention).
     pub dims: [usize; 3],
@@ -195,18 +195,45 @@ fn from_bits(v: Vec<u16>) -> Vec<bf16> {
 }
 
 /// GEMM, every layout, at a small odd size against [`gemm::gemm_cpu`].
-/// The products' paths on this device: `mma.sync` everywhere, and `wgmma` for the forward
-/// layout on sm_90.
+/// The products' paths on this device: `mma.sync` everywhere, and `wgmma` too on sm_90.
 fn paths(gpu: &Gpu) -> Vec<(GemmLayout, GemmPath)> {
-    let mut v = vec![
-        (GemmLayout::Forward, GemmPath::MmaSync),
-        (GemmLayout::InputGrad, GemmPath::MmaSync),
-        (GemmLayout::WeightGrad, GemmPath::MmaSync),
+    let layouts = [
+        GemmLayout::Forward,
+        GemmLayout::InputGrad,
+        GemmLayout::WeightGrad,
     ];
+    let mut v: Vec<_> = layouts.map(|l| (l, GemmPath::MmaSync)).to_vec();
     if gpu.capability == (9, 0) {
-        v.insert(1, (GemmLayout::Forward, GemmPath::Wgmma));
+        v.extend(layouts.map(|l| (l, GemmPath::Wgmma)));
     }
     v
+}
+
+/// On sm_90: one warpgroup's `wgmma` with K-major and with MN-major operands against a plain
+/// product ([`crate::wgmma_test`]), so a failing GEMM check can be told from a misread layout.
+fn check_wgmma_fragments(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
+    use crate::testing::random_f32;
+    use crate::wgmma_test::{wgmma_gpu, wgmma_reference, FragKernel};
+    if gpu.capability != (9, 0) {
+        return Ok(());
+    }
+    for kernel in [FragKernel::KMajor, FragKernel::MnMajor] {
+        let seed = fresh_seed();
+        let mut g = rng(seed);
+        let a = random_bf16(&mut g, 64 * 16, -2.0, 2.0);
+        let b = random_bf16(&mut g, 128 * 16, -2.0, 2.0);
+        let c = random_f32(&mut g, 64 * 128, -1.0, 1.0);
+        let mut d = vec![f32::NAN; 64 * 128];
+        wgmma_gpu(gpu, kernel, &a, &b, &c, &mut d)?;
+        let e = rel_err(&f32_to_f64(&d), &wgmma_reference(&a, &b, &c));
+        out.push(CheckRecord {
+            name: format!("{} (one wgmma, {kernel:?})", kernel.entry()),
+            rel_err: e,
+            passed: e <= 1e-5,
+            seed,
+        });
+    }
+    Ok(())
 }
 
 fn check_gemm(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
@@ -272,7 +299,7 @@ fn check_gemm(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
             let gdb = st.clone_dtoh(&ddb).map_err(|e| anyhow!("{e:?}"))?;
             let e = rel_err(&f32_to_f64(&gdb), &f32_to_f64(&wdb));
             out.push(CheckRecord {
-                name: format!("gemm dbias {sh:?}"),
+                name: format!("gemm dbias {path:?} {sh:?}"),
                 rel_err: e,
                 passed: e <= 1e-4,
                 seed,
@@ -372,6 +399,7 @@ fn check_attention(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
 /// the report (the caller decides what to do with them).
 pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
     let mut checks = Vec::new();
+    check_wgmma_fragments(gpu, &mut checks)?;
     check_gemm(gpu, &mut checks)?;
     check_attention(gpu, &mut checks)?;
     let st = gpu.stream();
@@ -402,12 +430,18 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
         };
         let hopper = gpu.capability == (9, 0);
         let mut timed = Vec::new();
-        // Y = X·Wᵀ on each path of this device.
+        // Each layout on each path of this device: Y = X·Wᵀ, dX = dY·W, dW = dYᵀ·X (+ db).
         let fwd = shape(GemmLayout::Forward, m, n, k, act);
+        let dgrad = shape(GemmLayout::InputGrad, m, k, n, Activation::None);
+        let wgrad = shape(GemmLayout::WeightGrad, n, k, m, Activation::None);
         for path in [GemmPath::MmaSync, GemmPath::Wgmma] {
             if path == GemmPath::Wgmma && !hopper {
                 continue;
             }
+            let names = match path {
+                GemmPath::MmaSync => ["fwd", "dgrad", "wgrad"],
+                GemmPath::Wgmma => ["fwd_wgmma", "dgrad_wgmma", "wgrad_wgmma"],
+            };
             let t = time_ms(gpu, cfg, || {
                 gemm::gemm_cuda_on(
                     gpu,
@@ -421,21 +455,11 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     None,
                 )
             })?;
-            timed.push((
-                if path == GemmPath::Wgmma {
-                    "fwd_wgmma"
-                } else {
-                    "fwd"
-                },
-                t,
-            ));
-        }
-        let dgrad = shape(GemmLayout::InputGrad, m, k, n, Activation::None);
-        timed.push((
-            "dgrad",
-            time_ms(gpu, cfg, || {
-                gemm::gemm_cuda(
+            timed.push((names[0], t));
+            let t = time_ms(gpu, cfg, || {
+                gemm::gemm_cuda_on(
                     gpu,
+                    path,
                     &dgrad,
                     &dy,
                     &w,
@@ -444,36 +468,12 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     GemmOutCuda::Bf16(&mut dx),
                     None,
                 )
-            })?,
-        ));
-        if hopper {
-            // What the blocks run on sm_90: dX = dY·(Wᵀ)ᵀ as a forward-layout product over the
-            // transposed weight (`w` serves as Wᵀ, same size; the transpose itself is not
-            // timed here).
-            let dgrad_fwd = shape(GemmLayout::Forward, m, k, n, Activation::None);
-            timed.push((
-                "dgrad_wgmma",
-                time_ms(gpu, cfg, || {
-                    gemm::gemm_cuda_on(
-                        gpu,
-                        GemmPath::Wgmma,
-                        &dgrad_fwd,
-                        &dy,
-                        &w,
-                        None,
-                        None,
-                        GemmOutCuda::Bf16(&mut dx),
-                        None,
-                    )
-                })?,
-            ));
-        }
-        let wgrad = shape(GemmLayout::WeightGrad, n, k, m, Activation::None);
-        timed.push((
-            "wgrad",
-            time_ms(gpu, cfg, || {
-                gemm::gemm_cuda(
+            })?;
+            timed.push((names[1], t));
+            let t = time_ms(gpu, cfg, || {
+                gemm::gemm_cuda_on(
                     gpu,
+                    path,
                     &wgrad,
                     &dy,
                     &x,
@@ -482,8 +482,9 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     GemmOutCuda::F32(&mut dw),
                     Some(&mut db),
                 )
-            })?,
-        ));
+            })?;
+            timed.push((names[2], t));
+        }
         for (layout, t) in timed {
             cases.push(BenchRecord {
                 kind: "gemm",

@@ -57,22 +57,22 @@ pub const FRAGMENT_TEST: KernelFile = KernelFile {
     tensor_core_entries: &["frag_mma_direct", "frag_mma_ldmatrix"],
 };
 
-/// The forward product on Hopper's `wgmma`, same parameters and epilogue as `gemm_fwd`.
+/// The three products on Hopper's `wgmma`, same parameters and epilogues as `gemm.cu`'s.
 pub const GEMM_WGMMA: KernelFile = KernelFile {
     name: "gemm_wgmma",
     source: include_str!("../cuda/gemm_wgmma.cu"),
-    entries: &["gemm_fwd_wgmma"],
+    entries: &["gemm_fwd_wgmma", "gemm_dgrad_wgmma", "gemm_wgrad_wgmma"],
     min_arch: MinArch::Sm90a,
-    tensor_core_entries: &["gemm_fwd_wgmma"],
+    tensor_core_entries: &["gemm_fwd_wgmma", "gemm_dgrad_wgmma", "gemm_wgrad_wgmma"],
 };
 
 /// One warpgroup through `wgmma` (Hopper): tests the emulation's descriptors and layouts.
 pub const WGMMA_TEST: KernelFile = KernelFile {
     name: "wgmma_test",
     source: include_str!("../cuda/wgmma_test.cu"),
-    entries: &["frag_wgmma"],
+    entries: &["frag_wgmma", "frag_wgmma_mn"],
     min_arch: MinArch::Sm90a,
-    tensor_core_entries: &["frag_wgmma"],
+    tensor_core_entries: &["frag_wgmma", "frag_wgmma_mn"],
 };
 
 /// Kernels that pin down the emulation's warp and memory semantics.

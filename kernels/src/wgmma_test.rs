@@ -1,6 +1,9 @@
 //! Launchers and tests for `cuda/wgmma_test.cu`: the emulation's `wgmma` (m64n128k16, bf16
-//! operands in shared memory through no-swizzle descriptors, fp32 accumulators) against a
-//! plain matrix product, and its deferred completion.
+//! operands in shared memory through no-swizzle descriptors, K-major and MN-major, fp32
+//! accumulators) against a plain matrix product, and its deferred completion.
+//!
+//! Both kernels compute the same `D = A·Bᵀ + C`; [`FragKernel`] says how the operands are
+//! stored in global and shared memory.
 
 use crate::device::Gpu;
 use crate::emu::Emu;
@@ -16,6 +19,40 @@ const GROUP: LaunchShape = LaunchShape {
     block: [128, 1, 1],
     shared_bytes: 6144,
 };
+
+/// The two test kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FragKernel {
+    /// `frag_wgmma`: A (64, 16) and B (128, 16) row-major, K-major in shared memory.
+    KMajor,
+    /// `frag_wgmma_mn`: Aᵀ (16, 64) and Bᵀ (16, 128) row-major, MN-major in shared memory
+    /// (the instruction's transpose flags set).
+    MnMajor,
+}
+
+impl FragKernel {
+    /// The entry point.
+    pub fn entry(self) -> &'static str {
+        match self {
+            FragKernel::KMajor => "frag_wgmma",
+            FragKernel::MnMajor => "frag_wgmma_mn",
+        }
+    }
+    /// A (64, 16) and B (128, 16) as this kernel reads them from global memory.
+    fn stage(self, a: &[bf16], b: &[bf16]) -> (Vec<bf16>, Vec<bf16>) {
+        match self {
+            FragKernel::KMajor => (a.to_vec(), b.to_vec()),
+            FragKernel::MnMajor => (transpose(a, 64, 16), transpose(b, 128, 16)),
+        }
+    }
+}
+
+/// The (cols, rows) transpose of a row-major (rows, cols) matrix.
+fn transpose(v: &[bf16], rows: usize, cols: usize) -> Vec<bf16> {
+    (0..cols)
+        .flat_map(|c| (0..rows).map(move |r| v[r * cols + c]))
+        .collect()
+}
 
 /// `D = A·Bᵀ + C` for A (64, 16), B (128, 16) row-major, C and D (64, 128), in f64.
 pub fn wgmma_reference(a: &[bf16], b: &[bf16], c: &[f32]) -> Vec<f64> {
@@ -43,35 +80,50 @@ fn check(a: &[bf16], b: &[bf16], c: &[f32], d: usize) -> Result<()> {
     Ok(())
 }
 
-/// `frag_wgmma` (or a test variant, `variant:frag_wgmma`) under the emulation.
+/// `kernel` (or a test variant of it, `variant:frag_wgmma`) under the emulation; `a` and `b`
+/// are A (64, 16) and B (128, 16) row-major, whatever the kernel's storage.
 pub fn wgmma_emu(
     emu: &Emu,
-    kernel: &str,
+    kernel: FragKernel,
+    variant: Option<&str>,
     a: &[bf16],
     b: &[bf16],
     c: &[f32],
     d: &mut [f32],
 ) -> Result<()> {
     check(a, b, c, d.len())?;
+    let (a, b) = kernel.stage(a, b);
     // 16-byte copies need 16-byte aligned sources.
-    let (a16, b16) = (aligned(a), aligned(b));
+    let (a16, b16) = (aligned(&a), aligned(&b));
     let args = [
         Arg::Ptr(a16.as_ptr() as u64),
         Arg::Ptr(b16.as_ptr() as u64),
         Arg::host(c),
         Arg::host_mut(d),
     ];
+    let name = match variant {
+        Some(v) => format!("{v}:{}", kernel.entry()),
+        None => kernel.entry().to_string(),
+    };
     // SAFETY: lengths checked above; the aligned copies outlive the launch.
-    unsafe { emu.launch(kernel, GROUP, &args) }
+    unsafe { emu.launch(&name, GROUP, &args) }
 }
 
-/// `frag_wgmma` on a GPU (sm_90a only); `d` comes back through the host.
-pub fn wgmma_gpu(gpu: &Gpu, a: &[bf16], b: &[bf16], c: &[f32], d: &mut [f32]) -> Result<()> {
+/// `kernel` on a GPU (sm_90a only); `d` comes back through the host.
+pub fn wgmma_gpu(
+    gpu: &Gpu,
+    kernel: FragKernel,
+    a: &[bf16],
+    b: &[bf16],
+    c: &[f32],
+    d: &mut [f32],
+) -> Result<()> {
     check(a, b, c, d.len())?;
+    let (a, b) = kernel.stage(a, b);
     let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
     let s = gpu.stream();
-    let da = driver(s.clone_htod(&bits(a)), "copy A")?;
-    let db = driver(s.clone_htod(&bits(b)), "copy B")?;
+    let da = driver(s.clone_htod(&bits(&a)), "copy A")?;
+    let db = driver(s.clone_htod(&bits(&b)), "copy B")?;
     let dc = driver(s.clone_htod(c), "copy C")?;
     let mut dd = driver(s.clone_htod(&vec![f32::NAN; d.len()]), "alloc D")?;
     {
@@ -81,7 +133,7 @@ pub fn wgmma_gpu(gpu: &Gpu, a: &[bf16], b: &[bf16], c: &[f32], d: &mut [f32]) ->
         let (pd, _gd) = dd.device_ptr_mut(s);
         let args = [Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc), Arg::Ptr(pd)];
         // SAFETY: every buffer holds what the kernel reads or writes at this fixed shape.
-        unsafe { gpu.launch(&WGMMA_TEST, "frag_wgmma", GROUP, &args)? };
+        unsafe { gpu.launch(&WGMMA_TEST, kernel.entry(), GROUP, &args)? };
     }
     d.copy_from_slice(&driver(s.clone_dtoh(&dd), "copy D back")?);
     Ok(())
@@ -112,18 +164,46 @@ mod tests {
         )
     }
 
-    /// The accumulator layout and the descriptor decoding give `A·Bᵀ + C`, for every element.
+    /// The accumulator layout and the descriptor decoding give `A·Bᵀ + C`, for every element,
+    /// with both operands K-major and both MN-major.
     #[test]
     fn wgmma_matches_a_plain_matrix_product() {
-        for _ in 0..2 {
-            let seed = fresh_seed();
-            let (a, b, c) = inputs(seed);
-            let mut d = vec![f32::NAN; 64 * 128];
-            wgmma_emu(&Emu::default(), "frag_wgmma", &a, &b, &c, &mut d).unwrap();
-            assert!(d.iter().all(|x| x.is_finite()), "seed {seed}: NaN left");
-            let e = rel_err(&f32_to_f64(&d), &wgmma_reference(&a, &b, &c));
-            assert!(e <= 1e-6, "seed {seed}: wgmma rel err {e}");
+        for kernel in [FragKernel::KMajor, FragKernel::MnMajor] {
+            for _ in 0..2 {
+                let seed = fresh_seed();
+                let (a, b, c) = inputs(seed);
+                let mut d = vec![f32::NAN; 64 * 128];
+                wgmma_emu(&Emu::default(), kernel, None, &a, &b, &c, &mut d).unwrap();
+                assert!(d.iter().all(|x| x.is_finite()), "seed {seed}: NaN left");
+                let e = rel_err(&f32_to_f64(&d), &wgmma_reference(&a, &b, &c));
+                assert!(e <= 1e-6, "{kernel:?} seed {seed}: wgmma rel err {e}");
+            }
         }
+    }
+
+    /// Reading an MN-major operand as K-major (or the reverse) scrambles it: the emulation's
+    /// two addressings differ on the test's layouts, so each test above can fail.
+    #[test]
+    fn the_two_majors_are_told_apart() {
+        let seed = fresh_seed();
+        let (a, b, c) = inputs(seed);
+        let want = wgmma_reference(&a, &b, &c);
+        // Undo the staging transpose, so frag_wgmma_mn receives A's and B's K-major storage
+        // and its transpose flags read them the other way round.
+        let (at, bt) = (transpose(&a, 16, 64), transpose(&b, 16, 128));
+        let mut d = vec![f32::NAN; 64 * 128];
+        wgmma_emu(
+            &Emu::default(),
+            FragKernel::MnMajor,
+            None,
+            &at,
+            &bt,
+            &c,
+            &mut d,
+        )
+        .unwrap();
+        let e = rel_err(&f32_to_f64(&d), &want);
+        assert!(e > 0.1, "seed {seed}: misread operands gave rel err {e}");
     }
 
     /// Accumulators read before `wgmma_wait` hold the values from before the product.
@@ -132,11 +212,20 @@ mod tests {
         let seed = fresh_seed();
         let (a, b, c) = inputs(seed);
         let mut d = vec![f32::NAN; 64 * 128];
-        wgmma_emu(&Emu::default(), "early_read:frag_wgmma", &a, &b, &c, &mut d).unwrap();
+        wgmma_emu(
+            &Emu::default(),
+            FragKernel::KMajor,
+            Some("early_read"),
+            &a,
+            &b,
+            &c,
+            &mut d,
+        )
+        .unwrap();
         assert_eq!(d, c, "seed {seed}: an early read saw the product");
     }
 
-    /// The same product on a GPU with sm_90a (skipped without one).
+    /// The same products on a GPU with sm_90a (skipped without one).
     #[test]
     fn gpu_wgmma_matches_when_present() {
         let gpu = match crate::device::Device::select(crate::device::DeviceRequest::Auto) {
@@ -146,11 +235,13 @@ mod tests {
                 return;
             }
         };
-        let seed = fresh_seed();
-        let (a, b, c) = inputs(seed);
-        let mut d = vec![f32::NAN; 64 * 128];
-        wgmma_gpu(&gpu, &a, &b, &c, &mut d).unwrap();
-        let e = rel_err(&f32_to_f64(&d), &wgmma_reference(&a, &b, &c));
-        assert!(e <= 1e-5, "seed {seed}: GPU wgmma rel err {e}");
+        for kernel in [FragKernel::KMajor, FragKernel::MnMajor] {
+            let seed = fresh_seed();
+            let (a, b, c) = inputs(seed);
+            let mut d = vec![f32::NAN; 64 * 128];
+            wgmma_gpu(&gpu, kernel, &a, &b, &c, &mut d).unwrap();
+            let e = rel_err(&f32_to_f64(&d), &wgmma_reference(&a, &b, &c));
+            assert!(e <= 1e-5, "{kernel:?} seed {seed}: GPU wgmma rel err {e}");
+        }
     }
 }

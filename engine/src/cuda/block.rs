@@ -21,10 +21,9 @@
 //! with the same dims as the one before it shares that block's scratch and constant tables
 //! (one backward runs at a time), the output gradients alternating between two buffers.
 //!
-//! Hopper. With `BlockDims::gemm` = `Wgmma` the forward products run on `wgmma`, and so do the
-//! input gradients `dX = dY·W`: W is transposed into a scratch region first (one weight at a
-//! time, through shared-memory tiles), which makes them forward-layout products. The weight gradients read both operands
-//! token-major and stay on `mma.sync`.
+//! Hopper. With `BlockDims::gemm` = `Wgmma` every product of the block runs on `wgmma`: the
+//! forward, the input gradients `dX = dY·W` and the weight gradients `dW = dYᵀ·X` with their
+//! bias gradients, the operands read as stored (through the instruction's transpose flags).
 //!
 //! Checkpointing. With `BlockDims::recompute` the backward plan starts with the forward again:
 //! the blocks of a stack then keep only their outputs and share one set of every other
@@ -73,9 +72,8 @@ pub struct BlockDims {
     /// input, so that the blocks of a stack keep only their outputs between the two passes
     /// and share one set of the other activations, at the cost of one more forward.
     pub recompute: bool,
-    /// The tensor-core instruction of the forward-layout products. With `Wgmma` (an sm_90 GPU
-    /// or the emulation) the input gradients become forward-layout products too, each weight
-    /// transposed into scratch first; the weight gradients stay on `mma.sync`.
+    /// The tensor-core instruction of the block's products: `Wgmma` on an sm_90 GPU or under
+    /// the emulation, else `MmaSync`.
     pub gemm: GemmPath,
 }
 
@@ -240,9 +238,6 @@ struct Scratch {
     dqkv: RegionId,
     delta: RegionId,
     ln_part: RegionId,
-    /// On the wgmma path: one weight matrix transposed, so that an input gradient
-    /// `dX = dY·W` runs as the forward-layout product `dY·(Wᵀ)ᵀ`.
-    wt: Option<RegionId>,
 }
 
 /// Every region the block's plans touch besides its weights.
@@ -435,11 +430,6 @@ impl CudaBlock {
                 dqkv: scr("dqkv", bfl, 3 * m * w)?,
                 delta: scr("attn_delta", f32l, hd * m)?,
                 ln_part: scr("ln_partials", f32l, backward_scratch_len(ln))?,
-                wt: if dims.gemm == GemmPath::Wgmma {
-                    Some(scr("weight_t", bfl, (3 * w * w).max(f * w))?)
-                } else {
-                    None
-                },
             },
         };
         // The output gradients of a run of twins alternate between two buffers: a block reads
@@ -553,10 +543,8 @@ impl CudaBlock {
             k,
             act: Epilogue::None,
         };
-        // dX (M, n) = dY (M, k) · W (k, n) (+ residual) with slots [dY, residual, dX]. On the
-        // wgmma path W is first transposed into scratch (one weight at a time), so the product
-        // is a forward-layout one, `dY·(Wᵀ)ᵀ`, which that path runs; else the input-gradient
-        // layout reads W as stored.
+        // dX (M, n) = dY (M, k) · W (k, n) (+ residual) with slots [dY, residual, dX]: the
+        // input-gradient layout reads W as stored, on either path.
         let dgrad = |pl: &mut Planner,
                      out: &mut Vec<Step>,
                      (n, k): (usize, usize),
@@ -564,25 +552,11 @@ impl CudaBlock {
                      opts: GemmOpts,
                      [dy, res, dx]: [Option<Buf>; 3]|
          -> Result<()> {
-            match self.acts.s.wt {
-                Some(t) => {
-                    pl.add(
-                        out,
-                        Ew::RowTranspose { a: k, b: n, c: 1 }.plan()?,
-                        &[wt(wgt), part(t, 0, n * k)],
-                    )?;
-                    pl.add(
-                        out,
-                        gemm(GemmLayout::Forward, m, n, k).plan(opts)?,
-                        &[dy, part(t, 0, n * k), None, res, dx, None],
-                    )
-                }
-                None => pl.add(
-                    out,
-                    gemm(GemmLayout::InputGrad, m, n, k).plan(opts)?,
-                    &[dy, wt(wgt), None, res, dx, None],
-                ),
-            }
+            pl.add(
+                out,
+                gemm(GemmLayout::InputGrad, m, n, k).plan(opts)?,
+                &[dy, wt(wgt), None, res, dx, None],
+            )
         };
         let bias = GemmOpts {
             bias: true,
@@ -596,6 +570,7 @@ impl CudaBlock {
         let wgrad = GemmOpts {
             out_f32: true,
             dbias: true,
+            path: d.gemm,
             ..GemmOpts::default()
         };
         let plain = GemmOpts {
@@ -1024,6 +999,17 @@ impl CudaBlock {
             .last()
             .and_then(OnceLock::get)
             .map_or((0, 0), |p| (p.forward.len(), p.backward.len()))
+    }
+
+    /// The kernels of the forward and of the backward plan, in launch order.
+    pub fn kernel_names(&self) -> (Vec<&'static str>, Vec<&'static str>) {
+        let names = |v: &[Step]| v.iter().map(|s| s.kernel).collect();
+        self.plans
+            .last()
+            .and_then(OnceLock::get)
+            .map_or((Vec::new(), Vec::new()), |p| {
+                (names(&p.forward), names(&p.backward))
+            })
     }
 
     /// The padded length L of the current batch (the last one set; `dims().len` before any).

@@ -385,11 +385,15 @@ impl CudaTextTower {
             k: kk,
             act: Epilogue::None,
         };
-        let f32_out = GemmOpts {
-            out_f32: true,
+        // The head's products take the blocks' path.
+        let plain = GemmOpts {
+            path: self.dims.block.gemm,
             ..GemmOpts::default()
         };
-        let plain = GemmOpts::default();
+        let f32_out = GemmOpts {
+            out_f32: true,
+            ..plain
+        };
         let ln_m = LnShape {
             n: m,
             c: w,

@@ -351,14 +351,15 @@ impl CudaImageTower {
             k: kk,
             act: Epilogue::None,
         };
-        let f32_out = GemmOpts {
-            out_f32: true,
-            ..GemmOpts::default()
-        };
-        // The forward products (the patch embedding, M = B·patches) take the blocks' path.
+        // Every product (the patch embedding, M = B·patches, its weight gradient over the
+        // patches, the projection) takes the blocks' path.
         let plain = GemmOpts {
             path: self.dims.block.gemm,
             ..GemmOpts::default()
+        };
+        let f32_out = GemmOpts {
+            out_f32: true,
+            ..plain
         };
         let ln_m = LnShape {
             n: m,

@@ -99,8 +99,7 @@ impl KernelStep {
         recompute: bool,
         micro_batch: usize,
     ) -> Result<Layout> {
-        // Sized for the wgmma path (an H100/H200's), whose blocks keep one transposed weight
-        // in scratch.
+        // Sized for the path of an H100/H200 (wgmma).
         let s = StudentSetup {
             recompute,
             micro_batch,
