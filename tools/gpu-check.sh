@@ -203,11 +203,17 @@ run() {
     step bench_train_mmkd_ckpt 40 "$bin" bench train --config "$cfg" --stage kd --batch 256 \
       --steps 5 --warmup 2 --device cuda --checkpointing --json "$out/bench_train_mmkd_ckpt.json"
   fi
+  # Stage 2 with the operand tiles copied by the tensor copy engine (TMA), last: which of the
+  # two wgmma feeds is the default waits on this comparison.
+  if [ -f "$cfg" ]; then
+    MMKD_GEMM_PATH=tma step bench_train_mmkd_tma 40 "$bin" bench train --config "$cfg" --stage kd \
+      --batch 256 --steps 5 --warmup 2 --device cuda --json "$out/bench_train_mmkd_tma.json"
+  fi
   step bench_train_ratio 10 python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 runs = {}
-for name in ("mmkd", "torch_eager", "torch_compile", "mmkd_clip", "torch_eager_clip", "mmkd_mma", "mmkd_ckpt"):
+for name in ("mmkd", "torch_eager", "torch_compile", "mmkd_clip", "torch_eager_clip", "mmkd_mma", "mmkd_ckpt", "mmkd_tma"):
     try:
         runs[name] = json.loads((out / f"bench_train_{name}.json").read_text())
     except Exception as e:

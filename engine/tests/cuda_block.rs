@@ -342,6 +342,35 @@ fn blocks_on_the_wgmma_path_match_tape() {
     assert_eq!((gemms(&wg.0, true), gemms(&wg.1, true)), (4, 8));
 }
 
+/// Both blocks with every product on wgmma fed by the tensor copy engine (`MMKD_GEMM_PATH=tma`
+/// on an sm_90 GPU): the same plans with tensor maps in place of the operand pointers.
+#[test]
+fn blocks_on_the_tma_path_match_tape() {
+    check_path_against_tape(
+        NormPlacement::Pre,
+        Activation::QuickGelu,
+        37,
+        &[37, 23],
+        GemmPath::WgmmaTma,
+    );
+    check_path_against_tape(
+        NormPlacement::Post,
+        Activation::Gelu,
+        17,
+        &[9, 17],
+        GemmPath::WgmmaTma,
+    );
+    let d = dims(NormPlacement::Pre, Activation::QuickGelu, 9);
+    let tma = CudaBlock::new(BlockDims {
+        gemm: GemmPath::WgmmaTma,
+        ..d
+    })
+    .unwrap()
+    .kernel_names();
+    let count = |v: &[&str]| v.iter().filter(|k| k.ends_with("_tma")).count();
+    assert_eq!((count(&tma.0), count(&tma.1)), (4, 8), "{tma:?}");
+}
+
 /// One block sized for 37 tokens runs batches padded to 20 and then to 9 (the first B·L rows
 /// of its regions, the rest NaN), each against the tape on exactly that length, for both norm
 /// placements.

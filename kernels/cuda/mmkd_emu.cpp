@@ -7,12 +7,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace mmkd_emu {
 namespace {
 
-enum State { RUNNABLE, WAIT_BAR, WAIT_WARP, DONE };
+enum State { RUNNABLE, WAIT_BAR, WAIT_WARP, WAIT_MBAR, DONE };
 
 struct Copy {
     void* dst;
@@ -26,6 +27,25 @@ struct Wgmma {
     float* d;
     uint64_t desc_a, desc_b;
     bool mn_a, mn_b;
+};
+
+// One tensor copy (TMA) issued and not yet performed: the box, already resolved to its
+// elements' sources (null: outside the tensor, zero fill), and where it lands.
+struct TmaCopy {
+    unsigned char* dst;                // shared memory, the box's first byte
+    std::vector<const uint16_t*> src;  // per element, row-major over the box
+    bool swizzle128;                   // 128-byte rows stored with the 128-byte swizzle
+};
+
+// An mbarrier object (keyed by its shared-memory address): expected arrivals per phase, the
+// arrivals still missing, the transaction bytes still expected, completed phases, and the
+// tensor copies that complete on it.
+struct MBar {
+    unsigned count = 0;
+    unsigned pending = 0;
+    int64_t tx = 0;
+    unsigned phase = 0;
+    std::vector<TmaCopy> copies;
 };
 
 struct Fiber {
@@ -70,6 +90,7 @@ struct Block {
     // Per 16-byte chunk of dynamic shared memory: wgmma operand reads issued and not yet
     // performed (a cp.async into such a chunk is a write-after-read race).
     std::vector<uint32_t> wg_reads;
+    std::unordered_map<uintptr_t, MBar> mbars;
     bool failed = false;
 };
 
@@ -171,19 +192,28 @@ bool run_block(Block& b, std::vector<char*>& stacks) {
             if (b.failed) return false;
             progress = true;
         }
-        if (b.live == 0) return true;
+        if (b.live == 0) {
+            // A tensor copy still in flight when the block ends writes into freed shared memory.
+            for (auto& kv : b.mbars)
+                if (!kv.second.copies.empty()) {
+                    g_error = "block ended with a tensor copy (TMA) that no thread waited for";
+                    return false;
+                }
+            return true;
+        }
         if (!progress) {
-            unsigned at_bar = 0, at_warp = 0;
+            unsigned at_bar = 0, at_warp = 0, at_mbar = 0;
             for (auto& f : b.fibers) {
                 at_bar += f.state == WAIT_BAR;
                 at_warp += f.state == WAIT_WARP;
+                at_mbar += f.state == WAIT_MBAR;
             }
-            char buf[256];
+            char buf[320];
             std::snprintf(buf, sizeof buf,
                           "deadlock in block (%u,%u,%u): %u threads wait at __syncthreads, %u at a "
-                          "warp operation, %u exited (barrier in divergent code, or a lane of the "
-                          "mask exited)",
-                          b.bidx.x, b.bidx.y, b.bidx.z, at_bar, at_warp, b.nthreads - b.live);
+                          "warp operation, %u on an mbarrier whose arrivals never come, %u exited "
+                          "(barrier in divergent code, or a lane of the mask exited)",
+                          b.bidx.x, b.bidx.y, b.bidx.z, at_bar, at_warp, at_mbar, b.nthreads - b.live);
             g_error = buf;
             return false;
         }
@@ -362,20 +392,44 @@ uint64_t smem_offset(const void* p) {
     return off;
 }
 
-// Byte offset of the 16-byte chunk that holds element (r, k) of the operand of `desc`.
-static uint64_t wg_chunk(uint64_t desc, bool mn_major, int r, int k) {
-    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0)
-        fail("wgmma: only no-swizzle descriptors with base offset 0 are emulated");
+// The 128-byte swizzle: the 16-byte chunk index within a 128-byte row (address bits 4-6) is
+// XORed with the row's index within its 1024-byte group (bits 7-9), on the absolute address as
+// the hardware does (here the host address; the emulation's dynamic shared memory starts 16
+// bytes past a 1024-byte boundary, so a kernel that assumes more alignment than 16 bytes shows).
+// Takes and returns offsets from the dynamic shared memory.
+static uint64_t swizzle128(uint64_t off) {
+    const uint64_t base = reinterpret_cast<uintptr_t>(g_block->dyn_smem), a = base + off;
+    return (a ^ (((a >> 7) & 7) << 4)) - base;
+}
+
+// Byte offset of element (r, k) of the operand of `desc`. Layouts (r along M/N):
+//   no swizzle, K-major:  start + (r/8)·SBO + (k/8)·LBO + (r%8)·16 + (k%8)·2
+//   no swizzle, MN-major: start + (r/8)·SBO + (k/8)·LBO + (k%8)·16 + (r%8)·2
+//   128-byte swizzle, K-major (rows of 64 k):  swz(start + (r/8)·SBO + (r%8)·128 + k·2)
+//   128-byte swizzle, MN-major (rows of 64 r): swz(start + (r/64)·LBO + (k/8)·SBO + (k%8)·128 + (r%64)·2)
+static uint64_t wg_addr(uint64_t desc, bool mn_major, int r, int k) {
+    const unsigned layout = (unsigned)(desc >> 62);
+    if (((desc >> 49) & 7) != 0) fail("wgmma: only descriptors with base offset 0 are emulated");
     uint64_t start = (desc & 0x3FFFu) << 4, lbo = ((desc >> 16) & 0x3FFFu) << 4,
              sbo = ((desc >> 32) & 0x3FFFu) << 4;
-    uint64_t row = mn_major ? (uint64_t)(k % 8) : (uint64_t)(r % 8);  // 16-byte row of the core matrix
-    return start + (uint64_t)(r / 8) * sbo + (uint64_t)(k / 8) * lbo + row * 16;
+    if (layout == 0) {
+        uint64_t row = mn_major ? (uint64_t)(k % 8) : (uint64_t)(r % 8);  // 16-byte row of the core matrix
+        uint64_t col = mn_major ? (uint64_t)(r % 8) : (uint64_t)(k % 8);
+        return start + (uint64_t)(r / 8) * sbo + (uint64_t)(k / 8) * lbo + row * 16 + col * 2;
+    }
+    if (layout == 1) {
+        if (mn_major)
+            return swizzle128(start + (uint64_t)(r / 64) * lbo + (uint64_t)(k / 8) * sbo +
+                              (uint64_t)(k % 8) * 128 + (uint64_t)(r % 64) * 2);
+        return swizzle128(start + (uint64_t)(r / 8) * sbo + (uint64_t)(r % 8) * 128 + (uint64_t)k * 2);
+    }
+    fail("wgmma: only the no-swizzle and 128-byte swizzle layouts are emulated");
 }
 
 // Element (r, k) of the operand of `desc`.
 static float wg_elem(uint64_t desc, bool mn_major, int r, int k) {
     Block& b = *g_block;
-    uint64_t off = wg_chunk(desc, mn_major, r, k) + (uint64_t)(mn_major ? r % 8 : k % 8) * 2;
+    uint64_t off = wg_addr(desc, mn_major, r, k);
     if (off + 2 > b.dyn_bytes) fail("wgmma operand element outside dynamic shared memory");
     uint16_t v;
     std::memcpy(&v, b.dyn_smem + off, 2);
@@ -389,7 +443,7 @@ static void wg_mark(uint64_t desc, bool mn_major, int rows, int delta) {
     // K-major: two chunks (k-groups) per row; MN-major: sixteen (one per k) per 8 rows.
     for (int r = 0; r < rows; r += mn_major ? 8 : 1)
         for (int k = 0; k < 16; k += mn_major ? 1 : 8) {
-            uint64_t off = wg_chunk(desc, mn_major, r, k);
+            uint64_t off = wg_addr(desc, mn_major, r, k) & ~(uint64_t)15;
             if (off + 16 > b.dyn_bytes) fail("wgmma operand outside dynamic shared memory");
             b.wg_reads[off / 16] += (uint32_t)delta;
         }
@@ -446,6 +500,134 @@ void wgmma_wait(int pending_allowed) {
     }
 }
 
+// ---- mbarrier and tensor copies (TMA, sm_90a) ----------------------------------------------
+// A tensor copy is deferred like cp.async: it lands when a thread waits on its mbarrier and the
+// phase can complete (no arrivals missing), so a read before the wait sees stale data. The
+// phase then needs its transaction count back at zero: bytes announced by expect_tx and bytes
+// copied must match, or the launch fails (on the hardware the wait would hang).
+
+static MBar& mbar_of(uint64_t* bar, const char* what) {
+    Block& b = *g_block;
+    auto it = b.mbars.find(reinterpret_cast<uintptr_t>(bar));
+    if (it == b.mbars.end() || it->second.count == 0) {
+        char buf[128];
+        std::snprintf(buf, sizeof buf, "%s on an mbarrier that was not initialised", what);
+        fail(buf);
+    }
+    return it->second;
+}
+
+void mbarrier_init(uint64_t* bar, unsigned count) {
+    Block& b = *g_block;
+    unsigned char* p = reinterpret_cast<unsigned char*>(bar);
+    if (reinterpret_cast<uintptr_t>(bar) % 8) fail("mbarrier not 8-byte aligned");
+    if (p < b.dyn_smem || p + 8 > b.dyn_smem + b.dyn_bytes)
+        fail("mbarrier outside dynamic shared memory");
+    if (count == 0) fail("mbarrier initialised with an arrival count of 0");
+    MBar& m = b.mbars[reinterpret_cast<uintptr_t>(bar)];
+    if (!m.copies.empty()) fail("mbarrier re-initialised with tensor copies in flight");
+    m = MBar{};
+    m.count = count;
+    m.pending = count;
+}
+
+static void wake_mbar_waiters(Block& b) {
+    for (auto& f : b.fibers)
+        if (f.state == WAIT_MBAR) f.state = RUNNABLE;
+}
+
+void mbarrier_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+    MBar& m = mbar_of(bar, "arrive.expect_tx");
+    if (m.pending == 0) fail("mbarrier: more arrivals than its count in one phase");
+    m.tx += bytes;
+    if (--m.pending == 0) wake_mbar_waiters(*g_block);
+}
+
+// Performs the copies of a phase whose arrivals are all in and completes it.
+static void mbar_complete(MBar& m) {
+    for (const TmaCopy& c : m.copies) {
+        const size_t n = c.src.size();
+        for (size_t i = 0; i < n; ++i) {
+            uint64_t off = (uint64_t)(c.dst - g_block->dyn_smem) + i * 2;
+            if (c.swizzle128) off = swizzle128(off);
+            uint16_t v = c.src[i] ? *c.src[i] : 0;
+            std::memcpy(g_block->dyn_smem + off, &v, 2);
+        }
+        m.tx -= (int64_t)(n * 2);
+    }
+    m.copies.clear();
+    if (m.tx != 0) {
+        char buf[160];
+        std::snprintf(buf, sizeof buf,
+                      "mbarrier: the phase's copies moved %lld bytes fewer than expect_tx announced",
+                      (long long)m.tx);
+        fail(buf);
+    }
+    m.phase++;
+    m.pending = m.count;
+}
+
+void mbarrier_wait(uint64_t* bar, unsigned parity) {
+    for (;;) {
+        MBar& m = mbar_of(bar, "wait");
+        if ((m.phase & 1u) != (parity & 1u)) return;  // the phase of this parity is complete
+        if (m.pending == 0) {
+            mbar_complete(m);
+            continue;
+        }
+        g_fiber->state = WAIT_MBAR;
+        yield_to_scheduler();
+    }
+}
+
+// The emulation's tensor map (what `MapSpec::emulated` writes into the 128 bytes).
+struct EmuTensorMap {
+    uint64_t magic;
+    uint64_t addr;
+    uint64_t dims[3];     // elements: row length, rows, matrices
+    uint64_t strides[2];  // bytes, of dims 1 and 2
+    uint32_t box[2];      // elements: along dim 0, along dim 1
+    uint32_t swizzle;     // 0 or 128
+    uint32_t elem_bytes;
+};
+static_assert(sizeof(EmuTensorMap) <= 128, "fits CUtensorMap's 128 bytes");
+constexpr uint64_t kTensorMapMagic = 0x50414d524f534e54ull;  // "TNSORMAP"
+
+void tma_load_3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* bar) {
+    Block& b = *g_block;
+    EmuTensorMap t;
+    std::memcpy(&t, map, sizeof t);
+    if (t.magic != kTensorMapMagic) fail("TMA: not a tensor map made for the emulation");
+    if (t.elem_bytes != 2) fail("TMA: only 2-byte elements are emulated");
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    const uint64_t bytes = (uint64_t)t.box[0] * t.box[1] * 2;
+    if (d < b.dyn_smem || d + bytes > b.dyn_smem + b.dyn_bytes)
+        fail("TMA destination outside dynamic shared memory");
+    const uint64_t off = (uint64_t)(d - b.dyn_smem);
+    if (reinterpret_cast<uintptr_t>(d) % (t.swizzle ? 1024 : 128))
+        fail("TMA destination not aligned (128 bytes; 1024 with the 128-byte swizzle)");
+    if (t.swizzle && t.box[0] * 2 != 128) fail("TMA: the 128-byte swizzle needs 128-byte box rows");
+    if (!b.wg_reads.empty())
+        for (uint64_t o = off; o < off + bytes; o += 16)
+            if (b.wg_reads[o / 16] != 0) fail("TMA into shared memory that an unfinished wgmma reads");
+    MBar& m = mbar_of(bar, "TMA complete_tx");
+    TmaCopy c;
+    c.dst = d;
+    c.swizzle128 = t.swizzle == 128;
+    c.src.resize((size_t)t.box[0] * t.box[1]);
+    for (uint32_t j = 0; j < t.box[1]; ++j)
+        for (uint32_t i = 0; i < t.box[0]; ++i) {
+            const int64_t x = (int64_t)c0 + i, y = (int64_t)c1 + j;
+            const bool in = x >= 0 && y >= 0 && c2 >= 0 && (uint64_t)x < t.dims[0] &&
+                            (uint64_t)y < t.dims[1] && (uint64_t)c2 < t.dims[2];
+            c.src[(size_t)j * t.box[0] + i] =
+                in ? reinterpret_cast<const uint16_t*>(t.addr + (uint64_t)c2 * t.strides[1] +
+                                                       (uint64_t)y * t.strides[0] + (uint64_t)x * 2)
+                   : nullptr;
+        }
+    m.copies.push_back(std::move(c));
+}
+
 const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
     g_error.clear();
     if (g_block != nullptr) {
@@ -471,11 +653,13 @@ const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
     b.order.resize(b.nthreads);
     b.body = body;
     b.ctx = ctx;
-    std::vector<unsigned char> smem(cfg->shared_bytes + 16);
-    // Dynamic shared memory starts 16-byte aligned and poisoned (0xff bytes: NaN as float and
-    // bf16), so a read of something no thread wrote shows up.
+    std::vector<unsigned char> smem(cfg->shared_bytes + 1040);
+    // Dynamic shared memory starts 16 bytes past a 1024-byte boundary: 16-byte aligned, as all
+    // a kernel may assume, and no more, so code that needs 1024-byte alignment (the 128-byte
+    // swizzle's pattern) must align itself here as on the GPU. It starts poisoned (0xff bytes:
+    // NaN as float and bf16), so a read of something no thread wrote shows up.
     uintptr_t base = reinterpret_cast<uintptr_t>(smem.data());
-    b.dyn_smem = smem.data() + ((16 - base % 16) % 16);
+    b.dyn_smem = smem.data() + ((1024 - base % 1024) % 1024) + 16;
     b.dyn_bytes = cfg->shared_bytes;
     std::vector<char*> stacks(b.nthreads);
     for (auto& s : stacks) s = static_cast<char*>(std::malloc(kStackBytes));
@@ -489,6 +673,7 @@ const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
                 b.bidx = dim3{x, y, z};
                 std::memset(b.dyn_smem, 0xff, cfg->shared_bytes);
                 b.wg_reads.clear();
+                b.mbars.clear();
                 for (unsigned i = 0; i < b.nthreads; ++i) b.order[i] = sch.mode == 1 ? b.nthreads - 1 - i : i;
                 if (sch.mode == 2)
                     for (unsigned i = b.nthreads; i > 1; --i) {

@@ -278,10 +278,43 @@ void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b, int mn_a, int mn_b)
 void wgmma_commit();
 void wgmma_wait(int pending_allowed);
 }  // namespace mmkd_emu
+// A shared-memory address for alignment arithmetic: the host address's low bits (the
+// emulation's swizzles and alignment checks use host addresses too).
+static inline unsigned smem_addr(const void* p) { return (unsigned)reinterpret_cast<uintptr_t>(p); }
 static inline unsigned long long wgmma_desc(const void* smem, unsigned lbo_bytes, unsigned sbo_bytes) {
     return (unsigned long long)(::mmkd_emu::smem_offset(smem) >> 4) |
            ((unsigned long long)((lbo_bytes >> 4) & 0x3FFFu) << 16) |
            ((unsigned long long)((sbo_bytes >> 4) & 0x3FFFu) << 32);
+}
+static inline unsigned long long wgmma_desc_sw128(const void* smem, unsigned lbo_bytes,
+                                                  unsigned sbo_bytes) {
+    return wgmma_desc(smem, lbo_bytes, sbo_bytes) | (1ull << 62);
+}
+
+// mbarrier and tensor copies (TMA): see mmkd_emu.cpp.
+struct mmkd_tensor_map {
+    alignas(128) unsigned long long opaque[16];
+};
+#define __grid_constant__
+namespace mmkd_emu {
+void mbarrier_init(uint64_t* bar, unsigned count);
+void mbarrier_arrive_expect_tx(uint64_t* bar, unsigned bytes);
+void mbarrier_wait(uint64_t* bar, unsigned parity);
+void tma_load_3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* bar);
+}  // namespace mmkd_emu
+static inline void mbarrier_init(unsigned long long* bar, unsigned count) {
+    ::mmkd_emu::mbarrier_init(reinterpret_cast<uint64_t*>(bar), count);
+}
+static inline void fence_barrier_init() {}
+static inline void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+    ::mmkd_emu::mbarrier_arrive_expect_tx(reinterpret_cast<uint64_t*>(bar), bytes);
+}
+static inline void mbarrier_wait(unsigned long long* bar, unsigned parity) {
+    ::mmkd_emu::mbarrier_wait(reinterpret_cast<uint64_t*>(bar), parity);
+}
+static inline void tma_load_3d(void* dst, const mmkd_tensor_map* map, int c0, int c1, int c2,
+                               unsigned long long* bar) {
+    ::mmkd_emu::tma_load_3d(dst, map, c0, c1, c2, reinterpret_cast<uint64_t*>(bar));
 }
 static inline void wgmma_fence() {}
 static inline void fence_proxy_async() {}

@@ -19,6 +19,7 @@
 //   ldmatrix_x1/x2/x4 and ldmatrix_x1/x2/x4_trans (shared memory, .b16)
 //   cp_async_16/8/4 (shared dst, global src), cp_async_commit(), cp_async_wait<N>(), cp_async_wait_all()
 //   MMKD_EXPORT(kernel) after each kernel: the emulation's C entry point (nothing under NVRTC).
+//   smem_addr(p)                              a shared-memory address (for alignment arithmetic)
 //   gemm_act(v, act), gemm_store2(...)   the GEMM epilogue shared by gemm.cu and gemm_wgmma.cu
 //   Hopper, for files compiled for sm_90a only (MinArch::Sm90a):
 //   wgmma_desc(smem, lbo, sbo)      matrix descriptor of a no-swizzle operand in dynamic shared
@@ -30,6 +31,14 @@
 //                                   warpgroup; TA/TB = 1 for an MN-major operand (default 0);
 //                                   thread t of the group holds rows 16(t/32) + (t%32)/4 (+8)
 //                                   and columns 8j + 2(t%4) (+1) of D: d[4j..4j+3]
+//   wgmma_desc_sw128(smem, lbo, sbo)   the same for the 128-byte swizzle (see gemm_wgmma_tma.cu
+//                                   for the two majors' layouts); the tile must be 1024-byte aligned
+//   mmkd_tensor_map                 a CUtensorMap (128 bytes, 128-byte aligned), passed to kernels
+//                                   as `const __grid_constant__ mmkd_tensor_map`
+//   mbarrier_init(bar, count), fence_barrier_init(), mbarrier_arrive_expect_tx(bar, bytes),
+//   mbarrier_wait(bar, parity)      mbarriers (`unsigned long long` in shared memory)
+//   tma_load_3d(smem, &map, c0, c1, c2, bar)   one box of the map's tensor at (c0, c1, c2) into
+//                                   shared memory, completing `bytes` on `bar`
 //   wgmma_fence() before the first wgmma that reads accumulators written by other code,
 //   wgmma_hold(d) around issue and wait (pins the accumulators in their registers),
 //   wgmma_commit(), wgmma_wait<N>() (all but the newest N committed groups are done), and
@@ -146,7 +155,45 @@ MMKD_DEVICE unsigned long long wgmma_desc(const void* smem, unsigned lbo_bytes, 
            ((unsigned long long)((lbo_bytes >> 4) & 0x3FFFu) << 16) |
            ((unsigned long long)((sbo_bytes >> 4) & 0x3FFFu) << 32);
 }
+MMKD_DEVICE unsigned long long wgmma_desc_sw128(const void* smem, unsigned lbo_bytes,
+                                                unsigned sbo_bytes) {
+    return wgmma_desc(smem, lbo_bytes, sbo_bytes) | (1ull << 62);  // layout type 1: 128-byte swizzle
+}
 MMKD_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+
+struct __align__(128) mmkd_tensor_map {
+    unsigned long long opaque[16];
+};
+MMKD_DEVICE void mbarrier_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count)
+                 : "memory");
+}
+// Makes initialised mbarriers visible to the tensor-copy (async) proxy.
+MMKD_DEVICE void fence_barrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+MMKD_DEVICE void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+MMKD_DEVICE void mbarrier_wait(unsigned long long* bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nmmkd_wait:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra mmkd_wait;\n}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+MMKD_DEVICE void tma_load_3d(void* dst, const mmkd_tensor_map* map, int c0, int c1, int c2,
+                             unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2),
+        "r"(smem_addr(bar))
+        : "memory");
+}
 MMKD_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
 MMKD_DEVICE void wgmma_wait() {

@@ -252,6 +252,7 @@ impl Gpu {
                 Arg::I32(v) => b.arg(v),
                 Arg::U32(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
+                Arg::Map(m) => b.arg(m),
             };
         }
         let cfg = LaunchConfig {

@@ -44,6 +44,11 @@ emu_kernels! {
     "gemm_fwd_wgmma" => mmkd_emu_gemm_fwd_wgmma,
     "gemm_dgrad_wgmma" => mmkd_emu_gemm_dgrad_wgmma,
     "gemm_wgrad_wgmma" => mmkd_emu_gemm_wgrad_wgmma,
+    "gemm_fwd_tma" => mmkd_emu_gemm_fwd_tma,
+    "gemm_dgrad_tma" => mmkd_emu_gemm_dgrad_tma,
+    "gemm_wgrad_tma" => mmkd_emu_gemm_wgrad_tma,
+    "no_wait:gemm_fwd_tma" => mmkd_emu_no_wait_gemm_fwd_tma,
+    "short_tx:gemm_wgrad_tma" => mmkd_emu_short_tx_gemm_wgrad_tma,
     "broken_wait:gemm_fwd_wgmma" => mmkd_emu_broken_wait_gemm_fwd_wgmma,
     "broken_wait:gemm_wgrad_wgmma" => mmkd_emu_broken_wait_gemm_wgrad_wgmma,
     "ahead3:gemm_fwd_wgmma" => mmkd_emu_ahead3_gemm_fwd_wgmma,
@@ -164,7 +169,8 @@ impl Emu {
         let Some(&(_, entry)) = EMU_TABLE.iter().find(|(n, _)| *n == key) else {
             bail!("emulation: no kernel `{key}` in the emulation table (kernels/src/emu.rs)");
         };
-        // Each parameter lives in its own 8-byte slot; the C++ side reads it as its own type.
+        // Each scalar parameter lives in its own 8-byte slot; the C++ side reads it as its own
+        // type. A tensor map is read in place (128 bytes, aligned as the C++ type).
         let mut slots: Vec<u64> = args
             .iter()
             .map(|a| match *a {
@@ -172,11 +178,17 @@ impl Emu {
                 Arg::I32(v) => u64::from(v as u32),
                 Arg::U32(v) => u64::from(v),
                 Arg::F32(v) => u64::from(v.to_bits()),
+                Arg::Map(_) => 0,
             })
             .collect();
         let mut ptrs: Vec<*mut c_void> = slots
             .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
+            .zip(args)
+            .map(|(s, a)| match a {
+                // The kernel copies the map out and never writes through this pointer.
+                Arg::Map(m) => m as *const _ as *mut c_void,
+                _ => s as *mut u64 as *mut c_void,
+            })
             .collect();
         let cfg = EmuLaunchCfg {
             grid: shape.grid,

@@ -26,6 +26,8 @@ pub enum P {
     I32(i32),
     /// A `float`.
     F32(f32),
+    /// A tensor map of the tensor in slot `i` (encoded for the backend at each run).
+    Map(usize, crate::tma::MapSpec),
 }
 
 /// One launch of a plan.
@@ -78,6 +80,20 @@ pub unsafe fn run(backend: Backend<'_>, steps: &[Step], ptrs: &[u64]) -> Result<
                             ptrs.len()
                         )
                     }),
+                P::Map(i, spec) => {
+                    let p = *ptrs.get(i).ok_or_else(|| {
+                        anyhow!(
+                            "{}: plan names buffer slot {i}, {} given",
+                            s.kernel,
+                            ptrs.len()
+                        )
+                    })?;
+                    let map = match backend {
+                        Backend::Emu(_) => spec.emulated(p),
+                        Backend::Gpu(_) => spec.encode(p),
+                    };
+                    map.map(Arg::Map)
+                }
                 P::Null => Ok(Arg::Ptr(0)),
                 P::I32(v) => Ok(Arg::I32(v)),
                 P::F32(v) => Ok(Arg::F32(v)),

@@ -1,5 +1,8 @@
-//! bf16 matrix products on the tensor cores with fused epilogues (`cuda/gemm.cu`): CPU
-//! reference, emulation launcher and GPU launcher with the same parameters, and their tests.
+//! bf16 matrix products on the tensor cores with fused epilogues: CPU reference, emulation
+//! launcher and GPU launcher with the same parameters, and their tests. Three kernel files
+//! compute the same products ([`GemmPath`]): `cuda/gemm.cu` (`mma.sync`, any GPU from sm_80),
+//! `cuda/gemm_wgmma.cu` (Hopper's `wgmma`, tiles copied by the threads) and
+//! `cuda/gemm_wgmma_tma.cu` (`wgmma`, tiles copied by the tensor copy engine).
 //!
 //! `C(m, n) = epilogue(Σ_k A(m, k)·B(k, n))` per batch, fp32 accumulation, with the operands
 //! stored as a linear layer's training step has them ([`GemmLayout`]):
@@ -19,7 +22,8 @@ use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::exec::{Step, P};
 use crate::launch::{check_len, Arg, LaunchShape};
-use crate::registry::{KernelFile, GEMM, GEMM_WGMMA};
+use crate::registry::{KernelFile, GEMM, GEMM_WGMMA, GEMM_WGMMA_TMA};
+use crate::tma::MapSpec;
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
@@ -37,6 +41,9 @@ const _: () = assert!(SMEM_BYTES <= 48 * 1024);
 const WG_TILE: usize = 128;
 const WG_THREADS: u32 = 256;
 const WG_SMEM_BYTES: u32 = 4 * 2 * 128 * 64 * 2;
+/// The TMA kernels (`gemm_wgmma_tma.cu`): the same tiles and stages, plus four mbarriers and
+/// room to align the tiles to 1024 bytes (`WT_SMEM_BYTES`).
+const WT_SMEM_BYTES: u32 = WG_SMEM_BYTES + 4 * 8 + 1024;
 
 /// Which tensor-core instruction a product runs on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,6 +54,21 @@ pub enum GemmPath {
     /// Hopper's warpgroup `wgmma` (`gemm_wgmma.cu`, sm_90a only), every layout: operands
     /// stored with M or N contiguous are read through the instruction's transpose flags.
     Wgmma,
+    /// `wgmma` with the operand tiles copied by the tensor copy engine (`gemm_wgmma_tma.cu`,
+    /// sm_90a only). Operands the engine cannot copy (a row length that is not a multiple of
+    /// 8, an address off a 16-byte boundary) take `Wgmma`, with the same results.
+    WgmmaTma,
+}
+
+impl GemmPath {
+    /// `mma`, `wgmma` or `tma`: the names `MMKD_GEMM_PATH` takes and reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmPath::MmaSync => "mma",
+            GemmPath::Wgmma => "wgmma",
+            GemmPath::WgmmaTma => "tma",
+        }
+    }
 }
 
 /// How A and B are stored; see the module table.
@@ -73,6 +95,13 @@ impl GemmLayout {
             GemmLayout::Forward => "gemm_fwd_wgmma",
             GemmLayout::InputGrad => "gemm_dgrad_wgmma",
             GemmLayout::WeightGrad => "gemm_wgrad_wgmma",
+        }
+    }
+    fn tma_entry(self) -> &'static str {
+        match self {
+            GemmLayout::Forward => "gemm_fwd_tma",
+            GemmLayout::InputGrad => "gemm_dgrad_tma",
+            GemmLayout::WeightGrad => "gemm_wgrad_tma",
         }
     }
 }
@@ -155,10 +184,44 @@ impl GemmShape {
             b * self.m * self.n,
         )
     }
-    /// The kernel file, entry point and launch of this product on `path`.
+    /// The tensor maps of A and B for the TMA kernels, when the copy engine can take both:
+    /// a K-major operand, stored (rows, K), in boxes of 128 rows × 64 k; an MN-major one,
+    /// stored (K, rows), in boxes of 64 k × 64 rows.
+    pub fn map_specs(&self) -> Option<(MapSpec, MapSpec)> {
+        let (lda, ldb, _) = self.leading();
+        let spec = |kmajor: bool, rows: usize, ld: usize| {
+            let (r, c, box_rows) = if kmajor {
+                (rows, self.k, 128)
+            } else {
+                (self.k, rows, 64)
+            };
+            MapSpec {
+                batch: self.batch,
+                rows: r,
+                cols: c,
+                ld,
+                batch_stride: rows * self.k,
+                box_rows,
+                box_cols: 64,
+            }
+        };
+        let a = spec(self.layout != GemmLayout::WeightGrad, self.m, lda);
+        let b = spec(self.layout == GemmLayout::Forward, self.n, ldb);
+        (a.supported() && b.supported()).then_some((a, b))
+    }
+    /// The path that runs: `WgmmaTma` becomes `Wgmma` where the copy engine cannot take the
+    /// operands (`aligned`: both start on a 16-byte boundary).
+    fn effective(&self, path: GemmPath, aligned: bool) -> GemmPath {
+        match path {
+            GemmPath::WgmmaTma if !aligned || self.map_specs().is_none() => GemmPath::Wgmma,
+            p => p,
+        }
+    }
+    /// The kernel file, entry point and launch of this product on `path` (after
+    /// [`GemmShape::effective`]).
     fn kernel(&self, path: GemmPath) -> (&'static KernelFile, &'static str, LaunchShape) {
-        if path == GemmPath::Wgmma {
-            let launch = LaunchShape {
+        if path != GemmPath::MmaSync {
+            let mut launch = LaunchShape {
                 grid: [
                     self.n.div_ceil(WG_TILE) as u32,
                     self.m.div_ceil(WG_TILE) as u32,
@@ -167,6 +230,10 @@ impl GemmShape {
                 block: [WG_THREADS, 1, 1],
                 shared_bytes: WG_SMEM_BYTES,
             };
+            if path == GemmPath::WgmmaTma {
+                launch.shared_bytes = WT_SMEM_BYTES;
+                return (&GEMM_WGMMA_TMA, self.layout.tma_entry(), launch);
+            }
             return (&GEMM_WGMMA, self.layout.wgmma_entry(), launch);
         }
         let launch = LaunchShape {
@@ -288,9 +355,16 @@ impl GemmShape {
             ],
         )?;
         let slot = |on: bool, i: usize| if on { P::Buf(i) } else { P::Null };
+        // Arena regions are 256-byte aligned: the maps' alignment is checked when they are
+        // encoded, at each run.
+        let path = self.effective(opts.path, true);
+        let (pa, pb) = match (path, self.map_specs()) {
+            (GemmPath::WgmmaTma, Some((a, b))) => (P::Map(0, a), P::Map(1, b)),
+            _ => (P::Buf(0), P::Buf(1)),
+        };
         let mut args = vec![
-            P::Buf(0),
-            P::Buf(1),
+            pa,
+            pb,
             slot(opts.bias, 2),
             slot(opts.residual, 3),
             P::Buf(4),
@@ -302,7 +376,7 @@ impl GemmShape {
                 other => anyhow::bail!("gemm: unexpected scalar argument {other:?}"),
             }
         }
-        let (file, kernel, shape) = self.kernel(opts.path);
+        let (file, kernel, shape) = self.kernel(path);
         Ok(vec![Step {
             file,
             kernel,
@@ -425,9 +499,17 @@ pub fn gemm_emu_on(
         GemmOut::Bf16(o) => (Arg::host_mut(o), false),
         GemmOut::F32(o) => (Arg::host_mut(o), true),
     };
+    let (pa, pb) = (a.as_ptr() as u64, b.as_ptr() as u64);
+    let path = sh.effective(path, pa % 16 == 0 && pb % 16 == 0);
+    let (aa, ab) = match (path, sh.map_specs()) {
+        (GemmPath::WgmmaTma, Some((ma, mb))) => {
+            (Arg::Map(ma.emulated(pa)?), Arg::Map(mb.emulated(pb)?))
+        }
+        _ => (Arg::Ptr(pa), Arg::Ptr(pb)),
+    };
     let mut args = vec![
-        Arg::host(a),
-        Arg::host(b),
+        aa,
+        ab,
         bias.map_or(Arg::Ptr(0), Arg::host),
         residual.map_or(Arg::Ptr(0), Arg::host),
         pc,
@@ -521,6 +603,11 @@ pub fn gemm_cuda_on(
         None => (0, None),
     };
     let mut args: Vec<Arg> = [pa, pb, pbias, pres, pc, pdb].map(Arg::Ptr).to_vec();
+    let path = sh.effective(path, pa % 16 == 0 && pb % 16 == 0);
+    if let (GemmPath::WgmmaTma, Some((ma, mb))) = (path, sh.map_specs()) {
+        args[0] = Arg::Map(ma.encode(pa)?);
+        args[1] = Arg::Map(mb.encode(pb)?);
+    }
     args.extend(scalar_args(sh, out_f32)?);
     let (file, kernel, shape) = sh.kernel(path);
     // SAFETY: every buffer was checked against the shape the kernel indexes.
@@ -989,7 +1076,188 @@ mod tests {
         }
     }
 
-    /// The wgmma launch constants are the ones `gemm_wgmma.cu` is written for.
+    /// The TMA kernels, every layout, at sizes whose row lengths the copy engine takes (M, N
+    /// and K multiples of 8, with tails in every dimension), batched, and under two other
+    /// thread orders; the results are those of the cp.async wgmma kernels bit for bit.
+    #[test]
+    fn tma_layouts_match_reference() {
+        // (batch, M, N, K, act, bias, residual, f32 out)
+        let cases = [
+            (1, 8, 128, 64, Activation::None, false, false, false),
+            (1, 24, 104, 72, Activation::Gelu, true, false, true),
+            (1, 136, 200, 200, Activation::QuickGelu, true, true, false),
+            (2, 40, 64, 40, Activation::None, false, true, true),
+            (1, 64, 256, 192, Activation::Gelu, true, true, false),
+        ];
+        for layout in LAYOUTS {
+            for &(batch, m, n, k, act, bias, res, f32o) in &cases {
+                let sh = GemmShape {
+                    layout,
+                    batch,
+                    m,
+                    n,
+                    k,
+                    act,
+                };
+                assert!(sh.map_specs().is_some(), "{sh:?}");
+                let opts = GemmOpts {
+                    path: GemmPath::WgmmaTma,
+                    ..GemmOpts::default()
+                };
+                assert_eq!(sh.plan(opts).unwrap()[0].kernel, layout.tma_entry());
+                let seed = fresh_seed();
+                let mut c = case(sh, bias, res, f32o, seed);
+                // The launcher takes the copy engine only for 16-byte aligned operands.
+                assert!(c.a.as_ptr() as usize % 16 == 0 && c.b.as_ptr() as usize % 16 == 0);
+                c.path = GemmPath::WgmmaTma;
+                assert_close(&c, &Emu::default(), seed);
+                let tma = run(&c, Some(&Emu::default()));
+                c.path = GemmPath::Wgmma;
+                assert_eq!(tma, run(&c, Some(&Emu::default())), "{sh:?} seed {seed}");
+                if m == 24 {
+                    c.path = GemmPath::WgmmaTma;
+                    assert_order_free(&c, seed);
+                }
+            }
+        }
+    }
+
+    /// Operands the copy engine cannot take (a row length that is not a multiple of 8, an
+    /// address off a 16-byte boundary) run on the cp.async wgmma kernel, with its results.
+    #[test]
+    fn tma_falls_back_where_the_copy_engine_cannot_copy() {
+        let sh = GemmShape {
+            layout: GemmLayout::InputGrad,
+            batch: 1,
+            m: 17,
+            n: 72,
+            k: 99,
+            act: Activation::None,
+        };
+        assert!(sh.map_specs().is_none());
+        let opts = GemmOpts {
+            path: GemmPath::WgmmaTma,
+            ..GemmOpts::default()
+        };
+        assert_eq!(sh.plan(opts).unwrap()[0].kernel, "gemm_dgrad_wgmma");
+        let seed = fresh_seed();
+        let mut c = case(sh, false, false, false, seed);
+        c.path = GemmPath::WgmmaTma;
+        assert_close(&c, &Emu::default(), seed);
+        // Aligned row lengths, but A one element past a 16-byte boundary.
+        let sh = GemmShape { k: 64, ..sh };
+        let mut c = case(sh, false, false, false, seed);
+        let mut pa = vec![bf16::ZERO; c.a.len() + 1];
+        pa[1..].copy_from_slice(&c.a);
+        let mut got = vec![BF16_POISON; sh.m * sh.n];
+        gemm_emu_on(
+            &Emu::default(),
+            GemmPath::WgmmaTma,
+            &sh,
+            &pa[1..],
+            &c.b,
+            None,
+            None,
+            GemmOut::Bf16(&mut got),
+            None,
+        )
+        .unwrap();
+        c.path = GemmPath::Wgmma;
+        assert_eq!(
+            bf16_to_f64(&got),
+            run(&c, Some(&Emu::default())).0,
+            "seed {seed}"
+        );
+    }
+
+    /// The emulation reports the two classic TMA mistakes: reading a tile without waiting on
+    /// its mbarrier (the copies never land: the block ends with them in flight), and arming the
+    /// mbarrier with fewer bytes than the copies bring (on a GPU, a wait that never returns).
+    #[test]
+    fn tma_pipeline_mistakes_are_reported() {
+        for (variant, layout, what) in [
+            ("no_wait", GemmLayout::Forward, "no thread waited for"),
+            ("short_tx", GemmLayout::WeightGrad, "fewer than expect_tx"),
+        ] {
+            let sh = GemmShape {
+                layout,
+                batch: 1,
+                m: 16,
+                n: 64,
+                k: 256,
+                act: Activation::None,
+            };
+            let seed = fresh_seed();
+            let c = case(sh, false, false, false, seed);
+            let mut out = vec![BF16_POISON; sh.m * sh.n];
+            let e = gemm_emu_on(
+                &Emu::variant(variant),
+                GemmPath::WgmmaTma,
+                &sh,
+                &c.a,
+                &c.b,
+                None,
+                None,
+                GemmOut::Bf16(&mut out),
+                None,
+            )
+            .expect_err(variant);
+            assert!(format!("{e:#}").contains(what), "{variant}: {e:#}");
+        }
+    }
+
+    /// A plan on the TMA path passes tensor maps built at run time, with the launcher's
+    /// results bit for bit (the weight gradient with its bias gradient).
+    #[test]
+    fn tma_plan_matches_launcher() {
+        use crate::exec::{run as run_plan, Backend, HostBuf};
+        let sh = GemmShape {
+            layout: GemmLayout::WeightGrad,
+            batch: 1,
+            m: 72,
+            n: 136,
+            k: 80,
+            act: Activation::None,
+        };
+        let seed = fresh_seed();
+        let mut c = case(sh, false, false, true, seed);
+        c.path = GemmPath::WgmmaTma;
+        let (want, wdb) = run(&c, Some(&Emu::default()));
+        let opts = GemmOpts {
+            out_f32: true,
+            dbias: true,
+            path: GemmPath::WgmmaTma,
+            ..GemmOpts::default()
+        };
+        let plan = sh.plan(opts).unwrap();
+        assert!(
+            matches!(plan[0].args[0], P::Map(0, _)),
+            "{:?}",
+            plan[0].args[0]
+        );
+        let mut bufs = [
+            HostBuf::Bf16(c.a.clone()),
+            HostBuf::Bf16(c.b.clone()),
+            HostBuf::Bf16(vec![bf16::ZERO; 1]),
+            HostBuf::Bf16(vec![bf16::ZERO; 1]),
+            HostBuf::F32(vec![f32::NAN; want.len()]),
+            HostBuf::F32(vec![f32::NAN; sh.m]),
+        ];
+        let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
+        // SAFETY: the buffers have the lengths the shape needs.
+        unsafe { run_plan(Backend::Emu(&Emu::default()), &plan, &ptrs) }.unwrap();
+        assert_eq!(
+            bufs[4],
+            HostBuf::F32(want.iter().map(|&v| v as f32).collect())
+        );
+        assert_eq!(
+            bufs[5],
+            HostBuf::F32(wdb.iter().map(|&v| v as f32).collect())
+        );
+    }
+
+    /// The wgmma launch constants are the ones `gemm_wgmma.cu` and `gemm_wgmma_tma.cu` are
+    /// written for.
     #[test]
     fn wgmma_launch_constants_match_the_source() {
         let src = GEMM_WGMMA.source;
@@ -1004,6 +1272,18 @@ mod tests {
         }
         assert_eq!((WG_TILE, WG_THREADS), (128, 256));
         assert_eq!(WG_SMEM_BYTES, 4 * 2 * 128 * 64 * 2);
+        let src = GEMM_WGMMA_TMA.source;
+        for d in [
+            "#define WT_BM 128",
+            "#define WT_BN 128",
+            "#define WT_BK 64",
+            "#define WT_STAGES 4",
+            "#define WT_THREADS 256",
+            "#define WT_SMEM_BYTES (WT_BAR_OFFSET + WT_STAGES * 8 + 1024)",
+        ] {
+            assert!(src.contains(d), "gemm_wgmma_tma.cu lacks `{d}`");
+        }
+        assert_eq!(WT_SMEM_BYTES, WG_SMEM_BYTES + 4 * 8 + 1024);
     }
 
     /// The launch constants here are the tile sizes `gemm.cu` is written for.

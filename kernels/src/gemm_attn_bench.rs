@@ -55,8 +55,9 @@ pub struct BenchRecord {
     pub tower: &'static str,
     /// Layer (GEMM) or "masked"/"plain" (attention).
     pub layer: String,
-    /// fwd, dgrad, wgrad and, on sm_90, fwd_wgmma, dgrad_wgmma and wgrad_wgmma (the
-    /// products the blocks run there) for a GEMM; fwd, fwd+bwd for attention.
+    /// fwd, dgrad, wgrad and, on sm_90, the same as fwd_wgmma, dgrad_wgmma, wgrad_wgmma (the
+    /// products the blocks run there) and fwd_tma, dgrad_tma, wgrad_tma (their operands copied
+    /// by TMA) for a GEMM; fwd, fwd+bwd for attention.
     pub layout: &'static str,
     /// The product's M, N, K (GEMM) or B·H, L, 64 (attention).
     pub dims: [usize; 3],
@@ -195,7 +196,8 @@ fn from_bits(v: Vec<u16>) -> Vec<bf16> {
 }
 
 /// GEMM, every layout, at a small odd size against [`gemm::gemm_cpu`].
-/// The products' paths on this device: `mma.sync` everywhere, and `wgmma` too on sm_90.
+/// The products' paths on this device: `mma.sync` everywhere, and `wgmma` (its operands
+/// copied by the threads, and by the tensor copy engine) too on sm_90.
 fn paths(gpu: &Gpu) -> Vec<(GemmLayout, GemmPath)> {
     let layouts = [
         GemmLayout::Forward,
@@ -205,6 +207,7 @@ fn paths(gpu: &Gpu) -> Vec<(GemmLayout, GemmPath)> {
     let mut v: Vec<_> = layouts.map(|l| (l, GemmPath::MmaSync)).to_vec();
     if gpu.capability == (9, 0) {
         v.extend(layouts.map(|l| (l, GemmPath::Wgmma)));
+        v.extend(layouts.map(|l| (l, GemmPath::WgmmaTma)));
     }
     v
 }
@@ -434,13 +437,14 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
         let fwd = shape(GemmLayout::Forward, m, n, k, act);
         let dgrad = shape(GemmLayout::InputGrad, m, k, n, Activation::None);
         let wgrad = shape(GemmLayout::WeightGrad, n, k, m, Activation::None);
-        for path in [GemmPath::MmaSync, GemmPath::Wgmma] {
-            if path == GemmPath::Wgmma && !hopper {
+        for path in [GemmPath::MmaSync, GemmPath::Wgmma, GemmPath::WgmmaTma] {
+            if path != GemmPath::MmaSync && !hopper {
                 continue;
             }
             let names = match path {
                 GemmPath::MmaSync => ["fwd", "dgrad", "wgrad"],
                 GemmPath::Wgmma => ["fwd_wgmma", "dgrad_wgmma", "wgrad_wgmma"],
+                GemmPath::WgmmaTma => ["fwd_tma", "dgrad_tma", "wgrad_tma"],
             };
             let t = time_ms(gpu, cfg, || {
                 gemm::gemm_cuda_on(

@@ -12,6 +12,8 @@ pub enum Arg {
     U32(u32),
     /// A `float` parameter.
     F32(f32),
+    /// A tensor map parameter (`const __grid_constant__ mmkd_tensor_map`), by value.
+    Map(crate::tma::TensorMap),
 }
 
 impl Arg {

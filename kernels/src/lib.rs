@@ -30,6 +30,7 @@ pub mod nvrtc;
 pub mod registry;
 pub mod selftest;
 pub mod testing;
+pub mod tma;
 pub mod wgmma_test;
 
 pub use device::{Device, DeviceRequest, Gpu};

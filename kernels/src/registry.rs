@@ -66,6 +66,15 @@ pub const GEMM_WGMMA: KernelFile = KernelFile {
     tensor_core_entries: &["gemm_fwd_wgmma", "gemm_dgrad_wgmma", "gemm_wgrad_wgmma"],
 };
 
+/// The three products on `wgmma` with the operand tiles copied by the tensor copy engine (TMA).
+pub const GEMM_WGMMA_TMA: KernelFile = KernelFile {
+    name: "gemm_wgmma_tma",
+    source: include_str!("../cuda/gemm_wgmma_tma.cu"),
+    entries: &["gemm_fwd_tma", "gemm_dgrad_tma", "gemm_wgrad_tma"],
+    min_arch: MinArch::Sm90a,
+    tensor_core_entries: &["gemm_fwd_tma", "gemm_dgrad_tma", "gemm_wgrad_tma"],
+};
+
 /// One warpgroup through `wgmma` (Hopper): tests the emulation's descriptors and layouts.
 pub const WGMMA_TEST: KernelFile = KernelFile {
     name: "wgmma_test",
@@ -179,6 +188,7 @@ pub const KERNEL_FILES: &[&KernelFile] = &[
     &ELEMENTWISE,
     &GEMM,
     &GEMM_WGMMA,
+    &GEMM_WGMMA_TMA,
     &ATTENTION,
 ];
 

@@ -793,7 +793,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         "micro_batch": setup.tcfg.micro_batch,
         // The tensor-core instruction of the blocks' products (kernels only).
         "gemm_path": match &target {
-            Target::Kernels(k) => Some(format!("{:?}", k.gemm_path()?).to_lowercase()),
+            Target::Kernels(k) => Some(k.gemm_path()?.name()),
             Target::Cpu => None,
         },
         "last_loss": last.total,

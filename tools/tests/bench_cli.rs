@@ -166,6 +166,53 @@ fn cuda_without_gpu_is_a_clear_error() {
     assert!(err.contains("no CUDA driver"), "{err}");
 }
 
+/// `MMKD_GEMM_PATH` picks the products' path: the tensor-copy (TMA) feed gives the loss of the
+/// default wgmma path bit for bit (the same products), and an unknown name is refused.
+#[test]
+fn gemm_path_override_is_honoured() {
+    let cfg = tiny();
+    let args = [
+        "bench",
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--stage",
+        "kd",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--device",
+        "emu",
+    ];
+    let mut losses = Vec::new();
+    for path in ["wgmma", "tma"] {
+        let out = Command::new(MMKD)
+            .args(args)
+            .env("MMKD_GEMM_PATH", path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{path}: {err}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["gemm_path"], path);
+        losses.push(num(&v, "last_loss"));
+    }
+    assert_eq!(losses[0], losses[1], "{losses:?}");
+    let out = Command::new(MMKD)
+        .args(args)
+        .env("MMKD_GEMM_PATH", "fast")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("MMKD_GEMM_PATH"),
+        "{err}"
+    );
+}
+
 /// The kernel step under the emulation reports like the CPU one, with the arena's size and
 /// the text run at the longest caption rounded up to the kernels' tile.
 #[test]

@@ -164,7 +164,7 @@ impl Planner<'_> {
         for mut s in plan {
             for a in &mut s.args {
                 let local = match *a {
-                    P::Buf(i) | P::At(i, _) => i,
+                    P::Buf(i) | P::At(i, _) | P::Map(i, _) => i,
                     _ => continue,
                 };
                 let global = map.get(local).copied().flatten().ok_or_else(|| {
@@ -172,6 +172,7 @@ impl Planner<'_> {
                 })?;
                 *a = match *a {
                     P::At(_, off) => P::At(global, off),
+                    P::Map(_, spec) => P::Map(global, spec),
                     _ => P::Buf(global),
                 };
             }

@@ -51,11 +51,22 @@ impl KernelTarget {
 
     /// The tensor-core instruction of the blocks' products: `wgmma` on an sm_90 GPU (Hopper)
     /// and under the emulation (which so runs what an H100/H200 runs), `mma.sync` on other
-    /// GPUs. `MMKD_GEMM_PATH=mma` or `=wgmma` overrides the choice (`wgmma` still needs sm_90).
+    /// GPUs. `MMKD_GEMM_PATH=mma`, `=wgmma` or `=tma` (wgmma with the operands copied by the
+    /// tensor copy engine) overrides the choice (the last two need sm_90).
     pub fn gemm_path(&self) -> Result<GemmPath> {
         let hopper = match self {
             KernelTarget::Gpu(g) => g.capability == (9, 0),
             KernelTarget::Emu => true,
+        };
+        let hopper_only = |p: GemmPath, name: &str| {
+            if hopper {
+                Ok(p)
+            } else {
+                Err(anyhow!(
+                    "MMKD_GEMM_PATH={name} needs an sm_90 GPU; {} is not one",
+                    self.label()
+                ))
+            }
         };
         match std::env::var("MMKD_GEMM_PATH").ok().as_deref() {
             None | Some("") => Ok(if hopper {
@@ -64,13 +75,10 @@ impl KernelTarget {
                 GemmPath::MmaSync
             }),
             Some("mma") => Ok(GemmPath::MmaSync),
-            Some("wgmma") if hopper => Ok(GemmPath::Wgmma),
-            Some("wgmma") => Err(anyhow!(
-                "MMKD_GEMM_PATH=wgmma needs an sm_90 GPU; {} is not one",
-                self.label()
-            )),
+            Some("wgmma") => hopper_only(GemmPath::Wgmma, "wgmma"),
+            Some("tma") => hopper_only(GemmPath::WgmmaTma, "tma"),
             Some(other) => Err(anyhow!(
-                "MMKD_GEMM_PATH must be `mma` or `wgmma`, got `{other}`"
+                "MMKD_GEMM_PATH must be `mma`, `wgmma` or `tma`, got `{other}`"
             )),
         }
     }
