@@ -187,6 +187,9 @@ run() {
   if [ -x "$b" ]; then
     MMKD_BENCH_JSON="$out/bench_gemm_attn.json" step bench_gemm_attn 60 "$b" --bench \
       --warm-up-time 0.5 --measurement-time 1 --sample-size 10
+    # The TMA-fed GEMM in its own process: a fault there cannot cost the results above.
+    MMKD_BENCH_GEMM_PATH=tma MMKD_BENCH_JSON="$out/bench_gemm_tma.json" step bench_gemm_tma 40 \
+      "$b" --bench
   fi
   if [ -f "$here/torch_gemm_attn_bench.py" ]; then
     step torch_gemm_attn_bench 45 python3 "$here/torch_gemm_attn_bench.py" \

@@ -33,15 +33,34 @@ pub struct BenchConfig {
     pub warmup: usize,
     /// Timed launches; the median is reported.
     pub iters: usize,
+    /// The GEMM paths to check and time (those this device lacks are skipped).
+    pub paths: &'static [GemmPath],
+    /// Whether to check and time the attention kernels too.
+    pub attention: bool,
 }
 
 impl Default for BenchConfig {
+    /// Every case on `mma.sync` and (sm_90) `wgmma`, and attention. The TMA feed runs apart
+    /// ([`BenchConfig::tma`]), so a fault there cannot take the others' results with it.
     fn default() -> Self {
         BenchConfig {
             batch: 256,
             context: 256,
             warmup: 3,
             iters: 20,
+            paths: &[GemmPath::MmaSync, GemmPath::Wgmma],
+            attention: true,
+        }
+    }
+}
+
+impl BenchConfig {
+    /// The GEMM on `wgmma` fed by the tensor copy engine (sm_90), alone.
+    pub fn tma() -> Self {
+        BenchConfig {
+            paths: &[GemmPath::WgmmaTma],
+            attention: false,
+            ..BenchConfig::default()
         }
     }
 }
@@ -196,20 +215,19 @@ fn from_bits(v: Vec<u16>) -> Vec<bf16> {
 }
 
 /// GEMM, every layout, at a small odd size against [`gemm::gemm_cpu`].
-/// The products' paths on this device: `mma.sync` everywhere, and `wgmma` (its operands
-/// copied by the threads, and by the tensor copy engine) too on sm_90.
-fn paths(gpu: &Gpu) -> Vec<(GemmLayout, GemmPath)> {
+/// The (layout, path) pairs of `cfg` this device runs: `mma.sync` everywhere, the `wgmma`
+/// paths on sm_90 only.
+fn paths(gpu: &Gpu, cfg: &BenchConfig) -> Vec<(GemmLayout, GemmPath)> {
     let layouts = [
         GemmLayout::Forward,
         GemmLayout::InputGrad,
         GemmLayout::WeightGrad,
     ];
-    let mut v: Vec<_> = layouts.map(|l| (l, GemmPath::MmaSync)).to_vec();
-    if gpu.capability == (9, 0) {
-        v.extend(layouts.map(|l| (l, GemmPath::Wgmma)));
-        v.extend(layouts.map(|l| (l, GemmPath::WgmmaTma)));
-    }
-    v
+    cfg.paths
+        .iter()
+        .filter(|&&p| p == GemmPath::MmaSync || gpu.capability == (9, 0))
+        .flat_map(|&p| layouts.map(|l| (l, p)))
+        .collect()
 }
 
 /// On sm_90: one warpgroup's `wgmma` with K-major and with MN-major operands against a plain
@@ -239,9 +257,9 @@ fn check_wgmma_fragments(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
     Ok(())
 }
 
-fn check_gemm(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
+fn check_gemm(gpu: &Gpu, cfg: &BenchConfig, out: &mut Vec<CheckRecord>) -> Result<()> {
     let st = gpu.stream();
-    for (layout, path) in paths(gpu) {
+    for (layout, path) in paths(gpu, cfg) {
         let sh = GemmShape {
             layout,
             batch: 2,
@@ -402,9 +420,19 @@ fn check_attention(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
 /// the report (the caller decides what to do with them).
 pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
     let mut checks = Vec::new();
-    check_wgmma_fragments(gpu, &mut checks)?;
-    check_gemm(gpu, &mut checks)?;
-    check_attention(gpu, &mut checks)?;
+    if cfg.paths.contains(&GemmPath::Wgmma) {
+        check_wgmma_fragments(gpu, &mut checks)?;
+    }
+    check_gemm(gpu, cfg, &mut checks)?;
+    if cfg.attention {
+        check_attention(gpu, &mut checks)?;
+    }
+    let run_paths: Vec<GemmPath> = cfg
+        .paths
+        .iter()
+        .copied()
+        .filter(|&p| p == GemmPath::MmaSync || gpu.capability == (9, 0))
+        .collect();
     let st = gpu.stream();
     let mut cases = Vec::new();
     for (i, (tower, layer, m, n, k)) in gemm_cases(cfg.batch, cfg.context).into_iter().enumerate() {
@@ -431,16 +459,12 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
         } else {
             Activation::Gelu
         };
-        let hopper = gpu.capability == (9, 0);
         let mut timed = Vec::new();
         // Each layout on each path of this device: Y = X·Wᵀ, dX = dY·W, dW = dYᵀ·X (+ db).
         let fwd = shape(GemmLayout::Forward, m, n, k, act);
         let dgrad = shape(GemmLayout::InputGrad, m, k, n, Activation::None);
         let wgrad = shape(GemmLayout::WeightGrad, n, k, m, Activation::None);
-        for path in [GemmPath::MmaSync, GemmPath::Wgmma, GemmPath::WgmmaTma] {
-            if path != GemmPath::MmaSync && !hopper {
-                continue;
-            }
+        for &path in &run_paths {
             let names = match path {
                 GemmPath::MmaSync => ["fwd", "dgrad", "wgrad"],
                 GemmPath::Wgmma => ["fwd_wgmma", "dgrad_wgmma", "wgrad_wgmma"],
@@ -502,7 +526,12 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
             });
         }
     }
-    for (tower, len) in [("image", IMAGE_TOKENS), ("text", cfg.context)] {
+    let attention_towers: &[(&'static str, usize)] = if cfg.attention {
+        &[("image", IMAGE_TOKENS), ("text", cfg.context)]
+    } else {
+        &[]
+    };
+    for &(tower, len) in attention_towers {
         let sh = AttnShape {
             batch: cfg.batch,
             heads: HEADS,
