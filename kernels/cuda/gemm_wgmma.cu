@@ -165,14 +165,7 @@ MMKD_DEVICE void wg_body(const mmkd_bf16* __restrict__ A,    // see the table ab
 #pragma unroll
             for (int i = 0; i < WG_BK / 16; ++i) {
                 const int k = threadIdx.x % 16 + 16 * i;
-                const mmkd_u32x4 v =
-                    load_u32x4(at + rg * WG_SBO + (k / 8) * WG_LBO + (k % 8) * 16);
-                const unsigned w4[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    db[2 * e] += bf16_to_f32((mmkd_bf16)(w4[e] & 0xffffu));
-                    db[2 * e + 1] += bf16_to_f32((mmkd_bf16)(w4[e] >> 16));
-                }
+                wg_dbias_add8(db, at + rg * WG_SBO + (k / 8) * WG_LBO + (k % 8) * 16);
             }
         }
 #ifndef MMKD_WG_BROKEN_WAIT
@@ -184,40 +177,9 @@ MMKD_DEVICE void wg_body(const mmkd_bf16* __restrict__ A,    // see the table ab
     wgmma_wait<0>();
     wgmma_hold(acc);
 
-    if (sum_bias) {
-        // The sixteen threads of a row group are lanes 16h .. 16h + 15 of one warp.
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-#pragma unroll
-            for (int o = 8; o > 0; o /= 2) db[e] += __shfl_xor_sync(0xffffffffu, db[e], o);
-        const int row = m0 + (threadIdx.x / 16) * 8;
-        if (threadIdx.x % 16 == 0)
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-                if (row + e < M) dbias[z * M + row + e] = db[e];
-    }
+    if (sum_bias) wg_dbias_store(db, dbias + z * M, m0, M);
 
-    // Epilogue from the accumulators: warp w of the group holds rows 16w + g (+8), columns
-    // 8j + 2q (+1) in acc[4j .. 4j + 3]. The two columns go out as one store when they are
-    // adjacent in memory and aligned.
-    const int w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-    const long cbase = z * sc;
-    const bool cpair = ldc % 2 == 0 && (reinterpret_cast<unsigned long long>(C) &
-                                        (out_f32 ? 7ull : 3ull)) == 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = m0 + wg * 64 + 16 * w + g + h * 8;
-        if (row >= M) continue;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            const int col = n0 + 8 * j + 2 * q;
-            if (col >= N) continue;
-            const bool two = col + 1 < N;
-            float v[2] = {acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]};
-            gemm_store2(v, two, cpair, cbase + (long)row * ldc + col, col, bias, res, act, C,
-                        out_f32);
-        }
-    }
+    wg_epilogue(acc, m0, n0, wg, z * sc, M, N, ldc, bias, res, C, act, out_f32);
 }
 
 // Y = X·Wᵀ (+ bias, act, + residual). A (batch, M, lda ≥ K), B (batch, N, ldb ≥ K).

@@ -20,7 +20,8 @@
 //   cp_async_16/8/4 (shared dst, global src), cp_async_commit(), cp_async_wait<N>(), cp_async_wait_all()
 //   MMKD_EXPORT(kernel) after each kernel: the emulation's C entry point (nothing under NVRTC).
 //   smem_addr(p)                              a shared-memory address (for alignment arithmetic)
-//   gemm_act(v, act), gemm_store2(...)   the GEMM epilogue shared by gemm.cu and gemm_wgmma.cu
+//   gemm_act(v, act), gemm_store2(...)   the GEMM epilogue shared by gemm.cu and the wgmma GEMMs
+//   wg_epilogue, wg_dbias_add8, wg_dbias_store   what the two wgmma GEMM files share
 //   Hopper, for files compiled for sm_90a only (MinArch::Sm90a):
 //   wgmma_desc(smem, lbo, sbo)      matrix descriptor of a no-swizzle operand in dynamic shared
 //                                   memory: core matrices of 128 contiguous bytes, `lbo` bytes
@@ -279,6 +280,58 @@ MMKD_DEVICE void gemm_store2(float v[2], bool two, bool pair, long idx, int col,
             static_cast<float*>(C)[idx + e] = v[e];
         else
             static_cast<mmkd_bf16*>(C)[idx + e] = f32_to_bf16(v[e]);
+    }
+}
+
+// ---- shared by the wgmma GEMMs (gemm_wgmma.cu, gemm_wgmma_tma.cu) ----------------------------
+// The bias gradient: thread t of a block of 256 owns rows 8(t/16) .. +7 of the 128-row tile
+// and sums them over its share of k, one 16-byte chunk (8 bf16) at a time.
+MMKD_DEVICE void wg_dbias_add8(float db[8], const void* chunk) {
+    const mmkd_u32x4 v = load_u32x4(chunk);
+    const unsigned w4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        db[2 * e] += bf16_to_f32((mmkd_bf16)(w4[e] & 0xffffu));
+        db[2 * e + 1] += bf16_to_f32((mmkd_bf16)(w4[e] >> 16));
+    }
+}
+// Adds up the sums of the sixteen owners of a row group (lanes 16h .. 16h + 15 of one warp) and
+// stores rows m0 + 8(t/16) + e below M of `dbias` (already offset to the batch).
+MMKD_DEVICE void wg_dbias_store(float db[8], float* __restrict__ dbias, int m0, int M) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+#pragma unroll
+        for (int o = 8; o > 0; o /= 2) db[e] += __shfl_xor_sync(0xffffffffu, db[e], o);
+    const int row = m0 + (threadIdx.x / 16) * 8;
+    if (threadIdx.x % 16 == 0)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (row + e < M) dbias[row + e] = db[e];
+}
+// The epilogue of warpgroup wg's 64 × 128 accumulators (rows m0 + 64 wg .., columns n0 ..):
+// warp w of the group holds rows 16w + g (+8), columns 8j + 2q (+1) in acc[4j .. 4j + 3]
+// (g = lane/4, q = lane%4). The two columns go out as one store when they are adjacent in
+// memory and aligned. `cbase`: the batch's first element of C.
+MMKD_DEVICE void wg_epilogue(const float acc[64], int m0, int n0, int wg, long cbase, int M,
+                             int N, int ldc, const mmkd_bf16* __restrict__ bias,
+                             const mmkd_bf16* __restrict__ res, void* __restrict__ C, int act,
+                             int out_f32) {
+    const int w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    const bool cpair = ldc % 2 == 0 && (reinterpret_cast<unsigned long long>(C) &
+                                        (out_f32 ? 7ull : 3ull)) == 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = m0 + wg * 64 + 16 * w + g + h * 8;
+        if (row >= M) continue;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int col = n0 + 8 * j + 2 * q;
+            if (col >= N) continue;
+            const bool two = col + 1 < N;
+            float v[2] = {acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]};
+            gemm_store2(v, two, cpair, cbase + (long)row * ldc + col, col, bias, res, act, C,
+                        out_f32);
+        }
     }
 }
 

@@ -15,6 +15,13 @@
 // 128 bytes apart (LBO), successive groups of 8 rows 256 bytes apart (SBO).
 MMKD_DEVICE int wgt_chunk(int r, int kc) { return ((r / 8) * 2 + kc) * 128 + (r % 8) * 16; }
 
+// Index in the row-major (64, 128) accumulator matrix of this thread's d[4j + i]: rows
+// 16(t/32) + (t%32)/4 (+8), columns 8j + 2(t%4) (+1).
+MMKD_DEVICE int wgt_elem(int j, int i) {
+    const int t = threadIdx.x;
+    return (16 * (t / 32) + (t % 32) / 4 + (i / 2) * 8) * 128 + 8 * j + 2 * (t % 4) + (i % 2);
+}
+
 // D = A·Bᵀ + C. A (64, 16), B (128, 16) row-major (n, k), C and D (64, 128) fp32.
 MMKD_KERNEL void frag_wgmma(const mmkd_bf16* __restrict__ A, const mmkd_bf16* __restrict__ B,
                             const float* __restrict__ C, float* __restrict__ D) {
@@ -31,13 +38,9 @@ MMKD_KERNEL void frag_wgmma(const mmkd_bf16* __restrict__ A, const mmkd_bf16* __
     fence_proxy_async();  // the writes above are read by the tensor cores' proxy
     __syncthreads();
 
-    const int w = t / 32, g = (t % 32) / 4, q = t % 4;
     float d[64];
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            d[4 * j + i] = C[(16 * w + g + (i / 2) * 8) * 128 + 8 * j + 2 * q + (i % 2)];
+    for (int j = 0; j < 64; ++j) d[j] = C[wgt_elem(j / 4, j % 4)];
     wgmma_fence();
     wgmma_hold(d);
     wgmma_m64n128k16_bf16(d, wgmma_desc(sa, 128, 256), wgmma_desc(sb, 128, 256));
@@ -54,10 +57,7 @@ MMKD_KERNEL void frag_wgmma(const mmkd_bf16* __restrict__ A, const mmkd_bf16* __
     for (int i = 0; i < 64; ++i) d[i] = early[i];
 #endif
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            D[(16 * w + g + (i / 2) * 8) * 128 + 8 * j + 2 * q + (i % 2)] = d[4 * j + i];
+    for (int j = 0; j < 64; ++j) D[wgt_elem(j / 4, j % 4)] = d[j];
 }
 MMKD_EXPORT(frag_wgmma)
 
@@ -86,13 +86,9 @@ MMKD_KERNEL void frag_wgmma_mn(const mmkd_bf16* __restrict__ At, const mmkd_bf16
     fence_proxy_async();
     __syncthreads();
 
-    const int w = t / 32, g = (t % 32) / 4, q = t % 4;
     float d[64];
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            d[4 * j + i] = C[(16 * w + g + (i / 2) * 8) * 128 + 8 * j + 2 * q + (i % 2)];
+    for (int j = 0; j < 64; ++j) d[j] = C[wgt_elem(j / 4, j % 4)];
     wgmma_fence();
     wgmma_hold(d);
     wgmma_m64n128k16_bf16<1, 1>(d, wgmma_desc(sa, 128 * 8, 128), wgmma_desc(sb, 128 * 16, 128));
@@ -100,9 +96,6 @@ MMKD_KERNEL void frag_wgmma_mn(const mmkd_bf16* __restrict__ At, const mmkd_bf16
     wgmma_wait<0>();
     wgmma_hold(d);
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            D[(16 * w + g + (i / 2) * 8) * 128 + 8 * j + 2 * q + (i % 2)] = d[4 * j + i];
+    for (int j = 0; j < 64; ++j) D[wgt_elem(j / 4, j % 4)] = d[j];
 }
 MMKD_EXPORT(frag_wgmma_mn)
