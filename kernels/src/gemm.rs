@@ -614,6 +614,84 @@ pub fn gemm_cuda_on(
     unsafe { gpu.launch(file, kernel, shape, &args) }
 }
 
+/// Runs the three layouts on `path` once on `gpu` at a small shape with a tail in every
+/// dimension (M 200, N 192, K 264, whose row lengths the copy engine takes), each against
+/// [`gemm_cpu`] on fresh random inputs with the output poisoned, and returns the largest
+/// norm-wise relative error (infinite for a NaN), the weight gradient's bias gradient included.
+/// A path whose products a device gets wrong shows here before any training step uses it.
+pub fn check_path_cuda(gpu: &Gpu, path: GemmPath) -> Result<f64> {
+    use crate::testing::{bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
+    let st = gpu.stream();
+    let up = |v: &[u16]| {
+        st.clone_htod(v)
+            .map_err(|e| anyhow::anyhow!("gemm check: {e:?}"))
+    };
+    let mut worst = 0.0f64;
+    for layout in [
+        GemmLayout::Forward,
+        GemmLayout::InputGrad,
+        GemmLayout::WeightGrad,
+    ] {
+        let sh = GemmShape {
+            layout,
+            batch: 1,
+            m: 200,
+            n: 192,
+            k: 264,
+            act: Activation::None,
+        };
+        let mut g = rng(fresh_seed());
+        let (la, lb, lc) = sh.lens();
+        let (a, b) = (
+            random_bf16(&mut g, la, -1.0, 1.0),
+            random_bf16(&mut g, lb, -1.0, 1.0),
+        );
+        let wg = layout == GemmLayout::WeightGrad;
+        let mut want = vec![bf16::ZERO; lc];
+        let mut wdb = vec![0.0f32; sh.m];
+        gemm_cpu(
+            &sh,
+            &a,
+            &b,
+            None,
+            None,
+            GemmOut::Bf16(&mut want),
+            wg.then_some(wdb.as_mut_slice()),
+        )?;
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+        let (da, db) = (up(&bits(&a))?, up(&bits(&b))?);
+        let mut dc = up(&vec![0x7fc0u16; lc])?;
+        let mut ddb = st
+            .clone_htod(&vec![f32::NAN; sh.m])
+            .map_err(|e| anyhow::anyhow!("gemm check: {e:?}"))?;
+        gemm_cuda_on(
+            gpu,
+            path,
+            &sh,
+            &da,
+            &db,
+            None,
+            None,
+            GemmOutCuda::Bf16(&mut dc),
+            wg.then_some(&mut ddb),
+        )?;
+        let got: Vec<bf16> = st
+            .clone_dtoh(&dc)
+            .map_err(|e| anyhow::anyhow!("gemm check: {e:?}"))?
+            .into_iter()
+            .map(bf16::from_bits)
+            .collect();
+        worst = worst.max(rel_err(&bf16_to_f64(&got), &bf16_to_f64(&want)));
+        if wg {
+            let gdb = st
+                .clone_dtoh(&ddb)
+                .map_err(|e| anyhow::anyhow!("gemm check: {e:?}"))?;
+            worst = worst.max(rel_err(&f32_to_f64(&gdb), &f32_to_f64(&wdb)));
+        }
+    }
+    Ok(worst)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1254,6 +1332,27 @@ mod tests {
             bufs[5],
             HostBuf::F32(wdb.iter().map(|&v| v as f32).collect())
         );
+    }
+
+    /// On a GPU, every path it has passes the check the training step runs before using it
+    /// (skipped without one).
+    #[test]
+    fn gpu_paths_pass_their_check_when_present() {
+        let gpu = match crate::device::Device::select(crate::device::DeviceRequest::Auto) {
+            Ok(crate::device::Device::Cuda(g)) => g,
+            _ => {
+                eprintln!("no GPU: the GEMM path check is skipped");
+                return;
+            }
+        };
+        let mut paths = vec![GemmPath::MmaSync];
+        if gpu.capability == (9, 0) {
+            paths.extend([GemmPath::Wgmma, GemmPath::WgmmaTma]);
+        }
+        for path in paths {
+            let e = check_path_cuda(&gpu, path).unwrap();
+            assert!(e <= 1e-2, "{path:?}: rel err {e}");
+        }
     }
 
     /// The wgmma launch constants are the ones `gemm_wgmma.cu` and `gemm_wgmma_tma.cu` are

@@ -791,10 +791,10 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         "teacher_mode": format!("{:?}", distill.teacher_mode).to_lowercase(),
         "checkpointing": setup.tcfg.checkpointing,
         "micro_batch": setup.tcfg.micro_batch,
-        // The tensor-core instruction of the blocks' products (kernels only).
-        "gemm_path": match &target {
-            Target::Kernels(k) => Some(k.gemm_path()?.name()),
-            Target::Cpu => None,
+        // The tensor-core instruction the step's products ran on (kernels only).
+        "gemm_path": match &stepper {
+            Stepper::Kernels(k) => Some(k.gemm_path().name()),
+            Stepper::Cpu(_) => None,
         },
         "last_loss": last.total,
     });
@@ -888,9 +888,10 @@ fn bench_parity(a: &ParityArgs) -> Result<()> {
     let mut rows = Vec::with_capacity(a.steps);
     let mut worst = (0usize, 0.0f64);
     eprintln!(
-        "parity: {} on cpu and {}, batch {}, {} steps, tolerance {:.1e}",
+        "parity: {} on cpu and {} ({} products), batch {}, {} steps, tolerance {:.1e}",
         a.config.display(),
         target.label(),
+        kern.gemm_path().name(),
         a.batch,
         a.steps,
         a.tol
@@ -938,6 +939,7 @@ fn bench_parity(a: &ParityArgs) -> Result<()> {
         "batch": a.batch,
         "steps": a.steps,
         "tol": a.tol,
+        "gemm_path": kern.gemm_path().name(),
         "max_rel_total": worst.1,
         "worst_step": worst.0,
         "pass": pass,

@@ -65,6 +65,11 @@ impl KernelTrainer {
         self.inner.layout().section_bytes(Section::Acts)
     }
 
+    /// The tensor-core instruction the step's products run on.
+    pub fn gemm_path(&self) -> mmkd_kernels::gemm::GemmPath {
+        self.inner.gemm_path()
+    }
+
     /// One step on `inp` at the schedule's learning rate; adds the time of its parts to `t`
     /// (staging and the upload count as data).
     ///

@@ -337,6 +337,7 @@ fn emulated_parity_agrees_and_a_tight_tolerance_fails() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(v["pass"], false);
+    assert_eq!(v["gemm_path"], "wgmma");
     let worst = num(&v, "max_rel_total");
     assert!(worst > 1e-9 && worst < 2e-2, "{v}");
     let curve = v["curve"].as_array().unwrap();

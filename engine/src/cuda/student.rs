@@ -462,6 +462,11 @@ impl CudaStudent {
         unsafe { arena.run_staged(&steps, &pl.slots, &[id]) }
     }
 
+    /// The tensor-core instruction of the towers' products.
+    pub fn gemm_path(&self) -> GemmPath {
+        self.setup.gemm
+    }
+
     /// The arena layout; make the arena with `Arena::host(student.layout().clone(), emu)` or
     /// `Arena::device(student.layout().clone(), gpu)`.
     pub fn layout(&self) -> &Layout {

@@ -83,6 +83,33 @@ impl KernelTarget {
         }
     }
 
+    /// [`KernelTarget::gemm_path`], checked on a GPU before use: a `wgmma` path whose
+    /// products disagree with the CPU reference on this device (norm-wise relative error above
+    /// 1e-2, or a failed launch) is reported on stderr and replaced by `mma.sync`, so a
+    /// training run never trains on wrong products. The emulation is the reference semantics
+    /// and is not checked.
+    pub fn checked_gemm_path(&self) -> Result<GemmPath> {
+        let path = self.gemm_path()?;
+        let KernelTarget::Gpu(g) = self else {
+            return Ok(path);
+        };
+        if path == GemmPath::MmaSync {
+            return Ok(path);
+        }
+        let why = match mmkd_kernels::gemm::check_path_cuda(g, path) {
+            Ok(e) if e <= 1e-2 => return Ok(path),
+            Ok(e) => format!("relative error {e:.2e} against the CPU reference"),
+            Err(e) => format!("{e:#}"),
+        };
+        eprintln!(
+            "warning: the `{}` GEMMs fail their check on {} ({why}); the products run on \
+             `mma.sync` instead",
+            path.name(),
+            self.label()
+        );
+        Ok(GemmPath::MmaSync)
+    }
+
     /// A zeroed arena for `layout` on this backend.
     pub fn arena(&self, layout: Layout) -> Result<Arena> {
         match self {

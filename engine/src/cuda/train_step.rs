@@ -74,7 +74,7 @@ impl KernelStep {
         };
         let s = StudentSetup {
             recompute: train.checkpointing,
-            gemm: target.gemm_path()?,
+            gemm: target.checked_gemm_path()?,
             micro_batch: train.micro_batch,
             ..setup(model, distill, adamw, train.grad_clip, batch, slots)
         };
@@ -112,6 +112,12 @@ impl KernelStep {
     /// Where the step runs.
     pub fn target(&self) -> &KernelTarget {
         &self.target
+    }
+
+    /// The tensor-core instruction the step's products run on (after the check of
+    /// [`KernelTarget::checked_gemm_path`]).
+    pub fn gemm_path(&self) -> GemmPath {
+        self.student.gemm_path()
     }
 
     /// The arena's table of regions.
