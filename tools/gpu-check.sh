@@ -37,6 +37,7 @@ build() {
   strip --strip-debug "$bundle/mmkd" 2>/dev/null || echo "warning: strip failed; the binary keeps its debug info"
   cp "$here/gpu-check.sh" "$here/torch_loss_bench.py" "$bundle/tools/"
   if [ -f "$here/torch_gemm_attn_bench.py" ]; then cp "$here/torch_gemm_attn_bench.py" "$bundle/tools/"; fi
+  cp "$here/gemm_attn_ratio.py" "$bundle/tools/"
   cp "$here/torch_reference.py" "$bundle/tools/"
   cp -r "$root/configs" "$bundle/"
   # Criterion benchmark executables, when they were built (`cargo bench --no-run`).
@@ -195,6 +196,11 @@ run() {
     step torch_gemm_attn_bench 45 python3 "$here/torch_gemm_attn_bench.py" \
       --json "$out/torch_gemm_attn_bench.json"
   fi
+  # The bars of issue 6, case by case: GEMM at >= 80% of cuBLAS (mmkd's fastest path per
+  # layout), attention forward + backward at least as fast as SDPA.
+  step gemm_attn_ratio 10 python3 "$here/gemm_attn_ratio.py" --mmkd "$out/bench_gemm_attn.json" \
+    "$out/bench_gemm_tma.json" --torch "$out/torch_gemm_attn_bench.json" \
+    --json "$out/gemm_attn_ratio.json"
   bench_stage clip
   # Stage 2 with every product on mma.sync, beside the default (wgmma) run above.
   if [ -f "$cfg" ]; then
