@@ -31,6 +31,8 @@ pub struct KernelReport {
     pub hmma: Option<u32>,
     /// HGMMA (wgmma) instructions in the SASS.
     pub hgmma: Option<u32>,
+    /// UTMALDG (tensor copy) instructions in the SASS.
+    pub tma: Option<u32>,
 }
 
 /// One kernel file's result.
@@ -109,17 +111,19 @@ pub fn parse_ptxas(log: &str) -> Vec<KernelReport> {
     out
 }
 
-/// Counts HMMA and HGMMA per function in `cuobjdump -sass` output.
-pub fn count_tensor_ops(sass: &str) -> Vec<(String, u32, u32)> {
-    let mut out: Vec<(String, u32, u32)> = Vec::new();
+/// Per function in `cuobjdump -sass` output: its name and its HMMA, HGMMA and UTMALDG counts.
+pub fn count_tensor_ops(sass: &str) -> Vec<(String, u32, u32, u32)> {
+    let mut out: Vec<(String, u32, u32, u32)> = Vec::new();
     for line in sass.lines() {
         if let Some(name) = line.trim().strip_prefix("Function : ") {
-            out.push((name.trim().to_string(), 0, 0));
+            out.push((name.trim().to_string(), 0, 0, 0));
         } else if let Some(f) = out.last_mut() {
             if line.contains("HGMMA") {
                 f.2 += 1;
             } else if line.contains("HMMA") {
                 f.1 += 1;
+            } else if line.contains("UTMALDG") {
+                f.3 += 1;
             }
         }
     }
@@ -231,9 +235,10 @@ fn check_file(
         } else {
             let counts = count_tensor_ops(&sass);
             for k in &mut r.kernels {
-                let c = counts.iter().find(|(n, _, _)| *n == k.kernel);
+                let c = counts.iter().find(|c| c.0 == k.kernel);
                 k.hmma = Some(c.map_or(0, |c| c.1));
                 k.hgmma = Some(c.map_or(0, |c| c.2));
+                k.tma = Some(c.map_or(0, |c| c.3));
             }
         }
     }
@@ -253,6 +258,23 @@ fn check_file(
                     k.kernel
                 )),
             }
+        }
+    }
+    for k in r
+        .kernels
+        .iter()
+        .filter(|k| file.tma_entries.contains(&k.kernel.as_str()))
+    {
+        match k.tma {
+            Some(n) if n > 0 => {}
+            Some(_) => r.failures.push(format!(
+                "{}: no UTMALDG (tensor copy) in the SASS",
+                k.kernel
+            )),
+            None => r.failures.push(format!(
+                "{}: SASS unavailable, tensor-copy use unchecked",
+                k.kernel
+            )),
         }
     }
     Ok(r)
@@ -320,8 +342,8 @@ pub fn render(report: &CheckReport) -> String {
             .unwrap_or("not on PATH (no SASS report)")
     );
     s += &format!(
-        "{:<14} {:<26} {:>4} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6}  status\n",
-        "file", "kernel", "regs", "smem", "stack", "spillS", "spillL", "hmma", "hgmma"
+        "{:<14} {:<26} {:>4} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6} {:>4}  status\n",
+        "file", "kernel", "regs", "smem", "stack", "spillS", "spillL", "hmma", "hgmma", "tma"
     );
     let opt = |v: Option<u32>| v.map_or("-".to_string(), |n| n.to_string());
     for f in &report.files {
@@ -337,7 +359,7 @@ pub fn render(report: &CheckReport) -> String {
         }
         for k in &f.kernels {
             s += &format!(
-                "{:<14} {:<26} {:>4} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6}  {status}\n",
+                "{:<14} {:<26} {:>4} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6} {:>4}  {status}\n",
                 f.file,
                 k.kernel,
                 k.registers,
@@ -346,7 +368,8 @@ pub fn render(report: &CheckReport) -> String {
                 k.spill_store_bytes,
                 k.spill_load_bytes,
                 opt(k.hmma),
-                opt(k.hgmma)
+                opt(k.hgmma),
+                opt(k.tma)
             );
         }
         for w in &f.warnings {
@@ -377,6 +400,7 @@ mod tests {
             entries: &["k"],
             min_arch: MinArch::Sm80,
             tensor_core_entries: &[],
+            tma_entries: &[],
         };
         let tmp = tempdir().unwrap();
         let bad = file(
@@ -406,6 +430,33 @@ mod tests {
         );
         let r = check_file(&clean, "sm_90", None, None, &tmp).unwrap();
         assert!(r.failures.is_empty(), "{:?}", r.failures);
+        // A kernel that must show tensor copies fails without them, and when its SASS cannot
+        // be read (both need ptxas; CI has it on PATH).
+        let claims_tma = KernelFile {
+            tma_entries: &["k"],
+            ..clean
+        };
+        if let Some(ptxas) = on_path("ptxas") {
+            let r = check_file(&claims_tma, "sm_90", Some(&ptxas), None, &tmp).unwrap();
+            assert!(
+                r.failures
+                    .iter()
+                    .any(|f| f.contains("tensor-copy use unchecked")),
+                "{:?}",
+                r.failures
+            );
+            if let Some(objdump) = on_path("cuobjdump") {
+                let r =
+                    check_file(&claims_tma, "sm_90", Some(&ptxas), Some(&objdump), &tmp).unwrap();
+                assert!(
+                    r.failures.iter().any(|f| f.contains("no UTMALDG")),
+                    "{:?}",
+                    r.failures
+                );
+            }
+        } else {
+            eprintln!("ptxas not on PATH: the SASS rules of the gate are not exercised");
+        }
         let _ = std::fs::remove_dir_all(&tmp);
     }
 
@@ -432,10 +483,11 @@ ptxas info    : Used 12 registers, used 0 barriers, 380 bytes cmem[0]\n";
             ("k2", 12, 0)
         );
         let sass = "\tFunction : k1\n  /*0010*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n\
-  /*0020*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n\tFunction : k2\n  /*0000*/ HGMMA.64x128x16.F32.BF16 gdesc[UR4] ;\n";
+  /*0020*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n\tFunction : k2\n  /*0000*/ HGMMA.64x128x16.F32.BF16 gdesc[UR4] ;\n\
+  /*0010*/ UTMALDG.3D [UR8], [UR14] ;\n";
         assert_eq!(
             count_tensor_ops(sass),
-            vec![("k1".into(), 2, 0), ("k2".into(), 0, 1)]
+            vec![("k1".into(), 2, 0, 0), ("k2".into(), 0, 1, 1)]
         );
     }
 }

@@ -30,6 +30,8 @@ pub struct KernelFile {
     /// Kernels that must show tensor-core instructions (HMMA/HGMMA) in their SASS; the compile
     /// gate fails when they are missing or the SASS cannot be read.
     pub tensor_core_entries: &'static [&'static str],
+    /// Kernels that must show tensor copies (UTMALDG) in their SASS, checked the same way.
+    pub tma_entries: &'static [&'static str],
 }
 
 impl KernelFile {
@@ -46,6 +48,7 @@ pub const LAYERNORM: KernelFile = KernelFile {
     entries: &["layernorm_fwd", "layernorm_bwd", "layernorm_bwd_reduce"],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],
+    tma_entries: &[],
 };
 
 /// One-warp kernels that test the matrix-fragment instructions.
@@ -55,6 +58,7 @@ pub const FRAGMENT_TEST: KernelFile = KernelFile {
     entries: &["frag_mma_direct", "frag_mma_ldmatrix", "frag_ldmatrix_dump"],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &["frag_mma_direct", "frag_mma_ldmatrix"],
+    tma_entries: &[],
 };
 
 /// The three products on Hopper's `wgmma`, same parameters and epilogues as `gemm.cu`'s.
@@ -64,6 +68,7 @@ pub const GEMM_WGMMA: KernelFile = KernelFile {
     entries: &["gemm_fwd_wgmma", "gemm_dgrad_wgmma", "gemm_wgrad_wgmma"],
     min_arch: MinArch::Sm90a,
     tensor_core_entries: &["gemm_fwd_wgmma", "gemm_dgrad_wgmma", "gemm_wgrad_wgmma"],
+    tma_entries: &[],
 };
 
 /// The three products on `wgmma` with the operand tiles copied by the tensor copy engine (TMA).
@@ -73,6 +78,7 @@ pub const GEMM_WGMMA_TMA: KernelFile = KernelFile {
     entries: &["gemm_fwd_tma", "gemm_dgrad_tma", "gemm_wgrad_tma"],
     min_arch: MinArch::Sm90a,
     tensor_core_entries: &["gemm_fwd_tma", "gemm_dgrad_tma", "gemm_wgrad_tma"],
+    tma_entries: &["gemm_fwd_tma", "gemm_dgrad_tma", "gemm_wgrad_tma"],
 };
 
 /// One warpgroup through `wgmma` (Hopper): tests the emulation's descriptors and layouts.
@@ -82,6 +88,7 @@ pub const WGMMA_TEST: KernelFile = KernelFile {
     entries: &["frag_wgmma", "frag_wgmma_mn"],
     min_arch: MinArch::Sm90a,
     tensor_core_entries: &["frag_wgmma", "frag_wgmma_mn"],
+    tma_entries: &[],
 };
 
 /// Kernels that pin down the emulation's warp and memory semantics.
@@ -96,6 +103,7 @@ pub const EMU_TEST: KernelFile = KernelFile {
     ],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],
+    tma_entries: &[],
 };
 
 /// The multi-teacher distillation loss (forward and backward, fused; no N×N matrix stored).
@@ -116,6 +124,7 @@ pub const MT_LOSS: KernelFile = KernelFile {
     ],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &["mtl_row_stats_tc", "mtl_grad_rows_tc"],
+    tma_entries: &[],
 };
 
 /// AdamW over all parameters and the global gradient norm.
@@ -125,6 +134,7 @@ pub const ADAMW: KernelFile = KernelFile {
     entries: &["grad_sumsq", "grad_norm_finish", "adamw_step"],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],
+    tma_entries: &[],
 };
 
 /// u8 crops to normalised bf16, with the horizontal flip.
@@ -134,6 +144,7 @@ pub const IMAGE_NORM: KernelFile = KernelFile {
     entries: &["image_normalize"],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],
+    tma_entries: &[],
 };
 
 /// Casts, axpby, embedding gather/scatter-add, GELU/QuickGELU, row softmax, row transpose
@@ -156,6 +167,7 @@ pub const ELEMENTWISE: KernelFile = KernelFile {
     ],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],
+    tma_entries: &[],
 };
 
 /// Tensor-core GEMM with fused epilogues: forward, input-gradient and weight-gradient layouts.
@@ -165,6 +177,7 @@ pub const GEMM: KernelFile = KernelFile {
     entries: &["gemm_fwd", "gemm_dgrad", "gemm_wgrad"],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &["gemm_fwd", "gemm_dgrad", "gemm_wgrad"],
+    tma_entries: &[],
 };
 
 /// Fused attention (head dim 64), forward and backward.
@@ -174,6 +187,7 @@ pub const ATTENTION: KernelFile = KernelFile {
     entries: &["attn_fwd", "attn_bwd_dot", "attn_bwd_dkdv", "attn_bwd_dq"],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &["attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"],
+    tma_entries: &[],
 };
 
 /// Every kernel file, in the order `mmkd kernels check` reports them.
