@@ -256,6 +256,9 @@ try:
     name = "mt_loss bf16 All N=1024 T=8 D=512"
     summary["fused_loss_median_ms"] = fused.get(name, {}).get("median_ms")
     summary["selftest_passed"] = all(c["passed"] for c in st["cases"])
+    # The GEMM paths' checks (the Hopper layouts on sm_90): name -> passed.
+    summary["gemm_paths"] = {c["name"]: c["passed"] for c in st["cases"]
+                             if c["name"].startswith("gemm path")}
 except Exception as e:  # a failed earlier step leaves no file: record why
     summary["selftest_error"] = repr(e)
 try:

@@ -2,12 +2,15 @@
 //! with poisoned outputs, on the emulation or a GPU; on a GPU each is then timed with CUDA
 //! events (warm-up, median of many launches) and reported as achieved GB/s (and TFLOP/s for
 //! the loss) beside the H200's ceilings and a device-to-device copy measured in the same run.
+//! On a GPU it ends with the check of each GEMM path the device has
+//! ([`crate::gemm::check_path_cuda`]), the one the training step runs before using a path.
 
 use crate::adamw::{self, AdamWConfig};
 use crate::device::Gpu;
 use crate::elementwise;
 use crate::emu::Emu;
 use crate::exec::{self, Backend, DevBuf, HostBuf, Step};
+use crate::gemm::{self, GemmPath};
 use crate::image_norm::{self, ImageNormConfig};
 use crate::mt_loss::{self, IclScale, LossConfig, LossInputs, TeacherMode};
 use crate::testing::{fresh_seed, rel_err, rng};
@@ -609,6 +612,37 @@ pub fn run(target: Target<'_>, iters: usize) -> Result<Report> {
             }
         }
         report.cases.push(r);
+    }
+    // On a GPU, each GEMM path it has (mma.sync; on sm_90 wgmma, then wgmma fed by TMA, last
+    // because a fault there may leave the device unusable): the check the training step runs
+    // before using a path, so the first GPU run says early whether the Hopper layouts hold.
+    if let Target::Gpu(g) = target {
+        let mut paths = vec![GemmPath::MmaSync];
+        if g.capability == (9, 0) {
+            paths.extend([GemmPath::Wgmma, GemmPath::WgmmaTma]);
+        }
+        for path in paths {
+            let tol = 1e-2;
+            let (rel_err, error) = match gemm::check_path_cuda(g, path) {
+                Ok(e) => (
+                    Some(e),
+                    (e > tol).then(|| format!("rel err {e:.3e} > {tol}")),
+                ),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            };
+            report.cases.push(CaseReport {
+                name: format!("gemm path {}: 3 layouts, M 200 N 192 K 264", path.name()),
+                rel_err,
+                tolerance: Some(tol),
+                passed: error.is_none(),
+                error,
+                median_ms: None,
+                bytes: 0.0,
+                flops: 0.0,
+                gbps: None,
+                tflops: None,
+            });
+        }
     }
     Ok(report)
 }
