@@ -1047,6 +1047,12 @@ impl CudaBlock {
         self.acts.y
     }
 
+    /// Pre-norm blocks: the constant zero residual of LN1, bf16 (B·L, W), zero from the
+    /// arena's creation and never written; other code may read it as a zero table.
+    pub fn zero_table(&self) -> Option<RegionId> {
+        self.acts.zero
+    }
+
     /// The gradient arriving at the output, bf16 (B·L, W), read by the backward.
     pub fn output_grad(&self) -> RegionId {
         self.acts.dy

@@ -230,6 +230,13 @@ impl CudaImageTower {
             let blk = CudaBlock::in_layout(bd, lay, &block_prefix(i), blocks.last())?;
             blocks.push(blk);
         }
+        // The largest zero any op here reads is the token-gradient table, (B·patches + 1) rows:
+        // the blocks' zero residual ((B·L) rows) holds it, so the tower reads that one.
+        let zero_rows = (b * np + 1) * w;
+        let shared_zero = blocks
+            .first()
+            .and_then(CudaBlock::zero_table)
+            .filter(|&z| lay.region(z).len >= zero_rows);
         let (bfl, f32l) = (Dtype::Bf16, Dtype::F32);
         let mut add = |sec: Section, kind: &str, name: &str, dt: Dtype, n: usize| {
             lay.add(&format!("{kind}.visual.{name}"), sec, dt, n)
@@ -276,8 +283,10 @@ impl CudaImageTower {
                 f32l,
                 backward_scratch_len(ln_b),
             )?,
-            // The largest zero any op reads: the token-gradient table.
-            zero: add(t, "table", "zero", bfl, (b * np + 1) * w)?,
+            zero: match shared_zero {
+                Some(z) => z,
+                None => add(t, "table", "zero", bfl, zero_rows)?,
+            },
             im2col: add(
                 t,
                 "table",
