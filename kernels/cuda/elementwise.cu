@@ -11,7 +11,7 @@
 // Out-of-range embedding indices write zeros (gather) or nothing (scatter) and are counted in
 // `bad[0]`, which the caller reads back. bf16 storage, fp32 arithmetic.
 //
-// Test-only variant (kernels/build.rs): row_transpose and transpose_tiles copy rows in place
+// Test-only variant (kernels/build.rs): row_transpose copies rows in place
 // instead of transposing them, which only the identity cases A = 1 or B = 1 cannot tell apart.
 // mmkd-emu-variant: broken_transpose MMKD_EW_BROKEN_TRANSPOSE
 #include "prelude.cuh"
@@ -193,32 +193,3 @@ MMKD_KERNEL void row_transpose(const mmkd_bf16* __restrict__ src,  // (A, B, C)
     }
 }
 MMKD_EXPORT(row_transpose)
-
-// transpose_tiles: row_transpose for rows of one element (C = 1), a plain matrix transpose
-// dst (B, A) ← src (A, B). A 32 × 32 tile goes through shared memory (rows padded by one
-// element), so both the reads of src rows and the writes of dst rows are coalesced. Launch:
-// grid (ceil(B/32), ceil(A/32)), block (32, 8).
-#define EW_TT 32
-MMKD_KERNEL void transpose_tiles(const mmkd_bf16* __restrict__ src,  // (A, B)
-                                 mmkd_bf16* __restrict__ dst,        // (B, A) out
-                                 int A, int B) {
-    __shared__ mmkd_bf16 tile[EW_TT][EW_TT + 1];
-    const int a0 = blockIdx.y * EW_TT, b0 = blockIdx.x * EW_TT;
-    for (int r = threadIdx.y; r < EW_TT; r += blockDim.y) {
-        const int i = a0 + r, j = b0 + threadIdx.x;
-        if (i < A && j < B) tile[r][threadIdx.x] = src[(long)i * B + j];
-    }
-    __syncthreads();
-    for (int r = threadIdx.y; r < EW_TT; r += blockDim.y) {
-        const int j = b0 + r, i = a0 + threadIdx.x;  // dst row j, column i
-        if (i < A && j < B) {
-#ifdef MMKD_EW_BROKEN_TRANSPOSE
-            (void)tile;
-            dst[(long)j * A + i] = src[(long)j * A + i];  // elements stay where they are
-#else
-            dst[(long)j * A + i] = tile[threadIdx.x][r];
-#endif
-        }
-    }
-}
-MMKD_EXPORT(transpose_tiles)

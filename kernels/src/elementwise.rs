@@ -215,16 +215,6 @@ impl Ew {
                     vec![P::Buf(0), P::Buf(1), i(c), P::F32(scale)],
                 )
             }
-            // Rows of one element: a matrix transpose through shared-memory tiles.
-            Ew::RowTranspose { a, b, c: 1 } if a.div_ceil(32) <= 65535 => step(
-                "transpose_tiles",
-                LaunchShape {
-                    grid: [b.div_ceil(32) as u32, a.div_ceil(32) as u32, 1],
-                    block: [32, 8, 1],
-                    shared_bytes: 0,
-                },
-                vec![P::Buf(0), P::Buf(1), i(a), i(b)],
-            ),
             // One thread per 16-byte unit when rows allow it (the kernel decides from c and
             // the addresses), per element otherwise; the grid strides over the rest.
             Ew::RowTranspose { a, b, c } => {
@@ -558,7 +548,7 @@ mod tests {
         (2, 3, 8),
         (7, 4, 24),
         (5, 9, 100),
-        // Rows of one element: the tiled kernel, edges of partial tiles included.
+        // Rows of one element.
         (33, 70, 1),
         (64, 96, 1),
         (1, 45, 1),

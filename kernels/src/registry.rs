@@ -163,7 +163,6 @@ pub const ELEMENTWISE: KernelFile = KernelFile {
         "act_bwd",
         "softmax_rows",
         "row_transpose",
-        "transpose_tiles",
     ],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],
