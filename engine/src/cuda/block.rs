@@ -72,8 +72,8 @@ pub struct BlockDims {
     /// input, so that the blocks of a stack keep only their outputs between the two passes
     /// and share one set of the other activations, at the cost of one more forward.
     pub recompute: bool,
-    /// The tensor-core instruction of the block's products: `Wgmma` on an sm_90 GPU or under
-    /// the emulation, else `MmaSync`.
+    /// The tensor-core instruction of the block's products: by default `Wgmma` on an sm_90 GPU
+    /// or under the emulation, else `MmaSync` (see `KernelTarget::gemm_path`).
     pub gemm: GemmPath,
 }
 
