@@ -614,82 +614,122 @@ pub fn gemm_cuda_on(
     unsafe { gpu.launch(file, kernel, shape, &args) }
 }
 
-/// Runs the three layouts on `path` once on `gpu` at a small shape with a tail in every
-/// dimension (M 200, N 192, K 264, whose row lengths the copy engine takes), each against
-/// [`gemm_cpu`] on fresh random inputs with the output poisoned, and returns the largest
-/// norm-wise relative error (infinite for a NaN), the weight gradient's bias gradient included.
-/// A path whose products a device gets wrong shows here before any training step uses it.
-pub fn check_path_cuda(gpu: &Gpu, path: GemmPath) -> Result<f64> {
+/// The shape of [`check_cuda`]: two batches of M 200, N 192, K 264 (a tail in every dimension,
+/// row lengths the copy engine takes), bias and QuickGELU.
+const CHECK_SHAPE: GemmShape = GemmShape {
+    layout: GemmLayout::Forward,
+    batch: 2,
+    m: 200,
+    n: 192,
+    k: 264,
+    act: Activation::QuickGelu,
+};
+
+/// One layout on one path checked on a GPU against [`gemm_cpu`] ([`check_cuda`]).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmCheck {
+    /// The product checked.
+    pub shape: GemmShape,
+    /// The path asked for (at this shape `WgmmaTma` runs the TMA kernels).
+    pub path: GemmPath,
+    /// The seed of the inputs.
+    pub seed: u64,
+    /// Norm-wise relative error of C (infinite for a NaN).
+    pub rel_err: f64,
+    /// The same for the bias gradient (`WeightGrad` only).
+    pub dbias_rel_err: Option<f64>,
+}
+
+impl GemmCheck {
+    /// Tolerance of C (bf16 operands and output).
+    pub const TOL: f64 = 1e-2;
+    /// Tolerance of the bias gradient (fp32 sums of bf16 values).
+    pub const DBIAS_TOL: f64 = 1e-4;
+    /// Both within their tolerances.
+    pub fn passed(&self) -> bool {
+        self.rel_err <= Self::TOL && self.dbias_rel_err.is_none_or(|e| e <= Self::DBIAS_TOL)
+    }
+}
+
+/// Runs `layout` on `path` once on `gpu` at [`CHECK_SHAPE`] against [`gemm_cpu`], on fresh
+/// random inputs with the output poisoned; the weight gradient with its bias gradient. A path
+/// whose products a device gets wrong shows here before anything uses it.
+pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmCheck> {
     use crate::testing::{bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
     let st = gpu.stream();
-    let up = |v: &[u16]| {
-        st.clone_htod(v)
-            .map_err(|e| anyhow::anyhow!("gemm check: {e:?}"))
+    let driver = |e: cudarc::driver::DriverError| anyhow::anyhow!("gemm check: {e:?}");
+    let sh = GemmShape {
+        layout,
+        ..CHECK_SHAPE
     };
-    let mut worst = 0.0f64;
-    for layout in [
+    let seed = fresh_seed();
+    let mut g = rng(seed);
+    let (la, lb, lc) = sh.lens();
+    let (a, b, bias) = (
+        random_bf16(&mut g, la, -1.0, 1.0),
+        random_bf16(&mut g, lb, -1.0, 1.0),
+        random_bf16(&mut g, sh.n, -1.0, 1.0),
+    );
+    let wg = layout == GemmLayout::WeightGrad;
+    let mut want = vec![bf16::ZERO; lc];
+    let mut wdb = vec![0.0f32; sh.batch * sh.m];
+    gemm_cpu(
+        &sh,
+        &a,
+        &b,
+        Some(&bias),
+        None,
+        GemmOut::Bf16(&mut want),
+        wg.then_some(wdb.as_mut_slice()),
+    )?;
+    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+    let da = st.clone_htod(&bits(&a)).map_err(driver)?;
+    let db = st.clone_htod(&bits(&b)).map_err(driver)?;
+    let dbias = st.clone_htod(&bits(&bias)).map_err(driver)?;
+    let mut dc = st.clone_htod(&vec![0x7fc0u16; lc]).map_err(driver)?;
+    let mut ddb = st.clone_htod(&vec![f32::NAN; wdb.len()]).map_err(driver)?;
+    gemm_cuda_on(
+        gpu,
+        path,
+        &sh,
+        &da,
+        &db,
+        Some(&dbias),
+        None,
+        GemmOutCuda::Bf16(&mut dc),
+        wg.then_some(&mut ddb),
+    )?;
+    let got: Vec<bf16> = st
+        .clone_dtoh(&dc)
+        .map_err(driver)?
+        .into_iter()
+        .map(bf16::from_bits)
+        .collect();
+    let dbias_rel_err = if wg {
+        let gdb = st.clone_dtoh(&ddb).map_err(driver)?;
+        Some(rel_err(&f32_to_f64(&gdb), &f32_to_f64(&wdb)))
+    } else {
+        None
+    };
+    Ok(GemmCheck {
+        shape: sh,
+        path,
+        seed,
+        rel_err: rel_err(&bf16_to_f64(&got), &bf16_to_f64(&want)),
+        dbias_rel_err,
+    })
+}
+
+/// [`check_cuda`] for the three layouts on `path`.
+pub fn check_path_cuda(gpu: &Gpu, path: GemmPath) -> Result<Vec<GemmCheck>> {
+    [
         GemmLayout::Forward,
         GemmLayout::InputGrad,
         GemmLayout::WeightGrad,
-    ] {
-        let sh = GemmShape {
-            layout,
-            batch: 1,
-            m: 200,
-            n: 192,
-            k: 264,
-            act: Activation::None,
-        };
-        let mut g = rng(fresh_seed());
-        let (la, lb, lc) = sh.lens();
-        let (a, b) = (
-            random_bf16(&mut g, la, -1.0, 1.0),
-            random_bf16(&mut g, lb, -1.0, 1.0),
-        );
-        let wg = layout == GemmLayout::WeightGrad;
-        let mut want = vec![bf16::ZERO; lc];
-        let mut wdb = vec![0.0f32; sh.m];
-        gemm_cpu(
-            &sh,
-            &a,
-            &b,
-            None,
-            None,
-            GemmOut::Bf16(&mut want),
-            wg.then_some(wdb.as_mut_slice()),
-        )?;
-        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
-        let (da, db) = (up(&bits(&a))?, up(&bits(&b))?);
-        let mut dc = up(&vec![0x7fc0u16; lc])?;
-        let mut ddb = st
-            .clone_htod(&vec![f32::NAN; sh.m])
-            .map_err(|e| anyhow::anyhow!("gemm check: {e:?}"))?;
-        gemm_cuda_on(
-            gpu,
-            path,
-            &sh,
-            &da,
-            &db,
-            None,
-            None,
-            GemmOutCuda::Bf16(&mut dc),
-            wg.then_some(&mut ddb),
-        )?;
-        let got: Vec<bf16> = st
-            .clone_dtoh(&dc)
-            .map_err(|e| anyhow::anyhow!("gemm check: {e:?}"))?
-            .into_iter()
-            .map(bf16::from_bits)
-            .collect();
-        worst = worst.max(rel_err(&bf16_to_f64(&got), &bf16_to_f64(&want)));
-        if wg {
-            let gdb = st
-                .clone_dtoh(&ddb)
-                .map_err(|e| anyhow::anyhow!("gemm check: {e:?}"))?;
-            worst = worst.max(rel_err(&f32_to_f64(&gdb), &f32_to_f64(&wdb)));
-        }
-    }
-    Ok(worst)
+    ]
+    .into_iter()
+    .map(|l| check_cuda(gpu, path, l))
+    .collect()
 }
 
 #[cfg(test)]
@@ -1283,6 +1323,47 @@ mod tests {
         );
         let got = run_planned(&c, opts);
         assert_eq!(got, run(&c, Some(&Emu::default())), "seed {seed}");
+    }
+
+    /// On a GPU, every path it has passes the check the training step runs before using it
+    /// (skipped without one).
+    #[test]
+    fn gpu_paths_pass_their_check_when_present() {
+        let gpu = match crate::device::Device::select(crate::device::DeviceRequest::Auto) {
+            Ok(crate::device::Device::Cuda(g)) => g,
+            _ => {
+                eprintln!("no GPU: the GEMM path check is skipped");
+                return;
+            }
+        };
+        let mut paths = vec![GemmPath::MmaSync];
+        if gpu.capability == (9, 0) {
+            paths.extend([GemmPath::Wgmma, GemmPath::WgmmaTma]);
+        }
+        for path in paths {
+            for c in check_path_cuda(&gpu, path).unwrap() {
+                assert!(c.passed(), "{c:?}");
+            }
+        }
+    }
+
+    /// The check's shape is one the copy engine takes in every layout, so on the TMA path it
+    /// checks the TMA kernels and not their fallback.
+    #[test]
+    fn the_gpu_check_shape_exercises_tma() {
+        for layout in LAYOUTS {
+            let sh = GemmShape {
+                layout,
+                ..CHECK_SHAPE
+            };
+            let opts = GemmOpts {
+                bias: true,
+                dbias: layout == GemmLayout::WeightGrad,
+                path: GemmPath::WgmmaTma,
+                ..GemmOpts::default()
+            };
+            assert_eq!(sh.plan(opts).unwrap()[0].kernel, layout.tma_entry());
+        }
     }
 
     /// The wgmma launch constants are the ones `gemm_wgmma.cu` and `gemm_wgmma_tma.cu` are

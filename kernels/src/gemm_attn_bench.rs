@@ -9,7 +9,7 @@
 
 use crate::attention::{self, AttnShape, HEAD_DIM};
 use crate::device::Gpu;
-use crate::gemm::{self, Activation, GemmLayout, GemmOut, GemmOutCuda, GemmPath, GemmShape};
+use crate::gemm::{self, Activation, GemmCheck, GemmLayout, GemmOutCuda, GemmPath, GemmShape};
 use crate::testing::{bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
 use anyhow::{anyhow, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -258,72 +258,20 @@ fn check_wgmma_fragments(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
 }
 
 fn check_gemm(gpu: &Gpu, cfg: &BenchConfig, out: &mut Vec<CheckRecord>) -> Result<()> {
-    let st = gpu.stream();
     for (layout, path) in paths(gpu, cfg) {
-        let sh = GemmShape {
-            layout,
-            batch: 2,
-            m: 197,
-            n: 192,
-            k: 264,
-            act: Activation::QuickGelu,
-        };
-        let seed = fresh_seed();
-        let mut g = rng(seed);
-        let (la, lb, lc) = (sh.m * sh.k * 2, sh.n * sh.k * 2, sh.m * sh.n * 2);
-        let (a, b) = (
-            random_bf16(&mut g, la, -1.0, 1.0),
-            random_bf16(&mut g, lb, -1.0, 1.0),
-        );
-        let bias = random_bf16(&mut g, sh.n, -1.0, 1.0);
-        let wg = layout == GemmLayout::WeightGrad;
-        let mut want = vec![bf16::ZERO; lc];
-        let mut wdb = vec![0.0f32; 2 * sh.m];
-        gemm::gemm_cpu(
-            &sh,
-            &a,
-            &b,
-            Some(&bias),
-            None,
-            GemmOut::Bf16(&mut want),
-            wg.then_some(wdb.as_mut_slice()),
-        )?;
-        let da = st.clone_htod(&bits(&a)).map_err(|e| anyhow!("{e:?}"))?;
-        let db = st.clone_htod(&bits(&b)).map_err(|e| anyhow!("{e:?}"))?;
-        let dbias = st.clone_htod(&bits(&bias)).map_err(|e| anyhow!("{e:?}"))?;
-        let mut dc = st
-            .clone_htod(&vec![0x7fffu16; lc])
-            .map_err(|e| anyhow!("{e:?}"))?;
-        let mut ddb = st
-            .clone_htod(&vec![f32::NAN; 2 * sh.m])
-            .map_err(|e| anyhow!("{e:?}"))?;
-        gemm::gemm_cuda_on(
-            gpu,
-            path,
-            &sh,
-            &da,
-            &db,
-            Some(&dbias),
-            None,
-            GemmOutCuda::Bf16(&mut dc),
-            wg.then_some(&mut ddb),
-        )?;
-        let got = from_bits(st.clone_dtoh(&dc).map_err(|e| anyhow!("{e:?}"))?);
-        let e = rel_err(&bf16_to_f64(&got), &bf16_to_f64(&want));
+        let c = gemm::check_cuda(gpu, path, layout)?;
         out.push(CheckRecord {
-            name: format!("gemm {layout:?} {path:?} {sh:?}"),
-            rel_err: e,
-            passed: e <= 1e-2,
-            seed,
+            name: format!("gemm {layout:?} {path:?} {:?}", c.shape),
+            rel_err: c.rel_err,
+            passed: c.rel_err <= GemmCheck::TOL,
+            seed: c.seed,
         });
-        if wg {
-            let gdb = st.clone_dtoh(&ddb).map_err(|e| anyhow!("{e:?}"))?;
-            let e = rel_err(&f32_to_f64(&gdb), &f32_to_f64(&wdb));
+        if let Some(e) = c.dbias_rel_err {
             out.push(CheckRecord {
-                name: format!("gemm dbias {path:?} {sh:?}"),
+                name: format!("gemm dbias {path:?} {:?}", c.shape),
                 rel_err: e,
-                passed: e <= 1e-4,
-                seed,
+                passed: e <= GemmCheck::DBIAS_TOL,
+                seed: c.seed,
             });
         }
     }
