@@ -1136,6 +1136,10 @@ mod tests {
         }
     }
 
+    /// bf16 inputs within 1e-2. d/ds is measured against the magnitude of its terms, as in
+    /// [`clip_mode_matches_reference_and_direct_formula`]: it is the task term's alone, which
+    /// cancels, and the tensor-core path rounds the logits' operands to bf16 (seen: 0.2001
+    /// against 0.1972, 1.5%, where the terms sum to far more).
     #[test]
     fn bf16_inputs_match_reference() {
         for (n, t, d) in [(5, 3, 48), (9, 2, 130), (17, 4, 64)] {
@@ -1144,7 +1148,8 @@ mod tests {
                 let c = to_bf16(&case_f32(cfg(n, t, d, mode), seed));
                 let want = run(&c, None).unwrap();
                 let got = run(&c, Some(&Emu::default())).unwrap();
-                let e = err(&got, &want);
+                let (_, mag) = clip_direct_run(&c);
+                let e = err_ds(&got, &want, mag);
                 assert!(
                     e <= 1e-2,
                     "N={n} T={t} D={d} {mode:?} seed {seed}: rel err {e}"
