@@ -557,18 +557,15 @@ fn arena_layout_is_disjoint_and_aligned() {
             lay.section_bytes(Section::Params) / 4,
             lay.section_bytes(Section::ParamsBf16) / 2
         );
-        // Heads move by row transpose: the only table is the key lengths, one per attention
-        // sequence (and the pre-norm block's zero residual, an activation-sized constant).
+        // Attention reads the heads where the projection wrote them: the only table is the
+        // key lengths, one per sequence (and the pre-norm block's zero residual, an
+        // activation-sized constant).
         let tables: Vec<_> = regs
             .iter()
             .filter(|r| r.section == Section::Tables && r.name != "table.zero")
             .map(|r| (r.name.as_str(), r.dtype, r.len))
             .collect();
-        assert_eq!(
-            tables,
-            [("table.seqlens", Dtype::I32, d.heads * d.batch)],
-            "{norm:?}"
-        );
+        assert_eq!(tables, [("table.seqlens", Dtype::I32, d.batch)], "{norm:?}");
         // Each parameter has a master, a bf16 copy and a gradient of its own length.
         for (name, shape) in param_specs(&d) {
             let n: usize = shape.iter().product();

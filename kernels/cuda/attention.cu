@@ -10,8 +10,13 @@
 //   dp_ij = do_i · v_j,  ds_ij = p_ij (dp_ij − D_i)
 //   dq_i = scale Σ_j ds_ij k_j,  dk_j = scale Σ_i ds_ij q_i,  dv_j = Σ_i p_ij do_i
 //
-// Layout: q, k, v, o, do, dq, dk, dv (BH, L, 64) bf16; lse, D (BH, L) fp32; seqlens (B) int,
-// B = BH / H. Base pointers must be 16-byte aligned.
+// Layout: token-major, the layout the projections write. q, k, v, o, do, dq, dk, dv are
+// (B·L) rows of bf16, the row of token i of sequence b at (b·L + i)·pitch, head h in columns
+// h·64 .. h·64 + 64 of it; q, k, v, dq, dk, dv share one pitch (`ldqkv`), o and do another
+// (`ldo`). So q, k and v can be column views of one packed (B·L, 3·H·64) projection
+// (pitch 3·H·64) and o is the (B·L, H·64) input of the output projection: no head transposes.
+// lse, D (BH, L) fp32 with bh = b·H + h; seqlens (B) int. Base pointers and pitches must be
+// 16-byte multiples.
 //
 // Kernels (all: block 128 = 4 warps, each warp owns 16 rows of a 64-row tile; the other
 // operand's 64-row tiles stream through shared memory, double-buffered by cp.async):
@@ -48,16 +53,22 @@ MMKD_DEVICE float attn_neg_inf() { return __uint_as_float(0xff800000u); }
 #define ATTN_LOG2E 1.4426950408889634f
 #define ATTN_LN2 0.6931471805599453f
 
-// Copies rows [r0, r0 + 64) of a (L, 64) matrix into a padded shared tile; rows past L are
-// zeros. Each thread copies four 16-byte chunks.
-MMKD_DEVICE void attn_load_tile(mmkd_bf16* s, const mmkd_bf16* __restrict__ g, int r0, int L) {
+// Offset of head h of sequence b's first row in a token-major tensor of pitch `ld`.
+MMKD_DEVICE long attn_head_base(int bh, int H, int L, int ld) {
+    return (long)(bh / H) * L * ld + (long)(bh % H) * ATTN_D;
+}
+
+// Copies rows [r0, r0 + 64) of a head's (L, 64) matrix, rows `ld` elements apart, into a
+// padded shared tile; rows past L are zeros. Each thread copies four 16-byte chunks.
+MMKD_DEVICE void attn_load_tile(mmkd_bf16* s, const mmkd_bf16* __restrict__ g, int r0, int L,
+                                int ld) {
 #pragma unroll
     for (int it = 0; it < ATTN_TILE * ATTN_D / 8 / ATTN_THREADS; ++it) {
         const int i = it * ATTN_THREADS + threadIdx.x;
         const int r = i / 8, c = (i % 8) * 8;
         mmkd_bf16* d = s + r * ATTN_PITCH + c;
         if (r0 + r < L) {
-            cp_async_16(d, g + (long)(r0 + r) * ATTN_D + c);
+            cp_async_16(d, g + (long)(r0 + r) * ld + c);
         } else {
             mmkd_u32x4 zero = {0u, 0u, 0u, 0u};
             store_u32x4(d, zero);
@@ -125,9 +136,10 @@ MMKD_DEVICE void attn_zero(float acc[8][4]) {
         for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
 }
 
-// Stores a warp's 16 × 64 accumulator (times `mul`) as bf16 rows row0.. of a (L, 64) matrix.
+// Stores a warp's 16 × 64 accumulator (times `mul`) as bf16 rows row0.. of a head's (L, 64)
+// matrix, rows `ld` elements apart.
 MMKD_DEVICE void attn_store_rows(mmkd_bf16* __restrict__ g, const float acc[8][4], int row0,
-                                 int L, float mul0, float mul1) {
+                                 int L, int ld, float mul0, float mul1) {
     const int lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -137,7 +149,7 @@ MMKD_DEVICE void attn_store_rows(mmkd_bf16* __restrict__ g, const float acc[8][4
 #pragma unroll
         for (int ni = 0; ni < 8; ++ni) {
             const int col = ni * 8 + 2 * t;
-            *reinterpret_cast<unsigned*>(g + (long)row * ATTN_D + col) =
+            *reinterpret_cast<unsigned*>(g + (long)row * ld + col) =
                 pack_bf16x2(f32_to_bf16(acc[ni][2 * h] * mul), f32_to_bf16(acc[ni][2 * h + 1] * mul));
         }
     }
@@ -157,27 +169,27 @@ MMKD_DEVICE int attn_key_tiles(int kvlen, int q0, int causal) {
     return (end + ATTN_TILE - 1) / ATTN_TILE;
 }
 
-MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (BH, L, 64)
-                          const mmkd_bf16* __restrict__ k,  // (BH, L, 64)
-                          const mmkd_bf16* __restrict__ v,  // (BH, L, 64)
+MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
+                          const mmkd_bf16* __restrict__ k,  // (B·L, ldqkv)
+                          const mmkd_bf16* __restrict__ v,  // (B·L, ldqkv)
                           const int* __restrict__ seqlens,  // (B) or null
-                          mmkd_bf16* __restrict__ o,        // (BH, L, 64) out
+                          mmkd_bf16* __restrict__ o,        // (B·L, ldo) out
                           float* __restrict__ lse,          // (BH, L) out
-                          int H, int L, float scale, int causal) {
+                          int H, int L, int ldqkv, int ldo, float scale, int causal) {
     MMKD_DYNAMIC_SMEM(mmkd_bf16, smem);
     mmkd_bf16* Qs = smem;                        // (64, PITCH)
     mmkd_bf16* KVs = smem + ATTN_TILE_ELEMS;     // (2 buffers, k then v, 64, PITCH)
     const int bh = blockIdx.y, q0 = blockIdx.x * ATTN_TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
-    const long base = (long)bh * L * ATTN_D;
+    const long base = attn_head_base(bh, H, L, ldqkv);
     const int kvlen = attn_kv_len(seqlens, bh / H, L);
     const int ntiles = attn_key_tiles(kvlen, q0, causal);
     const float sl2 = scale * ATTN_LOG2E;  // scores in log2 units: exp2 is the cheap exponential
 
-    attn_load_tile(Qs, q + base, q0, L);
+    attn_load_tile(Qs, q + base, q0, L, ldqkv);
     if (ntiles > 0) {
-        attn_load_tile(KVs, k + base, 0, L);
-        attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, L);
+        attn_load_tile(KVs, k + base, 0, L, ldqkv);
+        attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, L, ldqkv);
     }
     cp_async_commit();
 
@@ -193,8 +205,8 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (BH, L, 64)
         if (j + 1 < ntiles) {
             // Buffer (j + 1) % 2 was last read in iteration j − 1, before its closing barrier.
             mmkd_bf16* kn = KVs + ((j + 1) % 2) * 2 * ATTN_TILE_ELEMS;
-            attn_load_tile(kn, k + base, (j + 1) * ATTN_TILE, L);
-            attn_load_tile(kn + ATTN_TILE_ELEMS, v + base, (j + 1) * ATTN_TILE, L);
+            attn_load_tile(kn, k + base, (j + 1) * ATTN_TILE, L, ldqkv);
+            attn_load_tile(kn + ATTN_TILE_ELEMS, v + base, (j + 1) * ATTN_TILE, L, ldqkv);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -266,40 +278,42 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (BH, L, 64)
             lse[(long)bh * L + row] =
                 lrow[h] > 0.0f ? (mrow[h] + log2f(lrow[h])) * ATTN_LN2 : attn_neg_inf();
     }
-    attn_store_rows(o + base, oacc, q0 + warp * 16, L, inv[0], inv[1]);
+    attn_store_rows(o + attn_head_base(bh, H, L, ldo), oacc, q0 + warp * 16, L, ldo, inv[0],
+                    inv[1]);
 }
 MMKD_EXPORT(attn_fwd)
 
-MMKD_KERNEL void attn_bwd_dot(const mmkd_bf16* __restrict__ o,   // (BH·L, 64)
-                              const mmkd_bf16* __restrict__ dO,  // (BH·L, 64)
-                              float* __restrict__ D,             // (BH·L) out
-                              int rows) {
-    const long row = (long)blockIdx.x * (ATTN_THREADS / 32) + threadIdx.x / 32;
+MMKD_KERNEL void attn_bwd_dot(const mmkd_bf16* __restrict__ o,   // (B·L, ldo)
+                              const mmkd_bf16* __restrict__ dO,  // (B·L, ldo)
+                              float* __restrict__ D,             // (BH, L) out
+                              int H, int L, int ldo, int rows) {
+    const long row = (long)blockIdx.x * (ATTN_THREADS / 32) + threadIdx.x / 32;  // bh·L + r
     const int lane = threadIdx.x % 32;
     if (row >= rows) return;  // whole warps leave together: no shuffle misses a lane
-    const long i = row * ATTN_D + 2 * lane;
+    const int bh = (int)(row / L), r = (int)(row % L);
+    const long i = attn_head_base(bh, H, L, ldo) + (long)r * ldo + 2 * lane;
     float s = bf16_to_f32(o[i]) * bf16_to_f32(dO[i]) + bf16_to_f32(o[i + 1]) * bf16_to_f32(dO[i + 1]);
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     if (lane == 0) D[row] = s;
 }
 MMKD_EXPORT(attn_bwd_dot)
 
-MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (BH, L, 64)
-                               const mmkd_bf16* __restrict__ k,   // (BH, L, 64)
-                               const mmkd_bf16* __restrict__ v,   // (BH, L, 64)
-                               const mmkd_bf16* __restrict__ dO,  // (BH, L, 64)
+MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
+                               const mmkd_bf16* __restrict__ k,   // (B·L, ldqkv)
+                               const mmkd_bf16* __restrict__ v,   // (B·L, ldqkv)
+                               const mmkd_bf16* __restrict__ dO,  // (B·L, ldo)
                                const float* __restrict__ lse,     // (BH, L)
                                const float* __restrict__ D,       // (BH, L)
                                const int* __restrict__ seqlens,   // (B) or null
-                               mmkd_bf16* __restrict__ dk,        // (BH, L, 64) out
-                               mmkd_bf16* __restrict__ dv,        // (BH, L, 64) out
-                               int H, int L, float scale, int causal) {
+                               mmkd_bf16* __restrict__ dk,        // (B·L, ldqkv) out
+                               mmkd_bf16* __restrict__ dv,        // (B·L, ldqkv) out
+                               int H, int L, int ldqkv, int ldo, float scale, int causal) {
     MMKD_DYNAMIC_SMEM(mmkd_bf16, smem);
     mmkd_bf16* QD = smem;  // (2 buffers, q then do, 64, PITCH)
     float* stats = reinterpret_cast<float*>(smem + 4 * ATTN_TILE_ELEMS);  // (2, lse·log2e | D, 64)
     const int bh = blockIdx.y, k0 = blockIdx.x * ATTN_TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
-    const long base = (long)bh * L * ATTN_D;
+    const long base = attn_head_base(bh, H, L, ldqkv), obase = attn_head_base(bh, H, L, ldo);
     const int kvlen = attn_kv_len(seqlens, bh / H, L);
     const float sl2 = scale * ATTN_LOG2E;
     const int krow = k0 + warp * 16 + gq;  // this thread's keys: krow, krow + 8
@@ -312,8 +326,8 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (BH, L, 64)
     const int qt1 = k0 < kvlen ? (L + ATTN_TILE - 1) / ATTN_TILE : qt0;  // none: all masked
     if (qt0 < qt1) {
         // k and v go through the first buffer into registers, then the buffers stream q, do.
-        attn_load_tile(QD, k + base, k0, L);
-        attn_load_tile(QD + ATTN_TILE_ELEMS, v + base, k0, L);
+        attn_load_tile(QD, k + base, k0, L, ldqkv);
+        attn_load_tile(QD + ATTN_TILE_ELEMS, v + base, k0, L, ldqkv);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -326,8 +340,8 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (BH, L, 64)
             const int bi = (i - qt0) % 2;
             // Stage tile i (the first one now, each next one while this one computes).
             if (i == qt0) {
-                attn_load_tile(QD, q + base, i * ATTN_TILE, L);
-                attn_load_tile(QD + ATTN_TILE_ELEMS, dO + base, i * ATTN_TILE, L);
+                attn_load_tile(QD, q + base, i * ATTN_TILE, L, ldqkv);
+                attn_load_tile(QD + ATTN_TILE_ELEMS, dO + obase, i * ATTN_TILE, L, ldo);
                 if (threadIdx.x < ATTN_TILE) {
                     const int r = i * ATTN_TILE + threadIdx.x;
                     stats[threadIdx.x] = r < L ? lse[(long)bh * L + r] * ATTN_LOG2E : 0.0f;
@@ -338,8 +352,8 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (BH, L, 64)
             if (i + 1 < qt1) {
                 const int nb = 1 - bi;
                 mmkd_bf16* qn = QD + nb * 2 * ATTN_TILE_ELEMS;
-                attn_load_tile(qn, q + base, (i + 1) * ATTN_TILE, L);
-                attn_load_tile(qn + ATTN_TILE_ELEMS, dO + base, (i + 1) * ATTN_TILE, L);
+                attn_load_tile(qn, q + base, (i + 1) * ATTN_TILE, L, ldqkv);
+                attn_load_tile(qn + ATTN_TILE_ELEMS, dO + obase, (i + 1) * ATTN_TILE, L, ldo);
                 if (threadIdx.x < ATTN_TILE) {
                     const int r = (i + 1) * ATTN_TILE + threadIdx.x;
                     float* st = stats + nb * 2 * ATTN_TILE;
@@ -385,25 +399,25 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (BH, L, 64)
         }
     }
     cp_async_wait_all();
-    attn_store_rows(dk + base, dkacc, k0 + warp * 16, L, scale, scale);
-    attn_store_rows(dv + base, dvacc, k0 + warp * 16, L, 1.0f, 1.0f);
+    attn_store_rows(dk + base, dkacc, k0 + warp * 16, L, ldqkv, scale, scale);
+    attn_store_rows(dv + base, dvacc, k0 + warp * 16, L, ldqkv, 1.0f, 1.0f);
 }
 MMKD_EXPORT(attn_bwd_dkdv)
 
-MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (BH, L, 64)
-                             const mmkd_bf16* __restrict__ k,   // (BH, L, 64)
-                             const mmkd_bf16* __restrict__ v,   // (BH, L, 64)
-                             const mmkd_bf16* __restrict__ dO,  // (BH, L, 64)
+MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
+                             const mmkd_bf16* __restrict__ k,   // (B·L, ldqkv)
+                             const mmkd_bf16* __restrict__ v,   // (B·L, ldqkv)
+                             const mmkd_bf16* __restrict__ dO,  // (B·L, ldo)
                              const float* __restrict__ lse,     // (BH, L)
                              const float* __restrict__ D,       // (BH, L)
                              const int* __restrict__ seqlens,   // (B) or null
-                             mmkd_bf16* __restrict__ dq,        // (BH, L, 64) out
-                             int H, int L, float scale, int causal) {
+                             mmkd_bf16* __restrict__ dq,        // (B·L, ldqkv) out
+                             int H, int L, int ldqkv, int ldo, float scale, int causal) {
     MMKD_DYNAMIC_SMEM(mmkd_bf16, smem);
     mmkd_bf16* KVs = smem;  // (2 buffers, k then v, 64, PITCH); q and do pass through buffer 1
     const int bh = blockIdx.y, q0 = blockIdx.x * ATTN_TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
-    const long base = (long)bh * L * ATTN_D;
+    const long base = attn_head_base(bh, H, L, ldqkv);
     const int kvlen = attn_kv_len(seqlens, bh / H, L);
     const int ntiles = attn_key_tiles(kvlen, q0, causal);
     const float sl2 = scale * ATTN_LOG2E;
@@ -421,10 +435,10 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (BH, L, 64)
     unsigned qf[4][4], df[4][4];
     if (ntiles > 0) {
         // q and do through buffer 1 into registers, key tile 0 into buffer 0, one group.
-        attn_load_tile(KVs + 2 * ATTN_TILE_ELEMS, q + base, q0, L);
-        attn_load_tile(KVs + 3 * ATTN_TILE_ELEMS, dO + base, q0, L);
-        attn_load_tile(KVs, k + base, 0, L);
-        attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, L);
+        attn_load_tile(KVs + 2 * ATTN_TILE_ELEMS, q + base, q0, L, ldqkv);
+        attn_load_tile(KVs + 3 * ATTN_TILE_ELEMS, dO + attn_head_base(bh, H, L, ldo), q0, L, ldo);
+        attn_load_tile(KVs, k + base, 0, L, ldqkv);
+        attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, L, ldqkv);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -437,8 +451,8 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (BH, L, 64)
         mmkd_bf16* vs = ks + ATTN_TILE_ELEMS;
         if (j + 1 < ntiles) {
             mmkd_bf16* kn = KVs + ((j + 1) % 2) * 2 * ATTN_TILE_ELEMS;
-            attn_load_tile(kn, k + base, (j + 1) * ATTN_TILE, L);
-            attn_load_tile(kn + ATTN_TILE_ELEMS, v + base, (j + 1) * ATTN_TILE, L);
+            attn_load_tile(kn, k + base, (j + 1) * ATTN_TILE, L, ldqkv);
+            attn_load_tile(kn + ATTN_TILE_ELEMS, v + base, (j + 1) * ATTN_TILE, L, ldqkv);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -466,6 +480,6 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (BH, L, 64)
         __syncthreads();
     }
     cp_async_wait_all();
-    attn_store_rows(dq + base, dqacc, q0 + warp * 16, L, scale, scale);
+    attn_store_rows(dq + base, dqacc, q0 + warp * 16, L, ldqkv, scale, scale);
 }
 MMKD_EXPORT(attn_bwd_dq)

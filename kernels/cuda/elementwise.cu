@@ -6,14 +6,8 @@
 //   embedding_scatter_add           dtable[idx[n], :] += dout[n, :]  (fp32 atomics: rows repeat)
 //   act_fwd / act_bwd               kind 0: GELU (erf form, BERT), kind 1: QuickGELU x·σ(1.702x)
 //   softmax_rows                    y = softmax(scale · x) per row, fp32 statistics
-//   row_transpose                   dst (B, A, C) ← src (A, B, C): the (A, B) grid of C-wide
-//                                   rows transposed, each row copied whole (bf16, exact)
 // Out-of-range embedding indices write zeros (gather) or nothing (scatter) and are counted in
 // `bad[0]`, which the caller reads back. bf16 storage, fp32 arithmetic.
-//
-// Test-only variant (kernels/build.rs): row_transpose copies rows in place
-// instead of transposing them, which only the identity cases A = 1 or B = 1 cannot tell apart.
-// mmkd-emu-variant: broken_transpose MMKD_EW_BROKEN_TRANSPOSE
 #include "prelude.cuh"
 
 #define EW_MAX_WARPS 32
@@ -162,34 +156,3 @@ MMKD_KERNEL void softmax_rows(const mmkd_bf16* __restrict__ x,  // (R, C)
         y[r * C + c] = f32_to_bf16(expf(scale * bf16_to_f32(xr[c]) - m) * inv);
 }
 MMKD_EXPORT(softmax_rows)
-
-// ---- row transpose: grid-stride, any grid ------------------------------------------------
-// dst[(j·A + i)·C + e] = src[(i·B + j)·C + e]. Threads walk dst in order, one unit each, so
-// consecutive threads read one source row and write one destination row, both contiguous:
-// with 16-byte units a 64-wide bf16 row (a head) is 8 lanes and a warp moves 4 whole rows,
-// each one 128-byte line, per step. Rows whose width or base addresses are not multiples of
-// 16 bytes take the same walk one element at a time. Sizes fit in 32 bits (the launcher
-// checks A·B·C against i32), so the index arithmetic is unsigned 32-bit.
-MMKD_KERNEL void row_transpose(const mmkd_bf16* __restrict__ src,  // (A, B, C)
-                               mmkd_bf16* __restrict__ dst,        // (B, A, C) out
-                               int A, int B, int C) {
-    const bool vec = C % 8 == 0 &&
-                     (((unsigned long long)src | (unsigned long long)dst) & 15ull) == 0;
-    const unsigned a = A, b = B;
-    const unsigned w = vec ? (unsigned)C / 8 : (unsigned)C;  // units per row
-    const unsigned n = a * b * w;
-    for (unsigned u = blockIdx.x * blockDim.x + threadIdx.x; u < n; u += gridDim.x * blockDim.x) {
-        const unsigned q = u / w, k = u - q * w;  // destination row q = j·A + i, unit k
-        const unsigned j = q / a, i = q - j * a;
-#ifdef MMKD_EW_BROKEN_TRANSPOSE
-        const unsigned s = j * a + i;  // = q: rows stay where they are
-#else
-        const unsigned s = i * b + j;  // source row
-#endif
-        if (vec)
-            store_u32x4(dst + 8ul * u, load_u32x4(src + 8ul * ((unsigned long)s * w + k)));
-        else
-            dst[u] = src[(unsigned long)s * w + k];
-    }
-}
-MMKD_EXPORT(row_transpose)

@@ -1,7 +1,10 @@
 //! Fused scaled-dot-product attention, head dim 64, forward and backward (`cuda/attention.cu`):
 //! CPU reference, emulation launcher and GPU launcher with the same parameters, and their tests.
 //!
-//! Tensors are (B·H, L, 64) bf16, `lse` and the backward's scratch `delta` (B·H, L) fp32.
+//! Tensors are token-major bf16: (B·L) rows, token i of sequence b in row b·L + i, head h in
+//! its columns h·64 .. h·64 + 64. The row pitch is free ([`AttnShape::qkv_pitch`] for q, k, v
+//! and their gradients, [`AttnShape::o_pitch`] for o and do), so q, k and v can be column views
+//! of one packed projection. `lse` and the backward's scratch `delta` are (B·H, L) fp32.
 //! Query row i of sequence b attends to key j when `j < seqlens[b]` (key padding; every key
 //! when `seqlens` is `None`) and, with `causal`, `j ≤ i`. A row with no key (`seqlens[b] = 0`)
 //! gets `o = 0`, `lse = −inf` and zero gradients, never a NaN.
@@ -44,17 +47,54 @@ pub struct AttnShape {
     pub causal: bool,
     /// Multiplies q·kᵀ (usually 1/√64).
     pub scale: f32,
+    /// Elements from one token's row to the next in q, k, v, dq, dk and dv: H·64 when each is
+    /// its own (B·L, H·64) tensor, 3·H·64 for column views of a packed (B·L, 3·H·64) one.
+    pub qkv_pitch: usize,
+    /// Elements from one token's row to the next in o and do.
+    pub o_pitch: usize,
 }
 
 impl AttnShape {
+    /// Separate (B·L, H·64) tensors: both pitches H·64.
+    pub fn packed(batch: usize, heads: usize, len: usize, causal: bool, scale: f32) -> Self {
+        AttnShape {
+            batch,
+            heads,
+            len,
+            causal,
+            scale,
+            qkv_pitch: heads * HEAD_DIM,
+            o_pitch: heads * HEAD_DIM,
+        }
+    }
     fn bh(&self) -> usize {
         self.batch * self.heads
+    }
+    /// The head columns of a token-major tensor of row pitch `pitch`, widened, in (B·H, L, 64)
+    /// order: what a comparison of two results looks at (the columns between rows are not
+    /// the kernels').
+    pub fn head_columns(&self, t: &[bf16], pitch: usize) -> Vec<f64> {
+        widen(self, t, pitch)
+    }
+    /// Elements a tensor of row pitch `pitch` spans from its first element: the last token's
+    /// row ends at its last head.
+    pub fn span(&self, pitch: usize) -> usize {
+        (self.batch * self.len - 1) * pitch + self.heads * HEAD_DIM
     }
     fn validate(&self) -> Result<()> {
         ensure!(
             self.batch > 0 && self.heads > 0 && self.len > 0,
             "attention: empty shape {self:?}"
         );
+        for (name, p) in [("qkv_pitch", self.qkv_pitch), ("o_pitch", self.o_pitch)] {
+            // cp.async copies 16-byte chunks of each row.
+            ensure!(
+                p >= self.heads * HEAD_DIM && p % 8 == 0,
+                "attention: {name} {p} must be a multiple of 8 and at least H·64 = {}",
+                self.heads * HEAD_DIM
+            );
+            Arg::int("attention pitch", p)?;
+        }
         ensure!(
             self.scale.is_finite(),
             "attention: scale must be finite, got {}",
@@ -67,9 +107,6 @@ impl AttnShape {
         );
         Arg::int("attention B·H·L·64", self.bh() * self.len * HEAD_DIM)?;
         Ok(())
-    }
-    fn elems(&self) -> usize {
-        self.bh() * self.len * HEAD_DIM
     }
     fn rows(&self) -> usize {
         self.bh() * self.len
@@ -90,22 +127,36 @@ impl AttnShape {
     fn dot_launch(&self) -> LaunchShape {
         LaunchShape::linear(self.rows().div_ceil(4) as u32, THREADS, 0)
     }
-    fn tail_args(&self) -> Result<[Arg; 4]> {
+    fn tail_args(&self) -> Result<[Arg; 6]> {
         Ok([
             Arg::int("attention H", self.heads)?,
             Arg::int("attention L", self.len)?,
+            Arg::int("attention qkv pitch", self.qkv_pitch)?,
+            Arg::int("attention o pitch", self.o_pitch)?,
             Arg::F32(self.scale),
             Arg::I32(i32::from(self.causal)),
+        ])
+    }
+    /// The arguments of `attn_bwd_dot` after its three pointers: H, L, o pitch, rows.
+    fn dot_tail(&self) -> Result<[Arg; 4]> {
+        Ok([
+            Arg::int("attention H", self.heads)?,
+            Arg::int("attention L", self.len)?,
+            Arg::int("attention o pitch", self.o_pitch)?,
+            Arg::int("attention B·H·L", self.rows())?,
         ])
     }
 }
 
 impl AttnShape {
-    /// H, L, scale, causal. `validate` has checked that B·H·L·64 fits an `int`, so H and L do.
-    fn tail_params(&self) -> [P; 4] {
+    /// H, L, qkv pitch, o pitch, scale, causal. `validate` has checked that B·H·L·64 and the
+    /// pitches fit an `int`, so H and L do.
+    fn tail_params(&self) -> [P; 6] {
         [
             P::I32(self.heads as i32),
             P::I32(self.len as i32),
+            P::I32(self.qkv_pitch as i32),
+            P::I32(self.o_pitch as i32),
             P::F32(self.scale),
             P::I32(i32::from(self.causal)),
         ]
@@ -139,7 +190,12 @@ impl AttnShape {
     /// [`AttnShape::forward_plan`].
     pub fn backward_plan(&self, seqlens: bool) -> Result<Vec<Step>> {
         self.validate()?;
-        let rows = P::I32(self.rows() as i32);
+        let dot_tail = [
+            P::I32(self.heads as i32),
+            P::I32(self.len as i32),
+            P::I32(self.o_pitch as i32),
+            P::I32(self.rows() as i32),
+        ];
         let sl = if seqlens { P::Buf(6) } else { P::Null };
         let ins = [
             P::Buf(0),
@@ -166,7 +222,10 @@ impl AttnShape {
             step(
                 "attn_bwd_dot",
                 self.dot_launch(),
-                vec![P::Buf(3), P::Buf(5), P::Buf(10), rows],
+                [P::Buf(3), P::Buf(5), P::Buf(10)]
+                    .into_iter()
+                    .chain(dot_tail)
+                    .collect(),
             ),
             step("attn_bwd_dkdv", self.with_smem(DKDV_SMEM), dkdv),
             step("attn_bwd_dq", self.with_smem(DQ_SMEM), dq),
@@ -197,11 +256,11 @@ fn check_seqlens(sh: &AttnShape, seqlens: Option<&[i32]>) -> Result<()> {
 /// Forward buffer lengths: q, k, v, o, lse.
 fn check_fwd(sh: &AttnShape, lens: [usize; 5]) -> Result<()> {
     sh.validate()?;
-    let (e, r) = (sh.elems(), sh.rows());
+    let (e, eo, r) = (sh.span(sh.qkv_pitch), sh.span(sh.o_pitch), sh.rows());
     for ((name, have), need) in ["q", "k", "v", "o", "lse"]
         .iter()
         .zip(lens)
-        .zip([e, e, e, e, r])
+        .zip([e, e, e, eo, r])
     {
         check_len("attn_fwd", name, have, need)?;
     }
@@ -211,9 +270,9 @@ fn check_fwd(sh: &AttnShape, lens: [usize; 5]) -> Result<()> {
 /// Backward buffer lengths: q, k, v, o, lse, do, dq, dk, dv, delta.
 fn check_bwd(sh: &AttnShape, lens: [usize; 10]) -> Result<()> {
     sh.validate()?;
-    let (e, r) = (sh.elems(), sh.rows());
+    let (e, eo, r) = (sh.span(sh.qkv_pitch), sh.span(sh.o_pitch), sh.rows());
     let names = ["q", "k", "v", "o", "lse", "do", "dq", "dk", "dv", "delta"];
-    for ((name, have), need) in names.iter().zip(lens).zip([e, e, e, e, r, e, e, e, e, r]) {
+    for ((name, have), need) in names.iter().zip(lens).zip([e, e, e, eo, r, eo, e, e, e, r]) {
         check_len("attn_bwd", name, have, need)?;
     }
     Ok(())
@@ -223,8 +282,37 @@ fn check_bwd(sh: &AttnShape, lens: [usize; 10]) -> Result<()> {
 // CPU reference
 // ------------------------------------------------------------------------------------------
 
-fn widen(v: &[bf16]) -> Vec<f64> {
-    v.iter().map(|x| f64::from(x.to_f32())).collect()
+/// Index in a token-major tensor of pitch `pitch` of element c of head-sequence bh's row i.
+fn at(sh: &AttnShape, pitch: usize, bh: usize, i: usize, c: usize) -> usize {
+    let (b, h) = (bh / sh.heads, bh % sh.heads);
+    (b * sh.len + i) * pitch + h * HEAD_DIM + c
+}
+
+/// A token-major tensor widened into the packed (B·H, L, 64) layout the f64 code works in.
+fn widen(sh: &AttnShape, t: &[bf16], pitch: usize) -> Vec<f64> {
+    let (l, d) = (sh.len, HEAD_DIM);
+    let mut out = vec![0.0; sh.rows() * d];
+    for bh in 0..sh.bh() {
+        for i in 0..l {
+            for c in 0..d {
+                out[(bh * l + i) * d + c] = f64::from(t[at(sh, pitch, bh, i, c)].to_f32());
+            }
+        }
+    }
+    out
+}
+
+/// Writes a packed (B·H, L, 64) f64 tensor into a token-major bf16 one; the columns between
+/// rows (pitch beyond H·64) are left as they are.
+fn narrow(sh: &AttnShape, src: &[f64], dst: &mut [bf16], pitch: usize) {
+    let (l, d) = (sh.len, HEAD_DIM);
+    for bh in 0..sh.bh() {
+        for i in 0..l {
+            for c in 0..d {
+                dst[at(sh, pitch, bh, i, c)] = bf16::from_f64(src[(bh * l + i) * d + c]);
+            }
+        }
+    }
 }
 
 fn visible(sh: &AttnShape, seqlens: Option<&[i32]>, bh: usize, i: usize, j: usize) -> bool {
@@ -232,7 +320,7 @@ fn visible(sh: &AttnShape, seqlens: Option<&[i32]>, bh: usize, i: usize, j: usiz
     j < kvlen && (!sh.causal || j <= i)
 }
 
-/// f64 forward on widened inputs: (o, lse).
+/// f64 forward on packed (B·H, L, 64) inputs: (o, lse).
 fn forward_f64(
     sh: &AttnShape,
     q: &[f64],
@@ -241,7 +329,7 @@ fn forward_f64(
     seqlens: Option<&[i32]>,
 ) -> (Vec<f64>, Vec<f64>) {
     let (l, d) = (sh.len, HEAD_DIM);
-    let mut o = vec![0.0; sh.elems()];
+    let mut o = vec![0.0; sh.rows() * d];
     let mut lse = vec![f64::NEG_INFINITY; sh.rows()];
     for bh in 0..sh.bh() {
         let base = bh * l * d;
@@ -273,7 +361,8 @@ fn forward_f64(
     (o, lse)
 }
 
-/// f64 backward on widened inputs, probabilities from `lse`: (dq, dk, dv, delta).
+/// f64 backward on packed (B·H, L, 64) inputs, probabilities from `lse`: (dq, dk, dv,
+/// delta).
 #[allow(clippy::too_many_arguments)]
 fn backward_f64(
     sh: &AttnShape,
@@ -287,11 +376,8 @@ fn backward_f64(
 ) -> [Vec<f64>; 4] {
     let (l, d) = (sh.len, HEAD_DIM);
     let scale = f64::from(sh.scale);
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0; sh.elems()],
-        vec![0.0; sh.elems()],
-        vec![0.0; sh.elems()],
-    );
+    let e = sh.rows() * d;
+    let (mut dq, mut dk, mut dv) = (vec![0.0; e], vec![0.0; e], vec![0.0; e]);
     let mut delta = vec![0.0; sh.rows()];
     for bh in 0..sh.bh() {
         let base = bh * l * d;
@@ -318,42 +404,48 @@ fn backward_f64(
     [dq, dk, dv, delta]
 }
 
-/// CPU reference of the forward, in f64.
+/// CPU reference of the forward, in f64. Only the head columns of `o` are written.
 pub fn attention_forward_cpu(
     sh: &AttnShape,
-    q: &[bf16],              // (BH, L, 64)
-    k: &[bf16],              // (BH, L, 64)
-    v: &[bf16],              // (BH, L, 64)
+    q: &[bf16],              // (B·L, qkv_pitch)
+    k: &[bf16],              // (B·L, qkv_pitch)
+    v: &[bf16],              // (B·L, qkv_pitch)
     seqlens: Option<&[i32]>, // (B)
-    o: &mut [bf16],          // (BH, L, 64) out
+    o: &mut [bf16],          // (B·L, o_pitch) out
     lse: &mut [f32],         // (BH, L) out
 ) -> Result<()> {
     check_fwd(sh, [q.len(), k.len(), v.len(), o.len(), lse.len()])?;
     check_seqlens(sh, seqlens)?;
-    let (of, lf) = forward_f64(sh, &widen(q), &widen(k), &widen(v), seqlens);
-    for (dst, x) in o.iter_mut().zip(of) {
-        *dst = bf16::from_f64(x);
-    }
+    let p = sh.qkv_pitch;
+    let (of, lf) = forward_f64(
+        sh,
+        &widen(sh, q, p),
+        &widen(sh, k, p),
+        &widen(sh, v, p),
+        seqlens,
+    );
+    narrow(sh, &of, o, sh.o_pitch);
     for (dst, x) in lse.iter_mut().zip(lf) {
         *dst = x as f32;
     }
     Ok(())
 }
 
-/// CPU reference of the backward, in f64; probabilities from the given `lse`.
+/// CPU reference of the backward, in f64; probabilities from the given `lse`. Only the head
+/// columns of the gradients are written.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_cpu(
     sh: &AttnShape,
-    q: &[bf16],              // (BH, L, 64)
-    k: &[bf16],              // (BH, L, 64)
-    v: &[bf16],              // (BH, L, 64)
-    o: &[bf16],              // (BH, L, 64) from the forward
+    q: &[bf16],              // (B·L, qkv_pitch)
+    k: &[bf16],              // (B·L, qkv_pitch)
+    v: &[bf16],              // (B·L, qkv_pitch)
+    o: &[bf16],              // (B·L, o_pitch) from the forward
     lse: &[f32],             // (BH, L) from the forward
-    d_o: &[bf16],            // (BH, L, 64)
+    d_o: &[bf16],            // (B·L, o_pitch)
     seqlens: Option<&[i32]>, // (B)
-    dq: &mut [bf16],         // (BH, L, 64) out
-    dk: &mut [bf16],         // (BH, L, 64) out
-    dv: &mut [bf16],         // (BH, L, 64) out
+    dq: &mut [bf16],         // (B·L, qkv_pitch) out
+    dk: &mut [bf16],         // (B·L, qkv_pitch) out
+    dv: &mut [bf16],         // (B·L, qkv_pitch) out
     delta: &mut [f32],       // (BH, L) out: rowsum(do ∘ o)
 ) -> Result<()> {
     check_bwd(
@@ -373,20 +465,19 @@ pub fn attention_backward_cpu(
     )?;
     check_seqlens(sh, seqlens)?;
     let lse64: Vec<f64> = lse.iter().map(|&x| f64::from(x)).collect();
+    let (p, po) = (sh.qkv_pitch, sh.o_pitch);
     let [gq, gk, gv, dl] = backward_f64(
         sh,
-        &widen(q),
-        &widen(k),
-        &widen(v),
-        &widen(o),
+        &widen(sh, q, p),
+        &widen(sh, k, p),
+        &widen(sh, v, p),
+        &widen(sh, o, po),
         &lse64,
-        &widen(d_o),
+        &widen(sh, d_o, po),
         seqlens,
     );
     for (dst, src) in [(dq, gq), (dk, gk), (dv, gv)] {
-        for (d, x) in dst.iter_mut().zip(src) {
-            *d = bf16::from_f64(x);
-        }
+        narrow(sh, &src, dst, p);
     }
     for (d, x) in delta.iter_mut().zip(dl) {
         *d = x as f32;
@@ -459,12 +550,8 @@ pub fn attention_backward_emu(
     )?;
     check_seqlens(sh, seqlens)?;
     let sl = seqlens.map_or(Arg::Ptr(0), Arg::host);
-    let dot = [
-        Arg::host(o),
-        Arg::host(d_o),
-        Arg::host_mut(delta),
-        Arg::int("attention B·H·L", sh.rows())?,
-    ];
+    let mut dot = vec![Arg::host(o), Arg::host(d_o), Arg::host_mut(delta)];
+    dot.extend(sh.dot_tail()?);
     let ins = [
         Arg::host(q),
         Arg::host(k),
@@ -582,12 +669,8 @@ pub fn attention_backward_cuda(
     let (pdk, _gdk) = dk.device_ptr_mut(st);
     let (pdv, _gdv) = dv.device_ptr_mut(st);
     let (pd, _gd) = delta.device_ptr_mut(st);
-    let dot = [
-        Arg::Ptr(po),
-        Arg::Ptr(pdo),
-        Arg::Ptr(pd),
-        Arg::int("attention B·H·L", sh.rows())?,
-    ];
+    let mut dot = vec![Arg::Ptr(po), Arg::Ptr(pdo), Arg::Ptr(pd)];
+    dot.extend(sh.dot_tail()?);
     let ins = [pq, pk, pv, pdo, pl, pd, ps].map(Arg::Ptr);
     let mut dkdv = ins.to_vec();
     dkdv.extend([Arg::Ptr(pdk), Arg::Ptr(pdv)]);
@@ -618,30 +701,44 @@ mod tests {
 
     fn inputs(sh: &AttnShape, seed: u64) -> Inputs {
         let mut g = rng(seed);
-        let e = sh.elems();
+        let (e, eo) = (sh.span(sh.qkv_pitch), sh.span(sh.o_pitch));
         // Wide enough that the softmax is far from uniform, so masking errors show.
         Inputs {
             q: random_bf16(&mut g, e, -2.0, 2.0),
             k: random_bf16(&mut g, e, -2.0, 2.0),
             v: random_bf16(&mut g, e, -1.0, 1.0),
-            d_o: random_bf16(&mut g, e, -1.0, 1.0),
+            d_o: random_bf16(&mut g, eo, -1.0, 1.0),
         }
     }
 
     fn shape(batch: usize, heads: usize, len: usize, causal: bool) -> AttnShape {
+        AttnShape::packed(batch, heads, len, causal, 0.125)
+    }
+
+    /// The engine's layout: q, k, v at the pitch of a packed (B·L, 3·H·64) projection; o and
+    /// do at a pitch that is not a multiple of 64, so a kernel assuming H·64 shows.
+    fn pitched(batch: usize, heads: usize, len: usize, causal: bool) -> AttnShape {
         AttnShape {
-            batch,
-            heads,
-            len,
-            causal,
-            scale: 0.125,
+            qkv_pitch: 3 * heads * HEAD_DIM,
+            o_pitch: heads * HEAD_DIM + 8,
+            ..shape(batch, heads, len, causal)
         }
+    }
+
+    /// The elements of a token-major tensor outside its head columns still hold the poison:
+    /// a kernel writes its heads and nothing else.
+    fn gaps_hold_poison(sh: &AttnShape, t: &[bf16], pitch: usize) -> bool {
+        let w = sh.heads * HEAD_DIM;
+        t.iter()
+            .enumerate()
+            .filter(|(i, _)| i % pitch >= w)
+            .all(|(_, x)| x.to_bits() == BF16_POISON.to_bits())
     }
 
     type Fwd = (Vec<bf16>, Vec<f32>);
 
     fn forward(sh: &AttnShape, i: &Inputs, sl: Option<&[i32]>, emu: Option<&Emu>) -> Fwd {
-        let mut o = vec![BF16_POISON; sh.elems()];
+        let mut o = vec![BF16_POISON; sh.span(sh.o_pitch)];
         let mut lse = vec![f32::NAN; sh.rows()];
         match emu {
             Some(e) => attention_forward_emu(e, sh, &i.q, &i.k, &i.v, sl, &mut o, &mut lse),
@@ -651,7 +748,8 @@ mod tests {
         (o, lse)
     }
 
-    /// (dq, dk, dv, delta) from the given forward outputs.
+    /// (dq, dk, dv, delta) from the given forward outputs, the gradients' head columns in
+    /// (B·H, L, 64) order; asserts that nothing outside them was written.
     fn backward(
         sh: &AttnShape,
         i: &Inputs,
@@ -659,7 +757,7 @@ mod tests {
         sl: Option<&[i32]>,
         emu: Option<&Emu>,
     ) -> [Vec<f64>; 4] {
-        let e = sh.elems();
+        let e = sh.span(sh.qkv_pitch);
         let (mut dq, mut dk, mut dv) = (
             vec![BF16_POISON; e],
             vec![BF16_POISON; e],
@@ -676,10 +774,17 @@ mod tests {
             ),
         }
         .unwrap();
+        let p = sh.qkv_pitch;
+        for t in [&dq, &dk, &dv] {
+            assert!(
+                gaps_hold_poison(sh, t, p),
+                "{sh:?}: a gradient wrote between heads"
+            );
+        }
         [
-            bf16_to_f64(&dq),
-            bf16_to_f64(&dk),
-            bf16_to_f64(&dv),
+            sh.head_columns(&dq, p),
+            sh.head_columns(&dk, p),
+            sh.head_columns(&dv, p),
             delta.iter().map(|&x| f64::from(x)).collect(),
         ]
     }
@@ -689,25 +794,30 @@ mod tests {
     fn plans_match_launchers() {
         use crate::exec::{run, Backend, HostBuf};
         let emu = Emu::default();
-        let sh = shape(2, 2, 37, false);
+        let sh = pitched(2, 2, 37, false);
         let seed = fresh_seed();
         let i = inputs(&sh, seed);
         let sl = [37, 20];
         let f = forward(&sh, &i, Some(&sl), Some(&emu));
         let want = backward(&sh, &i, &f, Some(&sl), Some(&emu));
-        let (e, r) = (sh.elems(), sh.rows());
+        let (e, eo, r) = (sh.span(sh.qkv_pitch), sh.span(sh.o_pitch), sh.rows());
         let mut bufs = [
             HostBuf::Bf16(i.q.clone()),
             HostBuf::Bf16(i.k.clone()),
             HostBuf::Bf16(i.v.clone()),
             HostBuf::I32(sl.to_vec()),
-            HostBuf::Bf16(vec![BF16_POISON; e]),
+            HostBuf::Bf16(vec![BF16_POISON; eo]),
             HostBuf::F32(vec![f32::NAN; r]),
         ];
         let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
         // SAFETY: the buffers have the lengths the shape needs.
         unsafe { run(Backend::Emu(&emu), &sh.forward_plan(true).unwrap(), &ptrs) }.unwrap();
-        assert_eq!(bufs[4], HostBuf::Bf16(f.0.clone()), "o, seed {seed}");
+        let HostBuf::Bf16(o) = &bufs[4] else {
+            panic!("slot 4 is not bf16")
+        };
+        // NaN poison between the heads: compare bits.
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+        assert_eq!(bits(o), bits(&f.0), "o, seed {seed}");
         assert_eq!(bufs[5], HostBuf::F32(f.1.clone()), "lse, seed {seed}");
         let mut bwd = vec![
             HostBuf::Bf16(i.q.clone()),
@@ -725,9 +835,17 @@ mod tests {
         let ptrs: Vec<u64> = bwd.iter_mut().map(|b| b.host_ptr()).collect();
         // SAFETY: as above.
         unsafe { run(Backend::Emu(&emu), &sh.backward_plan(true).unwrap(), &ptrs) }.unwrap();
-        for (slot, w) in [7, 8, 9, 10].into_iter().zip(&want) {
-            assert_eq!(&bwd[slot].to_f64(), w, "slot {slot}, seed {seed}");
+        for (slot, w) in [7, 8, 9].into_iter().zip(&want) {
+            let HostBuf::Bf16(got) = &bwd[slot] else {
+                panic!("slot {slot} is not bf16")
+            };
+            assert_eq!(
+                &sh.head_columns(got, sh.qkv_pitch),
+                w,
+                "slot {slot}, seed {seed}"
+            );
         }
+        assert_eq!(bwd[10].to_f64(), want[3], "delta, seed {seed}");
     }
 
     /// Relative error of lse: −inf exactly where the reference has it, elsewhere norm-wise.
@@ -747,34 +865,39 @@ mod tests {
         rel_err(&g, &w)
     }
 
-    /// (B, H, L, causal, seqlens): one token, odd lengths, more than one tile, 197 with padding,
-    /// and a fully padded sequence.
-    type Case = (usize, usize, usize, bool, Option<Vec<i32>>);
-
-    fn cases() -> Vec<Case> {
+    /// Shapes and key lengths: one token, odd lengths, more than one tile, 197 with padding,
+    /// a fully padded sequence, several heads; separate tensors and the engine's pitches.
+    fn cases() -> Vec<(AttnShape, Option<Vec<i32>>)> {
         vec![
-            (1, 1, 1, false, None),
-            (2, 1, 7, true, None),
-            (2, 2, 33, false, Some(vec![33, 20])),
-            (2, 1, 70, true, Some(vec![70, 45])),
-            (2, 1, 33, true, Some(vec![0, 33])),
-            (1, 1, 130, false, None),
-            (1, 1, 197, true, Some(vec![150])),
+            (shape(1, 1, 1, false), None),
+            (shape(2, 1, 7, true), None),
+            (shape(2, 2, 33, false), Some(vec![33, 20])),
+            (pitched(2, 3, 33, false), Some(vec![33, 20])),
+            (shape(2, 1, 70, true), Some(vec![70, 45])),
+            (pitched(2, 2, 70, true), Some(vec![70, 45])),
+            (shape(2, 1, 33, true), Some(vec![0, 33])),
+            (shape(1, 1, 130, false), None),
+            (shape(1, 1, 197, true), Some(vec![150])),
+            (pitched(1, 2, 197, false), Some(vec![150])),
         ]
     }
 
     #[test]
     fn forward_and_backward_match_reference() {
-        for (b, h, l, causal, sl) in cases() {
-            let sh = shape(b, h, l, causal);
+        for (sh, sl) in cases() {
             let seed = fresh_seed();
             let i = inputs(&sh, seed);
             let sl = sl.as_deref();
             let want = forward(&sh, &i, sl, None);
             let got = forward(&sh, &i, sl, Some(&Emu::default()));
-            let eo = rel_err(&bf16_to_f64(&got.0), &bf16_to_f64(&want.0));
+            let ctx = format!("{sh:?} seqlens={sl:?} seed {seed}");
+            let po = sh.o_pitch;
+            assert!(
+                gaps_hold_poison(&sh, &got.0, po),
+                "{ctx}: o written between heads"
+            );
+            let eo = rel_err(&sh.head_columns(&got.0, po), &sh.head_columns(&want.0, po));
             let el = lse_err(&got.1, &want.1);
-            let ctx = format!("B={b} H={h} L={l} causal={causal} seqlens={sl:?} seed {seed}");
             assert!(eo <= 1e-2 && el <= 1e-4, "{ctx}: o {eo}, lse {el}");
             // Both backwards from the reference forward, so each is judged on its own.
             let gw = backward(&sh, &i, &want, sl, None);
@@ -813,7 +936,7 @@ mod tests {
         let i = inputs(&sh, fresh_seed());
         let sl = [0, 40];
         let f = forward(&sh, &i, Some(&sl), Some(&Emu::default()));
-        let half = sh.elems() / 2;
+        let half = sh.span(sh.o_pitch) / 2;
         assert!(f.0[..half].iter().all(|x| x.to_f32() == 0.0));
         assert!(f.1[..40].iter().all(|&x| x == f32::NEG_INFINITY));
         assert!(f.0[half..].iter().all(|x| x.is_finite()));
@@ -865,7 +988,13 @@ mod tests {
         let seed = fresh_seed();
         let i = inputs(&sh, seed);
         let sl = [4];
-        let (q, k, v, d_o) = (widen(&i.q), widen(&i.k), widen(&i.v), widen(&i.d_o));
+        let p = sh.qkv_pitch;
+        let (q, k, v, d_o) = (
+            widen(&sh, &i.q, p),
+            widen(&sh, &i.k, p),
+            widen(&sh, &i.v, p),
+            widen(&sh, &i.d_o, sh.o_pitch),
+        );
         let (o, lse) = forward_f64(&sh, &q, &k, &v, Some(&sl));
         let [dq, dk, dv, _] = backward_f64(&sh, &q, &k, &v, &o, &lse, &d_o, Some(&sl));
         let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
@@ -875,7 +1004,7 @@ mod tests {
         let h = 1e-6;
         let mut g = rng(seed ^ 7);
         for _ in 0..24 {
-            let idx = rand::Rng::gen_range(&mut g, 0..sh.elems());
+            let idx = rand::Rng::gen_range(&mut g, 0..q.len());
             for (which, grad) in [(0, &dq), (1, &dk), (2, &dv)] {
                 let mut p = [q.clone(), k.clone(), v.clone()];
                 let mut m = p.clone();
@@ -895,7 +1024,7 @@ mod tests {
     fn bad_shapes_and_lengths_are_errors() {
         let sh = shape(2, 1, 8, false);
         let i = inputs(&sh, 1);
-        let mut o = vec![bf16::ZERO; sh.elems() - 1];
+        let mut o = vec![bf16::ZERO; sh.span(sh.o_pitch) - 1];
         let mut lse = vec![0.0f32; sh.rows()];
         let e = attention_forward_emu(
             &Emu::default(),
@@ -912,7 +1041,7 @@ mod tests {
             format!("{e}").contains("`o` holds 1023 elements, the shape needs 1024"),
             "{e}"
         );
-        let mut o = vec![bf16::ZERO; sh.elems()];
+        let mut o = vec![bf16::ZERO; sh.span(sh.o_pitch)];
         let e = attention_forward_cpu(&sh, &i.q, &i.k, &i.v, Some(&[3, 9]), &mut o, &mut lse)
             .unwrap_err();
         assert!(
@@ -922,6 +1051,24 @@ mod tests {
         let e =
             attention_forward_cpu(&sh, &i.q, &i.k, &i.v, Some(&[3]), &mut o, &mut lse).unwrap_err();
         assert!(format!("{e}").contains("holds 1 lengths"), "{e}");
+        // Pitches: 16-byte rows for cp.async, and room for every head.
+        for (qkv_pitch, o_pitch, want) in [
+            (68, 64, "qkv_pitch 68 must be a multiple of 8"),
+            (
+                64,
+                56,
+                "o_pitch 56 must be a multiple of 8 and at least H·64 = 64",
+            ),
+        ] {
+            let bad = AttnShape {
+                qkv_pitch,
+                o_pitch,
+                ..sh
+            };
+            let e =
+                attention_forward_cpu(&bad, &i.q, &i.k, &i.v, None, &mut o, &mut lse).unwrap_err();
+            assert!(format!("{e}").contains(want), "{e}");
+        }
     }
 
     /// The same comparison on a GPU when one is present, at the image tower's length; without
@@ -939,9 +1086,8 @@ mod tests {
         let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
         let from_bits = |v: Vec<u16>| v.into_iter().map(bf16::from_bits).collect::<Vec<bf16>>();
         let mut all = cases();
-        all.push((4, 3, 197, false, Some(vec![197, 100, 0, 64])));
-        for (b, h, l, causal, sl) in all {
-            let sh = shape(b, h, l, causal);
+        all.push((pitched(4, 3, 197, false), Some(vec![197, 100, 0, 64])));
+        for (sh, sl) in all {
             let seed = fresh_seed();
             let i = inputs(&sh, seed);
             let slr = sl.as_deref();
@@ -954,15 +1100,22 @@ mod tests {
             );
             let ddo = st.clone_htod(&bits(&i.d_o)).unwrap();
             let dsl = slr.map(|s| st.clone_htod(s).unwrap());
-            let poison = vec![BF16_POISON.to_bits(); sh.elems()];
-            let mut o = st.clone_htod(&poison).unwrap();
+            let poison = vec![BF16_POISON.to_bits(); sh.span(sh.qkv_pitch)];
+            let mut o = st
+                .clone_htod(&vec![BF16_POISON.to_bits(); sh.span(sh.o_pitch)])
+                .unwrap();
             let mut lse = st.clone_htod(&vec![f32::NAN; sh.rows()]).unwrap();
             attention_forward_cuda(&gpu, &sh, &dq_, &dk_, &dv_, dsl.as_ref(), &mut o, &mut lse)
                 .unwrap();
             let go = from_bits(st.clone_dtoh(&o).unwrap());
             let gl = st.clone_dtoh(&lse).unwrap();
-            let ctx = format!("GPU B={b} H={h} L={l} causal={causal} seed {seed}");
-            let eo = rel_err(&bf16_to_f64(&go), &bf16_to_f64(&want.0));
+            let ctx = format!("GPU {sh:?} seed {seed}");
+            let (p, po) = (sh.qkv_pitch, sh.o_pitch);
+            assert!(
+                gaps_hold_poison(&sh, &go, po),
+                "{ctx}: o written between heads"
+            );
+            let eo = rel_err(&sh.head_columns(&go, po), &sh.head_columns(&want.0, po));
             let el = lse_err(&gl, &want.1);
             assert!(eo <= 1e-2 && el <= 1e-4, "{ctx}: o {eo}, lse {el}");
             // Backward from the reference forward's o and lse.
@@ -994,7 +1147,12 @@ mod tests {
                 .iter()
                 .zip([&gq, &gk, &gv].iter().zip(&gw))
             {
-                let e = rel_err(&bf16_to_f64(&from_bits(st.clone_dtoh(*d).unwrap())), w);
+                let got = from_bits(st.clone_dtoh(*d).unwrap());
+                assert!(
+                    gaps_hold_poison(&sh, &got, p),
+                    "{ctx}: {n} written between heads"
+                );
+                let e = rel_err(&sh.head_columns(&got, p), w);
                 assert!(e <= 1e-2, "{ctx}: {n} {e}");
             }
         }

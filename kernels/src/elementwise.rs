@@ -1,5 +1,5 @@
 //! The small kernels (`cuda/elementwise.cu`): casts, axpby, embedding gather and scatter-add,
-//! GELU/QuickGELU forward and backward, row softmax, row transpose. Each is an [`Ew`] value
+//! GELU/QuickGELU forward and backward, row softmax. Each is an [`Ew`] value
 //! naming the op and its sizes; [`ew_cpu`], [`ew_emu`] and [`ew_cuda`] run it on the same
 //! buffer list (slots in the order [`Ew::slots`] documents), so one test body checks all of
 //! them.
@@ -42,10 +42,6 @@ pub enum Ew {
     ActBwd { n: usize, act: Act },
     /// `[x bf16 (r, c), y bf16 (r, c)]`: y = softmax(scale · x) per row.
     Softmax { r: usize, c: usize, scale: f32 },
-    /// `[src bf16 (a, b, c), dst bf16 (b, a, c)]`: the (a, b) grid of c-wide rows transposed,
-    /// `dst[(j·a + i)·c + e] = src[(i·b + j)·c + e]` (exact: a permutation). Attention heads
-    /// are split and merged with it, with no index table.
-    RowTranspose { a: usize, b: usize, c: usize },
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -68,7 +64,6 @@ impl Ew {
             Ew::ScatterAdd { n, v, c } => vec![(Bf16, n * c), (I32, n), (F32, v * c), (I32, 1)],
             Ew::ActBwd { n, .. } => vec![(Bf16, n), (Bf16, n), (Bf16, n)],
             Ew::Softmax { r, c, .. } => vec![(Bf16, r * c), (Bf16, r * c)],
-            Ew::RowTranspose { a, b, c } => vec![(Bf16, a * b * c), (Bf16, a * b * c)],
         }
     }
 
@@ -110,16 +105,10 @@ impl Ew {
             Ew::ActFwd { n, act } => format!("act_fwd {act:?} n={n}"),
             Ew::ActBwd { n, act } => format!("act_bwd {act:?} n={n}"),
             Ew::Softmax { r, c, .. } => format!("softmax_rows r={r} c={c}"),
-            Ew::RowTranspose { a, b, c } => format!("row_transpose a={a} b={b} c={c}"),
         }
     }
 
     fn validate(&self) -> Result<()> {
-        if let Ew::RowTranspose { a, b, c } = *self {
-            // The product is checked as i32 below; the factors must not wrap before it.
-            let n = a.checked_mul(b).and_then(|ab| ab.checked_mul(c));
-            ensure!(n.is_some(), "{}: size overflows", self.name());
-        }
         for (_, len) in self.slots() {
             ensure!(len > 0, "{}: empty shape", self.name());
             Arg::int("elementwise length", len)?;
@@ -213,16 +202,6 @@ impl Ew {
                     "softmax_rows",
                     LaunchShape::linear(r as u32, t, 0),
                     vec![P::Buf(0), P::Buf(1), i(c), P::F32(scale)],
-                )
-            }
-            // One thread per 16-byte unit when rows allow it (the kernel decides from c and
-            // the addresses), per element otherwise; the grid strides over the rest.
-            Ew::RowTranspose { a, b, c } => {
-                let units = if c % 8 == 0 { a * b * c / 8 } else { a * b * c };
-                step(
-                    "row_transpose",
-                    stride_shape(units),
-                    vec![P::Buf(0), P::Buf(1), i(a), i(b), i(c)],
                 )
             }
         }])
@@ -332,15 +311,6 @@ pub fn ew_cpu(op: &Ew, bufs: &mut [HostBuf]) -> Result<()> {
                 let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
                 (0..c).for_each(|j| put(&mut out[0], row * c + j, (z[j] - m).exp() / s));
-            }
-        }
-        Ew::RowTranspose { a, b, c } => {
-            for i in 0..a {
-                for j in 0..b {
-                    for e in 0..c {
-                        put(&mut out[0], (j * a + i) * c + e, x[(i * b + j) * c + e]);
-                    }
-                }
             }
         }
     }
@@ -465,27 +435,16 @@ pub fn sample_ops(n: usize, rows: usize, cols: usize) -> Vec<Ew> {
             c: cols,
             scale: 0.125,
         },
-        // 64-wide rows (heads: the 16-byte path), and rows of any width.
-        Ew::RowTranspose {
-            a: rows,
-            b: 12,
-            c: 64,
-        },
-        Ew::RowTranspose {
-            a: rows,
-            b: 3,
-            c: cols,
-        },
     ]
 }
 
 /// Tolerance of an output: 1e-4 for fp32 results of fp32 arithmetic, 1e-2 when bf16 is involved,
-/// 0 for copies (indices, the row transpose).
+/// 0 for copies (indices).
 pub fn tolerance(op: &Ew, out: &HostBuf) -> f64 {
     match (op, out) {
         (Ew::AxpbyF32 { .. } | Ew::CastBf16F32 { .. }, HostBuf::F32(_)) => 1e-4,
         (Ew::ScatterAdd { .. }, HostBuf::F32(_)) => 1e-4,
-        (_, HostBuf::I32(_)) | (Ew::RowTranspose { .. }, _) => 0.0,
+        (_, HostBuf::I32(_)) => 0.0,
         _ => 1e-2,
     }
 }
@@ -494,7 +453,6 @@ pub fn tolerance(op: &Ew, out: &HostBuf) -> f64 {
 mod tests {
     use super::*;
     use crate::testing::{fresh_seed, rel_err, rng};
-    use rand::Rng;
 
     #[test]
     fn every_op_matches_reference_at_several_sizes() {
@@ -528,120 +486,6 @@ mod tests {
                 assert!((num - gelu(x, act).1).abs() < 1e-7, "{act:?} {x}");
             }
         }
-    }
-
-    /// Source `src` (a, b, c) transposed by its definition, for the checks below.
-    fn transposed(src: &[bf16], a: usize, b: usize, c: usize) -> Vec<bf16> {
-        let mut out = vec![bf16::NAN; a * b * c];
-        for (r, row) in src.chunks(c).enumerate() {
-            let (i, j) = (r / b, r % b);
-            out[(j * a + i) * c..][..c].copy_from_slice(row);
-        }
-        out
-    }
-
-    const TRANSPOSE_SIZES: [(usize, usize, usize); 10] = [
-        (1, 1, 1),
-        (3, 5, 7),
-        (17, 36, 64),
-        (36, 17, 64),
-        (2, 3, 8),
-        (7, 4, 24),
-        (5, 9, 100),
-        // Rows of one element.
-        (33, 70, 1),
-        (64, 96, 1),
-        (1, 45, 1),
-    ];
-
-    #[test]
-    fn row_transpose_is_exact_at_odd_sizes() {
-        for (a, b, c) in TRANSPOSE_SIZES {
-            let op = Ew::RowTranspose { a, b, c };
-            let seed = fresh_seed();
-            let bufs = random_buffers(&op, &mut rng(seed));
-            let HostBuf::Bf16(src) = &bufs[0] else {
-                unreachable!()
-            };
-            let expect = HostBuf::Bf16(transposed(src, a, b, c));
-            let (mut want, mut got) = (bufs.clone(), bufs.clone());
-            ew_cpu(&op, &mut want).unwrap();
-            ew_emu(&Emu::default(), &op, &mut got).unwrap();
-            assert_eq!(want[1], expect, "{} seed {seed}: reference", op.name());
-            assert_eq!(got[1], expect, "{} seed {seed}: kernel", op.name());
-            // Transposing back restores the source.
-            let back = Ew::RowTranspose { a: b, b: a, c };
-            let mut round = vec![got[1].clone(), bufs[1].clone()];
-            ew_emu(&Emu::default(), &back, &mut round).unwrap();
-            assert_eq!(round[1], bufs[0], "{} seed {seed}: round trip", op.name());
-        }
-    }
-
-    /// 64-wide rows at addresses that are not 16-byte aligned take the per-element path (the
-    /// emulation fails a misaligned 16-byte access, so a wrong choice cannot pass).
-    #[test]
-    fn row_transpose_handles_unaligned_rows() {
-        let (a, b, c) = (5, 6, 64);
-        let op = Ew::RowTranspose { a, b, c };
-        let seed = fresh_seed();
-        let mut g = rng(seed);
-        let n = a * b * c;
-        let src: Vec<bf16> = (0..n + 2)
-            .map(|_| bf16::from_f32(g.gen_range(-3.0f32..3.0)))
-            .collect();
-        let mut bufs = [
-            HostBuf::Bf16(src.clone()),
-            HostBuf::Bf16(vec![bf16::NAN; n + 2]),
-        ];
-        // One or two elements in, so that neither address is a multiple of 16 bytes.
-        let skip = |p: u64| if (p + 2) % 16 == 0 { 2 } else { 1 };
-        let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
-        let offs: Vec<usize> = ptrs.iter().map(|&p| skip(p)).collect();
-        let moved: Vec<u64> = ptrs
-            .iter()
-            .zip(&offs)
-            .map(|(p, o)| p + 2 * *o as u64)
-            .collect();
-        assert!(moved.iter().all(|p| p % 16 != 0));
-        // SAFETY: both buffers hold n + 2 elements, the kernel touches n from an offset ≤ 2.
-        unsafe { exec::run(Backend::Emu(&Emu::default()), &op.plan().unwrap(), &moved) }.unwrap();
-        let HostBuf::Bf16(dst) = &bufs[1] else {
-            unreachable!()
-        };
-        let want = transposed(&src[offs[0]..offs[0] + n], a, b, c);
-        assert_eq!(&dst[offs[1]..offs[1] + n], &want[..], "seed {seed}");
-    }
-
-    /// The comparison can fail: the variant that copies rows in place instead of transposing
-    /// them matches only where the transpose is the identity (a = 1 or b = 1).
-    #[test]
-    fn broken_row_transpose_fails_the_comparison() {
-        let broken = Emu::variant("broken_transpose");
-        for (a, b, c) in TRANSPOSE_SIZES.into_iter().chain([(1, 5, 8), (4, 1, 3)]) {
-            let op = Ew::RowTranspose { a, b, c };
-            let seed = fresh_seed();
-            let bufs = random_buffers(&op, &mut rng(seed));
-            let (mut want, mut got) = (bufs.clone(), bufs);
-            ew_cpu(&op, &mut want).unwrap();
-            ew_emu(&broken, &op, &mut got).unwrap();
-            let identity = a == 1 || b == 1;
-            assert_eq!(got[1] == want[1], identity, "{} seed {seed}", op.name());
-        }
-    }
-
-    #[test]
-    fn row_transpose_rejects_bad_shapes() {
-        let mut bufs = vec![HostBuf::Bf16(vec![bf16::ZERO; 6]); 2];
-        let emu = Emu::default();
-        assert!(ew_emu(&emu, &Ew::RowTranspose { a: 0, b: 2, c: 3 }, &mut bufs).is_err());
-        assert!(ew_emu(&emu, &Ew::RowTranspose { a: 2, b: 2, c: 3 }, &mut bufs).is_err());
-        let huge = Ew::RowTranspose {
-            a: 1 << 40,
-            b: 1 << 40,
-            c: 1 << 40,
-        };
-        assert!(huge.plan().is_err());
-        ew_emu(&emu, &Ew::RowTranspose { a: 2, b: 1, c: 3 }, &mut bufs).unwrap();
     }
 
     #[test]

@@ -81,8 +81,6 @@ emu_kernels! {
     "act_fwd" => mmkd_emu_act_fwd,
     "act_bwd" => mmkd_emu_act_bwd,
     "softmax_rows" => mmkd_emu_softmax_rows,
-    "row_transpose" => mmkd_emu_row_transpose,
-    "broken_transpose:row_transpose" => mmkd_emu_broken_transpose_row_transpose,
     "broken_online:mtl_normalize_f32" => mmkd_emu_broken_online_mtl_normalize_f32,
     "broken_online:mtl_normalize_bf16" => mmkd_emu_broken_online_mtl_normalize_bf16,
     "broken_online:mtl_targets_f32" => mmkd_emu_broken_online_mtl_targets_f32,

@@ -10,7 +10,7 @@
 use crate::attention::{self, AttnShape, HEAD_DIM};
 use crate::device::Gpu;
 use crate::gemm::{self, Activation, GemmCheck, GemmLayout, GemmOutCuda, GemmPath, GemmShape};
-use crate::testing::{bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
+use crate::testing::{f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
 use anyhow::{anyhow, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
@@ -279,24 +279,25 @@ fn check_gemm(gpu: &Gpu, cfg: &BenchConfig, out: &mut Vec<CheckRecord>) -> Resul
 }
 
 /// Attention forward and backward at L = 197 with key padding (one sequence fully padded)
-/// against the CPU references.
+/// against the CPU references; q, k, v and their gradients at the pitch of the engine's packed
+/// projection, o and do at a pitch that is not a multiple of 64.
 fn check_attention(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
     let st = gpu.stream();
     for causal in [false, true] {
+        let heads = 2;
         let sh = AttnShape {
-            batch: 3,
-            heads: 2,
-            len: 197,
-            causal,
-            scale: 0.125,
+            qkv_pitch: 3 * heads * HEAD_DIM,
+            o_pitch: heads * HEAD_DIM + 8,
+            ..AttnShape::packed(3, heads, 197, causal, 0.125)
         };
         let seed = fresh_seed();
         let mut g = rng(seed);
-        let e = sh.batch * sh.heads * sh.len * HEAD_DIM;
+        let (e, eo) = (sh.span(sh.qkv_pitch), sh.span(sh.o_pitch));
         let r = sh.batch * sh.heads * sh.len;
-        let [q, k, v, d_o] = [0; 4].map(|_| random_bf16(&mut g, e, -2.0, 2.0));
+        let [q, k, v] = [0; 3].map(|_| random_bf16(&mut g, e, -2.0, 2.0));
+        let d_o = random_bf16(&mut g, eo, -2.0, 2.0);
         let sl = [197, 120, 0];
-        let (mut o, mut lse) = (vec![bf16::ZERO; e], vec![0.0f32; r]);
+        let (mut o, mut lse) = (vec![bf16::ZERO; eo], vec![0.0f32; r]);
         attention::attention_forward_cpu(&sh, &q, &k, &v, Some(&sl), &mut o, &mut lse)?;
         let [mut dq, mut dk, mut dv] = [0; 3].map(|_| vec![bf16::ZERO; e]);
         let mut delta = vec![0.0f32; r];
@@ -319,7 +320,9 @@ fn check_attention(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
         let glse_ref = st.clone_htod(&lse).map_err(|e| anyhow!("{e:?}"))?;
         let gsl = st.clone_htod(&sl).map_err(|e| anyhow!("{e:?}"))?;
         let poison = vec![0x7fffu16; e];
-        let mut go = st.clone_htod(&poison).map_err(|e| anyhow!("{e:?}"))?;
+        let mut go = st
+            .clone_htod(&vec![0x7fffu16; eo])
+            .map_err(|e| anyhow!("{e:?}"))?;
         let mut glse = device_buf::<f32>(st, r)?;
         attention::attention_forward_cuda(gpu, &sh, &gq, &gk, &gv, Some(&gsl), &mut go, &mut glse)?;
         let mut gdq = st.clone_htod(&poison).map_err(|e| anyhow!("{e:?}"))?;
@@ -341,16 +344,17 @@ fn check_attention(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
             &mut gdv,
             &mut gdelta,
         )?;
-        let down = |d: &CudaSlice<u16>| -> Result<Vec<f64>> {
-            Ok(bf16_to_f64(&from_bits(
-                st.clone_dtoh(d).map_err(|e| anyhow!("{e:?}"))?,
-            )))
+        // The head columns only: the columns between them keep their poison.
+        let down = |d: &CudaSlice<u16>, pitch| -> Result<Vec<f64>> {
+            let host = from_bits(st.clone_dtoh(d).map_err(|e| anyhow!("{e:?}"))?);
+            Ok(sh.head_columns(&host, pitch))
         };
+        let (p, po) = (sh.qkv_pitch, sh.o_pitch);
         for (name, got, want) in [
-            ("o", down(&go)?, bf16_to_f64(&o)),
-            ("dq", down(&gdq)?, bf16_to_f64(&dq)),
-            ("dk", down(&gdk)?, bf16_to_f64(&dk)),
-            ("dv", down(&gdv)?, bf16_to_f64(&dv)),
+            ("o", down(&go, po)?, sh.head_columns(&o, po)),
+            ("dq", down(&gdq, p)?, sh.head_columns(&dq, p)),
+            ("dk", down(&gdk, p)?, sh.head_columns(&dk, p)),
+            ("dv", down(&gdv, p)?, sh.head_columns(&dv, p)),
         ] {
             let e = rel_err(&got, &want);
             out.push(CheckRecord {
@@ -480,19 +484,21 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
         &[]
     };
     for &(tower, len) in attention_towers {
+        // q, k, v and their gradients at the pitch of the engine's packed projection.
         let sh = AttnShape {
-            batch: cfg.batch,
-            heads: HEADS,
-            len,
-            causal: false,
-            scale: 0.125,
+            qkv_pitch: 3 * HEADS * HEAD_DIM,
+            ..AttnShape::packed(cfg.batch, HEADS, len, false, 0.125)
         };
-        let (bh, e) = (cfg.batch * HEADS, cfg.batch * HEADS * len * HEAD_DIM);
+        let (bh, e, eo) = (
+            cfg.batch * HEADS,
+            sh.span(sh.qkv_pitch),
+            sh.span(sh.o_pitch),
+        );
         let q = device_random(st, e, 1)?;
         let k = device_random(st, e, 2)?;
         let v = device_random(st, e, 3)?;
-        let d_o = device_random(st, e, 4)?;
-        let mut o = device_buf::<u16>(st, e)?;
+        let d_o = device_random(st, eo, 4)?;
+        let mut o = device_buf::<u16>(st, eo)?;
         let mut lse = device_buf::<f32>(st, bh * len)?;
         let mut dq = device_buf::<u16>(st, e)?;
         let mut dk = device_buf::<u16>(st, e)?;

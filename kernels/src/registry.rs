@@ -147,8 +147,7 @@ pub const IMAGE_NORM: KernelFile = KernelFile {
     tma_entries: &[],
 };
 
-/// Casts, axpby, embedding gather/scatter-add, GELU/QuickGELU, row softmax, row transpose
-/// (tiled for one-element rows).
+/// Casts, axpby, embedding gather/scatter-add, GELU/QuickGELU, row softmax.
 pub const ELEMENTWISE: KernelFile = KernelFile {
     name: "elementwise",
     source: include_str!("../cuda/elementwise.cu"),
@@ -162,7 +161,6 @@ pub const ELEMENTWISE: KernelFile = KernelFile {
         "act_fwd",
         "act_bwd",
         "softmax_rows",
-        "row_transpose",
     ],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],

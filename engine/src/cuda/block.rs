@@ -5,15 +5,15 @@
 //! Every op is a kernel of `mmkd-kernels`: GEMMs with fused bias and residual epilogues (the
 //! weight gradients with the bias gradient reduced in the same pass), the fused attention with
 //! a key-padding mask, LayerNorm fused with the residual add, and the elementwise kernels for
-//! the activation, the weight cast and the head split/merge. Activations are bf16; master
-//! weights, gradients, LayerNorm statistics and the attention's log-sum-exp are fp32.
+//! the activation and the weight cast. Activations are bf16; master weights, gradients,
+//! LayerNorm statistics and the attention's log-sum-exp are fp32.
 //!
-//! Heads. The attention kernel takes `(Z, L, 64)` tensors. The QKV projection writes
-//! `(B·L, 3·W)`, a `(B·L, 3·H)` grid of 64-wide rows; the row transpose ([`Ew::RowTranspose`])
-//! turns it into `(3·H, B·L)` rows, i.e. `(3, H, B, L, 64)`, so attention runs with `Z = H·B`
-//! "sequences" of one head each and the key lengths repeated per head. Transposes the other
-//! way merge the heads back and carry the gradients: no index table, nothing rewritten per
-//! batch but the key lengths.
+//! Heads. The attention kernel reads token-major tensors at any row pitch: q, k and v are the
+//! three column blocks of the QKV projection's `(B·L, 3·W)` output (pitch 3·W, head h in
+//! columns h·64.. of its block), it writes o as the `(B·L, W)` input of the output
+//! projection, and its backward writes dq, dk and dv into the column blocks of one
+//! `(B·L, 3·W)` gradient that the QKV weight and input gradients read. No head is ever
+//! transposed or copied; only the key lengths (one per sequence) are rewritten per batch.
 //!
 //! Stacks. [`CudaBlock::in_layout`] adds a block to a shared [`Layout::grouped`] table under
 //! a name prefix, reading the previous block's output as its input and writing its input
@@ -207,9 +207,9 @@ struct Kept {
     h1: RegionId,
     mean1: RegionId,
     rstd1: RegionId,
-    qkvh: RegionId,
+    /// The packed projection `(B·L, 3·W)`: attention's q, k and v.
+    qkv: RegionId,
     lse: RegionId,
-    oh: RegionId,
     o: RegionId,
     a: RegionId,
     s2: RegionId,
@@ -226,7 +226,6 @@ struct Kept {
 /// block, and the reduction partials.
 #[derive(Clone, Copy)]
 struct Scratch {
-    qkv: RegionId,
     df: RegionId,
     du: RegionId,
     dh2: RegionId,
@@ -234,8 +233,7 @@ struct Scratch {
     dh1: RegionId,
     ds1: RegionId,
     d_o: RegionId,
-    doh: RegionId,
-    dqkvh: RegionId,
+    /// dq, dk, dv as the column blocks of one `(B·L, 3·W)` gradient.
     dqkv: RegionId,
     delta: RegionId,
     ln_part: RegionId,
@@ -387,9 +385,8 @@ impl CudaBlock {
                 h1: act("h1", bfl, m * w)?,
                 mean1: act("mean1", f32l, m)?,
                 rstd1: act("rstd1", f32l, m)?,
-                qkvh: act("qkv_heads", bfl, 3 * m * w)?,
+                qkv: act("qkv", bfl, 3 * m * w)?,
                 lse: act("lse", f32l, hd * m)?,
-                oh: act("o_heads", bfl, m * w)?,
                 o: act("o", bfl, m * w)?,
                 a: act("attn_out", bfl, m * w)?,
                 s2: act("s2", bfl, m * w)?,
@@ -417,8 +414,6 @@ impl CudaBlock {
         let s = match twin {
             Some(p) => p.acts.s,
             None => Scratch {
-                // The packed projection is only read by the head split, so it is not kept.
-                qkv: scr("qkv", bfl, 3 * m * w)?,
                 df: scr("df", bfl, m * f)?,
                 du: scr("du", bfl, m * f)?,
                 dh2: scr("dh2", bfl, m * w)?,
@@ -426,8 +421,6 @@ impl CudaBlock {
                 dh1: scr("dh1", bfl, m * w)?,
                 ds1: scr("ds1", bfl, m * w)?,
                 d_o: scr("do", bfl, m * w)?,
-                doh: scr("do_heads", bfl, m * w)?,
-                dqkvh: scr("dqkv_heads", bfl, 3 * m * w)?,
                 dqkv: scr("dqkv", bfl, 3 * m * w)?,
                 delta: scr("attn_delta", f32l, hd * m)?,
                 ln_part: scr("ln_partials", f32l, backward_scratch_len(ln))?,
@@ -452,7 +445,7 @@ impl CudaBlock {
         let tables = Tables {
             seqlens: match twin {
                 Some(p) => p.tables.seqlens,
-                None => tab("seqlens", Dtype::I32, hd * dims.batch)?,
+                None => tab("seqlens", Dtype::I32, dims.batch)?,
             },
             own_seqlens: twin.is_none(),
         };
@@ -509,7 +502,6 @@ impl CudaBlock {
         let d = self.dims;
         let post = self.post;
         let (w, hd, fh, m) = (d.width, d.heads, d.hidden, d.batch * len);
-        let hm = hd * m;
         let lay = &self.layout;
         let (ac, tb) = (&self.acts, &self.tables);
         let mut pl = Planner {
@@ -583,20 +575,17 @@ impl CudaBlock {
             ..plain
         };
         let attn = AttnShape {
-            batch: hd * d.batch,
-            heads: 1,
-            len,
-            causal: false,
-            scale: 1.0 / (HEAD_DIM as f32).sqrt(),
+            qkv_pitch: 3 * w,
+            o_pitch: w,
+            ..AttnShape::packed(d.batch, hd, len, false, 1.0 / (HEAD_DIM as f32).sqrt())
         };
         let act = match d.act {
             Activation::QuickGelu => Act::QuickGelu,
             Activation::Gelu => Act::Gelu,
         };
-        let e = HEAD_DIM;
-        // `src (a, b)` rows of one head → `dst (b, a)`.
-        let transpose = |a: usize, b: usize| Ew::RowTranspose { a, b, c: e };
-        let qkv_view = |id: RegionId, i: usize| part(id, i * hm * e, hm * e);
+        // q, k or v (i = 0, 1, 2): the i-th W columns of a `(B·L, 3·W)` region, from its first
+        // row's column i·W to the last row's column (i + 1)·W.
+        let qkv_view = |id: RegionId, i: usize| part(id, i * w, attn.span(3 * w));
         let (mut forward, mut backward) = (Vec::new(), Vec::new());
         let (fwd, bwd) = (&mut forward, &mut backward);
 
@@ -637,33 +626,21 @@ impl CudaBlock {
                 wt(Pm::Wqkv),
                 wt(Pm::Bqkv),
                 None,
-                rows(ac.s.qkv, 3 * w),
+                rows(ac.k.qkv, 3 * w),
                 None,
             ],
-        )?;
-        // (M, 3·H) head rows → (3·H, M).
-        pl.add(
-            fwd,
-            transpose(m, 3 * hd).plan()?,
-            &[rows(ac.s.qkv, 3 * w), rows(ac.k.qkvh, 3 * w)],
         )?;
         pl.add(
             fwd,
             attn.forward_plan(true)?,
             &[
-                qkv_view(ac.k.qkvh, 0),
-                qkv_view(ac.k.qkvh, 1),
-                qkv_view(ac.k.qkvh, 2),
+                qkv_view(ac.k.qkv, 0),
+                qkv_view(ac.k.qkv, 1),
+                qkv_view(ac.k.qkv, 2),
                 whole(tb.seqlens),
-                rows(ac.k.oh, w),
+                rows(ac.k.o, w),
                 rows(ac.k.lse, hd),
             ],
-        )?;
-        // (H, M) → (M, H).
-        pl.add(
-            fwd,
-            transpose(hd, m).plan()?,
-            &[rows(ac.k.oh, w), rows(ac.k.o, w)],
         )?;
         pl.add(
             fwd,
@@ -892,34 +869,22 @@ impl CudaBlock {
             plain,
             [rows(dattn, w), None, rows(ac.s.d_o, w)],
         )?;
-        // (M, H) → (H, M).
-        pl.add(
-            bwd,
-            transpose(m, hd).plan()?,
-            &[rows(ac.s.d_o, w), rows(ac.s.doh, w)],
-        )?;
         pl.add(
             bwd,
             attn.backward_plan(true)?,
             &[
-                qkv_view(ac.k.qkvh, 0),
-                qkv_view(ac.k.qkvh, 1),
-                qkv_view(ac.k.qkvh, 2),
-                rows(ac.k.oh, w),
+                qkv_view(ac.k.qkv, 0),
+                qkv_view(ac.k.qkv, 1),
+                qkv_view(ac.k.qkv, 2),
+                rows(ac.k.o, w),
                 rows(ac.k.lse, hd),
-                rows(ac.s.doh, w),
+                rows(ac.s.d_o, w),
                 whole(tb.seqlens),
-                qkv_view(ac.s.dqkvh, 0),
-                qkv_view(ac.s.dqkvh, 1),
-                qkv_view(ac.s.dqkvh, 2),
+                qkv_view(ac.s.dqkv, 0),
+                qkv_view(ac.s.dqkv, 1),
+                qkv_view(ac.s.dqkv, 2),
                 rows(ac.s.delta, hd),
             ],
-        )?;
-        // (3·H, M) → (M, 3·H).
-        pl.add(
-            bwd,
-            transpose(3 * hd, m).plan()?,
-            &[rows(ac.s.dqkvh, 3 * w), rows(ac.s.dqkv, 3 * w)],
         )?;
         pl.add(
             bwd,
@@ -1104,12 +1069,9 @@ impl CudaBlock {
         }
         // Built (and checked) before anything is written.
         self.plans(len)?;
-        // Attention sequence z = h·B + b. Lengths are at most `len` ≤ `dims.len`, which the
-        // plan's i32 shapes already hold.
+        // Lengths are at most `len` ≤ `dims.len`, which the plan's i32 shapes already hold.
         if self.tables.own_seqlens {
-            let seqlens: Vec<i32> = (0..d.heads * d.batch)
-                .map(|z| lengths[z % d.batch] as i32)
-                .collect();
+            let seqlens: Vec<i32> = lengths.iter().map(|&n| n as i32).collect();
             arena.write_i32(self.tables.seqlens, &seqlens)?;
         }
         self.len.store(len, Ordering::Relaxed);
