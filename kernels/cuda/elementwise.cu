@@ -85,18 +85,14 @@ MMKD_KERNEL void embedding_scatter_add(const mmkd_bf16* __restrict__ dout,  // (
 MMKD_EXPORT(embedding_scatter_add)
 
 // ---- activations: grid-stride --------------------------------------------------------------
-MMKD_DEVICE float ew_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-
+// kind 0: GELU (erf form), 1: QuickGELU: the prelude's mmkd_act kinds 1 and 2, which the GEMM
+// epilogue applies too, so a fused and a separate activation agree bit for bit.
 MMKD_KERNEL void act_fwd(const mmkd_bf16* __restrict__ x,  // (n)
                          mmkd_bf16* __restrict__ y,        // (n) out
                          int n, int kind) {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += (long)gridDim.x * blockDim.x) {
-        const float v = bf16_to_f32(x[e]);
-        const float r = kind == 0 ? 0.5f * v * (1.0f + erff(v * 0.70710678118654752f))
-                                  : v * ew_sigmoid(1.702f * v);
-        y[e] = f32_to_bf16(r);
-    }
+         e += (long)gridDim.x * blockDim.x)
+        y[e] = f32_to_bf16(mmkd_act(bf16_to_f32(x[e]), kind + 1));
 }
 MMKD_EXPORT(act_fwd)
 
@@ -105,20 +101,8 @@ MMKD_KERNEL void act_bwd(const mmkd_bf16* __restrict__ x,   // (n)
                          mmkd_bf16* __restrict__ dx,        // (n) out
                          int n, int kind) {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += (long)gridDim.x * blockDim.x) {
-        const float v = bf16_to_f32(x[e]);
-        float d;
-        if (kind == 0) {
-            // d/dx [x Φ(x)] = Φ(x) + x φ(x)
-            const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-            const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-            d = cdf + v * pdf;
-        } else {
-            const float s = ew_sigmoid(1.702f * v);
-            d = s + 1.702f * v * s * (1.0f - s);
-        }
-        dx[e] = f32_to_bf16(d * bf16_to_f32(dy[e]));
-    }
+         e += (long)gridDim.x * blockDim.x)
+        dx[e] = f32_to_bf16(mmkd_act_grad(bf16_to_f32(x[e]), kind + 1) * bf16_to_f32(dy[e]));
 }
 MMKD_EXPORT(act_bwd)
 

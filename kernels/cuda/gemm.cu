@@ -87,7 +87,7 @@ template <bool A_KMAJOR, bool B_KMAJOR>
 MMKD_DEVICE void gemm_body(const mmkd_bf16* __restrict__ A,    // see the table above
                            const mmkd_bf16* __restrict__ B,    // see the table above
                            const mmkd_bf16* __restrict__ bias, // (N) or null
-                           const mmkd_bf16* __restrict__ res,  // (batch, M, ldc) or null
+                           mmkd_bf16* __restrict__ aux,  // (batch, M, ldc) or null
                            void* __restrict__ C,               // (batch, M, ldc) bf16 or fp32
                            float* __restrict__ dbias,          // (batch, M) or null; wgrad only
                            int M, int N, int K, int lda, int ldb, int ldc, int sa, int sb,
@@ -200,7 +200,7 @@ MMKD_DEVICE void gemm_body(const mmkd_bf16* __restrict__ A,    // see the table 
                 if (col >= N) continue;
                 const bool two = col + 1 < N;
                 float v[2] = {acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]};
-                gemm_store2(v, two, cpair, cbase + (long)row * ldc + col, col, bias, res, act, C,
+                gemm_store2(v, two, cpair, cbase + (long)row * ldc + col, col, bias, aux, act, C,
                             out_f32);
             }
         }
@@ -209,33 +209,33 @@ MMKD_DEVICE void gemm_body(const mmkd_bf16* __restrict__ A,    // see the table 
 
 // Y = X·Wᵀ (+ bias, act, + residual). A (batch, M, lda ≥ K), B (batch, N, ldb ≥ K).
 MMKD_KERNEL void gemm_fwd(const mmkd_bf16* __restrict__ A, const mmkd_bf16* __restrict__ B,
-                          const mmkd_bf16* __restrict__ bias, const mmkd_bf16* __restrict__ res,
+                          const mmkd_bf16* __restrict__ bias, mmkd_bf16* __restrict__ aux,
                           void* __restrict__ C, float* __restrict__ dbias, int M, int N, int K,
                           int lda, int ldb, int ldc, int sa, int sb, int sc, int act,
                           int out_f32) {
-    gemm_body<true, true>(A, B, bias, res, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
+    gemm_body<true, true>(A, B, bias, aux, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
                           out_f32);
 }
 MMKD_EXPORT(gemm_fwd)
 
 // dX = dY·W. A (batch, M, lda ≥ K), B (batch, K, ldb ≥ N).
 MMKD_KERNEL void gemm_dgrad(const mmkd_bf16* __restrict__ A, const mmkd_bf16* __restrict__ B,
-                            const mmkd_bf16* __restrict__ bias, const mmkd_bf16* __restrict__ res,
+                            const mmkd_bf16* __restrict__ bias, mmkd_bf16* __restrict__ aux,
                             void* __restrict__ C, float* __restrict__ dbias, int M, int N, int K,
                             int lda, int ldb, int ldc, int sa, int sb, int sc, int act,
                             int out_f32) {
-    gemm_body<true, false>(A, B, bias, res, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
+    gemm_body<true, false>(A, B, bias, aux, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
                            out_f32);
 }
 MMKD_EXPORT(gemm_dgrad)
 
 // dW = dYᵀ·X, dbias = column sums of dY. A (batch, K, lda ≥ M), B (batch, K, ldb ≥ N).
 MMKD_KERNEL void gemm_wgrad(const mmkd_bf16* __restrict__ A, const mmkd_bf16* __restrict__ B,
-                            const mmkd_bf16* __restrict__ bias, const mmkd_bf16* __restrict__ res,
+                            const mmkd_bf16* __restrict__ bias, mmkd_bf16* __restrict__ aux,
                             void* __restrict__ C, float* __restrict__ dbias, int M, int N, int K,
                             int lda, int ldb, int ldc, int sa, int sb, int sc, int act,
                             int out_f32) {
-    gemm_body<false, false>(A, B, bias, res, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
+    gemm_body<false, false>(A, B, bias, aux, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
                             out_f32);
 }
 MMKD_EXPORT(gemm_wgrad)

@@ -99,7 +99,7 @@ template <bool A_KMAJOR, bool B_KMAJOR>
 MMKD_DEVICE void wg_body(const mmkd_bf16* __restrict__ A,    // see the table above
                          const mmkd_bf16* __restrict__ B,    // see the table above
                          const mmkd_bf16* __restrict__ bias, // (N) or null
-                         const mmkd_bf16* __restrict__ res,  // (batch, M, ldc) or null
+                         mmkd_bf16* __restrict__ aux,  // (batch, M, ldc) or null
                          void* __restrict__ C,               // (batch, M, ldc) bf16 or fp32
                          float* __restrict__ dbias,          // (batch, M) or null; wgrad only
                          int M, int N, int K, int lda, int ldb, int ldc, int sa, int sb, int sc,
@@ -179,16 +179,16 @@ MMKD_DEVICE void wg_body(const mmkd_bf16* __restrict__ A,    // see the table ab
 
     if (sum_bias) wg_dbias_store(db, dbias + z * M, m0, M);
 
-    wg_epilogue(acc, m0, n0, wg, z * sc, M, N, ldc, bias, res, C, act, out_f32);
+    wg_epilogue(acc, m0, n0, wg, z * sc, M, N, ldc, bias, aux, C, act, out_f32);
 }
 
 // Y = X·Wᵀ (+ bias, act, + residual). A (batch, M, lda ≥ K), B (batch, N, ldb ≥ K).
 MMKD_KERNEL void gemm_fwd_wgmma(const mmkd_bf16* __restrict__ A, const mmkd_bf16* __restrict__ B,
                                 const mmkd_bf16* __restrict__ bias,
-                                const mmkd_bf16* __restrict__ res, void* __restrict__ C,
+                                mmkd_bf16* __restrict__ aux, void* __restrict__ C,
                                 float* __restrict__ dbias, int M, int N, int K, int lda, int ldb,
                                 int ldc, int sa, int sb, int sc, int act, int out_f32) {
-    wg_body<true, true>(A, B, bias, res, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
+    wg_body<true, true>(A, B, bias, aux, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
                         out_f32);
 }
 MMKD_EXPORT(gemm_fwd_wgmma)
@@ -197,10 +197,10 @@ MMKD_EXPORT(gemm_fwd_wgmma)
 MMKD_KERNEL void gemm_dgrad_wgmma(const mmkd_bf16* __restrict__ A,
                                   const mmkd_bf16* __restrict__ B,
                                   const mmkd_bf16* __restrict__ bias,
-                                  const mmkd_bf16* __restrict__ res, void* __restrict__ C,
+                                  mmkd_bf16* __restrict__ aux, void* __restrict__ C,
                                   float* __restrict__ dbias, int M, int N, int K, int lda,
                                   int ldb, int ldc, int sa, int sb, int sc, int act, int out_f32) {
-    wg_body<true, false>(A, B, bias, res, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
+    wg_body<true, false>(A, B, bias, aux, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
                          out_f32);
 }
 MMKD_EXPORT(gemm_dgrad_wgmma)
@@ -209,10 +209,10 @@ MMKD_EXPORT(gemm_dgrad_wgmma)
 MMKD_KERNEL void gemm_wgrad_wgmma(const mmkd_bf16* __restrict__ A,
                                   const mmkd_bf16* __restrict__ B,
                                   const mmkd_bf16* __restrict__ bias,
-                                  const mmkd_bf16* __restrict__ res, void* __restrict__ C,
+                                  mmkd_bf16* __restrict__ aux, void* __restrict__ C,
                                   float* __restrict__ dbias, int M, int N, int K, int lda,
                                   int ldb, int ldc, int sa, int sb, int sc, int act, int out_f32) {
-    wg_body<false, false>(A, B, bias, res, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
+    wg_body<false, false>(A, B, bias, aux, C, dbias, M, N, K, lda, ldb, ldc, sa, sb, sc, act,
                           out_f32);
 }
 MMKD_EXPORT(gemm_wgrad_wgmma)

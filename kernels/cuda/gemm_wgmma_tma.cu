@@ -74,7 +74,7 @@ MMKD_DEVICE unsigned long long wt_desc(const unsigned char* tile, int row0, int 
 template <bool A_KMAJOR, bool B_KMAJOR>
 MMKD_DEVICE void wt_body(const mmkd_tensor_map* ta, const mmkd_tensor_map* tb,
                          const mmkd_bf16* __restrict__ bias,  // (N) or null
-                         const mmkd_bf16* __restrict__ res,   // (batch, M, ldc) or null
+                         mmkd_bf16* __restrict__ aux,   // (batch, M, ldc) or null
                          void* __restrict__ C,                // (batch, M, ldc) bf16 or fp32
                          float* __restrict__ dbias,           // (batch, M) or null; wgrad only
                          int M, int N, int K, int ldc, int sc, int act, int out_f32) {
@@ -158,7 +158,7 @@ MMKD_DEVICE void wt_body(const mmkd_tensor_map* ta, const mmkd_tensor_map* tb,
 
     if (sum_bias) wg_dbias_store(db, dbias + (long)z * M, m0, M);
 
-    wg_epilogue(acc, m0, n0, wg, (long)z * sc, M, N, ldc, bias, res, C, act, out_f32);
+    wg_epilogue(acc, m0, n0, wg, (long)z * sc, M, N, ldc, bias, aux, C, act, out_f32);
 }
 
 // The entry points take gemm.cu's parameters with A and B as tensor maps; lda, ldb, sa and sb
@@ -168,11 +168,11 @@ MMKD_DEVICE void wt_body(const mmkd_tensor_map* ta, const mmkd_tensor_map* tb,
 MMKD_KERNEL void gemm_fwd_tma(const __grid_constant__ mmkd_tensor_map ta,
                               const __grid_constant__ mmkd_tensor_map tb,
                               const mmkd_bf16* __restrict__ bias,
-                              const mmkd_bf16* __restrict__ res, void* __restrict__ C,
+                              mmkd_bf16* __restrict__ aux, void* __restrict__ C,
                               float* __restrict__ dbias, int M, int N, int K, int lda, int ldb,
                               int ldc, int sa, int sb, int sc, int act, int out_f32) {
     (void)lda, (void)ldb, (void)sa, (void)sb;
-    wt_body<true, true>(&ta, &tb, bias, res, C, dbias, M, N, K, ldc, sc, act, out_f32);
+    wt_body<true, true>(&ta, &tb, bias, aux, C, dbias, M, N, K, ldc, sc, act, out_f32);
 }
 MMKD_EXPORT(gemm_fwd_tma)
 
@@ -180,11 +180,11 @@ MMKD_EXPORT(gemm_fwd_tma)
 MMKD_KERNEL void gemm_dgrad_tma(const __grid_constant__ mmkd_tensor_map ta,
                                 const __grid_constant__ mmkd_tensor_map tb,
                                 const mmkd_bf16* __restrict__ bias,
-                                const mmkd_bf16* __restrict__ res, void* __restrict__ C,
+                                mmkd_bf16* __restrict__ aux, void* __restrict__ C,
                                 float* __restrict__ dbias, int M, int N, int K, int lda, int ldb,
                                 int ldc, int sa, int sb, int sc, int act, int out_f32) {
     (void)lda, (void)ldb, (void)sa, (void)sb;
-    wt_body<true, false>(&ta, &tb, bias, res, C, dbias, M, N, K, ldc, sc, act, out_f32);
+    wt_body<true, false>(&ta, &tb, bias, aux, C, dbias, M, N, K, ldc, sc, act, out_f32);
 }
 MMKD_EXPORT(gemm_dgrad_tma)
 
@@ -192,10 +192,10 @@ MMKD_EXPORT(gemm_dgrad_tma)
 MMKD_KERNEL void gemm_wgrad_tma(const __grid_constant__ mmkd_tensor_map ta,
                                 const __grid_constant__ mmkd_tensor_map tb,
                                 const mmkd_bf16* __restrict__ bias,
-                                const mmkd_bf16* __restrict__ res, void* __restrict__ C,
+                                mmkd_bf16* __restrict__ aux, void* __restrict__ C,
                                 float* __restrict__ dbias, int M, int N, int K, int lda, int ldb,
                                 int ldc, int sa, int sb, int sc, int act, int out_f32) {
     (void)lda, (void)ldb, (void)sa, (void)sb;
-    wt_body<false, false>(&ta, &tb, bias, res, C, dbias, M, N, K, ldc, sc, act, out_f32);
+    wt_body<false, false>(&ta, &tb, bias, aux, C, dbias, M, N, K, ldc, sc, act, out_f32);
 }
 MMKD_EXPORT(gemm_wgrad_tma)

@@ -20,7 +20,8 @@
 //   cp_async_16/8/4 (shared dst, global src), cp_async_commit(), cp_async_wait<N>(), cp_async_wait_all()
 //   MMKD_EXPORT(kernel) after each kernel: the emulation's C entry point (nothing under NVRTC).
 //   smem_addr(p)                              a shared-memory address (for alignment arithmetic)
-//   gemm_act(v, act), gemm_store2(...)   the GEMM epilogue shared by gemm.cu and the wgmma GEMMs
+//   mmkd_act(v, kind), mmkd_act_grad(v, kind)   GELU (erf) and QuickGELU and their derivatives
+//   gemm_store2(...)                     the GEMM epilogue shared by gemm.cu and the wgmma GEMMs
 //   wg_epilogue, wg_dbias_add8, wg_dbias_store   what the two wgmma GEMM files share
 //   Hopper, for files compiled for sm_90a only (MinArch::Sm90a):
 //   wgmma_desc(smem, lbo, sbo)      matrix descriptor of a no-swizzle operand in dynamic shared
@@ -241,26 +242,62 @@ MMKD_DEVICE unsigned pack_bf16x2(mmkd_bf16 lo, mmkd_bf16 hi) {
     return (unsigned)lo | ((unsigned)hi << 16);
 }
 
-// ---- the GEMM epilogue (gemm.cu, gemm_wgmma.cu) ----------------------------------------------
-// act: 0 none, 1 GELU (tanh form), 2 QuickGELU (v · sigmoid(1.702 v)).
-MMKD_DEVICE float gemm_act(float v, int act) {
-    if (act == 1) return 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
-    if (act == 2) return v / (1.0f + expf(-1.702f * v));
+// ---- activations (elementwise.cu's act_fwd/act_bwd and the GEMM epilogue) -------------------
+// kind 1: GELU, erf form (BERT): x Φ(x); kind 2: QuickGELU (CLIP): x σ(1.702 x); else identity.
+MMKD_DEVICE float mmkd_act(float v, int kind) {
+    if (kind == 1) return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    if (kind == 2) return v * (1.0f / (1.0f + expf(-1.702f * v)));
     return v;
 }
+// d/dv of mmkd_act.
+MMKD_DEVICE float mmkd_act_grad(float v, int kind) {
+    if (kind == 1) {
+        // Φ(v) + v φ(v)
+        const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+        return cdf + v * 0.39894228040143268f * expf(-0.5f * v * v);
+    }
+    if (kind == 2) {
+        const float s = 1.0f / (1.0f + expf(-1.702f * v));
+        return s + 1.702f * v * s * (1.0f - s);
+    }
+    return 1.0f;
+}
 
-// The sums v of C(row, col) and C(row, col + 1) (the second only when `two`) at
-// element `idx` of C: + bias[col], act, + res[idx], stored as bf16 or fp32 (`out_f32`). `pair`:
-// C's row length and base allow one 4-byte (bf16) or 8-byte (fp32) store of both.
+// ---- the GEMM epilogue (gemm.cu, gemm_wgmma.cu, gemm_wgmma_tma.cu) ---------------------------
+// `act` = kind | mode: bits 0-1 the activation kind (mmkd_act), bits 2-3 what `aux`
+// ((batch, M, ldc) bf16, C's layout) is:
+//   GEMM_AUX_RESIDUAL  null, or a residual added after the activation;
+//   GEMM_AUX_SAVE      written: the pre-activation v + bias, rounded to bf16; the activation is
+//                      applied to that rounded value, so C and aux are exactly what a separate
+//                      activation kernel reading aux would pair (a linear layer + activation
+//                      whose backward needs its input);
+//   GEMM_AUX_GRAD      read: a saved pre-activation u; C = v · act'(u) (the input gradient of
+//                      the layer before the activation, fused with the activation's backward).
+#define GEMM_AUX_RESIDUAL 0
+#define GEMM_AUX_SAVE 4
+#define GEMM_AUX_GRAD 8
+
+// The sums v of C(row, col) and C(row, col + 1) (the second only when `two`) at element `idx`
+// of C through the epilogue `act` (above), stored as bf16 or fp32 (`out_f32`). `pair`: C's row
+// length and base allow one 4-byte (bf16) or 8-byte (fp32) store of both (aux shares them).
 MMKD_DEVICE void gemm_store2(float v[2], bool two, bool pair, long idx, int col,
-                             const mmkd_bf16* __restrict__ bias, const mmkd_bf16* __restrict__ res,
+                             const mmkd_bf16* __restrict__ bias, mmkd_bf16* __restrict__ aux,
                              int act, void* __restrict__ C, int out_f32) {
+    const int kind = act & 3, mode = act & 12;
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
         if (e == 1 && !two) break;
         if (bias != nullptr) v[e] += bf16_to_f32(bias[col + e]);
-        v[e] = gemm_act(v[e], act);
-        if (res != nullptr) v[e] += bf16_to_f32(res[idx + e]);
+        if (mode == GEMM_AUX_SAVE) {
+            const mmkd_bf16 u = f32_to_bf16(v[e]);
+            aux[idx + e] = u;
+            v[e] = mmkd_act(bf16_to_f32(u), kind);
+        } else if (mode == GEMM_AUX_GRAD) {
+            v[e] *= mmkd_act_grad(bf16_to_f32(aux[idx + e]), kind);
+        } else {
+            v[e] = mmkd_act(v[e], kind);
+            if (aux != nullptr) v[e] += bf16_to_f32(aux[idx + e]);
+        }
     }
     if (two && pair) {
         if (out_f32) {
@@ -314,7 +351,7 @@ MMKD_DEVICE void wg_dbias_store(float db[8], float* __restrict__ dbias, int m0, 
 // memory and aligned. `cbase`: the batch's first element of C.
 MMKD_DEVICE void wg_epilogue(const float acc[64], int m0, int n0, int wg, long cbase, int M,
                              int N, int ldc, const mmkd_bf16* __restrict__ bias,
-                             const mmkd_bf16* __restrict__ res, void* __restrict__ C, int act,
+                             mmkd_bf16* __restrict__ aux, void* __restrict__ C, int act,
                              int out_f32) {
     const int w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
     const bool cpair = ldc % 2 == 0 && (reinterpret_cast<unsigned long long>(C) &
@@ -329,7 +366,7 @@ MMKD_DEVICE void wg_epilogue(const float acc[64], int m0, int n0, int wg, long c
             if (col >= N) continue;
             const bool two = col + 1 < N;
             float v[2] = {acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]};
-            gemm_store2(v, two, cpair, cbase + (long)row * ldc + col, col, bias, res, act, C,
+            gemm_store2(v, two, cpair, cbase + (long)row * ldc + col, col, bias, aux, act, C,
                         out_f32);
         }
     }

@@ -224,7 +224,7 @@ fn gelu(x: f64, act: Act) -> (f64, f64) {
 
 /// erf by its Taylor series (|x| < 3) or the continued fraction of erfc, to ~1e-13: std has no
 /// erf, and the reference must not share the kernel's libm.
-fn erf(x: f64) -> f64 {
+pub(crate) fn erf(x: f64) -> f64 {
     let a = x.abs();
     let r = if a < 3.0 {
         let (mut term, mut sum, mut k) = (a, a, 0.0f64);

@@ -14,8 +14,10 @@
 //! | `WeightGrad` | (K, M) | (K, N) | `dW = dYᵀ·X`, `db = Σ_tokens dY` |
 //!
 //! Epilogue, in order: `+ bias[n]`, activation ([`Activation`]), `+ residual(m, n)`, then the
-//! store as bf16 or fp32 ([`GemmOut`]). With `WeightGrad`, `dbias(m) = Σ_k A(k, m)` is reduced
-//! in the same pass (fp32, overwritten). All matrices are contiguous; batch `z` of each starts
+//! store as bf16 or fp32 ([`GemmOut`]). The residual's buffer can instead receive the
+//! pre-activation, or supply a saved one whose activation derivative scales the product
+//! ([`Aux`]): a linear layer and its activation, forward and backward, in one pass each. With
+//! `WeightGrad`, `dbias(m) = Σ_k A(k, m)` is reduced in the same pass (fp32, overwritten). All matrices are contiguous; batch `z` of each starts
 //! at `z · rows · cols`; `bias` is shared by the batches, `dbias` is (batch, M).
 
 use crate::device::Gpu;
@@ -106,12 +108,12 @@ impl GemmLayout {
     }
 }
 
-/// The activation applied after the bias.
+/// The activation applied after the bias (`mmkd_act` in `cuda/prelude.cuh`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     /// Identity.
     None,
-    /// GELU, tanh approximation: `0.5 v (1 + tanh(√(2/π)(v + 0.044715 v³)))`.
+    /// GELU, erf form (BERT): `v Φ(v)`.
     Gelu,
     /// QuickGELU (CLIP): `v · sigmoid(1.702 v)`.
     QuickGelu,
@@ -129,9 +131,84 @@ impl Activation {
         match self {
             Activation::None => v,
             Activation::Gelu => {
-                0.5 * v * (1.0 + (0.797_884_560_802_865_4 * (v + 0.044715 * v * v * v)).tanh())
+                0.5 * v * (1.0 + crate::elementwise::erf(v / std::f64::consts::SQRT_2))
             }
             Activation::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
+        }
+    }
+    /// d/dv of [`Activation::apply`].
+    fn grad(self, v: f64) -> f64 {
+        match self {
+            Activation::None => 1.0,
+            Activation::Gelu => {
+                let cdf = 0.5 * (1.0 + crate::elementwise::erf(v / std::f64::consts::SQRT_2));
+                cdf + v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt()
+            }
+            Activation::QuickGelu => {
+                let s = 1.0 / (1.0 + (-1.702 * v).exp());
+                s + 1.702 * v * s * (1.0 - s)
+            }
+        }
+    }
+}
+
+/// What the epilogue's fourth buffer (`aux`, bf16 in C's shape (batch, M, N)) is: the
+/// `GEMM_AUX_*` modes of `cuda/prelude.cuh`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuxUse {
+    /// Absent.
+    #[default]
+    None,
+    /// A residual, added after the activation.
+    Residual,
+    /// Written: the pre-activation `Σ + bias`, rounded to bf16; C is the activation of that
+    /// rounded value (what a separate activation kernel reading it would give).
+    SavePre,
+    /// Read: a pre-activation u saved by `SavePre`; `C = Σ · act'(u)`, no bias. The input
+    /// gradient of a layer whose output went through the activation.
+    ActGrad,
+}
+
+impl AuxUse {
+    /// The mode bits the kernels add to the activation code.
+    fn code(self) -> i32 {
+        match self {
+            AuxUse::None | AuxUse::Residual => 0,
+            AuxUse::SavePre => 4,
+            AuxUse::ActGrad => 8,
+        }
+    }
+}
+
+/// The `aux` buffer of a launcher call with its use ([`AuxUse`]); `T` is `[bf16]` on the CPU
+/// and the emulation, `CudaSlice<u16>` on a GPU.
+#[derive(Debug)]
+pub enum Aux<'a, T: ?Sized> {
+    /// No aux buffer.
+    None,
+    /// `+ residual(m, n)` after the activation.
+    Residual(&'a T),
+    /// Receives the pre-activation.
+    SavePre(&'a mut T),
+    /// A saved pre-activation whose activation derivative scales the product.
+    ActGrad(&'a T),
+}
+
+impl<T: ?Sized> Aux<'_, T> {
+    /// Which use this is.
+    pub fn usage(&self) -> AuxUse {
+        match self {
+            Aux::None => AuxUse::None,
+            Aux::Residual(_) => AuxUse::Residual,
+            Aux::SavePre(_) => AuxUse::SavePre,
+            Aux::ActGrad(_) => AuxUse::ActGrad,
+        }
+    }
+    fn buf(&self) -> Option<&T> {
+        match self {
+            Aux::None => None,
+            Aux::Residual(t) | Aux::ActGrad(t) => Some(t),
+            Aux::SavePre(t) => Some(t),
         }
     }
 }
@@ -284,16 +361,26 @@ pub enum GemmOutCuda<'a> {
     F32(&'a mut CudaSlice<f32>),
 }
 
-/// Buffer lengths in parameter order: a, b, bias, residual, out, dbias.
-fn check_lens(sh: &GemmShape, lens: [Option<usize>; 6]) -> Result<()> {
+/// Buffer lengths in parameter order: a, b, bias, aux, out, dbias; and the options' rules.
+fn check_lens(sh: &GemmShape, aux: AuxUse, lens: [Option<usize>; 6]) -> Result<()> {
     sh.validate()?;
     let kernel = sh.layout.entry();
     ensure!(
         lens[5].is_none() || sh.layout == GemmLayout::WeightGrad,
         "{kernel}: a bias gradient is reduced only by the WeightGrad layout"
     );
+    if matches!(aux, AuxUse::SavePre | AuxUse::ActGrad) {
+        ensure!(
+            sh.act != Activation::None,
+            "{kernel}: {aux:?} needs an activation"
+        );
+    }
+    ensure!(
+        aux != AuxUse::ActGrad || lens[2].is_none(),
+        "{kernel}: ActGrad takes no bias (the derivative scales the bare product)"
+    );
     let (la, lb, lc) = sh.lens();
-    let names = ["a", "b", "bias", "residual", "out", "dbias"];
+    let names = ["a", "b", "bias", "aux", "out", "dbias"];
     let needs = [la, lb, sh.n, lc, lc, sh.batch * sh.m];
     for ((name, have), need) in names.iter().zip(lens).zip(needs) {
         if let Some(have) = have {
@@ -304,7 +391,7 @@ fn check_lens(sh: &GemmShape, lens: [Option<usize>; 6]) -> Result<()> {
 }
 
 /// The kernel's parameters after the six pointers.
-fn scalar_args(sh: &GemmShape, out_f32: bool) -> Result<Vec<Arg>> {
+fn scalar_args(sh: &GemmShape, aux: AuxUse, out_f32: bool) -> Result<Vec<Arg>> {
     let (lda, ldb, ldc) = sh.leading();
     let (m, n, k) = (sh.m, sh.n, sh.k);
     Ok(vec![
@@ -317,7 +404,7 @@ fn scalar_args(sh: &GemmShape, out_f32: bool) -> Result<Vec<Arg>> {
         Arg::int("gemm A stride", m * k)?,
         Arg::int("gemm B stride", n * k)?,
         Arg::int("gemm C stride", m * n)?,
-        Arg::I32(sh.act.code()),
+        Arg::I32(sh.act.code() | aux.code()),
         Arg::I32(i32::from(out_f32)),
     ])
 }
@@ -327,8 +414,8 @@ fn scalar_args(sh: &GemmShape, out_f32: bool) -> Result<Vec<Arg>> {
 pub struct GemmOpts {
     /// `+ bias[n]` from slot 2.
     pub bias: bool,
-    /// `+ residual(m, n)` from slot 3.
-    pub residual: bool,
+    /// What slot 3 is ([`AuxUse`]).
+    pub aux: AuxUse,
     /// Store C in fp32 (else bf16).
     pub out_f32: bool,
     /// Reduce the bias gradient into slot 5 (`WeightGrad` only).
@@ -339,16 +426,17 @@ pub struct GemmOpts {
 
 impl GemmShape {
     /// The launch as a plan ([`crate::exec`]) over the buffer slots
-    /// `[a, b, bias, residual, out, dbias]`; slots of absent options are passed as null.
+    /// `[a, b, bias, aux, out, dbias]`; slots of absent options are passed as null.
     /// The caller guarantees the lengths [`gemm_cpu`] checks.
     pub fn plan(&self, opts: GemmOpts) -> Result<Vec<Step>> {
-        // Only the shape and the dbias rule are checked here: slots carry no lengths.
+        // Only the shape and the options' rules are checked here: slots carry no lengths.
         check_lens(
             self,
+            opts.aux,
             [
                 None,
                 None,
-                None,
+                opts.bias.then_some(self.n),
                 None,
                 None,
                 opts.dbias.then_some(self.batch * self.m),
@@ -366,11 +454,11 @@ impl GemmShape {
             pa,
             pb,
             slot(opts.bias, 2),
-            slot(opts.residual, 3),
+            slot(opts.aux != AuxUse::None, 3),
             P::Buf(4),
             slot(opts.dbias, 5),
         ];
-        for a in scalar_args(self, opts.out_f32)? {
+        for a in scalar_args(self, opts.aux, opts.out_f32)? {
             match a {
                 Arg::I32(v) => args.push(P::I32(v)),
                 other => anyhow::bail!("gemm: unexpected scalar argument {other:?}"),
@@ -390,24 +478,26 @@ impl GemmShape {
 // CPU reference
 // ------------------------------------------------------------------------------------------
 
-/// CPU reference: sums and epilogue in f64, one rounding at the store.
+/// CPU reference: sums and epilogue in f64, one rounding at the store (and, with
+/// [`Aux::SavePre`], the one of the saved pre-activation that the activation reads).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_cpu(
     sh: &GemmShape,
     a: &[bf16],                    // see the module table
     b: &[bf16],                    // see the module table
     bias: Option<&[bf16]>,         // (N)
-    residual: Option<&[bf16]>,     // (batch, M, N)
+    mut aux: Aux<'_, [bf16]>,      // (batch, M, N)
     mut out: GemmOut<'_>,          // (batch, M, N) out
     mut dbias: Option<&mut [f32]>, // (batch, M) out, WeightGrad only
 ) -> Result<()> {
     check_lens(
         sh,
+        aux.usage(),
         [
             Some(a.len()),
             Some(b.len()),
             bias.map(|s| s.len()),
-            residual.map(|s| s.len()),
+            aux.buf().map(|s| s.len()),
             Some(out.len()),
             dbias.as_ref().map(|s| s.len()),
         ],
@@ -434,11 +524,16 @@ pub fn gemm_cpu(
                 if let Some(bias) = bias {
                     v += f64::from(bias[j].to_f32());
                 }
-                v = sh.act.apply(v);
                 let idx = (z * m + i) * n + j;
-                if let Some(r) = residual {
-                    v += f64::from(r[idx].to_f32());
-                }
+                v = match &mut aux {
+                    Aux::None => sh.act.apply(v),
+                    Aux::Residual(r) => sh.act.apply(v) + f64::from(r[idx].to_f32()),
+                    Aux::SavePre(u) => {
+                        u[idx] = bf16::from_f64(v);
+                        sh.act.apply(f64::from(u[idx].to_f32()))
+                    }
+                    Aux::ActGrad(u) => v * sh.act.grad(f64::from(u[idx].to_f32())),
+                };
                 match &mut out {
                     GemmOut::Bf16(o) => o[idx] = bf16::from_f64(v),
                     GemmOut::F32(o) => o[idx] = v as f32,
@@ -464,11 +559,11 @@ pub fn gemm_emu(
     a: &[bf16],
     b: &[bf16],
     bias: Option<&[bf16]>,
-    residual: Option<&[bf16]>,
+    aux: Aux<'_, [bf16]>,
     out: GemmOut<'_>,
     dbias: Option<&mut [f32]>,
 ) -> Result<()> {
-    gemm_emu_on(emu, GemmPath::MmaSync, sh, a, b, bias, residual, out, dbias)
+    gemm_emu_on(emu, GemmPath::MmaSync, sh, a, b, bias, aux, out, dbias)
 }
 
 /// [`gemm_emu`] on the tensor-core instruction `path`.
@@ -480,17 +575,19 @@ pub fn gemm_emu_on(
     a: &[bf16],
     b: &[bf16],
     bias: Option<&[bf16]>,
-    residual: Option<&[bf16]>,
+    aux: Aux<'_, [bf16]>,
     out: GemmOut<'_>,
     dbias: Option<&mut [f32]>,
 ) -> Result<()> {
+    let usage = aux.usage();
     check_lens(
         sh,
+        usage,
         [
             Some(a.len()),
             Some(b.len()),
             bias.map(|s| s.len()),
-            residual.map(|s| s.len()),
+            aux.buf().map(|s| s.len()),
             Some(out.len()),
             dbias.as_ref().map(|s| s.len()),
         ],
@@ -511,11 +608,15 @@ pub fn gemm_emu_on(
         aa,
         ab,
         bias.map_or(Arg::Ptr(0), Arg::host),
-        residual.map_or(Arg::Ptr(0), Arg::host),
+        match aux {
+            Aux::None => Arg::Ptr(0),
+            Aux::Residual(r) | Aux::ActGrad(r) => Arg::host(r),
+            Aux::SavePre(u) => Arg::host_mut(u),
+        },
         pc,
         dbias.map_or(Arg::Ptr(0), Arg::host_mut),
     ];
-    args.extend(scalar_args(sh, out_f32)?);
+    args.extend(scalar_args(sh, usage, out_f32)?);
     let (_, kernel, shape) = sh.kernel(path);
     // SAFETY: every buffer was checked against the shape the kernel indexes.
     unsafe { emu.launch(kernel, shape, &args) }
@@ -533,11 +634,11 @@ pub fn gemm_cuda(
     a: &CudaSlice<u16>,
     b: &CudaSlice<u16>,
     bias: Option<&CudaSlice<u16>>,
-    residual: Option<&CudaSlice<u16>>,
+    aux: Aux<'_, CudaSlice<u16>>,
     out: GemmOutCuda<'_>,
     dbias: Option<&mut CudaSlice<f32>>,
 ) -> Result<()> {
-    gemm_cuda_on(gpu, GemmPath::MmaSync, sh, a, b, bias, residual, out, dbias)
+    gemm_cuda_on(gpu, GemmPath::MmaSync, sh, a, b, bias, aux, out, dbias)
 }
 
 /// [`gemm_cuda`] on the tensor-core instruction `path` (`Wgmma` needs an sm_90 device).
@@ -549,7 +650,7 @@ pub fn gemm_cuda_on(
     a: &CudaSlice<u16>,
     b: &CudaSlice<u16>,
     bias: Option<&CudaSlice<u16>>,
-    residual: Option<&CudaSlice<u16>>,
+    aux: Aux<'_, CudaSlice<u16>>,
     out: GemmOutCuda<'_>,
     dbias: Option<&mut CudaSlice<f32>>,
 ) -> Result<()> {
@@ -557,13 +658,15 @@ pub fn gemm_cuda_on(
         GemmOutCuda::Bf16(o) => o.len(),
         GemmOutCuda::F32(o) => o.len(),
     };
+    let usage = aux.usage();
     check_lens(
         sh,
+        usage,
         [
             Some(a.len()),
             Some(b.len()),
             bias.map(|s| s.len()),
-            residual.map(|s| s.len()),
+            aux.buf().map(|s| s.len()),
             Some(out_len),
             dbias.as_ref().map(|s| s.len()),
         ],
@@ -578,12 +681,17 @@ pub fn gemm_cuda_on(
         }
         None => (0, None),
     };
-    let (pres, _gres) = match residual {
-        Some(s) => {
+    // Both guards record the access on the stream; the write one for the saved activation.
+    let (paux, _gaux, _gaux_mut) = match aux {
+        Aux::None => (0, None, None),
+        Aux::Residual(s) | Aux::ActGrad(s) => {
             let (p, g) = s.device_ptr(st);
-            (p, Some(g))
+            (p, Some(g), None)
         }
-        None => (0, None),
+        Aux::SavePre(s) => {
+            let (p, g) = s.device_ptr_mut(st);
+            (p, None, Some(g))
+        }
     };
     let (pc, out_f32, _gc) = match out {
         GemmOutCuda::Bf16(o) => {
@@ -602,13 +710,13 @@ pub fn gemm_cuda_on(
         }
         None => (0, None),
     };
-    let mut args: Vec<Arg> = [pa, pb, pbias, pres, pc, pdb].map(Arg::Ptr).to_vec();
+    let mut args: Vec<Arg> = [pa, pb, pbias, paux, pc, pdb].map(Arg::Ptr).to_vec();
     let path = sh.effective(path, pa % 16 == 0 && pb % 16 == 0);
     if let (GemmPath::WgmmaTma, Some((ma, mb))) = (path, sh.map_specs()) {
         args[0] = Arg::Map(ma.encode(pa)?);
         args[1] = Arg::Map(mb.encode(pb)?);
     }
-    args.extend(scalar_args(sh, out_f32)?);
+    args.extend(scalar_args(sh, usage, out_f32)?);
     let (file, kernel, shape) = sh.kernel(path);
     // SAFETY: every buffer was checked against the shape the kernel indexes.
     unsafe { gpu.launch(file, kernel, shape, &args) }
@@ -634,7 +742,8 @@ pub struct GemmCheck {
     pub path: GemmPath,
     /// The seed of the inputs.
     pub seed: u64,
-    /// Norm-wise relative error of C (infinite for a NaN).
+    /// Norm-wise relative error of C, and of the saved pre-activation where the epilogue
+    /// writes one: the larger (infinite for a NaN).
     pub rel_err: f64,
     /// The same for the bias gradient (`WeightGrad` only).
     pub dbias_rel_err: Option<f64>,
@@ -651,9 +760,20 @@ impl GemmCheck {
     }
 }
 
-/// Runs `layout` on `path` once on `gpu` at [`CHECK_SHAPE`] against [`gemm_cpu`], on fresh
-/// random inputs with the output poisoned; the weight gradient with its bias gradient. A path
-/// whose products a device gets wrong shows here before anything uses it.
+/// The epilogue [`check_cuda`] runs in `layout`: the ones the training step uses with an
+/// activation (the MLP's first layer saving its pre-activation, the input gradient through
+/// the activation's derivative), and the weight gradient with its bias gradient.
+pub fn check_epilogue(layout: GemmLayout) -> (bool, AuxUse) {
+    match layout {
+        GemmLayout::Forward => (true, AuxUse::SavePre),
+        GemmLayout::InputGrad => (false, AuxUse::ActGrad),
+        GemmLayout::WeightGrad => (true, AuxUse::None),
+    }
+}
+
+/// Runs `layout` on `path` once on `gpu` at [`CHECK_SHAPE`] with the epilogue of
+/// [`check_epilogue`] against [`gemm_cpu`], on fresh random inputs with the outputs poisoned.
+/// A path whose products a device gets wrong shows here before anything uses it.
 pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmCheck> {
     use crate::testing::{bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
     let st = gpu.stream();
@@ -662,23 +782,31 @@ pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmC
         layout,
         ..CHECK_SHAPE
     };
+    let (with_bias, aux_use) = check_epilogue(layout);
     let seed = fresh_seed();
     let mut g = rng(seed);
     let (la, lb, lc) = sh.lens();
-    let (a, b, bias) = (
+    let (a, b, bias, u) = (
         random_bf16(&mut g, la, -1.0, 1.0),
         random_bf16(&mut g, lb, -1.0, 1.0),
         random_bf16(&mut g, sh.n, -1.0, 1.0),
+        random_bf16(&mut g, lc, -3.0, 3.0),
     );
     let wg = layout == GemmLayout::WeightGrad;
     let mut want = vec![bf16::ZERO; lc];
+    let mut want_pre = vec![bf16::ZERO; lc];
     let mut wdb = vec![0.0f32; sh.batch * sh.m];
+    let cpu_aux = match aux_use {
+        AuxUse::SavePre => Aux::SavePre(want_pre.as_mut_slice()),
+        AuxUse::ActGrad => Aux::ActGrad(u.as_slice()),
+        _ => Aux::None,
+    };
     gemm_cpu(
         &sh,
         &a,
         &b,
-        Some(&bias),
-        None,
+        with_bias.then_some(bias.as_slice()),
+        cpu_aux,
         GemmOut::Bf16(&mut want),
         wg.then_some(wdb.as_mut_slice()),
     )?;
@@ -686,25 +814,43 @@ pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmC
     let da = st.clone_htod(&bits(&a)).map_err(driver)?;
     let db = st.clone_htod(&bits(&b)).map_err(driver)?;
     let dbias = st.clone_htod(&bits(&bias)).map_err(driver)?;
+    // ActGrad reads the pre-activation; SavePre overwrites the poison.
+    let mut daux = match aux_use {
+        AuxUse::ActGrad => st.clone_htod(&bits(&u)),
+        _ => st.clone_htod(&vec![0x7fc0u16; lc]),
+    }
+    .map_err(driver)?;
     let mut dc = st.clone_htod(&vec![0x7fc0u16; lc]).map_err(driver)?;
     let mut ddb = st.clone_htod(&vec![f32::NAN; wdb.len()]).map_err(driver)?;
+    let gpu_aux = match aux_use {
+        AuxUse::SavePre => Aux::SavePre(&mut daux),
+        AuxUse::ActGrad => Aux::ActGrad(&daux),
+        _ => Aux::None,
+    };
     gemm_cuda_on(
         gpu,
         path,
         &sh,
         &da,
         &db,
-        Some(&dbias),
-        None,
+        with_bias.then_some(&dbias),
+        gpu_aux,
         GemmOutCuda::Bf16(&mut dc),
         wg.then_some(&mut ddb),
     )?;
-    let got: Vec<bf16> = st
-        .clone_dtoh(&dc)
-        .map_err(driver)?
-        .into_iter()
-        .map(bf16::from_bits)
-        .collect();
+    let down = |d: &CudaSlice<u16>| -> Result<Vec<f64>> {
+        let v: Vec<bf16> = st
+            .clone_dtoh(d)
+            .map_err(driver)?
+            .into_iter()
+            .map(bf16::from_bits)
+            .collect();
+        Ok(bf16_to_f64(&v))
+    };
+    let mut err = rel_err(&down(&dc)?, &bf16_to_f64(&want));
+    if aux_use == AuxUse::SavePre {
+        err = err.max(rel_err(&down(&daux)?, &bf16_to_f64(&want_pre)));
+    }
     let dbias_rel_err = if wg {
         let gdb = st.clone_dtoh(&ddb).map_err(driver)?;
         Some(rel_err(&f32_to_f64(&gdb), &f32_to_f64(&wdb)))
@@ -715,7 +861,7 @@ pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmC
         shape: sh,
         path,
         seed,
-        rel_err: rel_err(&bf16_to_f64(&got), &bf16_to_f64(&want)),
+        rel_err: err,
         dbias_rel_err,
     })
 }
@@ -785,7 +931,8 @@ mod tests {
             GemmOut::Bf16(&mut ob)
         };
         let dbias = c.dbias.then_some(db.as_mut_slice());
-        let (bias, res) = (c.bias.as_deref(), c.res.as_deref());
+        let bias = c.bias.as_deref();
+        let res = c.res.as_deref().map_or(Aux::None, Aux::Residual);
         match emu {
             Some(e) => gemm_emu_on(e, c.path, &c.sh, &c.a, &c.b, bias, res, out, dbias).unwrap(),
             None => gemm_cpu(&c.sh, &c.a, &c.b, bias, res, out, dbias).unwrap(),
@@ -916,7 +1063,7 @@ mod tests {
                 &pa[1..],
                 &pb[1..],
                 None,
-                None,
+                Aux::None,
                 GemmOut::Bf16(&mut got),
                 dbias,
             )
@@ -985,7 +1132,7 @@ mod tests {
                 c.path = path;
                 let opts = GemmOpts {
                     bias: true,
-                    residual: true,
+                    aux: AuxUse::Residual,
                     dbias: c.dbias,
                     path,
                     ..GemmOpts::default()
@@ -1109,7 +1256,7 @@ mod tests {
                     &c.a,
                     &c.b,
                     None,
-                    None,
+                    Aux::None,
                     GemmOut::Bf16(&mut out),
                     None,
                 )
@@ -1154,7 +1301,7 @@ mod tests {
                 &pa[1..],
                 &pb[1..],
                 c.bias.as_deref(),
-                c.res.as_deref(),
+                c.res.as_deref().map_or(Aux::None, Aux::Residual),
                 GemmOut::Bf16(&mut got),
                 c.dbias.then_some(db.as_mut_slice()),
             )
@@ -1242,7 +1389,7 @@ mod tests {
             &pa[1..],
             &c.b,
             None,
-            None,
+            Aux::None,
             GemmOut::Bf16(&mut got),
             None,
         )
@@ -1282,7 +1429,7 @@ mod tests {
                 &c.a,
                 &c.b,
                 None,
-                None,
+                Aux::None,
                 GemmOut::Bf16(&mut out),
                 None,
             )
@@ -1459,7 +1606,7 @@ mod tests {
             &x,
             &w,
             Some(&v(&[0.5, -0.5])),
-            None,
+            Aux::None,
             GemmOut::F32(&mut y),
             None,
         )
@@ -1473,7 +1620,7 @@ mod tests {
             &dy,
             &w,
             None,
-            None,
+            Aux::None,
             GemmOut::F32(&mut dx),
             None,
         )
@@ -1487,13 +1634,202 @@ mod tests {
             &dy,
             &x,
             None,
-            None,
+            Aux::None,
             GemmOut::F32(&mut dw),
             Some(&mut db),
         )
         .unwrap();
         assert_eq!(dw, [5., 7., 9., 4., 5., 6.]);
         assert_eq!(db, [2., 1.]);
+    }
+
+    /// The MLP's fused epilogues on every path: the forward saving its pre-activation (C and
+    /// the saved values against the reference, and C bit-identical to the separate activation
+    /// kernel run on the saved values), the input gradient through the activation's derivative
+    /// (against the reference, and within bf16 of the separate kernels: product, then
+    /// `act_bwd`). Plans run the same launches.
+    #[test]
+    fn fused_activation_epilogues_match_reference() {
+        use crate::elementwise::{ew_emu, Act, Ew};
+        use crate::exec::{run as run_plan, Backend, HostBuf};
+        let emu = Emu::default();
+        for path in [GemmPath::MmaSync, GemmPath::Wgmma, GemmPath::WgmmaTma] {
+            for (act, ew_act) in [
+                (Activation::Gelu, Act::Gelu),
+                (Activation::QuickGelu, Act::QuickGelu),
+            ] {
+                for (m, n, k) in [(37, 72, 64), (130, 136, 200)] {
+                    let seed = fresh_seed();
+                    let ctx = format!("{path:?} {act:?} M={m} N={n} K={k} seed {seed}");
+                    let mut g = rng(seed);
+                    // Forward: pre = X·Wᵀ + b saved, f = act(pre).
+                    let fwd = GemmShape {
+                        layout: GemmLayout::Forward,
+                        batch: 1,
+                        m,
+                        n,
+                        k,
+                        act,
+                    };
+                    let (la, lb, lc) = fwd.lens();
+                    let x = random_bf16(&mut g, la, -1.0, 1.0);
+                    let w = random_bf16(&mut g, lb, -1.0, 1.0);
+                    let bias = random_bf16(&mut g, n, -1.0, 1.0);
+                    let outs = |e: Option<&Emu>| {
+                        let (mut f, mut pre) = (vec![BF16_POISON; lc], vec![BF16_POISON; lc]);
+                        let aux = Aux::SavePre(pre.as_mut_slice());
+                        let o = GemmOut::Bf16(&mut f);
+                        match e {
+                            Some(e) => {
+                                gemm_emu_on(e, path, &fwd, &x, &w, Some(&bias), aux, o, None)
+                            }
+                            None => gemm_cpu(&fwd, &x, &w, Some(&bias), aux, o, None),
+                        }
+                        .unwrap();
+                        (f, pre)
+                    };
+                    let (wf, wpre) = outs(None);
+                    let (gf, gpre) = outs(Some(&emu));
+                    let ef = rel_err(&bf16_to_f64(&gf), &bf16_to_f64(&wf));
+                    let ep = rel_err(&bf16_to_f64(&gpre), &bf16_to_f64(&wpre));
+                    assert!(ef <= 1e-2 && ep <= 1e-2, "{ctx}: f {ef}, pre {ep}");
+                    let mut sep = vec![
+                        HostBuf::Bf16(gpre.clone()),
+                        HostBuf::Bf16(vec![BF16_POISON; lc]),
+                    ];
+                    ew_emu(&emu, &Ew::ActFwd { n: lc, act: ew_act }, &mut sep).unwrap();
+                    assert_eq!(
+                        sep[1],
+                        HostBuf::Bf16(gf.clone()),
+                        "{ctx}: f vs act_fwd(pre)"
+                    );
+                    let opts = GemmOpts {
+                        bias: true,
+                        aux: AuxUse::SavePre,
+                        path,
+                        ..GemmOpts::default()
+                    };
+                    let mut bufs = [
+                        HostBuf::Bf16(x.clone()),
+                        HostBuf::Bf16(w.clone()),
+                        HostBuf::Bf16(bias.clone()),
+                        HostBuf::Bf16(vec![BF16_POISON; lc]),
+                        HostBuf::Bf16(vec![BF16_POISON; lc]),
+                        HostBuf::F32(vec![0.0; 1]),
+                    ];
+                    let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
+                    // SAFETY: the buffers have the lengths the shape needs.
+                    unsafe { run_plan(Backend::Emu(&emu), &fwd.plan(opts).unwrap(), &ptrs) }
+                        .unwrap();
+                    assert_eq!(bufs[3], HostBuf::Bf16(gpre.clone()), "{ctx}: planned pre");
+                    assert_eq!(bufs[4], HostBuf::Bf16(gf.clone()), "{ctx}: planned f");
+
+                    // Input gradient: du = (dF·W2) ∘ act'(pre), dF (M, N2), W2 (N2, N).
+                    let n2 = 64 + k % 64;
+                    let dgrad = GemmShape {
+                        layout: GemmLayout::InputGrad,
+                        batch: 1,
+                        m,
+                        n,
+                        k: n2,
+                        act,
+                    };
+                    let (la, lb, _) = dgrad.lens();
+                    let df = random_bf16(&mut g, la, -1.0, 1.0);
+                    let w2 = random_bf16(&mut g, lb, -1.0, 1.0);
+                    let grads = |e: Option<&Emu>, aux: Aux<'_, [bf16]>, sh: &GemmShape| {
+                        let mut du = vec![BF16_POISON; lc];
+                        let o = GemmOut::Bf16(&mut du);
+                        match e {
+                            Some(e) => gemm_emu_on(e, path, sh, &df, &w2, None, aux, o, None),
+                            None => gemm_cpu(sh, &df, &w2, None, aux, o, None),
+                        }
+                        .unwrap();
+                        du
+                    };
+                    let want = grads(None, Aux::ActGrad(&gpre), &dgrad);
+                    let got = grads(Some(&emu), Aux::ActGrad(&gpre), &dgrad);
+                    let e = rel_err(&bf16_to_f64(&got), &bf16_to_f64(&want));
+                    assert!(e <= 1e-2, "{ctx}: du {e}");
+                    let plain = GemmShape {
+                        act: Activation::None,
+                        ..dgrad
+                    };
+                    let dh = grads(Some(&emu), Aux::None, &plain);
+                    let mut sep = vec![
+                        HostBuf::Bf16(gpre.clone()),
+                        HostBuf::Bf16(dh),
+                        HostBuf::Bf16(vec![BF16_POISON; lc]),
+                    ];
+                    ew_emu(&emu, &Ew::ActBwd { n: lc, act: ew_act }, &mut sep).unwrap();
+                    let e = rel_err(&bf16_to_f64(&got), &sep[2].to_f64());
+                    assert!(e <= 1e-2, "{ctx}: du vs product then act_bwd {e}");
+                    let opts = GemmOpts {
+                        aux: AuxUse::ActGrad,
+                        path,
+                        ..GemmOpts::default()
+                    };
+                    let mut bufs = [
+                        HostBuf::Bf16(df.clone()),
+                        HostBuf::Bf16(w2.clone()),
+                        HostBuf::Bf16(vec![bf16::ZERO; 1]),
+                        HostBuf::Bf16(gpre.clone()),
+                        HostBuf::Bf16(vec![BF16_POISON; lc]),
+                        HostBuf::F32(vec![0.0; 1]),
+                    ];
+                    let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
+                    // SAFETY: the buffers have the lengths the shape needs.
+                    unsafe { run_plan(Backend::Emu(&emu), &dgrad.plan(opts).unwrap(), &ptrs) }
+                        .unwrap();
+                    assert_eq!(bufs[4], HostBuf::Bf16(got), "{ctx}: planned du");
+                }
+            }
+        }
+        // The modes' rules.
+        let sh = GemmShape {
+            layout: GemmLayout::Forward,
+            batch: 1,
+            m: 4,
+            n: 8,
+            k: 8,
+            act: Activation::None,
+        };
+        let save = GemmOpts {
+            aux: AuxUse::SavePre,
+            ..GemmOpts::default()
+        };
+        let e = sh.plan(save).unwrap_err();
+        assert!(
+            format!("{e}").contains("SavePre needs an activation"),
+            "{e}"
+        );
+        let with_bias = GemmOpts {
+            bias: true,
+            aux: AuxUse::ActGrad,
+            ..GemmOpts::default()
+        };
+        let sh = GemmShape {
+            act: Activation::Gelu,
+            ..sh
+        };
+        let e = sh.plan(with_bias).unwrap_err();
+        assert!(format!("{e}").contains("ActGrad takes no bias"), "{e}");
+    }
+
+    /// The f64 activations' derivatives are the derivatives (central differences).
+    #[test]
+    fn activation_grad_is_the_derivative() {
+        for act in [Activation::Gelu, Activation::QuickGelu, Activation::None] {
+            for v in [-3.1, -1.0, -0.2, 0.0, 0.4, 1.7, 2.9] {
+                let h = 1e-6;
+                let num = (act.apply(v + h) - act.apply(v - h)) / (2.0 * h);
+                assert!(
+                    (num - act.grad(v)).abs() <= 1e-8,
+                    "{act:?} at {v}: {} vs {num}",
+                    act.grad(v)
+                );
+            }
+        }
     }
 
     #[test]
@@ -1514,7 +1850,7 @@ mod tests {
             &c.a,
             &c.b,
             None,
-            None,
+            Aux::None,
             GemmOut::Bf16(&mut out),
             None,
         )
@@ -1530,7 +1866,7 @@ mod tests {
             &c.a,
             &c.b,
             None,
-            None,
+            Aux::None,
             GemmOut::Bf16(&mut out),
             Some(&mut db),
         )
@@ -1540,7 +1876,16 @@ mod tests {
             "{e}"
         );
         let empty = GemmShape { m: 0, ..sh };
-        assert!(gemm_cpu(&empty, &[], &[], None, None, GemmOut::Bf16(&mut []), None).is_err());
+        assert!(gemm_cpu(
+            &empty,
+            &[],
+            &[],
+            None,
+            Aux::None,
+            GemmOut::Bf16(&mut []),
+            None
+        )
+        .is_err());
     }
 
     /// The same comparison on a GPU when one is present; without a driver it only checks that
@@ -1584,7 +1929,7 @@ mod tests {
                     &a,
                     &b,
                     Some(&bias),
-                    Some(&res),
+                    Aux::Residual(&res),
                     GemmOutCuda::Bf16(&mut o),
                     c.dbias.then_some(&mut db),
                 )

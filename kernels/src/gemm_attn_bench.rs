@@ -430,7 +430,7 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     &x,
                     &w,
                     Some(&bias),
-                    None,
+                    gemm::Aux::None,
                     GemmOutCuda::Bf16(&mut y),
                     None,
                 )
@@ -444,7 +444,7 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     &dy,
                     &w,
                     None,
-                    None,
+                    gemm::Aux::None,
                     GemmOutCuda::Bf16(&mut dx),
                     None,
                 )
@@ -458,7 +458,7 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     &dy,
                     &x,
                     None,
-                    None,
+                    gemm::Aux::None,
                     GemmOutCuda::F32(&mut dw),
                     Some(&mut db),
                 )

@@ -2,11 +2,12 @@
 //! open_clip pre-norm block (`x + attn(LN1(x))`, then `+ MLP(LN2(x))`) or the BERT post-norm
 //! block (`LN1(x + attn(x))`, then `LN2(h + MLP(h))`), the MLP with QuickGELU or erf GELU.
 //!
-//! Every op is a kernel of `mmkd-kernels`: GEMMs with fused bias and residual epilogues (the
-//! weight gradients with the bias gradient reduced in the same pass), the fused attention with
-//! a key-padding mask, LayerNorm fused with the residual add, and the elementwise kernels for
-//! the activation and the weight cast. Activations are bf16; master weights, gradients,
-//! LayerNorm statistics and the attention's log-sum-exp are fp32.
+//! Every op is a kernel of `mmkd-kernels`: GEMMs with fused bias, residual and activation
+//! epilogues (the MLP's first layer stores its pre-activation beside its output, and the input
+//! gradient reaching it comes out through the activation's derivative; the weight gradients
+//! reduce the bias gradient in the same pass), the fused attention with a key-padding mask,
+//! LayerNorm fused with the residual add, and the weight cast. Activations are bf16; master
+//! weights, gradients, LayerNorm statistics and the attention's log-sum-exp are fp32.
 //!
 //! Heads. The attention kernel reads token-major tensors at any row pitch: q, k and v are the
 //! three column blocks of the QKV projection's `(B·L, 3·W)` output (pitch 3·W, head h in
@@ -41,9 +42,11 @@ use super::arena::{Arena, Dtype, Layout, RegionId, Section};
 use crate::config::{Activation, NormPlacement};
 use anyhow::{anyhow, bail, ensure, Result};
 use mmkd_kernels::attention::{AttnShape, HEAD_DIM};
-use mmkd_kernels::elementwise::{Act, Ew};
+use mmkd_kernels::elementwise::Ew;
 use mmkd_kernels::exec::{Step, P};
-use mmkd_kernels::gemm::{Activation as Epilogue, GemmLayout, GemmOpts, GemmPath, GemmShape};
+use mmkd_kernels::gemm::{
+    Activation as Epilogue, AuxUse, GemmLayout, GemmOpts, GemmPath, GemmShape,
+};
 use mmkd_kernels::layernorm::{backward_scratch_len, LnShape};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -226,7 +229,6 @@ struct Kept {
 /// block, and the reduction partials.
 #[derive(Clone, Copy)]
 struct Scratch {
-    df: RegionId,
     du: RegionId,
     dh2: RegionId,
     ds2: RegionId,
@@ -414,7 +416,6 @@ impl CudaBlock {
         let s = match twin {
             Some(p) => p.acts.s,
             None => Scratch {
-                df: scr("df", bfl, m * f)?,
                 du: scr("du", bfl, m * f)?,
                 dh2: scr("dh2", bfl, m * w)?,
                 ds2: scr("ds2", bfl, m * w)?,
@@ -557,7 +558,7 @@ impl CudaBlock {
             ..GemmOpts::default()
         };
         let bias_res = GemmOpts {
-            residual: true,
+            aux: AuxUse::Residual,
             ..bias
         };
         let wgrad = GemmOpts {
@@ -571,17 +572,28 @@ impl CudaBlock {
             ..GemmOpts::default()
         };
         let with_res = GemmOpts {
-            residual: true,
+            aux: AuxUse::Residual,
+            ..plain
+        };
+        // The MLP's first layer and its activation in one pass each way: the forward stores
+        // the pre-activation u (for the backward) and f = act(u); the input gradient of the
+        // second layer comes out multiplied by act'(u), i.e. as the gradient of u.
+        let mlp_act = match d.act {
+            Activation::QuickGelu => Epilogue::QuickGelu,
+            Activation::Gelu => Epilogue::Gelu,
+        };
+        let save_pre = GemmOpts {
+            aux: AuxUse::SavePre,
+            ..bias
+        };
+        let act_grad = GemmOpts {
+            aux: AuxUse::ActGrad,
             ..plain
         };
         let attn = AttnShape {
             qkv_pitch: 3 * w,
             o_pitch: w,
             ..AttnShape::packed(d.batch, hd, len, false, 1.0 / (HEAD_DIM as f32).sqrt())
-        };
-        let act = match d.act {
-            Activation::QuickGelu => Act::QuickGelu,
-            Activation::Gelu => Act::Gelu,
         };
         // q, k or v (i = 0, 1, 2): the i-th W columns of a `(B·L, 3·W)` region, from its first
         // row's column i·W to the last row's column (i + 1)·W.
@@ -677,20 +689,19 @@ impl CudaBlock {
         let mlp_in = h;
         pl.add(
             fwd,
-            gemm(GemmLayout::Forward, m, fh, w).plan(bias)?,
+            GemmShape {
+                act: mlp_act,
+                ..gemm(GemmLayout::Forward, m, fh, w)
+            }
+            .plan(save_pre)?,
             &[
                 rows(mlp_in, w),
                 wt(Pm::W1),
                 wt(Pm::B1),
-                None,
                 rows(ac.k.u, fh),
+                rows(ac.k.f, fh),
                 None,
             ],
-        )?;
-        pl.add(
-            fwd,
-            Ew::ActFwd { n: m * fh, act }.plan()?,
-            &[rows(ac.k.u, fh), rows(ac.k.f, fh)],
         )?;
         if let Some(mo) = ac.k.m {
             pl.add(
@@ -769,18 +780,22 @@ impl CudaBlock {
                 gr(Pm::B2),
             ],
         )?;
-        dgrad(
-            &mut pl,
-            bwd,
-            (fh, w),
-            Pm::W2,
-            plain,
-            [rows(dmlp, w), None, rows(ac.s.df, fh)],
-        )?;
+        // du = (dmlp·W2) ∘ act'(u).
         pl.add(
             bwd,
-            Ew::ActBwd { n: m * fh, act }.plan()?,
-            &[rows(ac.k.u, fh), rows(ac.s.df, fh), rows(ac.s.du, fh)],
+            GemmShape {
+                act: mlp_act,
+                ..gemm(GemmLayout::InputGrad, m, fh, w)
+            }
+            .plan(act_grad)?,
+            &[
+                rows(dmlp, w),
+                wt(Pm::W2),
+                None,
+                rows(ac.k.u, fh),
+                rows(ac.s.du, fh),
+                None,
+            ],
         )?;
         pl.add(
             bwd,

@@ -24,9 +24,9 @@ use super::block::{cast_weights, BlockDims, Buf, CudaBlock, Planner};
 use crate::config::{ModelConfig, NormPlacement, Pooling};
 use anyhow::{anyhow, bail, ensure, Result};
 use half::bf16;
-use mmkd_kernels::elementwise::{Act, Ew};
+use mmkd_kernels::elementwise::Ew;
 use mmkd_kernels::exec::Step;
-use mmkd_kernels::gemm::{Activation as Epilogue, GemmLayout, GemmOpts, GemmShape};
+use mmkd_kernels::gemm::{Activation as Epilogue, AuxUse, GemmLayout, GemmOpts, GemmShape};
 use mmkd_kernels::layernorm::{backward_scratch_len, LnShape};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -162,7 +162,6 @@ struct Regions {
     g: RegionId,
     features: RegionId,
     dfeatures: RegionId,
-    dg: RegionId,
     du: RegionId,
     dpooled: RegionId,
     dfin: RegionId,
@@ -281,7 +280,6 @@ impl CudaTextTower {
             g: add(a, "act", "proj.g", bfl, b * ph)?,
             features: add(a, "act", "features", f32l, b * d.embed)?,
             dfeatures: add(s, "scratch", "dfeatures", bfl, b * d.embed)?,
-            dg: add(s, "scratch", "proj.dg", bfl, b * ph)?,
             du: add(s, "scratch", "proj.du", bfl, b * ph)?,
             dpooled: add(s, "scratch", "dpooled", bfl, (b + 1) * w)?,
             dfin: add(s, "scratch", "dfinal", bfl, b * w)?,
@@ -491,19 +489,25 @@ impl CudaTextTower {
             }
             None => r.pooled,
         };
+        // u = proj_in·Proj0ᵀ saved for the backward, g = GELU(u), in one pass.
+        let gelu = |layout, mm, n, kk| GemmShape {
+            act: Epilogue::Gelu,
+            ..gemm(layout, mm, n, kk)
+        };
         pl.add(
             hfwd,
-            gemm(GemmLayout::Forward, b, ph, w).plan(plain)?,
-            &[whole(proj_in), wt(Tp::Proj0)?, None, None, whole(r.u), None],
-        )?;
-        pl.add(
-            hfwd,
-            Ew::ActFwd {
-                n: b * ph,
-                act: Act::Gelu,
-            }
-            .plan()?,
-            &[whole(r.u), whole(r.g)],
+            gelu(GemmLayout::Forward, b, ph, w).plan(GemmOpts {
+                aux: AuxUse::SavePre,
+                ..plain
+            })?,
+            &[
+                whole(proj_in),
+                wt(Tp::Proj0)?,
+                None,
+                whole(r.u),
+                whole(r.g),
+                None,
+            ],
         )?;
         pl.add(
             hfwd,
@@ -519,15 +523,19 @@ impl CudaTextTower {
         )?;
 
         // ---- backward: projection and pooling ----
+        // du = (dfeatures·Proj2) ∘ GELU'(u).
         pl.add(
             hbwd,
-            gemm(GemmLayout::InputGrad, b, ph, e).plan(plain)?,
+            gelu(GemmLayout::InputGrad, b, ph, e).plan(GemmOpts {
+                aux: AuxUse::ActGrad,
+                ..plain
+            })?,
             &[
                 whole(r.dfeatures),
                 wt(Tp::Proj2)?,
                 None,
-                None,
-                whole(r.dg),
+                whole(r.u),
+                whole(r.du),
                 None,
             ],
         )?;
@@ -542,15 +550,6 @@ impl CudaTextTower {
                 gr(Tp::Proj2),
                 None,
             ],
-        )?;
-        pl.add(
-            hbwd,
-            Ew::ActBwd {
-                n: b * ph,
-                act: Act::Gelu,
-            }
-            .plan()?,
-            &[whole(r.u), whole(r.dg), whole(r.du)],
         )?;
         pl.add(
             hbwd,
