@@ -557,12 +557,11 @@ fn arena_layout_is_disjoint_and_aligned() {
             lay.section_bytes(Section::Params) / 4,
             lay.section_bytes(Section::ParamsBf16) / 2
         );
-        // Attention reads the heads where the projection wrote them: the only table is the
-        // key lengths, one per sequence (and the pre-norm block's zero residual, an
-        // activation-sized constant).
+        // Attention reads the heads where the projection wrote them and the LayerNorms need
+        // no zero residual: the only table is the key lengths, one per sequence.
         let tables: Vec<_> = regs
             .iter()
-            .filter(|r| r.section == Section::Tables && r.name != "table.zero")
+            .filter(|r| r.section == Section::Tables)
             .map(|r| (r.name.as_str(), r.dtype, r.len))
             .collect();
         assert_eq!(tables, [("table.seqlens", Dtype::I32, d.batch)], "{norm:?}");

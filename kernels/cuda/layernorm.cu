@@ -1,6 +1,7 @@
 // layernorm.cu: LayerNorm fused with the residual add, forward and backward.
 //
-// Forward, per row n of (N, C):   s = x + r  (rounded to bf16 and stored: the residual stream)
+// Forward, per row n of (N, C):   s = x + r  (rounded to bf16 and stored: the residual stream;
+//                                 without r (null), s = x and nothing is stored: s is null too)
 //                                 mean = Σ s / C,  rstd = 1 / sqrt(Σ (s - mean)² / C + eps)
 //                                 y = (s - mean) · rstd · gamma + beta
 // Backward, with xhat = (s - mean) · rstd and g = dy · gamma:
@@ -43,10 +44,10 @@ MMKD_DEVICE float ln_block_sum(float v, float* scratch) {
 
 // grid (N), block (T: multiple of 32, ≤ 1024)
 MMKD_KERNEL void layernorm_fwd(const mmkd_bf16* __restrict__ x,      // (N, C)
-                               const mmkd_bf16* __restrict__ r,      // (N, C)
+                               const mmkd_bf16* __restrict__ r,      // (N, C) or null
                                const mmkd_bf16* __restrict__ gamma,  // (C)
                                const mmkd_bf16* __restrict__ beta,   // (C)
-                               mmkd_bf16* __restrict__ s,            // (N, C) out: x + r
+                               mmkd_bf16* __restrict__ s,            // (N, C) out: x + r, or null
                                mmkd_bf16* __restrict__ y,            // (N, C) out
                                float* __restrict__ mean,             // (N) out
                                float* __restrict__ rstd,             // (N) out
@@ -54,8 +55,8 @@ MMKD_KERNEL void layernorm_fwd(const mmkd_bf16* __restrict__ x,      // (N, C)
     __shared__ float scratch[LN_MAX_WARPS];
     const long row = blockIdx.x;
     const mmkd_bf16* xr = x + row * C;
-    const mmkd_bf16* rr = r + row * C;
-    mmkd_bf16* sr = s + row * C;
+    // The row the statistics describe: the stored sum, or x itself without a residual.
+    const mmkd_bf16* sr = r != nullptr ? s + row * C : xr;
     float sum = 0.0f;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
 #ifdef MMKD_LN_BROKEN_INDEX
@@ -63,10 +64,14 @@ MMKD_KERNEL void layernorm_fwd(const mmkd_bf16* __restrict__ x,      // (N, C)
 #else
         const int cx = c;
 #endif
-        // Round the sum to bf16 first: the statistics must describe the stored residual stream.
-        const mmkd_bf16 sb = f32_to_bf16(bf16_to_f32(xr[cx]) + bf16_to_f32(rr[c]));
-        sr[c] = sb;
-        sum += bf16_to_f32(sb);
+        float v = bf16_to_f32(xr[cx]);
+        if (r != nullptr) {
+            // Round the sum to bf16 first: the statistics must describe the stored stream.
+            const mmkd_bf16 sb = f32_to_bf16(v + bf16_to_f32(r[row * C + c]));
+            s[row * C + c] = sb;
+            v = bf16_to_f32(sb);
+        }
+        sum += v;
     }
     const float mu = ln_block_sum(sum, scratch) / C;
     // Second pass over the row (from global memory, cached) for a numerically safe variance.

@@ -82,8 +82,24 @@ impl LnShape {
     /// `[x, r, gamma, beta, s, y, mean, rstd]`. The caller guarantees the lengths
     /// [`layernorm_forward_cpu`] checks.
     pub fn forward_plan(&self) -> Result<Vec<Step>> {
+        self.plan_fwd(true)
+    }
+
+    /// `y = LayerNorm(x)` without a residual, as a plan over the same slots as
+    /// [`LnShape::forward_plan`]; slots `r` and `s` are passed as null (the backward then
+    /// takes x where it takes s).
+    pub fn norm_plan(&self) -> Result<Vec<Step>> {
+        self.plan_fwd(false)
+    }
+
+    fn plan_fwd(&self, residual: bool) -> Result<Vec<Step>> {
         self.validate()?;
-        let mut args: Vec<P> = (0..8).map(P::Buf).collect();
+        let mut args: Vec<P> = (0..8)
+            .map(|i| match (residual, i) {
+                (false, 1 | 4) => P::Null,
+                _ => P::Buf(i),
+            })
+            .collect();
         // `validate` has checked that N·C fits an `int`.
         args.extend([P::I32(self.c as i32), P::F32(self.eps)]);
         Ok(vec![Step {
@@ -131,12 +147,19 @@ impl LnShape {
     }
 }
 
-fn check_fwd_lens(sh: LnShape, lens: [usize; 8]) -> Result<()> {
+/// Lengths of x, r, gamma, beta, s, y, mean, rstd; r and s both given or both absent.
+fn check_fwd_lens(sh: LnShape, lens: [Option<usize>; 8]) -> Result<()> {
     sh.validate()?;
+    ensure!(
+        lens[1].is_some() == lens[4].is_some(),
+        "layernorm_fwd: the sum s is stored exactly when a residual r is given"
+    );
     let (nc, c, n) = (sh.n * sh.c, sh.c, sh.n);
     let names = ["x", "r", "gamma", "beta", "s", "y", "mean", "rstd"];
     for ((name, have), need) in names.iter().zip(lens).zip([nc, nc, c, c, nc, nc, n, n]) {
-        check_len("layernorm_fwd", name, have, need)?;
+        if let Some(have) = have {
+            check_len("layernorm_fwd", name, have, need)?;
+        }
     }
     Ok(())
 }
@@ -165,38 +188,43 @@ fn fwd_args(sh: LnShape, p: [Arg; 8]) -> Result<Vec<Arg>> {
 // CPU reference
 // ------------------------------------------------------------------------------------------
 
-/// CPU reference of the forward, statistics in f64.
+/// CPU reference of the forward, statistics in f64. Without `r` (and `s`), `y = LN(x)`.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward_cpu(
     sh: LnShape,
-    x: &[bf16],       // (N, C)
-    r: &[bf16],       // (N, C)
-    gamma: &[bf16],   // (C)
-    beta: &[bf16],    // (C)
-    s: &mut [bf16],   // (N, C) out
-    y: &mut [bf16],   // (N, C) out
-    mean: &mut [f32], // (N) out
-    rstd: &mut [f32], // (N) out
+    x: &[bf16],             // (N, C)
+    r: Option<&[bf16]>,     // (N, C)
+    gamma: &[bf16],         // (C)
+    beta: &[bf16],          // (C)
+    s: Option<&mut [bf16]>, // (N, C) out: x + r, given exactly with r
+    y: &mut [bf16],         // (N, C) out
+    mean: &mut [f32],       // (N) out
+    rstd: &mut [f32],       // (N) out
 ) -> Result<()> {
     check_fwd_lens(
         sh,
         [
-            x.len(),
-            r.len(),
-            gamma.len(),
-            beta.len(),
-            s.len(),
-            y.len(),
-            mean.len(),
-            rstd.len(),
+            Some(x.len()),
+            r.map(|v| v.len()),
+            Some(gamma.len()),
+            Some(beta.len()),
+            s.as_ref().map(|v| v.len()),
+            Some(y.len()),
+            Some(mean.len()),
+            Some(rstd.len()),
         ],
     )?;
     let c = sh.c;
+    let mut sum = x.to_vec();
+    if let (Some(r), Some(s)) = (r, s) {
+        for (i, v) in sum.iter_mut().enumerate() {
+            *v = bf16::from_f32(x[i].to_f32() + r[i].to_f32());
+            s[i] = *v;
+        }
+    }
+    let s = sum;
     for n in 0..sh.n {
         let row = n * c..(n + 1) * c;
-        for i in row.clone() {
-            s[i] = bf16::from_f32(x[i].to_f32() + r[i].to_f32());
-        }
         let mu = s[row.clone()]
             .iter()
             .map(|v| f64::from(v.to_f32()))
@@ -293,10 +321,10 @@ pub fn layernorm_forward_emu(
     emu: &Emu,
     sh: LnShape,
     x: &[bf16],
-    r: &[bf16],
+    r: Option<&[bf16]>,
     gamma: &[bf16],
     beta: &[bf16],
-    s: &mut [bf16],
+    s: Option<&mut [bf16]>,
     y: &mut [bf16],
     mean: &mut [f32],
     rstd: &mut [f32],
@@ -304,22 +332,22 @@ pub fn layernorm_forward_emu(
     check_fwd_lens(
         sh,
         [
-            x.len(),
-            r.len(),
-            gamma.len(),
-            beta.len(),
-            s.len(),
-            y.len(),
-            mean.len(),
-            rstd.len(),
+            Some(x.len()),
+            r.map(|v| v.len()),
+            Some(gamma.len()),
+            Some(beta.len()),
+            s.as_ref().map(|v| v.len()),
+            Some(y.len()),
+            Some(mean.len()),
+            Some(rstd.len()),
         ],
     )?;
     let ptrs = [
         Arg::host(x),
-        Arg::host(r),
+        r.map_or(Arg::Ptr(0), Arg::host),
         Arg::host(gamma),
         Arg::host(beta),
-        Arg::host_mut(s),
+        s.map_or(Arg::Ptr(0), Arg::host_mut),
         Arg::host_mut(y),
         Arg::host_mut(mean),
         Arg::host_mut(rstd),
@@ -398,10 +426,10 @@ pub fn layernorm_forward_cuda(
     gpu: &Gpu,
     sh: LnShape,
     x: &CudaSlice<u16>,
-    r: &CudaSlice<u16>,
+    r: Option<&CudaSlice<u16>>,
     gamma: &CudaSlice<u16>,
     beta: &CudaSlice<u16>,
-    s: &mut CudaSlice<u16>,
+    s: Option<&mut CudaSlice<u16>>,
     y: &mut CudaSlice<u16>,
     mean: &mut CudaSlice<f32>,
     rstd: &mut CudaSlice<f32>,
@@ -409,22 +437,34 @@ pub fn layernorm_forward_cuda(
     check_fwd_lens(
         sh,
         [
-            x.len(),
-            r.len(),
-            gamma.len(),
-            beta.len(),
-            s.len(),
-            y.len(),
-            mean.len(),
-            rstd.len(),
+            Some(x.len()),
+            r.map(|v| v.len()),
+            Some(gamma.len()),
+            Some(beta.len()),
+            s.as_ref().map(|v| v.len()),
+            Some(y.len()),
+            Some(mean.len()),
+            Some(rstd.len()),
         ],
     )?;
     let st = gpu.stream();
     let (px, _gx) = x.device_ptr(st);
-    let (pr, _gr) = r.device_ptr(st);
+    let (pr, _gr) = match r {
+        Some(r) => {
+            let (p, g) = r.device_ptr(st);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
     let (pg, _gg) = gamma.device_ptr(st);
     let (pb, _gb) = beta.device_ptr(st);
-    let (ps, _gs) = s.device_ptr_mut(st);
+    let (ps, _gs) = match s {
+        Some(s) => {
+            let (p, g) = s.device_ptr_mut(st);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
     let (py, _gy) = y.device_ptr_mut(st);
     let (pm, _gm) = mean.device_ptr_mut(st);
     let (pv, _gv) = rstd.device_ptr_mut(st);
@@ -572,10 +612,10 @@ mod tests {
         layernorm_forward_cpu(
             sh,
             &i.x,
-            &i.r,
+            Some(&i.r),
             &i.gamma,
             &i.beta,
-            &mut want.s,
+            Some(&mut want.s),
             &mut want.y,
             &mut want.mean,
             &mut want.rstd,
@@ -586,10 +626,10 @@ mod tests {
             emu,
             sh,
             &i.x,
-            &i.r,
+            Some(&i.r),
             &i.gamma,
             &i.beta,
-            &mut got.s,
+            Some(&mut got.s),
             &mut got.y,
             &mut got.mean,
             &mut got.rstd,
@@ -668,10 +708,10 @@ mod tests {
             layernorm_forward_cpu(
                 sh,
                 &i.x,
-                &i.r,
+                Some(&i.r),
                 &i.gamma,
                 &i.beta,
-                &mut f.s,
+                Some(&mut f.s),
                 &mut f.y,
                 &mut f.mean,
                 &mut f.rstd,
@@ -722,6 +762,124 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Without a residual the forward normalises x itself and stores no sum: against the
+    /// reference, and bit-identical to the forward with a zero residual (whose stored sum is
+    /// x); the plan passes null for r and s. A residual without a sum to store, or the
+    /// reverse, is refused.
+    #[test]
+    fn forward_without_residual_normalises_x() {
+        use crate::exec::{run, Backend, HostBuf};
+        let emu = Emu::default();
+        for &(n, c) in SHAPES {
+            let sh = LnShape { n, c, eps: 1e-5 };
+            let seed = fresh_seed();
+            let i = fwd_inputs(sh, seed);
+            let bare = |e: Option<&Emu>| {
+                let mut o = poisoned_fwd(sh);
+                let (x, g, b) = (&i.x, &i.gamma, &i.beta);
+                match e {
+                    Some(e) => layernorm_forward_emu(
+                        e,
+                        sh,
+                        x,
+                        None,
+                        g,
+                        b,
+                        None,
+                        &mut o.y,
+                        &mut o.mean,
+                        &mut o.rstd,
+                    ),
+                    None => layernorm_forward_cpu(
+                        sh,
+                        x,
+                        None,
+                        g,
+                        b,
+                        None,
+                        &mut o.y,
+                        &mut o.mean,
+                        &mut o.rstd,
+                    ),
+                }
+                .unwrap();
+                o.s = i.x.clone();
+                o
+            };
+            let (want, got) = (bare(None), bare(Some(&emu)));
+            let (bf, fp) = fwd_errors(&got, &want);
+            assert!(
+                bf <= 1e-2 && fp <= 1e-4,
+                "N={n} C={c} seed {seed}: {bf} {fp}"
+            );
+            let zero = FwdIn {
+                r: vec![bf16::ZERO; n * c],
+                x: i.x.clone(),
+                gamma: i.gamma.clone(),
+                beta: i.beta.clone(),
+            };
+            let (with_zero, _) = run_fwd(&emu, sh, &zero);
+            assert_eq!(with_zero.s, i.x, "N={n} C={c} seed {seed}: x + 0");
+            assert_eq!(with_zero.y, got.y, "N={n} C={c} seed {seed}: y");
+            assert_eq!(with_zero.rstd, got.rstd, "N={n} C={c} seed {seed}: rstd");
+            let one = || HostBuf::Bf16(vec![BF16_POISON; 1]);
+            let mut f = [
+                HostBuf::Bf16(i.x.clone()),
+                one(),
+                HostBuf::Bf16(i.gamma.clone()),
+                HostBuf::Bf16(i.beta.clone()),
+                one(),
+                HostBuf::Bf16(vec![BF16_POISON; n * c]),
+                HostBuf::F32(vec![f32::NAN; n]),
+                HostBuf::F32(vec![f32::NAN; n]),
+            ];
+            let ptrs: Vec<u64> = f.iter_mut().map(|b| b.host_ptr()).collect();
+            // SAFETY: x, gamma, beta, y, mean and rstd have the shape's lengths; the plan
+            // passes null for the one-element r and s slots.
+            unsafe { run(Backend::Emu(&emu), &sh.norm_plan().unwrap(), &ptrs) }.unwrap();
+            assert_eq!(f[5], HostBuf::Bf16(got.y.clone()), "planned y, seed {seed}");
+            assert_eq!(
+                f[7],
+                HostBuf::F32(got.rstd.clone()),
+                "planned rstd, seed {seed}"
+            );
+        }
+        let sh = LnShape {
+            n: 2,
+            c: 8,
+            eps: 1e-5,
+        };
+        let i = fwd_inputs(sh, 3);
+        let mut o = poisoned_fwd(sh);
+        let e = layernorm_forward_cpu(
+            sh,
+            &i.x,
+            Some(&i.r),
+            &i.gamma,
+            &i.beta,
+            None,
+            &mut o.y,
+            &mut o.mean,
+            &mut o.rstd,
+        )
+        .unwrap_err();
+        assert!(format!("{e}").contains("exactly when a residual"), "{e}");
+        let e = layernorm_forward_emu(
+            &emu,
+            sh,
+            &i.x,
+            None,
+            &i.gamma,
+            &i.beta,
+            Some(&mut o.s),
+            &mut o.y,
+            &mut o.mean,
+            &mut o.rstd,
+        )
+        .unwrap_err();
+        assert!(format!("{e}").contains("exactly when a residual"), "{e}");
     }
 
     /// The plans run the same launches as the emulation launchers: bit-identical results.
@@ -808,10 +966,10 @@ mod tests {
         layernorm_forward_cpu(
             sh,
             &i.x,
-            &i.r,
+            Some(&i.r),
             &i.gamma,
             &i.beta,
-            &mut f.s,
+            Some(&mut f.s),
             &mut f.y,
             &mut f.mean,
             &mut f.rstd,
@@ -892,10 +1050,10 @@ mod tests {
             layernorm_forward_cpu(
                 sh,
                 &i.x,
-                &i.r,
+                Some(&i.r),
                 &i.gamma,
                 &i.beta,
-                &mut want.s,
+                Some(&mut want.s),
                 &mut want.y,
                 &mut want.mean,
                 &mut want.rstd,
@@ -918,8 +1076,19 @@ mod tests {
                 st.clone_htod(&poison.mean).unwrap(),
                 st.clone_htod(&poison.rstd).unwrap(),
             );
-            layernorm_forward_cuda(&gpu, sh, &x, &r, &g, &b, &mut s, &mut y, &mut m, &mut v)
-                .unwrap();
+            layernorm_forward_cuda(
+                &gpu,
+                sh,
+                &x,
+                Some(&r),
+                &g,
+                &b,
+                Some(&mut s),
+                &mut y,
+                &mut m,
+                &mut v,
+            )
+            .unwrap();
             let got = FwdOut {
                 s: from_bits(st.clone_dtoh(&s).unwrap()),
                 y: from_bits(st.clone_dtoh(&y).unwrap()),
@@ -989,10 +1158,10 @@ mod tests {
             &Emu::default(),
             sh,
             &i.x,
-            &i.r,
+            Some(&i.r),
             &i.gamma,
             &i.beta,
-            &mut o.s,
+            Some(&mut o.s),
             &mut o.y,
             &mut o.mean,
             &mut o.rstd,

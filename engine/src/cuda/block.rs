@@ -3,11 +3,13 @@
 //! block (`LN1(x + attn(x))`, then `LN2(h + MLP(h))`), the MLP with QuickGELU or erf GELU.
 //!
 //! Every op is a kernel of `mmkd-kernels`: GEMMs with fused bias, residual and activation
-//! epilogues (the MLP's first layer stores its pre-activation beside its output, and the input
-//! gradient reaching it comes out through the activation's derivative; the weight gradients
-//! reduce the bias gradient in the same pass), the fused attention with a key-padding mask,
-//! LayerNorm fused with the residual add, and the weight cast. Activations are bf16; master
-//! weights, gradients, LayerNorm statistics and the attention's log-sum-exp are fp32.
+//! epilogues (the output projection and the MLP's second layer add the residual stream and
+//! store the sum the next LayerNorm reads; the MLP's first layer stores its pre-activation
+//! beside its output, and the input gradient reaching it comes out through the activation's
+//! derivative; the weight gradients reduce the bias gradient in the same pass), the fused
+//! attention with a key-padding mask, LayerNorm (its backward fused with the residual
+//! gradient's add), and the weight cast. Activations are bf16; master weights, gradients,
+//! LayerNorm statistics and the attention's log-sum-exp are fp32.
 //!
 //! Heads. The attention kernel reads token-major tensors at any row pitch: q, k and v are the
 //! three column blocks of the QKV projection's `(B·L, 3·W)` output (pitch 3·W, head h in
@@ -206,7 +208,9 @@ enum Pm {
 /// the head layout).
 #[derive(Clone, Copy)]
 struct Kept {
-    s1: RegionId,
+    /// Post-norm only: the residual stream after the attention, x + attention output.
+    s1: Option<RegionId>,
+    /// LN1's output: the attention's input (pre) or the MLP's (post).
     h1: RegionId,
     mean1: RegionId,
     rstd1: RegionId,
@@ -214,15 +218,14 @@ struct Kept {
     qkv: RegionId,
     lse: RegionId,
     o: RegionId,
-    a: RegionId,
+    /// Pre: x + attention output (LN2's input and the MLP's residual); post: h1 + MLP.
     s2: RegionId,
-    h2: RegionId,
+    /// Pre-norm only: LN2's output, the MLP's input.
+    h2: Option<RegionId>,
     mean2: RegionId,
     rstd2: RegionId,
     u: RegionId,
     f: RegionId,
-    /// Post-norm only: the MLP output, added to h1 by LN2.
-    m: Option<RegionId>,
 }
 
 /// Per-pass scratch: the packed projection, the gradients of the activations inside the
@@ -247,8 +250,6 @@ struct Acts {
     /// Input and output, bf16 (B·L, W).
     x: RegionId,
     y: RegionId,
-    /// Pre-norm only: the zero residual of LN1 (the fused kernel always adds one); constant.
-    zero: Option<RegionId>,
     /// Output and input gradients.
     dy: RegionId,
     dx: RegionId,
@@ -383,25 +384,27 @@ impl CudaBlock {
         let k = match twin {
             Some(p) if dims.recompute => p.acts.k,
             _ => Kept {
-                s1: act("s1", bfl, m * w)?,
+                s1: if post {
+                    Some(act("s1", bfl, m * w)?)
+                } else {
+                    None
+                },
                 h1: act("h1", bfl, m * w)?,
                 mean1: act("mean1", f32l, m)?,
                 rstd1: act("rstd1", f32l, m)?,
                 qkv: act("qkv", bfl, 3 * m * w)?,
                 lse: act("lse", f32l, hd * m)?,
                 o: act("o", bfl, m * w)?,
-                a: act("attn_out", bfl, m * w)?,
                 s2: act("s2", bfl, m * w)?,
-                h2: act("h2", bfl, m * w)?,
+                h2: if post {
+                    None
+                } else {
+                    Some(act("h2", bfl, m * w)?)
+                },
                 mean2: act("mean2", f32l, m)?,
                 rstd2: act("rstd2", f32l, m)?,
                 u: act("u", bfl, m * f)?,
                 f: act("f", bfl, m * f)?,
-                m: if post {
-                    Some(act("mlp_out", bfl, m * w)?)
-                } else {
-                    None
-                },
             },
         };
         let y = act("y", bfl, m * w)?;
@@ -438,11 +441,6 @@ impl CudaBlock {
         let mut tab = |name: &str, dt: Dtype, n: usize| {
             lay.add(&format!("table.{prefix}{name}"), Section::Tables, dt, n)
         };
-        let zero = match (post, twin) {
-            (true, _) => None,
-            (false, Some(p)) => p.acts.zero,
-            (false, None) => Some(tab("zero", bfl, m * w)?),
-        };
         let tables = Tables {
             seqlens: match twin {
                 Some(p) => p.tables.seqlens,
@@ -450,15 +448,7 @@ impl CudaBlock {
             },
             own_seqlens: twin.is_none(),
         };
-        let acts = Acts {
-            x,
-            y,
-            zero,
-            dy,
-            dx,
-            k,
-            s,
-        };
+        let acts = Acts { x, y, dy, dx, k, s };
         let block = CudaBlock {
             dims,
             layout: lay.clone(),
@@ -505,6 +495,8 @@ impl CudaBlock {
         let (w, hd, fh, m) = (d.width, d.heads, d.hidden, d.batch * len);
         let lay = &self.layout;
         let (ac, tb) = (&self.acts, &self.tables);
+        let s1 = || ac.k.s1.ok_or_else(|| anyhow!("post-norm block without s1"));
+        let h2 = || ac.k.h2.ok_or_else(|| anyhow!("pre-norm block without h2"));
         let mut pl = Planner {
             layout: lay,
             slots: Vec::new(),
@@ -612,17 +604,13 @@ impl CudaBlock {
         } else {
             pl.add(
                 fwd,
-                ln.forward_plan()?,
+                ln.norm_plan()?,
                 &[
                     rows(ac.x, w),
-                    rows(
-                        ac.zero
-                            .ok_or_else(|| anyhow!("pre-norm block without zero residual"))?,
-                        w,
-                    ),
+                    None,
                     wt(Pm::Ln1G),
                     wt(Pm::Ln1B),
-                    rows(ac.k.s1, w),
+                    None,
                     rows(ac.k.h1, w),
                     rows(ac.k.mean1, 1),
                     rows(ac.k.rstd1, 1),
@@ -654,33 +642,34 @@ impl CudaBlock {
                 rows(ac.k.lse, hd),
             ],
         )?;
+        // The residual stream after the attention, s = x + o·Woᵀ + bo, comes out of the
+        // projection's epilogue; then pre: h2 = LN2(s2), post: h1 = LN1(s1).
+        let (ln_g, ln_b, s, h, mean, rstd) = if post {
+            (Pm::Ln1G, Pm::Ln1B, s1()?, ac.k.h1, ac.k.mean1, ac.k.rstd1)
+        } else {
+            (Pm::Ln2G, Pm::Ln2B, ac.k.s2, h2()?, ac.k.mean2, ac.k.rstd2)
+        };
         pl.add(
             fwd,
-            gemm(GemmLayout::Forward, m, w, w).plan(bias)?,
+            gemm(GemmLayout::Forward, m, w, w).plan(bias_res)?,
             &[
                 rows(ac.k.o, w),
                 wt(Pm::Wo),
                 wt(Pm::Bo),
-                None,
-                rows(ac.k.a, w),
+                rows(ac.x, w),
+                rows(s, w),
                 None,
             ],
         )?;
-        // Pre: s2 = x + a, h2 = LN2(s2). Post: s1 = x + a, h1 = LN1(s1).
-        let (ln_g, ln_b, s, h, mean, rstd) = if post {
-            (Pm::Ln1G, Pm::Ln1B, ac.k.s1, ac.k.h1, ac.k.mean1, ac.k.rstd1)
-        } else {
-            (Pm::Ln2G, Pm::Ln2B, ac.k.s2, ac.k.h2, ac.k.mean2, ac.k.rstd2)
-        };
         pl.add(
             fwd,
-            ln.forward_plan()?,
+            ln.norm_plan()?,
             &[
-                rows(ac.x, w),
-                rows(ac.k.a, w),
+                rows(s, w),
+                None,
                 wt(ln_g),
                 wt(ln_b),
-                rows(s, w),
+                None,
                 rows(h, w),
                 rows(mean, 1),
                 rows(rstd, 1),
@@ -703,44 +692,38 @@ impl CudaBlock {
                 None,
             ],
         )?;
-        if let Some(mo) = ac.k.m {
+        // The MLP output with the residual around it: pre, y = s2 + MLP; post,
+        // s2 = h1 + MLP, then y = LN2(s2).
+        let (res, out) = if post {
+            (ac.k.h1, ac.k.s2)
+        } else {
+            (ac.k.s2, ac.y)
+        };
+        pl.add(
+            fwd,
+            gemm(GemmLayout::Forward, m, w, fh).plan(bias_res)?,
+            &[
+                rows(ac.k.f, fh),
+                wt(Pm::W2),
+                wt(Pm::B2),
+                rows(res, w),
+                rows(out, w),
+                None,
+            ],
+        )?;
+        if post {
             pl.add(
                 fwd,
-                gemm(GemmLayout::Forward, m, w, fh).plan(bias)?,
+                ln.norm_plan()?,
                 &[
-                    rows(ac.k.f, fh),
-                    wt(Pm::W2),
-                    wt(Pm::B2),
+                    rows(ac.k.s2, w),
                     None,
-                    rows(mo, w),
-                    None,
-                ],
-            )?;
-            pl.add(
-                fwd,
-                ln.forward_plan()?,
-                &[
-                    rows(ac.k.h1, w),
-                    rows(mo, w),
                     wt(Pm::Ln2G),
                     wt(Pm::Ln2B),
-                    rows(ac.k.s2, w),
+                    None,
                     rows(ac.y, w),
                     rows(ac.k.mean2, 1),
                     rows(ac.k.rstd2, 1),
-                ],
-            )?;
-        } else {
-            pl.add(
-                fwd,
-                gemm(GemmLayout::Forward, m, w, fh).plan(bias_res)?,
-                &[
-                    rows(ac.k.f, fh),
-                    wt(Pm::W2),
-                    wt(Pm::B2),
-                    rows(ac.k.s2, w),
-                    rows(ac.y, w),
-                    None,
                 ],
             )?;
         }
@@ -825,7 +808,7 @@ impl CudaBlock {
                 ln.backward_plan(false)?,
                 &[
                     rows(ac.s.dh1, w),
-                    rows(ac.k.s1, w),
+                    rows(s1()?, w),
                     wt(Pm::Ln1G),
                     rows(ac.k.mean1, 1),
                     rows(ac.k.rstd1, 1),
@@ -932,13 +915,13 @@ impl CudaBlock {
                 plain,
                 [rows(ac.s.dqkv, 3 * w), None, rows(ac.s.dh1, w)],
             )?;
-            // dx = LN1ᵀ(dh1) + ds2 (the residual around the attention).
+            // dx = LN1ᵀ(dh1) + ds2 (the residual around the attention); LN1 normalised x.
             pl.add(
                 bwd,
                 ln.backward_plan(true)?,
                 &[
                     rows(ac.s.dh1, w),
-                    rows(ac.k.s1, w),
+                    rows(ac.x, w),
                     wt(Pm::Ln1G),
                     rows(ac.k.mean1, 1),
                     rows(ac.k.rstd1, 1),
@@ -1025,12 +1008,6 @@ impl CudaBlock {
     /// The block's output `y`, bf16 (B·L, W).
     pub fn output(&self) -> RegionId {
         self.acts.y
-    }
-
-    /// Pre-norm blocks: the constant zero residual of LN1, bf16 (B·L, W), zero from the
-    /// arena's creation and never written; other code may read it as a zero table.
-    pub fn zero_table(&self) -> Option<RegionId> {
-        self.acts.zero
     }
 
     /// The gradient arriving at the output, bf16 (B·L, W), read by the backward.

@@ -230,13 +230,8 @@ impl CudaImageTower {
             let blk = CudaBlock::in_layout(bd, lay, &block_prefix(i), blocks.last())?;
             blocks.push(blk);
         }
-        // The largest zero any op here reads is the token-gradient table, (B·patches + 1) rows:
-        // the blocks' zero residual ((B·L) rows) holds it, so the tower reads that one.
+        // The largest zero any op here reads is the token-gradient table, (B·patches + 1) rows.
         let zero_rows = (b * np + 1) * w;
-        let shared_zero = blocks
-            .first()
-            .and_then(CudaBlock::zero_table)
-            .filter(|&z| lay.region(z).len >= zero_rows);
         let (bfl, f32l) = (Dtype::Bf16, Dtype::F32);
         let mut add = |sec: Section, kind: &str, name: &str, dt: Dtype, n: usize| {
             lay.add(&format!("{kind}.visual.{name}"), sec, dt, n)
@@ -283,10 +278,7 @@ impl CudaImageTower {
                 f32l,
                 backward_scratch_len(ln_b),
             )?,
-            zero: match shared_zero {
-                Some(z) => z,
-                None => add(t, "table", "zero", bfl, zero_rows)?,
-            },
+            zero: add(t, "table", "zero", bfl, zero_rows)?,
             im2col: add(
                 t,
                 "table",
