@@ -3,10 +3,10 @@
 //! as the rest of the command line, with `emu` added.
 
 use super::arena::{Arena, Layout};
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use mmkd_kernels::device::{Device as KDevice, DeviceRequest, Gpu};
 use mmkd_kernels::emu::Emu;
-use mmkd_kernels::gemm::GemmPath;
+use mmkd_kernels::gemm::{GemmCheck, GemmPath};
 use std::sync::Arc;
 
 /// A backend for [`Arena`]s.
@@ -83,36 +83,20 @@ impl KernelTarget {
         }
     }
 
-    /// [`KernelTarget::gemm_path`], checked on a GPU before use: a `wgmma` path whose
-    /// products disagree with the CPU reference on this device
-    /// ([`mmkd_kernels::gemm::check_path_cuda`]; or whose launch fails) is reported on stderr and replaced by `mma.sync`, so a
-    /// training run never trains on wrong products. The emulation is the reference semantics
-    /// and is not checked.
+    /// [`KernelTarget::gemm_path`], checked on a GPU before use
+    /// ([`mmkd_kernels::gemm::check_path_cuda`]: each layout against the CPU reference). A
+    /// `wgmma` path that fails (or whose launch fails) is reported on stderr and replaced by
+    /// `mma.sync` if that one passes; when `mma.sync` fails too (the epilogue is shared code),
+    /// or it was the path and fails, this is an error: a run never trains on wrong products.
+    /// The emulation is the reference semantics and is not checked.
     pub fn checked_gemm_path(&self) -> Result<GemmPath> {
         let path = self.gemm_path()?;
         let KernelTarget::Gpu(g) = self else {
             return Ok(path);
         };
-        if path == GemmPath::MmaSync {
-            return Ok(path);
-        }
-        let why = match mmkd_kernels::gemm::check_path_cuda(g, path) {
-            Ok(cs) => match cs.iter().find(|c| !c.passed()) {
-                None => return Ok(path),
-                Some(c) => format!(
-                    "{:?}: relative error {:.2e}, bias gradient {:?}, against the CPU reference",
-                    c.shape.layout, c.rel_err, c.dbias_rel_err
-                ),
-            },
-            Err(e) => format!("{e:#}"),
-        };
-        eprintln!(
-            "warning: the `{}` GEMMs fail their check on {} ({why}); the products run on \
-             `mma.sync` instead",
-            path.name(),
-            self.label()
-        );
-        Ok(GemmPath::MmaSync)
+        choose_gemm_path(path, &self.label(), |p| {
+            mmkd_kernels::gemm::check_path_cuda(g, p)
+        })
     }
 
     /// A zeroed arena for `layout` on this backend.
@@ -136,5 +120,117 @@ impl KernelTarget {
             }
             KernelTarget::Emu => Ok(None),
         }
+    }
+}
+
+/// Why `path` fails its check (`check`: the GEMM checks of one path), or `None` when it passes.
+fn check_failure(
+    path: GemmPath,
+    check: &impl Fn(GemmPath) -> Result<Vec<GemmCheck>>,
+) -> Option<String> {
+    match check(path) {
+        Ok(cs) => cs.iter().find(|c| !c.passed()).map(|c| {
+            format!(
+                "{:?}: relative error {:.2e}, bias gradient {:?}, against the CPU reference",
+                c.shape.layout, c.rel_err, c.dbias_rel_err
+            )
+        }),
+        Err(e) => Some(format!("{e:#}")),
+    }
+}
+
+/// The path [`KernelTarget::checked_gemm_path`] settles on, given the checks of each path on
+/// the device `label`.
+fn choose_gemm_path(
+    path: GemmPath,
+    label: &str,
+    check: impl Fn(GemmPath) -> Result<Vec<GemmCheck>>,
+) -> Result<GemmPath> {
+    let Some(why) = check_failure(path, &check) else {
+        return Ok(path);
+    };
+    if path != GemmPath::MmaSync {
+        if let Some(fallback) = check_failure(GemmPath::MmaSync, &check) {
+            bail!(
+                "the GEMMs fail their check on {label} on both `{}` ({why}) and `mma` \
+                 ({fallback}); refusing to train on wrong products",
+                path.name()
+            );
+        }
+        eprintln!(
+            "warning: the `{}` GEMMs fail their check on {label} ({why}); the products run on \
+             `mma.sync` instead",
+            path.name()
+        );
+        return Ok(GemmPath::MmaSync);
+    }
+    bail!(
+        "the `mma` GEMMs fail their check on {label} ({why}); refusing to train on wrong products"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmkd_kernels::gemm::{Activation, GemmLayout, GemmShape};
+
+    fn checks(err: f64) -> Vec<GemmCheck> {
+        [
+            GemmLayout::Forward,
+            GemmLayout::InputGrad,
+            GemmLayout::WeightGrad,
+        ]
+        .into_iter()
+        .map(|layout| GemmCheck {
+            shape: GemmShape {
+                layout,
+                batch: 1,
+                m: 8,
+                n: 8,
+                k: 8,
+                act: Activation::None,
+            },
+            path: GemmPath::MmaSync,
+            seed: 1,
+            rel_err: if layout == GemmLayout::InputGrad {
+                err
+            } else {
+                1e-3
+            },
+            dbias_rel_err: None,
+        })
+        .collect()
+    }
+
+    /// Passing paths are kept; a failing wgmma path falls back to a passing mma.sync; a
+    /// failure of mma.sync, as the path or as the fallback, or a NaN, is an error.
+    #[test]
+    fn a_failing_path_falls_back_only_to_a_passing_one() {
+        let ok = |_: GemmPath| Ok(checks(1e-3));
+        assert_eq!(
+            choose_gemm_path(GemmPath::Wgmma, "dev", ok).unwrap(),
+            GemmPath::Wgmma
+        );
+        let only_mma = |p: GemmPath| Ok(checks(if p == GemmPath::MmaSync { 1e-3 } else { 0.5 }));
+        assert_eq!(
+            choose_gemm_path(GemmPath::WgmmaTma, "dev", only_mma).unwrap(),
+            GemmPath::MmaSync
+        );
+        let launch_fails = |p: GemmPath| {
+            if p == GemmPath::MmaSync {
+                Ok(checks(1e-3))
+            } else {
+                Err(anyhow!("launch failed"))
+            }
+        };
+        assert_eq!(
+            choose_gemm_path(GemmPath::Wgmma, "dev", launch_fails).unwrap(),
+            GemmPath::MmaSync
+        );
+        let none = |_: GemmPath| Ok(checks(f64::NAN));
+        let e = choose_gemm_path(GemmPath::Wgmma, "dev", none).unwrap_err();
+        assert!(format!("{e}").contains("on both `wgmma`"), "{e}");
+        let e = choose_gemm_path(GemmPath::MmaSync, "dev", none).unwrap_err();
+        assert!(format!("{e}").contains("the `mma` GEMMs fail"), "{e}");
     }
 }
