@@ -290,14 +290,9 @@ fn tower_rejects_bad_shapes_and_foreign_arenas() {
     assert!(tower.param("visual.nonexistent").is_err());
     // Block regions live under open_clip names in the one table.
     let lay = tower.layout();
-    // The blocks' LayerNorms take no zero residual: the tower's zero table is the only one.
-    let zeros: Vec<&str> = lay
-        .regions()
-        .iter()
-        .filter(|r| r.name.ends_with(".zero"))
-        .map(|r| r.name.as_str())
-        .collect();
-    assert_eq!(zeros, ["table.visual.zero"]);
+    // No zero tables: LayerNorms without a residual take none, and buffers are cleared by an
+    // axpby with zero coefficients, which reads nothing.
+    assert!(lay.regions().iter().all(|r| !r.name.ends_with(".zero")));
     for i in 0..dims.layers {
         let name = format!("grad.visual.transformer.resblocks.{i}.attn.in_proj_weight");
         assert!(lay.id(&name).is_some(), "{name}");

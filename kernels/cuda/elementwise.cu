@@ -1,7 +1,8 @@
 // elementwise.cu: the small kernels the engine needs around the big ones.
 //
 //   cast_f32_bf16 / cast_bf16_f32   y = x in the other precision (round to nearest even)
-//   axpby_f32 / axpby_bf16          y = a·x + b·y (fp32 arithmetic)
+//   axpby_f32 / axpby_bf16          y = a·x + b·y (fp32 arithmetic); a = 0 reads no x and
+//                                   b = 0 no y, so a = b = 0 clears y whatever it holds
 //   embedding_gather                out[n, :] = table[idx[n], :]
 //   embedding_scatter_add           dtable[idx[n], :] += dout[n, :]  (fp32 atomics: rows repeat)
 //   act_fwd / act_bwd               kind 0: GELU (erf form, BERT), kind 1: QuickGELU x·σ(1.702x)
@@ -35,9 +36,11 @@ MMKD_KERNEL void axpby_f32(const float* __restrict__ x,  // (n)
                            float* __restrict__ y,        // (n) in/out
                            float a, float b, int n) {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += (long)gridDim.x * blockDim.x)
-        // b = 0 must not read y: it may hold garbage (NaN) on the first write.
-        y[e] = b == 0.0f ? a * x[e] : a * x[e] + b * y[e];
+         e += (long)gridDim.x * blockDim.x) {
+        // b = 0 must not read y: it may hold garbage (NaN) on the first write; a = 0 likewise x.
+        const float ax = a == 0.0f ? 0.0f : a * x[e];
+        y[e] = b == 0.0f ? ax : ax + b * y[e];
+    }
 }
 MMKD_EXPORT(axpby_f32)
 
@@ -46,8 +49,8 @@ MMKD_KERNEL void axpby_bf16(const mmkd_bf16* __restrict__ x,  // (n)
                             float a, float b, int n) {
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
          e += (long)gridDim.x * blockDim.x) {
-        const float xv = bf16_to_f32(x[e]);
-        y[e] = f32_to_bf16(b == 0.0f ? a * xv : a * xv + b * bf16_to_f32(y[e]));
+        const float ax = a == 0.0f ? 0.0f : a * bf16_to_f32(x[e]);
+        y[e] = f32_to_bf16(b == 0.0f ? ax : ax + b * bf16_to_f32(y[e]));
     }
 }
 MMKD_EXPORT(axpby_bf16)

@@ -28,9 +28,10 @@ pub enum Ew {
     CastF32Bf16 { n: usize },
     /// `[x bf16 (n), y f32 (n)]`: y = x.
     CastBf16F32 { n: usize },
-    /// `[x f32 (n), y f32 (n)]`: y = a x + b y (y not read when b = 0).
+    /// `[x f32 (n), y f32 (n)]`: y = a x + b y; x is not read when a = 0, y not when b = 0,
+    /// so with a = b = 0 it clears y (x may then be y itself).
     AxpbyF32 { n: usize, a: f32, b: f32 },
-    /// `[x bf16 (n), y bf16 (n)]`: y = a x + b y.
+    /// `[x bf16 (n), y bf16 (n)]`: y = a x + b y, read as [`Ew::AxpbyF32`].
     AxpbyBf16 { n: usize, a: f32, b: f32 },
     /// `[table bf16 (v, c), idx i32 (n), out bf16 (n, c), bad i32 (1)]`.
     Gather { n: usize, v: usize, c: usize },
@@ -264,8 +265,9 @@ pub fn ew_cpu(op: &Ew, bufs: &mut [HostBuf]) -> Result<()> {
         Ew::AxpbyF32 { n, a, b } | Ew::AxpbyBf16 { n, a, b } => {
             let y = f(&out[0]);
             for e in 0..n {
+                let xa = if a == 0.0 { 0.0 } else { f64::from(a) * x[e] };
                 let yb = if b == 0.0 { 0.0 } else { f64::from(b) * y[e] };
-                put(&mut out[0], e, f64::from(a) * x[e] + yb);
+                put(&mut out[0], e, xa + yb);
             }
         }
         Ew::Gather { n, v, c } | Ew::ScatterAdd { n, v, c } => {
@@ -485,6 +487,37 @@ mod tests {
                 let num = (gelu(x + h, act).0 - gelu(x - h, act).0) / (2.0 * h);
                 assert!((num - gelu(x, act).1).abs() < 1e-7, "{act:?} {x}");
             }
+        }
+    }
+
+    /// a = b = 0 clears y whatever it and x hold (NaN included), with x the same buffer as
+    /// y: the kernels read neither.
+    #[test]
+    fn axpby_with_zero_coefficients_clears_without_reading() {
+        use crate::exec::{run, Backend};
+        for op in [
+            Ew::AxpbyF32 {
+                n: 37,
+                a: 0.0,
+                b: 0.0,
+            },
+            Ew::AxpbyBf16 {
+                n: 37,
+                a: 0.0,
+                b: 0.0,
+            },
+        ] {
+            let mut y = match op {
+                Ew::AxpbyF32 { .. } => HostBuf::F32(vec![f32::NAN; 37]),
+                _ => HostBuf::Bf16(vec![bf16::NAN; 37]),
+            };
+            let p = y.host_ptr();
+            // SAFETY: one buffer of n elements in both slots; x is not read when a = 0.
+            unsafe { run(Backend::Emu(&Emu::default()), &op.plan().unwrap(), &[p, p]) }.unwrap();
+            assert_eq!(y.to_f64(), vec![0.0; 37], "{}", op.name());
+            let mut bufs = vec![y.clone(), y];
+            ew_cpu(&op, &mut bufs).unwrap();
+            assert_eq!(bufs[1].to_f64(), vec![0.0; 37], "{} reference", op.name());
         }
     }
 

@@ -6,8 +6,9 @@
 //!
 //! Embeddings. Gathers read the word rows of the token ids and the position rows; the bf16
 //! sum of the two meets the token-type row inside the LayerNorm kernel (its fused residual).
-//! The backward zeros the three fp32 gradient tables (`0·master`, so no zero table as large as
-//! the vocabulary is needed) and scatter-adds the LayerNorm's input gradient into them.
+//! The backward clears the three fp32 gradient tables (an axpby with zero coefficients, which
+//! reads nothing, so no zero table as large as the vocabulary is needed) and scatter-adds the
+//! LayerNorm's input gradient into them.
 //!
 //! Names. The arena stores the blocks under the [`super::block::param_specs`] names with the
 //! query, key and value packed as the attention kernel reads them; [`CudaTextTower::param_map`]
@@ -23,7 +24,6 @@ use super::arena::{Arena, Dtype, Layout, RegionId, Section};
 use super::block::{cast_weights, BlockDims, Buf, CudaBlock, Planner};
 use crate::config::{ModelConfig, NormPlacement, Pooling};
 use anyhow::{anyhow, bail, ensure, Result};
-use half::bf16;
 use mmkd_kernels::elementwise::Ew;
 use mmkd_kernels::exec::Step;
 use mmkd_kernels::gemm::{Activation as Epilogue, AuxUse, GemmLayout, GemmOpts, GemmShape};
@@ -156,8 +156,8 @@ struct Regions {
     mean_emb: RegionId,
     rstd_emb: RegionId,
     pooled: RegionId,
-    /// Pre-norm only: `ln_final` of the pooled rows and its statistics.
-    fin: Option<[RegionId; 4]>,
+    /// Pre-norm only: `ln_final` of the pooled rows (y, mean, rstd).
+    fin: Option<[RegionId; 3]>,
     u: RegionId,
     g: RegionId,
     features: RegionId,
@@ -168,7 +168,6 @@ struct Regions {
     ds_emb: RegionId,
     part_emb: RegionId,
     part_fin: RegionId,
-    zero: RegionId,
     tokens: RegionId,
     pos_index: RegionId,
     type_index: RegionId,
@@ -259,7 +258,6 @@ impl CudaTextTower {
         let ln_b = LnShape { n: b, ..ln_m };
         let fin = if d.pre() {
             Some([
-                add(a, "act", "ln_final.s", bfl, b * w)?,
                 add(a, "act", "ln_final.y", bfl, b * w)?,
                 add(a, "act", "ln_final.mean", f32l, b)?,
                 add(a, "act", "ln_final.rstd", f32l, b)?,
@@ -298,7 +296,6 @@ impl CudaTextTower {
                 f32l,
                 backward_scratch_len(ln_b),
             )?,
-            zero: add(t, "table", "zero", bfl, b * w)?,
             tokens: add(t, "table", "tokens", i32l, m)?,
             pos_index: add(t, "table", "pos_rows", i32l, m)?,
             type_index: add(t, "table", "type_rows", i32l, m)?,
@@ -373,7 +370,6 @@ impl CudaTextTower {
                 .ok_or_else(|| anyhow!("text tower: no bf16 copy of `{name}`"))?;
             Ok(whole(bf))
         };
-        let master = |p: Tp| whole(self.params[p as usize]);
         let gr = |p: Tp| whole(self.grads[p as usize]);
         let gemm = |layout, mm, n, kk| GemmShape {
             layout,
@@ -470,16 +466,16 @@ impl CudaTextTower {
             ],
         )?;
         let proj_in = match r.fin {
-            Some([fs, fy, fm, fr]) => {
+            Some([fy, fm, fr]) => {
                 pl.add(
                     hfwd,
-                    ln_b.forward_plan()?,
+                    ln_b.norm_plan()?,
                     &[
                         whole(r.pooled),
-                        whole(r.zero),
+                        None,
                         wt(Tp::FinalG)?,
                         wt(Tp::FinalB)?,
-                        whole(fs),
+                        None,
                         whole(fy),
                         whole(fm),
                         whole(fr),
@@ -556,7 +552,7 @@ impl CudaTextTower {
             gemm(GemmLayout::WeightGrad, ph, w, b).plan(f32_out)?,
             &[whole(r.du), whole(proj_in), None, None, gr(Tp::Proj0), None],
         )?;
-        // The pooled rows' gradient goes to rows 0..B of `dpooled` (row B stays zero).
+        // The pooled rows' gradient goes to rows 0..B of `dpooled` (row B is cleared below).
         let dpool = part(r.dpooled, 0, b * w);
         let dproj_in = if r.fin.is_some() {
             whole(r.dfin)
@@ -568,13 +564,13 @@ impl CudaTextTower {
             gemm(GemmLayout::InputGrad, b, w, ph).plan(plain)?,
             &[whole(r.du), wt(Tp::Proj0)?, None, None, dproj_in, None],
         )?;
-        if let Some([fs, _, fm, fr]) = r.fin {
+        if let Some([_, fm, fr]) = r.fin {
             pl.add(
                 hbwd,
                 ln_b.backward_plan(false)?,
                 &[
                     whole(r.dfin),
-                    whole(fs),
+                    whole(r.pooled),
                     wt(Tp::FinalG)?,
                     whole(fm),
                     whole(fr),
@@ -586,15 +582,17 @@ impl CudaTextTower {
                 ],
             )?;
         }
+        // Row B of `dpooled` is cleared (a = b = 0 reads nothing).
+        let dzero = part(r.dpooled, b * w, w);
         pl.add(
             hbwd,
             Ew::AxpbyBf16 {
                 n: w,
-                a: 1.0,
+                a: 0.0,
                 b: 0.0,
             }
             .plan()?,
-            &[part(r.zero, 0, w), part(r.dpooled, b * w, w)],
+            &[dzero, dzero],
         )?;
         pl.add(
             hbwd,
@@ -629,7 +627,8 @@ impl CudaTextTower {
             (Tp::Pos, d.context, r.pos_index),
             (Tp::Type, d.type_vocab, r.type_index),
         ] {
-            // 0·master: the masters are finite, the gradient may hold anything.
+            // Cleared (a = b = 0 reads nothing: the gradient may hold anything), then the
+            // rows' gradients added.
             pl.add(
                 bwd,
                 Ew::AxpbyF32 {
@@ -638,7 +637,7 @@ impl CudaTextTower {
                     b: 0.0,
                 }
                 .plan()?,
-                &[master(p), gr(p)],
+                &[gr(p), gr(p)],
             )?;
             pl.add(
                 bwd,
@@ -804,7 +803,6 @@ impl CudaTextTower {
         rows(r.dy_rows, dy_rows)?;
         arena.write_i32(r.pool_rows, &pool.into_iter().map(idx).collect::<Vec<_>>())?;
         arena.write_i32(r.bad, &[0])?;
-        arena.write_bf16(r.zero, &vec![bf16::ZERO; b * d.block.width])?;
         for blk in &self.blocks {
             blk.set_padded_lengths(arena, l, lengths)?;
         }

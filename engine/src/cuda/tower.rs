@@ -15,7 +15,7 @@
 //! collects the gradient of every image, the positional table that of every position.
 //!
 //! Head. A gather picks the class rows of the last block's output; `ln_post` normalises them
-//! (with a zero residual) and a GEMM with `visual.proj` (`(width, embed_dim)`, used as `x·P`)
+//! and a GEMM with `visual.proj` (`(width, embed_dim)`, used as `x·P`)
 //! gives fp32 features. The backward writes the class rows' gradient and zeros elsewhere into
 //! the last block's output gradient with one gather from a table whose last row is zero.
 //!
@@ -25,7 +25,6 @@ use super::arena::{Arena, Dtype, Layout, RegionId, Section};
 use super::block::{cast_weights, BlockDims, Buf, CudaBlock, Planner};
 use crate::config::{ModelConfig, NormPlacement};
 use anyhow::{anyhow, ensure, Result};
-use half::bf16;
 use mmkd_kernels::elementwise::Ew;
 use mmkd_kernels::exec::Step;
 use mmkd_kernels::gemm::{Activation as Epilogue, GemmLayout, GemmOpts, GemmShape};
@@ -141,7 +140,6 @@ struct Regions {
     mean_pre: RegionId,
     rstd_pre: RegionId,
     cls: RegionId,
-    s_post: RegionId,
     h_post: RegionId,
     mean_post: RegionId,
     rstd_post: RegionId,
@@ -154,7 +152,6 @@ struct Regions {
     dpatch: RegionId,
     part_pre: RegionId,
     part_post: RegionId,
-    zero: RegionId,
     im2col: RegionId,
     token_rows: RegionId,
     pos_index: RegionId,
@@ -230,8 +227,6 @@ impl CudaImageTower {
             let blk = CudaBlock::in_layout(bd, lay, &block_prefix(i), blocks.last())?;
             blocks.push(blk);
         }
-        // The largest zero any op here reads is the token-gradient table, (B·patches + 1) rows.
-        let zero_rows = (b * np + 1) * w;
         let (bfl, f32l) = (Dtype::Bf16, Dtype::F32);
         let mut add = |sec: Section, kind: &str, name: &str, dt: Dtype, n: usize| {
             lay.add(&format!("{kind}.visual.{name}"), sec, dt, n)
@@ -253,7 +248,6 @@ impl CudaImageTower {
             mean_pre: add(a, "act", "ln_pre.mean", f32l, m)?,
             rstd_pre: add(a, "act", "ln_pre.rstd", f32l, m)?,
             cls: add(a, "act", "cls", bfl, b * w)?,
-            s_post: add(a, "act", "ln_post.s", bfl, b * w)?,
             h_post: add(a, "act", "ln_post.y", bfl, b * w)?,
             mean_post: add(a, "act", "ln_post.mean", f32l, b)?,
             rstd_post: add(a, "act", "ln_post.rstd", f32l, b)?,
@@ -278,7 +272,6 @@ impl CudaImageTower {
                 f32l,
                 backward_scratch_len(ln_b),
             )?,
-            zero: add(t, "table", "zero", bfl, zero_rows)?,
             im2col: add(
                 t,
                 "table",
@@ -456,13 +449,13 @@ impl CudaImageTower {
         )?;
         pl.add(
             hfwd,
-            ln_b.forward_plan()?,
+            ln_b.norm_plan()?,
             &[
                 whole(r.cls),
-                part(r.zero, 0, b * w),
+                None,
                 wt(Tp::PostG)?,
                 wt(Tp::PostB)?,
-                whole(r.s_post),
+                None,
                 whole(r.h_post),
                 whole(r.mean_post),
                 whole(r.rstd_post),
@@ -512,7 +505,7 @@ impl CudaImageTower {
             ln_b.backward_plan(false)?,
             &[
                 whole(r.dh_post),
-                whole(r.s_post),
+                whole(r.cls),
                 wt(Tp::PostG)?,
                 whole(r.mean_post),
                 whole(r.rstd_post),
@@ -523,16 +516,18 @@ impl CudaImageTower {
                 whole(r.part_post),
             ],
         )?;
-        // The zero row that every non-class token's gradient is gathered from.
+        // The zero row that every non-class token's gradient is gathered from (a = b = 0
+        // clears it without reading anything).
+        let dcls_zero = part(r.dcls, b * w, w);
         pl.add(
             hbwd,
             Ew::AxpbyBf16 {
                 n: w,
-                a: 1.0,
+                a: 0.0,
                 b: 0.0,
             }
             .plan()?,
-            &[part(r.zero, 0, w), part(r.dcls, b * w, w)],
+            &[dcls_zero, dcls_zero],
         )?;
         pl.add(
             hbwd,
@@ -568,10 +563,16 @@ impl CudaImageTower {
             ],
         )?;
         let ntok = (b * np + 1) * w;
+        // Cleared, then the token rows' gradients added.
         pl.add(
             bwd,
-            Ew::CastBf16F32 { n: ntok }.plan()?,
-            &[part(r.zero, 0, ntok), whole(r.dtokens)],
+            Ew::AxpbyF32 {
+                n: ntok,
+                a: 0.0,
+                b: 0.0,
+            }
+            .plan()?,
+            &[whole(r.dtokens), whole(r.dtokens)],
         )?;
         pl.add(
             bwd,
@@ -585,8 +586,13 @@ impl CudaImageTower {
         )?;
         pl.add(
             bwd,
-            Ew::CastBf16F32 { n: l * w }.plan()?,
-            &[part(r.zero, 0, l * w), gr(Tp::Pos)],
+            Ew::AxpbyF32 {
+                n: l * w,
+                a: 0.0,
+                b: 0.0,
+            }
+            .plan()?,
+            &[gr(Tp::Pos), gr(Tp::Pos)],
         )?;
         pl.add(
             bwd,
@@ -693,7 +699,7 @@ impl CudaImageTower {
         Ok(())
     }
 
-    /// Writes the index tables and zeros the tower reads (once per arena).
+    /// Writes the index tables the tower reads (once per arena).
     pub fn write_tables(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
         let d = &self.dims;
@@ -732,8 +738,6 @@ impl CudaImageTower {
         arena.write_i32(r.cls_rows, &cls_rows)?;
         arena.write_i32(r.dy_rows, &dy_rows)?;
         arena.write_i32(r.bad, &[0])?;
-        let nz = self.layout.region(r.zero).len;
-        arena.write_bf16(r.zero, &vec![bf16::ZERO; nz])?;
         for blk in &self.blocks {
             blk.set_lengths(arena, &vec![l; b])?;
         }
