@@ -1643,6 +1643,45 @@ mod tests {
         assert_eq!(db, [2., 1.]);
     }
 
+    /// Runs the plan of `sh` with the epilogue `aux` (and a bias when one is given) on `path`
+    /// under the emulation: slots `[a, b, bias, aux, out (poisoned), dbias (unused)]`.
+    fn planned(
+        sh: &GemmShape,
+        aux: AuxUse,
+        path: GemmPath,
+        [a, b, bias, aux_in]: [&[bf16]; 4],
+    ) -> Vec<crate::exec::HostBuf> {
+        use crate::exec::{run, Backend, HostBuf};
+        let (_, _, lc) = sh.lens();
+        let opts = GemmOpts {
+            bias: !bias.is_empty(),
+            aux,
+            path,
+            ..GemmOpts::default()
+        };
+        let one = [bf16::ZERO];
+        let mut bufs = vec![
+            HostBuf::Bf16(a.to_vec()),
+            HostBuf::Bf16(b.to_vec()),
+            HostBuf::Bf16(if bias.is_empty() { &one } else { bias }.to_vec()),
+            HostBuf::Bf16(aux_in.to_vec()),
+            HostBuf::Bf16(vec![BF16_POISON; lc]),
+            HostBuf::F32(vec![0.0; 1]),
+        ];
+        let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
+        // SAFETY: the callers' buffers have the lengths the shape needs; the unused slots are
+        // passed as null.
+        unsafe {
+            run(
+                Backend::Emu(&Emu::default()),
+                &sh.plan(opts).unwrap(),
+                &ptrs,
+            )
+        }
+        .unwrap();
+        bufs
+    }
+
     /// The MLP's fused epilogues on every path: the forward saving its pre-activation (C and
     /// the saved values against the reference, and C bit-identical to the separate activation
     /// kernel run on the saved values), the input gradient through the activation's derivative
@@ -1651,7 +1690,7 @@ mod tests {
     #[test]
     fn fused_activation_epilogues_match_reference() {
         use crate::elementwise::{ew_emu, Act, Ew};
-        use crate::exec::{run as run_plan, Backend, HostBuf};
+        use crate::exec::HostBuf;
         let emu = Emu::default();
         for path in [GemmPath::MmaSync, GemmPath::Wgmma, GemmPath::WgmmaTma] {
             for (act, ew_act) in [
@@ -1703,24 +1742,12 @@ mod tests {
                         HostBuf::Bf16(gf.clone()),
                         "{ctx}: f vs act_fwd(pre)"
                     );
-                    let opts = GemmOpts {
-                        bias: true,
-                        aux: AuxUse::SavePre,
+                    let bufs = planned(
+                        &fwd,
+                        AuxUse::SavePre,
                         path,
-                        ..GemmOpts::default()
-                    };
-                    let mut bufs = [
-                        HostBuf::Bf16(x.clone()),
-                        HostBuf::Bf16(w.clone()),
-                        HostBuf::Bf16(bias.clone()),
-                        HostBuf::Bf16(vec![BF16_POISON; lc]),
-                        HostBuf::Bf16(vec![BF16_POISON; lc]),
-                        HostBuf::F32(vec![0.0; 1]),
-                    ];
-                    let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
-                    // SAFETY: the buffers have the lengths the shape needs.
-                    unsafe { run_plan(Backend::Emu(&emu), &fwd.plan(opts).unwrap(), &ptrs) }
-                        .unwrap();
+                        [&x, &w, &bias, &vec![BF16_POISON; lc]],
+                    );
                     assert_eq!(bufs[3], HostBuf::Bf16(gpre.clone()), "{ctx}: planned pre");
                     assert_eq!(bufs[4], HostBuf::Bf16(gf.clone()), "{ctx}: planned f");
 
@@ -1764,23 +1791,7 @@ mod tests {
                     ew_emu(&emu, &Ew::ActBwd { n: lc, act: ew_act }, &mut sep).unwrap();
                     let e = rel_err(&bf16_to_f64(&got), &sep[2].to_f64());
                     assert!(e <= 1e-2, "{ctx}: du vs product then act_bwd {e}");
-                    let opts = GemmOpts {
-                        aux: AuxUse::ActGrad,
-                        path,
-                        ..GemmOpts::default()
-                    };
-                    let mut bufs = [
-                        HostBuf::Bf16(df.clone()),
-                        HostBuf::Bf16(w2.clone()),
-                        HostBuf::Bf16(vec![bf16::ZERO; 1]),
-                        HostBuf::Bf16(gpre.clone()),
-                        HostBuf::Bf16(vec![BF16_POISON; lc]),
-                        HostBuf::F32(vec![0.0; 1]),
-                    ];
-                    let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
-                    // SAFETY: the buffers have the lengths the shape needs.
-                    unsafe { run_plan(Backend::Emu(&emu), &dgrad.plan(opts).unwrap(), &ptrs) }
-                        .unwrap();
+                    let bufs = planned(&dgrad, AuxUse::ActGrad, path, [&df, &w2, &[], &gpre]);
                     assert_eq!(bufs[4], HostBuf::Bf16(got), "{ctx}: planned du");
                 }
             }

@@ -779,30 +779,10 @@ mod tests {
             let bare = |e: Option<&Emu>| {
                 let mut o = poisoned_fwd(sh);
                 let (x, g, b) = (&i.x, &i.gamma, &i.beta);
+                let (y, mean, rstd) = (&mut o.y, &mut o.mean, &mut o.rstd);
                 match e {
-                    Some(e) => layernorm_forward_emu(
-                        e,
-                        sh,
-                        x,
-                        None,
-                        g,
-                        b,
-                        None,
-                        &mut o.y,
-                        &mut o.mean,
-                        &mut o.rstd,
-                    ),
-                    None => layernorm_forward_cpu(
-                        sh,
-                        x,
-                        None,
-                        g,
-                        b,
-                        None,
-                        &mut o.y,
-                        &mut o.mean,
-                        &mut o.rstd,
-                    ),
+                    Some(e) => layernorm_forward_emu(e, sh, x, None, g, b, None, y, mean, rstd),
+                    None => layernorm_forward_cpu(sh, x, None, g, b, None, y, mean, rstd),
                 }
                 .unwrap();
                 o.s = i.x.clone();
