@@ -228,8 +228,8 @@ struct Kept {
     f: RegionId,
 }
 
-/// Per-pass scratch: the packed projection, the gradients of the activations inside the
-/// block, and the reduction partials.
+/// Per-pass scratch: the gradients of the activations inside the block, and the reduction
+/// partials.
 #[derive(Clone, Copy)]
 struct Scratch {
     du: RegionId,
