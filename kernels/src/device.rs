@@ -119,7 +119,16 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     nvrtc: &'static Nvrtc,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// Loaded kernels by file and entry, each with the dynamic shared memory it has been
+    /// allowed so far: a launch then costs a lookup, no allocation and no attribute call.
+    functions: Mutex<HashMap<&'static str, HashMap<String, Loaded>>>,
+}
+
+/// A loaded kernel and the dynamic shared memory limit set on it.
+#[derive(Clone)]
+struct Loaded {
+    f: CudaFunction,
+    smem_limit: u32,
 }
 
 impl Gpu {
@@ -177,15 +186,16 @@ impl Gpu {
         }
     }
 
-    fn function(&self, file: &'static KernelFile, entry: &str) -> Result<CudaFunction> {
-        let key = (file.name, entry.to_string());
-        if let Some(f) = self
+    /// `entry` of `file`, loaded (and the file compiled) on first use, with dynamic shared
+    /// memory of at least `smem` bytes allowed.
+    fn function(&self, file: &'static KernelFile, entry: &str, smem: u32) -> Result<CudaFunction> {
+        let mut cache = self
             .functions
             .lock()
-            .map_err(|_| anyhow!("function cache poisoned"))?
-            .get(&key)
-        {
-            return Ok(f.clone());
+            .map_err(|_| anyhow!("function cache poisoned"))?;
+        if let Some(k) = cache.get_mut(file.name).and_then(|m| m.get_mut(entry)) {
+            allow_smem(k, file, entry, smem)?;
+            return Ok(k.f.clone());
         }
         let module = {
             let mut mods = self
@@ -209,10 +219,16 @@ impl Gpu {
         let f = module
             .load_function(entry)
             .map_err(|e| anyhow!("{}.cu has no kernel `{entry}`: {e:?}", file.name))?;
-        self.functions
-            .lock()
-            .map_err(|_| anyhow!("function cache poisoned"))?
-            .insert(key, f.clone());
+        let mut k = Loaded {
+            f,
+            smem_limit: DEFAULT_DYNAMIC_SMEM,
+        };
+        allow_smem(&mut k, file, entry, smem)?;
+        let f = k.f.clone();
+        cache
+            .entry(file.name)
+            .or_default()
+            .insert(entry.to_string(), k);
         Ok(f)
     }
 
@@ -228,25 +244,10 @@ impl Gpu {
         shape: LaunchShape,
         args: &[Arg],
     ) -> Result<()> {
-        let f = self.function(file, entry)?;
-        // Above 48 KiB a kernel must opt in to dynamic shared memory before its launch.
-        if shape.shared_bytes > DEFAULT_DYNAMIC_SMEM {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shape.shared_bytes as i32,
-            )
-            .map_err(|e| {
-                anyhow!(
-                    "{}::{entry}: raising the dynamic shared memory limit to {} bytes: {e:?}",
-                    file.name,
-                    shape.shared_bytes
-                )
-            })?;
-        }
-        // Values live in `slots` (no reallocation after this point) while the builder borrows them.
-        let slots: Vec<Arg> = args.to_vec();
+        let f = self.function(file, entry, shape.shared_bytes)?;
+        // The builder borrows the values from `args`, which outlive it.
         let mut b = self.stream.launch_builder(&f);
-        for a in &slots {
+        for a in args {
             match a {
                 Arg::Ptr(p) => b.arg(p),
                 Arg::I32(v) => b.arg(v),
@@ -264,6 +265,25 @@ impl Gpu {
         unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {}::{entry}: {e:?}", file.name))?;
         Ok(())
     }
+}
+
+/// Above 48 KiB a kernel must opt in to dynamic shared memory before its launch; the limit
+/// is raised once per kernel to the largest amount asked for.
+fn allow_smem(k: &mut Loaded, file: &KernelFile, entry: &str, smem: u32) -> Result<()> {
+    if smem > k.smem_limit {
+        k.f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| {
+            anyhow!(
+                "{}::{entry}: raising the dynamic shared memory limit to {smem} bytes: {e:?}",
+                file.name
+            )
+        })?;
+        k.smem_limit = smem;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

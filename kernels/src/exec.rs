@@ -58,11 +58,14 @@ pub enum Backend<'a> {
 /// Every slot must point at memory of the backend (host for the emulation, device for a GPU)
 /// large enough for what the kernels touch; the op launchers check lengths before calling this.
 pub unsafe fn run(backend: Backend<'_>, steps: &[Step], ptrs: &[u64]) -> Result<()> {
+    // One argument buffer for the whole plan: an `Arg` is 256 bytes (it can hold a tensor
+    // map), so a fresh list per launch would be a heap allocation per kernel of a step.
+    let mut args: Vec<Arg> =
+        Vec::with_capacity(steps.iter().map(|s| s.args.len()).max().unwrap_or(0));
     for s in steps {
-        let args = s
-            .args
-            .iter()
-            .map(|a| match *a {
+        args.clear();
+        for a in s.args.iter() {
+            args.push(match *a {
                 P::Buf(i) => ptrs.get(i).map(|&p| Arg::Ptr(p)).ok_or_else(|| {
                     anyhow!(
                         "{}: plan names buffer slot {i}, {} given",
@@ -97,8 +100,8 @@ pub unsafe fn run(backend: Backend<'_>, steps: &[Step], ptrs: &[u64]) -> Result<
                 P::Null => Ok(Arg::Ptr(0)),
                 P::I32(v) => Ok(Arg::I32(v)),
                 P::F32(v) => Ok(Arg::F32(v)),
-            })
-            .collect::<Result<Vec<Arg>>>()?;
+            }?);
+        }
         // SAFETY: forwarded from this function's contract.
         unsafe {
             match backend {

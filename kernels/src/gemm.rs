@@ -965,6 +965,33 @@ mod tests {
         );
     }
 
+    /// The values of `v` one element into a larger allocation: `&shifted(v)[1..]` starts
+    /// 2 bytes past the allocation's (16-byte aligned) start, so no 16-byte access fits it.
+    fn shifted(v: &[bf16]) -> Vec<bf16> {
+        let mut o = vec![bf16::ZERO; v.len() + 1];
+        o[1..].copy_from_slice(v);
+        o
+    }
+
+    /// The error the emulation reports for case `c` (no bias, no aux, bf16 out) under the
+    /// kernel variant `variant` on `path`; panics when the run succeeds.
+    fn variant_error(variant: &'static str, path: GemmPath, c: &Case) -> String {
+        let mut out = vec![BF16_POISON; c.sh.lens().2];
+        let e = gemm_emu_on(
+            &Emu::variant(variant),
+            path,
+            &c.sh,
+            &c.a,
+            &c.b,
+            None,
+            Aux::None,
+            GemmOut::Bf16(&mut out),
+            None,
+        )
+        .expect_err(variant);
+        format!("{e:#}")
+    }
+
     /// Every layout at aligned, tail and one-row sizes, with each epilogue piece.
     #[test]
     fn all_layouts_match_reference() {
@@ -1047,12 +1074,7 @@ mod tests {
             let seed = fresh_seed();
             let c = case(sh, false, false, false, seed);
             // Same values, shifted by one element inside a larger allocation.
-            let shift = |v: &[bf16]| {
-                let mut o = vec![bf16::ZERO; v.len() + 1];
-                o[1..].copy_from_slice(v);
-                o
-            };
-            let (pa, pb) = (shift(&c.a), shift(&c.b));
+            let (pa, pb) = (shifted(&c.a), shifted(&c.b));
             let (_, _, lc) = sh.lens();
             let mut got = vec![BF16_POISON; lc];
             let mut db = vec![f32::NAN; sh.m];
@@ -1248,23 +1270,8 @@ mod tests {
             let seed = fresh_seed();
             let c = case(sh, false, false, false, seed);
             for variant in ["broken_wait", "ahead3"] {
-                let mut out = vec![BF16_POISON; sh.m * sh.n];
-                let e = gemm_emu_on(
-                    &Emu::variant(variant),
-                    GemmPath::Wgmma,
-                    &sh,
-                    &c.a,
-                    &c.b,
-                    None,
-                    Aux::None,
-                    GemmOut::Bf16(&mut out),
-                    None,
-                )
-                .expect_err(variant);
-                assert!(
-                    format!("{e:#}").contains("unfinished wgmma"),
-                    "{layout:?} {variant}: {e:#}"
-                );
+                let e = variant_error(variant, GemmPath::Wgmma, &c);
+                assert!(e.contains("unfinished wgmma"), "{layout:?} {variant}: {e}");
             }
         }
     }
@@ -1283,15 +1290,10 @@ mod tests {
         let seed = fresh_seed();
         let want_len = sh.m * sh.n;
         // Same values one element past a 16-byte boundary, every layout.
-        let shift = |v: &[bf16]| {
-            let mut o = vec![bf16::ZERO; v.len() + 1];
-            o[1..].copy_from_slice(v);
-            o
-        };
         for layout in LAYOUTS {
             let mut c = case(GemmShape { layout, ..sh }, true, true, false, seed);
             c.path = GemmPath::Wgmma;
-            let (pa, pb) = (shift(&c.a), shift(&c.b));
+            let (pa, pb) = (shifted(&c.a), shifted(&c.b));
             let mut got = vec![BF16_POISON; want_len];
             let mut db = vec![f32::NAN; sh.m];
             gemm_emu_on(
@@ -1379,8 +1381,7 @@ mod tests {
         // Aligned row lengths, but A one element past a 16-byte boundary.
         let sh = GemmShape { k: 64, ..sh };
         let mut c = case(sh, false, false, false, seed);
-        let mut pa = vec![bf16::ZERO; c.a.len() + 1];
-        pa[1..].copy_from_slice(&c.a);
+        let pa = shifted(&c.a);
         let mut got = vec![BF16_POISON; sh.m * sh.n];
         gemm_emu_on(
             &Emu::default(),
@@ -1421,20 +1422,8 @@ mod tests {
             };
             let seed = fresh_seed();
             let c = case(sh, false, false, false, seed);
-            let mut out = vec![BF16_POISON; sh.m * sh.n];
-            let e = gemm_emu_on(
-                &Emu::variant(variant),
-                GemmPath::WgmmaTma,
-                &sh,
-                &c.a,
-                &c.b,
-                None,
-                Aux::None,
-                GemmOut::Bf16(&mut out),
-                None,
-            )
-            .expect_err(variant);
-            assert!(format!("{e:#}").contains(what), "{variant}: {e:#}");
+            let e = variant_error(variant, GemmPath::WgmmaTma, &c);
+            assert!(e.contains(what), "{variant}: {e}");
         }
     }
 
