@@ -371,6 +371,43 @@ fn blocks_on_the_tma_path_match_tape() {
     assert_eq!((count(&tma.0), count(&tma.1)), (4, 8), "{tma:?}");
 }
 
+/// With 512 tokens the weight gradients of a narrow block leave most of a 132-multiprocessor
+/// GPU idle, so each one is split two ways along the tokens (partial products, then their
+/// reduction): the plan says so, and the gradients still match the tape, on both wgmma feeds.
+#[test]
+fn weight_gradients_split_along_the_tokens_match_tape() {
+    for gemm in [GemmPath::Wgmma, GemmPath::WgmmaTma] {
+        let d = BlockDims {
+            width: 64,
+            heads: 1,
+            hidden: 256,
+            gemm,
+            ..dims(NormPlacement::Pre, Activation::QuickGelu, 256)
+        };
+        let block = CudaBlock::new(d).unwrap();
+        let (fwd, bwd) = block.kernel_names();
+        let reduces = |v: &[&str]| v.iter().filter(|k| **k == "gemm_splitk_reduce").count();
+        assert_eq!((reduces(&fwd), reduces(&bwd)), (0, 4), "{bwd:?}");
+        let seed = fresh_seed();
+        let mut g = rng(seed);
+        let mut ps = random_store(&d, &mut g);
+        let n = d.tokens() * d.width;
+        let x = on_grid(&mut g, n, -2.0, 2.0);
+        let dy = on_grid(&mut g, n, -1.0, 1.0);
+        let lengths = [256, 201];
+        let want = cpu_block(&mut ps, &d, &lengths, &x, &dy);
+        let mut arena = Arena::host(block.layout().clone(), Emu::default());
+        let got = cuda_block(&block, &mut arena, &ps, &lengths, &x, &dy);
+        compare(
+            &format!("split K, {gemm:?}, emulation"),
+            &d,
+            &got,
+            &want,
+            seed,
+        );
+    }
+}
+
 /// One block sized for 37 tokens runs batches padded to 20 and then to 9 (the first B·L rows
 /// of its regions, the rest NaN), each against the tape on exactly that length, for both norm
 /// placements.

@@ -3,7 +3,8 @@
 //
 //   C(m, n) = epilogue( Σ_k A(m, k) · B(k, n) ),  fp32 accumulation, per batch z = blockIdx.z
 //   epilogue: v = acc (+ bias[n]);  v = act(v);  v (+ residual(m, n));  store bf16 or fp32
-//   act: 0 none, 1 GELU (tanh form), 2 QuickGELU (v · sigmoid(1.702 v))
+//   act: 0 none, 1 GELU (erf form), 2 QuickGELU (v · sigmoid(1.702 v)); see prelude.cuh for the
+//   modes that save or read a pre-activation instead of adding a residual
 //
 // Storage of the operands per entry point (ld = row length of the stored matrix):
 //   gemm_fwd    A (M, K), B (N, K)  Y = X·Wᵀ + b          (A = X, B = W)
@@ -23,7 +24,12 @@
 // Launch: grid (ceil(N/64), ceil(M/128), batch), block (128), dynamic shared memory
 // GEMM_SMEM_BYTES (46080, under the 48 KiB default).
 //
-// Defines: gemm_fwd, gemm_dgrad, gemm_wgrad.
+// Split K (any of the three files' gemm_wgrad*): a weight gradient with few output tiles and a
+// long K (the tokens) runs as a batch of S products over consecutive chunks of K, each writing
+// fp32 partials (and partial bias sums) into a workspace; gemm_splitk_reduce then adds the S
+// partials in a fixed order, so the result does not depend on scheduling.
+//
+// Defines: gemm_fwd, gemm_dgrad, gemm_wgrad, gemm_splitk_reduce.
 // Test-only variant: MMKD_GEMM_BROKEN_WAIT waits for one cp.async group too few, so the
 // compute reads a tile before it has landed.
 // mmkd-emu-variant: broken_wait MMKD_GEMM_BROKEN_WAIT
@@ -239,3 +245,46 @@ MMKD_KERNEL void gemm_wgrad(const mmkd_bf16* __restrict__ A, const mmkd_bf16* __
                             out_f32);
 }
 MMKD_EXPORT(gemm_wgrad)
+
+// C(i) = Σ_s ws(s, i) for i < MN, and dbias(m) = Σ_s ws(S·MN + s·M + m) for m < M when dbias
+// is not null: the split-K partials of a weight gradient, added in the order s = 0, 1, ...
+// Launch: 1-d, any grid (grid-stride); four C elements per thread and step when ws and C are
+// 16-byte aligned and MN is a multiple of 4 (so every partial stays aligned), else one.
+MMKD_KERNEL void gemm_splitk_reduce(const float* __restrict__ ws, float* __restrict__ C,
+                                    float* __restrict__ dbias, int MN, int M, int S) {
+    const long stride = (long)gridDim.x * blockDim.x;
+    const long t0 = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool vec = MN % 4 == 0 && ((reinterpret_cast<unsigned long long>(ws) |
+                                      reinterpret_cast<unsigned long long>(C)) & 15ull) == 0;
+    if (vec) {
+        for (long i = t0; i < MN / 4; i += stride) {
+            mmkd_u32x4 v = load_u32x4(ws + 4 * i);
+            float acc[4] = {__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z),
+                            __uint_as_float(v.w)};
+            for (int s = 1; s < S; ++s) {
+                v = load_u32x4(ws + (long)s * MN + 4 * i);
+                acc[0] += __uint_as_float(v.x);
+                acc[1] += __uint_as_float(v.y);
+                acc[2] += __uint_as_float(v.z);
+                acc[3] += __uint_as_float(v.w);
+            }
+            const mmkd_u32x4 o = {__float_as_uint(acc[0]), __float_as_uint(acc[1]),
+                                  __float_as_uint(acc[2]), __float_as_uint(acc[3])};
+            store_u32x4(C + 4 * i, o);
+        }
+    } else {
+        for (long i = t0; i < MN; i += stride) {
+            float acc = ws[i];
+            for (int s = 1; s < S; ++s) acc += ws[(long)s * MN + i];
+            C[i] = acc;
+        }
+    }
+    if (dbias == nullptr) return;
+    const float* wd = ws + (long)S * MN;
+    for (long m = t0; m < M; m += stride) {
+        float acc = wd[m];
+        for (int s = 1; s < S; ++s) acc += wd[(long)s * M + m];
+        dbias[m] = acc;
+    }
+}
+MMKD_EXPORT(gemm_splitk_reduce)

@@ -104,6 +104,7 @@ emu_kernels! {
     "gemm_fwd" => mmkd_emu_gemm_fwd,
     "gemm_dgrad" => mmkd_emu_gemm_dgrad,
     "gemm_wgrad" => mmkd_emu_gemm_wgrad,
+    "gemm_splitk_reduce" => mmkd_emu_gemm_splitk_reduce,
     "broken_wait:gemm_fwd" => mmkd_emu_broken_wait_gemm_fwd,
     "broken_wait:gemm_dgrad" => mmkd_emu_broken_wait_gemm_dgrad,
     "broken_wait:gemm_wgrad" => mmkd_emu_broken_wait_gemm_wgrad,

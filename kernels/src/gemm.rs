@@ -422,13 +422,123 @@ pub struct GemmOpts {
     pub dbias: bool,
     /// The tensor-core instruction.
     pub path: GemmPath,
+    /// Split K (`WeightGrad` only, 0 or 1: no split): the product runs as `split_k` partial
+    /// products over consecutive chunks of K into the fp32 workspace of slot 6
+    /// ([`GemmShape::split_workspace_len`]), then one pass adds them up in a fixed order. It
+    /// fills the GPU when a weight gradient has few output tiles and many tokens
+    /// ([`choose_split_k`]).
+    pub split_k: usize,
+}
+
+/// The multiprocessor count [`choose_split_k`] is given by the engine: an H100/H200 SXM's
+/// 132, the chips the training step is tuned for. Any count gives correct products; only the
+/// split's benefit depends on it, and a fixed count keeps the arena's layout, and so the plans
+/// the emulation tests, identical to what the GPU runs.
+pub const TUNED_SMS: usize = 132;
+
+/// The shortest chunk of K a split hands to one partial product: below it the partials'
+/// traffic outweighs the tiles gained.
+pub const SPLIT_K_MIN_CHUNK: usize = 256;
+
+/// Split counts [`choose_split_k`] considers.
+const SPLIT_K_CANDIDATES: [usize; 5] = [2, 4, 8, 16, 32];
+
+/// The split of K for a product on a GPU with `sms` multiprocessors: 1 (none) unless a
+/// `WeightGrad` of one batch whose output tiles leave multiprocessors idle runs faster, by a
+/// simple model, as partial products plus a reduction.
+///
+/// The model: tiles run in waves of `sms` × (blocks resident per multiprocessor), each tile's
+/// time proportional to its k tiles (64 of K) at the bf16 tensor rate of one multiprocessor
+/// (about 790 TFLOP/s / 132); a split adds its partials' traffic (written once, read once) at
+/// about 4.3 TB/s. A split is taken only when it saves at least 10% by that model. Example,
+/// ViT-B/16 at batch 256 (K = 50 432 tokens) on wgmma: the 768 × 768 output projection has
+/// 36 tiles of 128 × 128 and takes 16 chunks; the MLP's 3072 × 768 takes 8.
+pub fn choose_split_k(sh: &GemmShape, path: GemmPath, sms: usize) -> usize {
+    if sh.layout != GemmLayout::WeightGrad || sh.batch != 1 || sms == 0 {
+        return 1;
+    }
+    // Block tile and blocks per multiprocessor: gemm.cu (46 KiB of shared memory, 128
+    // threads) fits 4; the wgmma kernels (128 KiB) one.
+    let (tm, tn, per_sm) = match path {
+        GemmPath::MmaSync => (TILE_M, TILE_N, 4),
+        GemmPath::Wgmma | GemmPath::WgmmaTma => (WG_TILE, WG_TILE, 1),
+    };
+    let tiles = sh.m.div_ceil(tm) * sh.n.div_ceil(tn);
+    let slots = sms * per_sm;
+    // Seconds: a k tile of one block, and a byte of device memory.
+    let k_tile = 2.0 * (tm * tn * 64) as f64 / (790e12 / 132.0) * per_sm as f64;
+    let byte = 1.0 / 4.3e12;
+    let cost = |s: usize| {
+        let waves = (tiles * s).div_ceil(slots) as f64;
+        let partials = if s > 1 {
+            2.0 * (s * (sh.m * sh.n + sh.m) * 4) as f64 * byte
+        } else {
+            0.0
+        };
+        waves * (sh.k / s).div_ceil(64) as f64 * k_tile + partials
+    };
+    let mut best = (1, cost(1));
+    for s in SPLIT_K_CANDIDATES {
+        if sh.k % s != 0 || (sh.k / s) % 8 != 0 || sh.k / s < SPLIT_K_MIN_CHUNK {
+            continue;
+        }
+        let c = cost(s);
+        if c < best.1 {
+            best = (s, c);
+        }
+    }
+    if best.1 <= 0.9 * cost(1) {
+        best.0
+    } else {
+        1
+    }
 }
 
 impl GemmShape {
+    /// fp32 elements of the workspace (slot 6) that a plan splitting K `split_k` ways needs:
+    /// the partial products, (split_k, M, N), then the partial bias gradients, (split_k, M).
+    /// 0 without a split.
+    pub fn split_workspace_len(&self, split_k: usize) -> usize {
+        if split_k > 1 {
+            split_k * (self.m * self.n + self.m)
+        } else {
+            0
+        }
+    }
+
+    /// What a split of K asks of the product: the plain fp32 weight gradient of one batch
+    /// (the partials carry no epilogue), and chunks of equal length whose starts stay
+    /// 16-byte aligned.
+    fn check_split(&self, opts: &GemmOpts) -> Result<()> {
+        let s = opts.split_k;
+        ensure!(
+            self.layout == GemmLayout::WeightGrad && self.batch == 1,
+            "gemm: split K needs the WeightGrad layout and one batch, got {self:?}"
+        );
+        ensure!(
+            !opts.bias && opts.aux == AuxUse::None && self.act == Activation::None && opts.out_f32,
+            "gemm: split K takes no bias, aux or activation and stores fp32 ({opts:?})"
+        );
+        ensure!(
+            self.k % s == 0 && (self.k / s) % 8 == 0,
+            "gemm: split K {s} of K = {} needs equal chunks that are multiples of 8",
+            self.k
+        );
+        Ok(())
+    }
+
     /// The launch as a plan ([`crate::exec`]) over the buffer slots
     /// `[a, b, bias, aux, out, dbias]`; slots of absent options are passed as null.
     /// The caller guarantees the lengths [`gemm_cpu`] checks.
+    ///
+    /// With [`GemmOpts::split_k`] > 1 the plan has two steps and a seventh slot, the fp32
+    /// workspace of [`GemmShape::split_workspace_len`]: the partial products (the batched
+    /// kernel over the chunks of K, which are consecutive rows of A and B) and
+    /// `gemm_splitk_reduce`, which stores their sums in slot 4 and the bias gradient in slot 5.
     pub fn plan(&self, opts: GemmOpts) -> Result<Vec<Step>> {
+        if opts.split_k > 1 {
+            return self.plan_split(opts);
+        }
         // Only the shape and the options' rules are checked here: slots carry no lengths.
         check_lens(
             self,
@@ -471,6 +581,46 @@ impl GemmShape {
             shape,
             args,
         }])
+    }
+}
+
+impl GemmShape {
+    fn plan_split(&self, opts: GemmOpts) -> Result<Vec<Step>> {
+        self.check_split(&opts)?;
+        let s = opts.split_k;
+        let part = GemmShape {
+            batch: s,
+            k: self.k / s,
+            ..*self
+        };
+        let mut steps = part.plan(GemmOpts { split_k: 1, ..opts })?;
+        let mn = self.m * self.n;
+        // The partials go to the workspace: C of chunk z at z·M·N, its bias sums after all
+        // of them.
+        steps[0].args[4] = P::Buf(6);
+        if opts.dbias {
+            steps[0].args[5] = P::At(6, s * mn);
+        }
+        let int = |what: &str, v: usize| {
+            i32::try_from(v).map(P::I32).map_err(|_| {
+                anyhow::anyhow!("{what} = {v} does not fit the kernel's int parameter")
+            })
+        };
+        let work = (mn / 4).max(self.m);
+        steps.push(Step {
+            file: &GEMM,
+            kernel: "gemm_splitk_reduce",
+            shape: LaunchShape::linear(work.div_ceil(256).clamp(1, 4096) as u32, 256, 0),
+            args: vec![
+                P::Buf(6),
+                P::Buf(4),
+                if opts.dbias { P::Buf(5) } else { P::Null },
+                int("gemm M*N", mn)?,
+                int("gemm M", self.m)?,
+                int("gemm split", s)?,
+            ],
+        });
+        Ok(steps)
     }
 }
 
@@ -740,6 +890,8 @@ pub struct GemmCheck {
     pub shape: GemmShape,
     /// The path asked for (at this shape `WgmmaTma` runs the TMA kernels).
     pub path: GemmPath,
+    /// The split of K (1: none; see [`GemmOpts::split_k`]).
+    pub split_k: usize,
     /// The seed of the inputs.
     pub seed: u64,
     /// Norm-wise relative error of C, and of the saved pre-activation where the epilogue
@@ -860,22 +1012,96 @@ pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmC
     Ok(GemmCheck {
         shape: sh,
         path,
+        split_k: 1,
         seed,
         rel_err: err,
         dbias_rel_err,
     })
 }
 
-/// [`check_cuda`] for the three layouts on `path`.
+/// The weight gradient with its bias gradient split two ways along K on `path`, through its
+/// plan (partial products, then the reduction), on `gpu` against [`gemm_cpu`]: fresh random
+/// inputs, outputs and workspace poisoned. M 200, N 192, K 528.
+pub fn check_split_cuda(gpu: &Gpu, path: GemmPath) -> Result<GemmCheck> {
+    use crate::exec::{run, Backend};
+    use crate::testing::{f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
+    let st = gpu.stream();
+    let driver = |e: cudarc::driver::DriverError| anyhow::anyhow!("gemm split check: {e:?}");
+    let sh = GemmShape {
+        layout: GemmLayout::WeightGrad,
+        batch: 1,
+        m: CHECK_SHAPE.m,
+        n: CHECK_SHAPE.n,
+        k: 2 * CHECK_SHAPE.k,
+        act: Activation::None,
+    };
+    let opts = GemmOpts {
+        out_f32: true,
+        dbias: true,
+        path,
+        split_k: 2,
+        ..GemmOpts::default()
+    };
+    let seed = fresh_seed();
+    let mut g = rng(seed);
+    let (la, lb, lc) = sh.lens();
+    let (a, b) = (
+        random_bf16(&mut g, la, -1.0, 1.0),
+        random_bf16(&mut g, lb, -1.0, 1.0),
+    );
+    let mut want = vec![0.0f32; lc];
+    let mut wdb = vec![0.0f32; sh.m];
+    gemm_cpu(
+        &sh,
+        &a,
+        &b,
+        None,
+        Aux::None,
+        GemmOut::F32(&mut want),
+        Some(&mut wdb),
+    )?;
+    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+    let da = st.clone_htod(&bits(&a)).map_err(driver)?;
+    let db = st.clone_htod(&bits(&b)).map_err(driver)?;
+    let mut dc = st.clone_htod(&vec![f32::NAN; lc]).map_err(driver)?;
+    let mut ddb = st.clone_htod(&vec![f32::NAN; sh.m]).map_err(driver)?;
+    let mut ws = st
+        .clone_htod(&vec![f32::NAN; sh.split_workspace_len(2)])
+        .map_err(driver)?;
+    let plan = sh.plan(opts)?;
+    {
+        let (pa, _ga) = da.device_ptr(st);
+        let (pb, _gb) = db.device_ptr(st);
+        let (pc, _gc) = dc.device_ptr_mut(st);
+        let (pdb, _gdb) = ddb.device_ptr_mut(st);
+        let (pws, _gws) = ws.device_ptr_mut(st);
+        // SAFETY: every buffer has the length the plan's shape needs (slots 2 and 3 unused).
+        unsafe { run(Backend::Gpu(gpu), &plan, &[pa, pb, 0, 0, pc, pdb, pws])? };
+    }
+    let got = st.clone_dtoh(&dc).map_err(driver)?;
+    let gdb = st.clone_dtoh(&ddb).map_err(driver)?;
+    Ok(GemmCheck {
+        shape: sh,
+        path,
+        split_k: 2,
+        seed,
+        rel_err: rel_err(&f32_to_f64(&got), &f32_to_f64(&want)),
+        dbias_rel_err: Some(rel_err(&f32_to_f64(&gdb), &f32_to_f64(&wdb))),
+    })
+}
+
+/// [`check_cuda`] for the three layouts on `path`, then [`check_split_cuda`].
 pub fn check_path_cuda(gpu: &Gpu, path: GemmPath) -> Result<Vec<GemmCheck>> {
-    [
+    let mut checks = [
         GemmLayout::Forward,
         GemmLayout::InputGrad,
         GemmLayout::WeightGrad,
     ]
     .into_iter()
     .map(|l| check_cuda(gpu, path, l))
-    .collect()
+    .collect::<Result<Vec<_>>>()?;
+    checks.push(check_split_cuda(gpu, path)?);
+    Ok(checks)
 }
 
 #[cfg(test)]
@@ -1121,6 +1347,12 @@ mod tests {
                 HostBuf::Bf16(vec![BF16_POISON; lc])
             },
             HostBuf::F32(vec![f32::NAN; c.sh.batch * c.sh.m]),
+            // The split-K workspace, poisoned too: the reduction reads only what the
+            // partial products wrote.
+            HostBuf::F32(vec![
+                f32::NAN;
+                c.sh.split_workspace_len(opts.split_k).max(1)
+            ]),
         ];
         let ptrs: Vec<u64> = bufs.iter_mut().map(|b| b.host_ptr()).collect();
         let plan = c.sh.plan(opts).unwrap();
@@ -1187,6 +1419,110 @@ mod tests {
             ..GemmOpts::default()
         };
         assert!(fwd.plan(bad).is_err());
+    }
+
+    /// A weight gradient split along K on every path: the partial products and their
+    /// reduction give the reference's C and bias gradient, with the workspace poisoned; M
+    /// aligned (the TMA path copies by tensor maps) and not (the element path).
+    #[test]
+    fn split_k_matches_reference() {
+        for path in [GemmPath::MmaSync, GemmPath::Wgmma, GemmPath::WgmmaTma] {
+            for (m, n, k, split) in [(136, 72, 1024, 4), (37, 130, 512, 2)] {
+                let sh = GemmShape {
+                    layout: GemmLayout::WeightGrad,
+                    batch: 1,
+                    m,
+                    n,
+                    k,
+                    act: Activation::None,
+                };
+                let seed = fresh_seed();
+                let mut c = case(sh, false, false, true, seed);
+                c.path = path;
+                let opts = GemmOpts {
+                    out_f32: true,
+                    dbias: true,
+                    path,
+                    split_k: split,
+                    ..GemmOpts::default()
+                };
+                let plan = sh.plan(opts).unwrap();
+                assert_eq!(plan.len(), 2);
+                assert_eq!(plan[1].kernel, "gemm_splitk_reduce");
+                let (got, gdb) = run_planned(&c, opts);
+                let (want, wdb) = run(&c, None);
+                let (e, edb) = (rel_err(&got, &want), rel_err(&gdb, &wdb));
+                assert!(
+                    e <= 1e-4 && edb <= 1e-4,
+                    "{path:?} {sh:?} split {split} seed {seed}: C err {e}, dbias err {edb}"
+                );
+            }
+        }
+    }
+
+    /// What a split refuses, and what the model picks for the paper's student.
+    #[test]
+    fn split_k_rules_and_choice() {
+        let wg = GemmShape {
+            layout: GemmLayout::WeightGrad,
+            batch: 1,
+            m: 768,
+            n: 768,
+            k: 50432,
+            act: Activation::None,
+        };
+        let ok = GemmOpts {
+            out_f32: true,
+            dbias: true,
+            split_k: 4,
+            ..GemmOpts::default()
+        };
+        assert!(wg.plan(ok).is_ok());
+        for (sh, opts) in [
+            (
+                GemmShape {
+                    layout: GemmLayout::InputGrad,
+                    ..wg
+                },
+                GemmOpts { dbias: false, ..ok },
+            ),
+            (GemmShape { batch: 2, ..wg }, ok),
+            (GemmShape { k: 50430, ..wg }, ok),
+            (wg, GemmOpts { bias: true, ..ok }),
+            (
+                wg,
+                GemmOpts {
+                    out_f32: false,
+                    ..ok
+                },
+            ),
+            (
+                GemmShape {
+                    act: Activation::Gelu,
+                    ..wg
+                },
+                ok,
+            ),
+        ] {
+            assert!(sh.plan(opts).is_err(), "{sh:?} {opts:?}");
+        }
+        // ViT-B/16 at batch 256 on wgmma: the output projection (36 tiles of 128 × 128 on
+        // 132 multiprocessors) and the MLP's weights (144 tiles, two waves) split; the QKV
+        // projection (108 tiles, one wave) gains too little.
+        let pick = |m, n, path| choose_split_k(&GemmShape { m, n, ..wg }, path, TUNED_SMS);
+        assert_eq!(pick(768, 768, GemmPath::Wgmma), 16);
+        assert_eq!(pick(3072, 768, GemmPath::Wgmma), 8);
+        assert_eq!(pick(768, 3072, GemmPath::WgmmaTma), 8);
+        assert_eq!(pick(2304, 768, GemmPath::Wgmma), 1);
+        // Forward products, short K and a GPU the tiles fill are never split.
+        let fwd = GemmShape {
+            layout: GemmLayout::Forward,
+            ..wg
+        };
+        assert_eq!(choose_split_k(&fwd, GemmPath::Wgmma, TUNED_SMS), 1);
+        let short = GemmShape { k: 384, ..wg };
+        assert_eq!(choose_split_k(&short, GemmPath::Wgmma, TUNED_SMS), 1);
+        assert_eq!(choose_split_k(&wg, GemmPath::Wgmma, 4), 1);
     }
 
     /// The wgmma kernels, every layout (the weight gradient with its bias gradient), at

@@ -12,7 +12,7 @@ use crate::device::Gpu;
 use crate::gemm::{self, Activation, GemmCheck, GemmLayout, GemmOutCuda, GemmPath, GemmShape};
 use crate::testing::{f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
 use anyhow::{anyhow, Result};
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 use serde::Serialize;
 use std::sync::Arc;
@@ -76,8 +76,9 @@ pub struct BenchRecord {
     pub layer: String,
     /// fwd, dgrad, wgrad and, on sm_90, the same as fwd_wgmma, dgrad_wgmma, wgrad_wgmma (the
     /// products the blocks run there) and fwd_tma, dgrad_tma, wgrad_tma (their operands copied
-    /// by TMA) for a GEMM; fwd, fwd+bwd for attention.
-    pub layout: &'static str,
+    /// by TMA) for a GEMM, and `wgrad_<path>-split<S>` for a weight gradient split S ways
+    /// along K as the training step runs it; fwd, fwd+bwd for attention.
+    pub layout: String,
     /// The product's M, N, K (GEMM) or B·H, L, 64 (attention).
     pub dims: [usize; 3],
     /// Floating-point operations of the case (minimal count).
@@ -435,7 +436,7 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     None,
                 )
             })?;
-            timed.push((names[0], t));
+            timed.push((names[0].to_string(), t));
             let t = time_ms(gpu, cfg, || {
                 gemm::gemm_cuda_on(
                     gpu,
@@ -449,7 +450,7 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     None,
                 )
             })?;
-            timed.push((names[1], t));
+            timed.push((names[1].to_string(), t));
             let t = time_ms(gpu, cfg, || {
                 gemm::gemm_cuda_on(
                     gpu,
@@ -463,7 +464,36 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     Some(&mut db),
                 )
             })?;
-            timed.push((names[2], t));
+            timed.push((names[2].to_string(), t));
+            // The weight gradient as the training step runs it: split along the tokens where
+            // that fills the GPU (`gemm::choose_split_k`), the reduction included in the time.
+            let split = gemm::choose_split_k(&wgrad, path, gemm::TUNED_SMS);
+            if split > 1 {
+                let plan = wgrad.plan(gemm::GemmOpts {
+                    out_f32: true,
+                    dbias: true,
+                    path,
+                    split_k: split,
+                    ..gemm::GemmOpts::default()
+                })?;
+                let mut ws = device_buf::<f32>(st, wgrad.split_workspace_len(split))?;
+                let t = time_ms(gpu, cfg, || {
+                    let (pa, _ga) = dy.device_ptr(st);
+                    let (pb, _gb) = x.device_ptr(st);
+                    let (pc, _gc) = dw.device_ptr_mut(st);
+                    let (pdb, _gdb) = db.device_ptr_mut(st);
+                    let (pws, _gws) = ws.device_ptr_mut(st);
+                    // SAFETY: the buffers have the lengths of the plan's shape (slots 2, 3 unused).
+                    unsafe {
+                        crate::exec::run(
+                            crate::exec::Backend::Gpu(gpu),
+                            &plan,
+                            &[pa, pb, 0, 0, pc, pdb, pws],
+                        )
+                    }
+                })?;
+                timed.push((format!("wgrad_{}-split{split}", path.name()), t));
+            }
         }
         for (layout, t) in timed {
             cases.push(BenchRecord {
@@ -526,7 +556,7 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                     kind: "attention",
                     tower,
                     layer: name.to_string(),
-                    layout,
+                    layout: layout.to_string(),
                     dims: [bh, len, HEAD_DIM],
                     flops: f,
                     median_ms: t,

@@ -171,7 +171,7 @@ pub const ELEMENTWISE: KernelFile = KernelFile {
 pub const GEMM: KernelFile = KernelFile {
     name: "gemm",
     source: include_str!("../cuda/gemm.cu"),
-    entries: &["gemm_fwd", "gemm_dgrad", "gemm_wgrad"],
+    entries: &["gemm_fwd", "gemm_dgrad", "gemm_wgrad", "gemm_splitk_reduce"],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &["gemm_fwd", "gemm_dgrad", "gemm_wgrad"],
     tma_entries: &[],

@@ -635,7 +635,10 @@ pub fn run(target: Target<'_>, iters: usize) -> Result<Report> {
                 Err(e) => (None, Some(format!("{e:#}"))),
             };
             report.cases.push(CaseReport {
-                name: format!("gemm path {}: 3 layouts, M 200 N 192 K 264", path.name()),
+                name: format!(
+                    "gemm path {}: 3 layouts, M 200 N 192 K 264, and the weight gradient split 2 ways along K 528",
+                    path.name()
+                ),
                 rel_err,
                 tolerance: Some(GemmCheck::TOL),
                 passed: error.is_none(),

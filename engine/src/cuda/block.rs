@@ -47,7 +47,8 @@ use mmkd_kernels::attention::{AttnShape, HEAD_DIM};
 use mmkd_kernels::elementwise::Ew;
 use mmkd_kernels::exec::{Step, P};
 use mmkd_kernels::gemm::{
-    Activation as Epilogue, AuxUse, GemmLayout, GemmOpts, GemmPath, GemmShape,
+    choose_split_k, Activation as Epilogue, AuxUse, GemmLayout, GemmOpts, GemmPath, GemmShape,
+    TUNED_SMS,
 };
 use mmkd_kernels::layernorm::{backward_scratch_len, LnShape};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,6 +87,47 @@ impl BlockDims {
     /// Tokens per batch at the longest length, B·L.
     pub fn tokens(&self) -> usize {
         self.batch * self.len
+    }
+
+    /// The (out, in) shapes of the block's four weights: QKV, output projection, MLP in and
+    /// out. Their gradients are the products split along the tokens ([`GemmOpts::split_k`]).
+    fn weight_shapes(&self) -> [(usize, usize); 4] {
+        let (w, f) = (self.width, self.hidden);
+        [(3 * w, w), (w, w), (f, w), (w, f)]
+    }
+
+    /// The split of K for the gradient of an (out, in) weight over `tokens` tokens
+    /// ([`choose_split_k`], tuned for [`TUNED_SMS`]), halved until its workspace fits `cap`
+    /// fp32 elements; and that workspace's length.
+    fn weight_grad_split(
+        &self,
+        (out, inp): (usize, usize),
+        tokens: usize,
+        cap: usize,
+    ) -> (usize, usize) {
+        let sh = GemmShape {
+            layout: GemmLayout::WeightGrad,
+            batch: 1,
+            m: out,
+            n: inp,
+            k: tokens,
+            act: Epilogue::None,
+        };
+        let mut s = choose_split_k(&sh, self.gemm, TUNED_SMS);
+        while s > 1 && sh.split_workspace_len(s) > cap {
+            s /= 2;
+        }
+        (s, sh.split_workspace_len(s))
+    }
+
+    /// fp32 elements of the split-K workspace the block's weight gradients need at the
+    /// longest length (0: none splits).
+    fn split_workspace_len(&self) -> usize {
+        self.weight_shapes()
+            .into_iter()
+            .map(|wsh| self.weight_grad_split(wsh, self.tokens(), usize::MAX).1)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -242,6 +284,9 @@ struct Scratch {
     dqkv: RegionId,
     delta: RegionId,
     ln_part: RegionId,
+    /// The partial weight gradients of a product split along the tokens; absent when no
+    /// weight gradient of the block splits.
+    split: Option<RegionId>,
 }
 
 /// Every region the block's plans touch besides its weights.
@@ -428,6 +473,10 @@ impl CudaBlock {
                 dqkv: scr("dqkv", bfl, 3 * m * w)?,
                 delta: scr("attn_delta", f32l, hd * m)?,
                 ln_part: scr("ln_partials", f32l, backward_scratch_len(ln))?,
+                split: match dims.split_workspace_len() {
+                    0 => None,
+                    n => Some(scr("splitk", f32l, n)?),
+                },
             },
         };
         // The output gradients of a run of twins alternate between two buffers: a block reads
@@ -558,6 +607,26 @@ impl CudaBlock {
             dbias: true,
             path: d.gemm,
             ..GemmOpts::default()
+        };
+        // dW (o, i) = dYᵀ·X and db = Σ dY over the m tokens, with slots [dY, X, dW, db], split
+        // along the tokens where that fills the GPU ([`BlockDims::weight_grad_split`]; the
+        // workspace region was sized at the longest length).
+        let weight_grad = |pl: &mut Planner,
+                           out: &mut Vec<Step>,
+                           (o, i): (usize, usize),
+                           [dy, x, dw, db]: [Option<Buf>; 4]|
+         -> Result<()> {
+            let cap = ac.s.split.map_or(0, |id| lay.region(id).len);
+            let (split_k, ws) = d.weight_grad_split((o, i), m, cap);
+            let work = match ac.s.split {
+                Some(id) if split_k > 1 => part(id, 0, ws),
+                _ => None,
+            };
+            pl.add(
+                out,
+                gemm(GemmLayout::WeightGrad, o, i, m).plan(GemmOpts { split_k, ..wgrad })?,
+                &[dy, x, None, None, dw, db, work],
+            )
         };
         let plain = GemmOpts {
             path: d.gemm,
@@ -751,17 +820,11 @@ impl CudaBlock {
         } else {
             ac.dy
         };
-        pl.add(
+        weight_grad(
+            &mut pl,
             bwd,
-            gemm(GemmLayout::WeightGrad, w, fh, m).plan(wgrad)?,
-            &[
-                rows(dmlp, w),
-                rows(ac.k.f, fh),
-                None,
-                None,
-                gr(Pm::W2),
-                gr(Pm::B2),
-            ],
+            (w, fh),
+            [rows(dmlp, w), rows(ac.k.f, fh), gr(Pm::W2), gr(Pm::B2)],
         )?;
         // du = (dmlp·W2) ∘ act'(u).
         pl.add(
@@ -780,17 +843,11 @@ impl CudaBlock {
                 None,
             ],
         )?;
-        pl.add(
+        weight_grad(
+            &mut pl,
             bwd,
-            gemm(GemmLayout::WeightGrad, fh, w, m).plan(wgrad)?,
-            &[
-                rows(ac.s.du, fh),
-                rows(mlp_in, w),
-                None,
-                None,
-                gr(Pm::W1),
-                gr(Pm::B1),
-            ],
+            (fh, w),
+            [rows(ac.s.du, fh), rows(mlp_in, w), gr(Pm::W1), gr(Pm::B1)],
         )?;
         // The gradient reaching the attention output: post, dh1 = du·W1 + ds2, then LN1;
         // pre, dh2 = du·W1, then LN2 with the residual gradient dy added.
@@ -847,17 +904,11 @@ impl CudaBlock {
             )?;
             ac.s.ds2
         };
-        pl.add(
+        weight_grad(
+            &mut pl,
             bwd,
-            gemm(GemmLayout::WeightGrad, w, w, m).plan(wgrad)?,
-            &[
-                rows(dattn, w),
-                rows(ac.k.o, w),
-                None,
-                None,
-                gr(Pm::Wo),
-                gr(Pm::Bo),
-            ],
+            (w, w),
+            [rows(dattn, w), rows(ac.k.o, w), gr(Pm::Wo), gr(Pm::Bo)],
         )?;
         dgrad(
             &mut pl,
@@ -884,14 +935,13 @@ impl CudaBlock {
                 rows(ac.s.delta, hd),
             ],
         )?;
-        pl.add(
+        weight_grad(
+            &mut pl,
             bwd,
-            gemm(GemmLayout::WeightGrad, 3 * w, w, m).plan(wgrad)?,
-            &[
+            (3 * w, w),
+            [
                 rows(ac.s.dqkv, 3 * w),
                 rows(attn_in, w),
-                None,
-                None,
                 gr(Pm::Wqkv),
                 gr(Pm::Bqkv),
             ],

@@ -131,8 +131,8 @@ fn check_failure(
     match check(path) {
         Ok(cs) => cs.iter().find(|c| !c.passed()).map(|c| {
             format!(
-                "{:?}: relative error {:.2e}, bias gradient {:?}, against the CPU reference",
-                c.shape.layout, c.rel_err, c.dbias_rel_err
+                "{:?} (split K {}): relative error {:.2e}, bias gradient {:?}, against the CPU reference",
+                c.shape.layout, c.split_k, c.rel_err, c.dbias_rel_err
             )
         }),
         Err(e) => Some(format!("{e:#}")),
@@ -191,6 +191,7 @@ mod tests {
                 act: Activation::None,
             },
             path: GemmPath::MmaSync,
+            split_k: 1,
             seed: 1,
             rel_err: if layout == GemmLayout::InputGrad {
                 err
