@@ -2,11 +2,13 @@
 """Puts mmkd's GEMM and attention timings beside PyTorch's and says which bars they meet.
 
 Inputs (JSON files from one GPU run of tools/gpu-check.sh):
-  --mmkd FILE ...   `gemm_attn` benchmark reports (bench_gemm_attn.json, bench_gemm_tma.json)
+  --mmkd FILE ...   `gemm_attn` benchmark reports (bench_gemm_attn.json, bench_gemm_tma.json,
+                    bench_gemm_ws.json)
   --torch FILE      tools/torch_gemm_attn_bench.py --json output
 
 Bars (issue 6): each GEMM layout at >= 80% of cuBLAS, i.e. cuBLAS time / mmkd time >= 0.8,
-taking mmkd's fastest path for that layout (mma.sync, wgmma, or wgmma fed by TMA);
+taking mmkd's fastest path for that layout (mma.sync, wgmma, wgmma fed by TMA, the persistent
+warp-specialised kernels, and the weight gradient split along K);
 attention forward + backward at least as fast as PyTorch's SDPA (ratio >= 1.0), with and
 without the key-padding mask. Prints a Markdown table and, with --json, writes the rows.
 Exits 0 whatever the verdicts: a missed bar is a result, not a failure of this script.

@@ -191,6 +191,9 @@ run() {
     # The TMA-fed GEMM in its own process: a fault there cannot cost the results above.
     MMKD_BENCH_GEMM_PATH=tma MMKD_BENCH_JSON="$out/bench_gemm_tma.json" step bench_gemm_tma 40 \
       "$b" --bench
+    # The persistent warp-specialised GEMM (128 x 256 tiles), likewise alone.
+    MMKD_BENCH_GEMM_PATH=ws MMKD_BENCH_JSON="$out/bench_gemm_ws.json" step bench_gemm_ws 40 \
+      "$b" --bench
   fi
   if [ -f "$here/torch_gemm_attn_bench.py" ]; then
     step torch_gemm_attn_bench 45 python3 "$here/torch_gemm_attn_bench.py" \
@@ -199,9 +202,15 @@ run() {
   # The bars of issue 6, case by case: GEMM at >= 80% of cuBLAS (mmkd's fastest path per
   # layout), attention forward + backward at least as fast as SDPA.
   step gemm_attn_ratio 10 python3 "$here/gemm_attn_ratio.py" --mmkd "$out/bench_gemm_attn.json" \
-    "$out/bench_gemm_tma.json" --torch "$out/torch_gemm_attn_bench.json" \
+    "$out/bench_gemm_tma.json" "$out/bench_gemm_ws.json" --torch "$out/torch_gemm_attn_bench.json" \
     --json "$out/gemm_attn_ratio.json"
   bench_stage clip
+  # Stage 2 with every product on the persistent warp-specialised kernels: which wgmma kernel
+  # is the default on sm_90 waits on this run beside the first.
+  if [ -f "$cfg" ]; then
+    MMKD_GEMM_PATH=ws step bench_train_mmkd_ws 40 "$bin" bench train --config "$cfg" --stage kd \
+      --batch 256 --steps 5 --warmup 2 --device cuda --json "$out/bench_train_mmkd_ws.json"
+  fi
   # Stage 2 with every product on mma.sync, beside the default (wgmma) run above.
   if [ -f "$cfg" ]; then
     MMKD_GEMM_PATH=mma step bench_train_mmkd_mma 40 "$bin" bench train --config "$cfg" --stage kd \
@@ -222,17 +231,18 @@ run() {
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 runs = {}
-for name in ("mmkd", "torch_eager", "torch_compile", "mmkd_clip", "torch_eager_clip", "mmkd_mma", "mmkd_ckpt", "mmkd_tma"):
+for name in ("mmkd", "torch_eager", "torch_compile", "mmkd_clip", "torch_eager_clip", "mmkd_ws", "mmkd_mma", "mmkd_ckpt", "mmkd_tma"):
     try:
         runs[name] = json.loads((out / f"bench_train_{name}.json").read_text())
     except Exception as e:
         print(f"{name}: no result ({e!r})")
 for name, r in runs.items():
     print(f"{name}: {r['samples_per_s']:.1f} samples/s, {r['ms_per_step']['total']:.1f} ms/step, mfu {r['mfu']}")
-m = runs.get("mmkd")
-for base in ("torch_eager", "torch_compile"):
-    if m and base in runs:
-        print(f"kd: mmkd / {base} samples/s: {m['samples_per_s'] / runs[base]['samples_per_s']:.3f}")
+for mine in ("mmkd", "mmkd_ws"):
+    m = runs.get(mine)
+    for base in ("torch_eager", "torch_compile"):
+        if m and base in runs:
+            print(f"kd: {mine} / {base} samples/s: {m['samples_per_s'] / runs[base]['samples_per_s']:.3f}")
 mc, tc = runs.get("mmkd_clip"), runs.get("torch_eager_clip")
 if mc and tc:
     print(f"clip: mmkd / torch_eager samples/s: {mc['samples_per_s'] / tc['samples_per_s']:.3f}")

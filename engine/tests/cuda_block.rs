@@ -371,12 +371,42 @@ fn blocks_on_the_tma_path_match_tape() {
     assert_eq!((count(&tma.0), count(&tma.1)), (4, 8), "{tma:?}");
 }
 
+/// Both blocks with every product on the persistent warp-specialised kernels
+/// (`MMKD_GEMM_PATH=ws` on an sm_90 GPU): the same plans with tensor maps and the `_ws` kernels.
+#[test]
+fn blocks_on_the_ws_path_match_tape() {
+    check_path_against_tape(
+        NormPlacement::Pre,
+        Activation::QuickGelu,
+        37,
+        &[37, 23],
+        GemmPath::WgmmaWs,
+    );
+    check_path_against_tape(
+        NormPlacement::Post,
+        Activation::Gelu,
+        17,
+        &[9, 17],
+        GemmPath::WgmmaWs,
+    );
+    let d = dims(NormPlacement::Pre, Activation::QuickGelu, 9);
+    let ws = CudaBlock::new(BlockDims {
+        gemm: GemmPath::WgmmaWs,
+        ..d
+    })
+    .unwrap()
+    .kernel_names();
+    let count = |v: &[&str]| v.iter().filter(|k| k.ends_with("_ws")).count();
+    assert_eq!((count(&ws.0), count(&ws.1)), (4, 8), "{ws:?}");
+}
+
 /// With 512 tokens the weight gradients of a narrow block leave most of a 132-multiprocessor
 /// GPU idle, so each one is split two ways along the tokens (partial products, then their
-/// reduction): the plan says so, and the gradients still match the tape, on both wgmma feeds.
+/// reduction): the plan says so, and the gradients still match the tape, on the three wgmma
+/// paths.
 #[test]
 fn weight_gradients_split_along_the_tokens_match_tape() {
-    for gemm in [GemmPath::Wgmma, GemmPath::WgmmaTma] {
+    for gemm in [GemmPath::Wgmma, GemmPath::WgmmaTma, GemmPath::WgmmaWs] {
         let d = BlockDims {
             width: 64,
             heads: 1,

@@ -177,7 +177,7 @@ MMKD_DEVICE void wg_body(const mmkd_bf16* __restrict__ A,    // see the table ab
     wgmma_wait<0>();
     wgmma_hold(acc);
 
-    if (sum_bias) wg_dbias_store(db, dbias + z * M, m0, M);
+    if (sum_bias) wg_dbias_store(db, dbias + z * M, m0, M, threadIdx.x);
 
     wg_epilogue(acc, m0, n0, wg, z * sc, M, N, ldc, bias, aux, C, act, out_f32);
 }

@@ -156,7 +156,7 @@ MMKD_DEVICE void wt_body(const mmkd_tensor_map* ta, const mmkd_tensor_map* tb,
     wgmma_wait<0>();
     wgmma_hold(acc);
 
-    if (sum_bias) wg_dbias_store(db, dbias + (long)z * M, m0, M);
+    if (sum_bias) wg_dbias_store(db, dbias + (long)z * M, m0, M, threadIdx.x);
 
     wg_epilogue(acc, m0, n0, wg, (long)z * sc, M, N, ldc, bias, aux, C, act, out_f32);
 }

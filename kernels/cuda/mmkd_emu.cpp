@@ -27,6 +27,7 @@ struct Wgmma {
     float* d;
     uint64_t desc_a, desc_b;
     bool mn_a, mn_b;
+    int n;  // columns of D: 128 or 256
 };
 
 // One tensor copy (TMA) issued and not yet performed: the box, already resolved to its
@@ -454,14 +455,15 @@ static void wg_mark(uint64_t desc, bool mn_major, int rows, int delta) {
 static void wgmma_perform(const Wgmma& op) {
     unsigned lin = g_fiber->linear, lane = lin % 32, w = (lin / 32) % 4;
     int g = (int)lane / 4, q = (int)lane % 4;
-    float a[2][16], bt[32][16];  // this thread's two rows of A and 32 columns of B
+    const int nj = op.n / 8;
+    float a[2][16], bt[64][16];  // this thread's two rows of A and up to 64 columns of B
     for (int h = 0; h < 2; ++h)
         for (int k = 0; k < 16; ++k) a[h][k] = wg_elem(op.desc_a, op.mn_a, 16 * (int)w + g + 8 * h, k);
-    for (int j = 0; j < 16; ++j)
+    for (int j = 0; j < nj; ++j)
         for (int e = 0; e < 2; ++e)
             for (int k = 0; k < 16; ++k)
                 bt[2 * j + e][k] = wg_elem(op.desc_b, op.mn_b, 8 * j + 2 * q + e, k);
-    for (int j = 0; j < 16; ++j)
+    for (int j = 0; j < nj; ++j)
         for (int i = 0; i < 4; ++i) {
             const float* ar = a[i / 2];
             const float* bc = bt[2 * j + (i & 1)];
@@ -470,10 +472,11 @@ static void wgmma_perform(const Wgmma& op) {
             op.d[4 * j + i] = acc;
         }
     wg_mark(op.desc_a, op.mn_a, 64, -1);
-    wg_mark(op.desc_b, op.mn_b, 128, -1);
+    wg_mark(op.desc_b, op.mn_b, op.n, -1);
 }
 
-void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b, int mn_a, int mn_b) {
+void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b, int mn_a, int mn_b, int n) {
+    if (n != 128 && n != 256) fail("wgmma: only n = 128 and n = 256 are emulated");
     if (g_block->nthreads % 128 != 0) fail("wgmma in a block that is not whole warpgroups");
     // The descriptors must agree across the warp (the instruction is .sync.aligned).
     uint32_t words[4] = {(uint32_t)desc_a, (uint32_t)(desc_a >> 32), (uint32_t)desc_b,
@@ -484,8 +487,8 @@ void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b, int mn_a, int mn_b)
             if (snap[l][i] != words[i]) fail("wgmma descriptors differ between lanes of a warp");
     if (g_block->wg_reads.empty()) g_block->wg_reads.assign(g_block->dyn_bytes / 16 + 1, 0);
     wg_mark(desc_a, mn_a != 0, 64, 1);
-    wg_mark(desc_b, mn_b != 0, 128, 1);
-    g_fiber->wg_open.push_back(Wgmma{d, desc_a, desc_b, mn_a != 0, mn_b != 0});
+    wg_mark(desc_b, mn_b != 0, n, 1);
+    g_fiber->wg_open.push_back(Wgmma{d, desc_a, desc_b, mn_a != 0, mn_b != 0, n});
 }
 void wgmma_commit() {
     Fiber& f = *g_fiber;
@@ -541,6 +544,19 @@ void mbarrier_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
     if (m.pending == 0) fail("mbarrier: more arrivals than its count in one phase");
     m.tx += bytes;
     if (--m.pending == 0) wake_mbar_waiters(*g_block);
+}
+
+static void mbar_complete(MBar& m);
+
+// A plain arrival. A phase with no bytes pending completes at its last arrival, as on the
+// hardware (one whose tensor copies are still to land completes when a thread waits on it).
+void mbarrier_arrive(uint64_t* bar) {
+    MBar& m = mbar_of(bar, "arrive");
+    if (m.pending == 0) fail("mbarrier: more arrivals than its count in one phase");
+    if (--m.pending == 0) {
+        if (m.tx == 0 && m.copies.empty()) mbar_complete(m);
+        wake_mbar_waiters(*g_block);
+    }
 }
 
 // Performs the copies of a phase whose arrivals are all in and completes it.

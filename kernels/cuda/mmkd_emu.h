@@ -274,7 +274,7 @@ static inline void cp_async_wait_all() { ::mmkd_emu::cp_async_wait_all(); }
 // read early are stale and shared memory overwritten early is what the product reads.
 namespace mmkd_emu {
 uint64_t smem_offset(const void* p);
-void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b, int mn_a, int mn_b);
+void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b, int mn_a, int mn_b, int n);
 void wgmma_commit();
 void wgmma_wait(int pending_allowed);
 }  // namespace mmkd_emu
@@ -299,6 +299,7 @@ struct mmkd_tensor_map {
 namespace mmkd_emu {
 void mbarrier_init(uint64_t* bar, unsigned count);
 void mbarrier_arrive_expect_tx(uint64_t* bar, unsigned bytes);
+void mbarrier_arrive(uint64_t* bar);
 void mbarrier_wait(uint64_t* bar, unsigned parity);
 void tma_load_3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* bar);
 }  // namespace mmkd_emu
@@ -309,6 +310,14 @@ static inline void fence_barrier_init() {}
 static inline void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
     ::mmkd_emu::mbarrier_arrive_expect_tx(reinterpret_cast<uint64_t*>(bar), bytes);
 }
+static inline void mbarrier_arrive(unsigned long long* bar) {
+    ::mmkd_emu::mbarrier_arrive(reinterpret_cast<uint64_t*>(bar));
+}
+// The register budget is the hardware's business: nothing to emulate.
+template <int N>
+static inline void setmaxnreg_inc() {}
+template <int N>
+static inline void setmaxnreg_dec() {}
 static inline void mbarrier_wait(unsigned long long* bar, unsigned parity) {
     ::mmkd_emu::mbarrier_wait(reinterpret_cast<uint64_t*>(bar), parity);
 }
@@ -319,6 +328,8 @@ static inline void tma_load_3d(void* dst, const mmkd_tensor_map* map, int c0, in
 static inline void wgmma_fence() {}
 static inline void fence_proxy_async() {}
 static inline void wgmma_hold(float*) {}
+template <int N>
+static inline void wgmma_hold_n(float*) {}
 static inline void wgmma_commit() { ::mmkd_emu::wgmma_commit(); }
 template <int N>
 static inline void wgmma_wait() {
@@ -327,7 +338,12 @@ static inline void wgmma_wait() {
 template <int TA = 0, int TB = 0>
 static inline void wgmma_m64n128k16_bf16(float d[64], unsigned long long desc_a, unsigned long long desc_b) {
     static_assert((TA == 0 || TA == 1) && (TB == 0 || TB == 1), "imm-trans is 0 or 1");
-    ::mmkd_emu::wgmma_issue(d, desc_a, desc_b, TA, TB);
+    ::mmkd_emu::wgmma_issue(d, desc_a, desc_b, TA, TB, 128);
+}
+template <int TA = 0, int TB = 0>
+static inline void wgmma_m64n256k16_bf16(float d[128], unsigned long long desc_a, unsigned long long desc_b) {
+    static_assert((TA == 0 || TA == 1) && (TB == 0 || TB == 1), "imm-trans is 0 or 1");
+    ::mmkd_emu::wgmma_issue(d, desc_a, desc_b, TA, TB, 256);
 }
 
 #endif  // MMKD_EMU_H

@@ -38,7 +38,13 @@
 //   mmkd_tensor_map                 a CUtensorMap (128 bytes, 128-byte aligned), passed to kernels
 //                                   as `const __grid_constant__ mmkd_tensor_map`
 //   mbarrier_init(bar, count), fence_barrier_init(), mbarrier_arrive_expect_tx(bar, bytes),
-//   mbarrier_wait(bar, parity)      mbarriers (`unsigned long long` in shared memory)
+//   mbarrier_arrive(bar), mbarrier_wait(bar, parity)
+//                                   mbarriers (`unsigned long long` in shared memory)
+//   wgmma_m64n256k16_bf16<TA, TB>(d[128], desc_a, desc_b)   the same as m64n128k16 with 256
+//                                   columns of D: d[4j..4j+3] for columns 8j .. 8j + 7
+//   wgmma_hold_n<N>(d)              wgmma_hold for N accumulators
+//   setmaxnreg_inc<N>(), setmaxnreg_dec<N>()   a warpgroup's register budget (warp-specialised
+//                                   kernels with __launch_bounds__(threads, 1))
 //   tma_load_3d(smem, &map, c0, c1, c2, bar)   one box of the map's tensor at (c0, c1, c2) into
 //                                   shared memory, completing `bytes` on `bar`
 //   wgmma_fence() before the first wgmma that reads accumulators written by other code,
@@ -179,6 +185,19 @@ MMKD_DEVICE void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned byt
                  "r"(bytes)
                  : "memory");
 }
+// One arrival (release: this thread's earlier shared-memory accesses happen before the phase
+// completes for whoever waits on it).
+MMKD_DEVICE void mbarrier_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+template <int N>
+MMKD_DEVICE void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
+}
+template <int N>
+MMKD_DEVICE void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
+}
 MMKD_DEVICE void mbarrier_wait(unsigned long long* bar, unsigned parity) {
     asm volatile(
         "{\n.reg .pred p;\nmmkd_wait:\n"
@@ -203,10 +222,12 @@ MMKD_DEVICE void wgmma_wait() {
 }
 MMKD_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 // Keeps the compiler from moving accesses of the accumulators across an issue or a wait.
-MMKD_DEVICE void wgmma_hold(float d[64]) {
+template <int N>
+MMKD_DEVICE void wgmma_hold_n(float* d) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+MMKD_DEVICE void wgmma_hold(float d[64]) { wgmma_hold_n<64>(d); }
 // D(64 x 128) += A(64 x 16) · B(128 x 16)ᵀ, operands in shared memory; TA/TB = 1: that
 // operand is MN-major (the instruction's imm-trans-a/-b), else K-major.
 template <int TA = 0, int TB = 0>
@@ -225,6 +246,33 @@ MMKD_DEVICE void wgmma_m64n128k16_bf16(float d[64], unsigned long long desc_a,
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(1), "n"(TA), "n"(TB)
+        : "memory");
+}
+// D(64 x 256) += A(64 x 16) · B(256 x 16)ᵀ: as wgmma_m64n128k16_bf16 with 256 columns.
+template <int TA = 0, int TB = 0>
+MMKD_DEVICE void wgmma_m64n256k16_bf16(float d[128], unsigned long long desc_a,
+                                       unsigned long long desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, %131, %132;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(desc_a), "l"(desc_b), "r"(1), "n"(TA), "n"(TB)
         : "memory");
 }
@@ -333,24 +381,26 @@ MMKD_DEVICE void wg_dbias_add8(float db[8], const void* chunk) {
     }
 }
 // Adds up the sums of the sixteen owners of a row group (lanes 16h .. 16h + 15 of one warp) and
-// stores rows m0 + 8(t/16) + e below M of `dbias` (already offset to the batch).
-MMKD_DEVICE void wg_dbias_store(float db[8], float* __restrict__ dbias, int m0, int M) {
+// stores rows m0 + 8(t/16) + e below M of `dbias` (already offset to the batch); t: the
+// thread's index among the 256 that sum (threadIdx.x, or less the warpgroups before them).
+MMKD_DEVICE void wg_dbias_store(float db[8], float* __restrict__ dbias, int m0, int M, int t) {
 #pragma unroll
     for (int e = 0; e < 8; ++e)
 #pragma unroll
         for (int o = 8; o > 0; o /= 2) db[e] += __shfl_xor_sync(0xffffffffu, db[e], o);
-    const int row = m0 + (threadIdx.x / 16) * 8;
-    if (threadIdx.x % 16 == 0)
+    const int row = m0 + (t / 16) * 8;
+    if (t % 16 == 0)
 #pragma unroll
         for (int e = 0; e < 8; ++e)
             if (row + e < M) dbias[row + e] = db[e];
 }
-// The epilogue of warpgroup wg's 64 × 128 accumulators (rows m0 + 64 wg .., columns n0 ..):
+// The epilogue of warpgroup wg's 64 × 8NJ accumulators (rows m0 + 64 wg .., columns n0 ..):
 // warp w of the group holds rows 16w + g (+8), columns 8j + 2q (+1) in acc[4j .. 4j + 3]
 // (g = lane/4, q = lane%4). The two columns go out as one store when they are adjacent in
 // memory and aligned. `cbase`: the batch's first element of C.
-MMKD_DEVICE void wg_epilogue(const float acc[64], int m0, int n0, int wg, long cbase, int M,
-                             int N, int ldc, const mmkd_bf16* __restrict__ bias,
+template <int NJ = 16>
+MMKD_DEVICE void wg_epilogue(const float* acc, int m0, int n0, int wg, long cbase, int M, int N,
+                             int ldc, const mmkd_bf16* __restrict__ bias,
                              mmkd_bf16* __restrict__ aux, void* __restrict__ C, int act,
                              int out_f32) {
     const int w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
@@ -361,7 +411,7 @@ MMKD_DEVICE void wg_epilogue(const float acc[64], int m0, int n0, int wg, long c
         const int row = m0 + wg * 64 + 16 * w + g + h * 8;
         if (row >= M) continue;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+        for (int j = 0; j < NJ; ++j) {
             const int col = n0 + 8 * j + 2 * q;
             if (col >= N) continue;
             const bool two = col + 1 < N;

@@ -1,8 +1,9 @@
 //! bf16 matrix products on the tensor cores with fused epilogues: CPU reference, emulation
 //! launcher and GPU launcher with the same parameters, and their tests. Three kernel files
 //! compute the same products ([`GemmPath`]): `cuda/gemm.cu` (`mma.sync`, any GPU from sm_80),
-//! `cuda/gemm_wgmma.cu` (Hopper's `wgmma`, tiles copied by the threads) and
-//! `cuda/gemm_wgmma_tma.cu` (`wgmma`, tiles copied by the tensor copy engine).
+//! `cuda/gemm_wgmma.cu` (Hopper's `wgmma`, tiles copied by the threads),
+//! `cuda/gemm_wgmma_tma.cu` (`wgmma`, tiles copied by the tensor copy engine) and
+//! `cuda/gemm_ws.cu` (`wgmma` and TMA, persistent and warp-specialised).
 //!
 //! `C(m, n) = epilogue(Σ_k A(m, k)·B(k, n))` per batch, fp32 accumulation, with the operands
 //! stored as a linear layer's training step has them ([`GemmLayout`]):
@@ -24,7 +25,7 @@ use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::exec::{Step, P};
 use crate::launch::{check_len, Arg, LaunchShape};
-use crate::registry::{KernelFile, GEMM, GEMM_WGMMA, GEMM_WGMMA_TMA};
+use crate::registry::{KernelFile, GEMM, GEMM_WGMMA, GEMM_WGMMA_TMA, GEMM_WS};
 use crate::tma::MapSpec;
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
@@ -46,6 +47,18 @@ const WG_SMEM_BYTES: u32 = 4 * 2 * 128 * 64 * 2;
 /// The TMA kernels (`gemm_wgmma_tma.cu`): the same tiles and stages, plus four mbarriers and
 /// room to align the tiles to 1024 bytes (`WT_SMEM_BYTES`).
 const WT_SMEM_BYTES: u32 = WG_SMEM_BYTES + 4 * 8 + 1024;
+/// The warp-specialised kernels (`gemm_ws.cu`): block tile 128 × 256, three warpgroups, four
+/// stages of a 16 KiB A tile and a 32 KiB B tile, eight mbarriers and the alignment room
+/// (`WS_SMEM_BYTES`).
+const WS_TILE_N: usize = 256;
+const WS_THREADS: u32 = 384;
+const WS_SMEM_BYTES: u32 = 4 * (128 + 256) * 64 * 2 + 8 * 8 + 1024;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests cap the persistent grid so that small products still give a block several tiles.
+    static WS_GRID_CAP: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
 
 /// Which tensor-core instruction a product runs on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,16 +73,26 @@ pub enum GemmPath {
     /// sm_90a only). Operands the engine cannot copy (a row length that is not a multiple of
     /// 8, an address off a 16-byte boundary) take `Wgmma`, with the same results.
     WgmmaTma,
+    /// `wgmma` and TMA in a persistent, warp-specialised kernel on 128 × 256 tiles
+    /// (`gemm_ws.cu`, sm_90a only): one block per multiprocessor ([`TUNED_SMS`]), a producer
+    /// warpgroup copying tiles while two consumer warpgroups multiply. Operands the copy
+    /// engine cannot take run on `Wgmma`, with the same results.
+    WgmmaWs,
 }
 
 impl GemmPath {
-    /// `mma`, `wgmma` or `tma`: the names `MMKD_GEMM_PATH` takes and reports use.
+    /// `mma`, `wgmma`, `tma` or `ws`: the names `MMKD_GEMM_PATH` takes and reports use.
     pub fn name(self) -> &'static str {
         match self {
             GemmPath::MmaSync => "mma",
             GemmPath::Wgmma => "wgmma",
             GemmPath::WgmmaTma => "tma",
+            GemmPath::WgmmaWs => "ws",
         }
+    }
+    /// Whether the path copies its operands with the tensor copy engine (tensor maps).
+    fn uses_maps(self) -> bool {
+        matches!(self, GemmPath::WgmmaTma | GemmPath::WgmmaWs)
     }
 }
 
@@ -104,6 +127,13 @@ impl GemmLayout {
             GemmLayout::Forward => "gemm_fwd_tma",
             GemmLayout::InputGrad => "gemm_dgrad_tma",
             GemmLayout::WeightGrad => "gemm_wgrad_tma",
+        }
+    }
+    fn ws_entry(self) -> &'static str {
+        match self {
+            GemmLayout::Forward => "gemm_fwd_ws",
+            GemmLayout::InputGrad => "gemm_dgrad_ws",
+            GemmLayout::WeightGrad => "gemm_wgrad_ws",
         }
     }
 }
@@ -265,10 +295,20 @@ impl GemmShape {
     /// a K-major operand, stored (rows, K), in boxes of 128 rows × 64 k; an MN-major one,
     /// stored (K, rows), in boxes of 64 k × 64 rows.
     pub fn map_specs(&self) -> Option<(MapSpec, MapSpec)> {
+        self.map_specs_for(GemmPath::WgmmaTma)
+    }
+    /// [`GemmShape::map_specs`] for the kernels of `path` (`WgmmaWs`: a K-major B in boxes of
+    /// 256 rows); `None` for the paths without tensor maps.
+    fn map_specs_for(&self, path: GemmPath) -> Option<(MapSpec, MapSpec)> {
+        let b_rows = match path {
+            GemmPath::WgmmaTma => 128,
+            GemmPath::WgmmaWs => WS_TILE_N as u32,
+            _ => return None,
+        };
         let (lda, ldb, _) = self.leading();
-        let spec = |kmajor: bool, rows: usize, ld: usize| {
+        let spec = |kmajor: bool, rows: usize, ld: usize, tile_rows: u32| {
             let (r, c, box_rows) = if kmajor {
-                (rows, self.k, 128)
+                (rows, self.k, tile_rows)
             } else {
                 (self.k, rows, 64)
             };
@@ -282,21 +322,37 @@ impl GemmShape {
                 box_cols: 64,
             }
         };
-        let a = spec(self.layout != GemmLayout::WeightGrad, self.m, lda);
-        let b = spec(self.layout == GemmLayout::Forward, self.n, ldb);
+        let a = spec(self.layout != GemmLayout::WeightGrad, self.m, lda, 128);
+        let b = spec(self.layout == GemmLayout::Forward, self.n, ldb, b_rows);
         (a.supported() && b.supported()).then_some((a, b))
     }
-    /// The path that runs: `WgmmaTma` becomes `Wgmma` where the copy engine cannot take the
-    /// operands (`aligned`: both start on a 16-byte boundary).
+    /// The path that runs: `WgmmaTma` and `WgmmaWs` become `Wgmma` where the copy engine
+    /// cannot take the operands (`aligned`: both start on a 16-byte boundary).
     fn effective(&self, path: GemmPath, aligned: bool) -> GemmPath {
-        match path {
-            GemmPath::WgmmaTma if !aligned || self.map_specs().is_none() => GemmPath::Wgmma,
-            p => p,
+        if path.uses_maps() && (!aligned || self.map_specs_for(path).is_none()) {
+            return GemmPath::Wgmma;
         }
+        path
     }
     /// The kernel file, entry point and launch of this product on `path` (after
     /// [`GemmShape::effective`]).
     fn kernel(&self, path: GemmPath) -> (&'static KernelFile, &'static str, LaunchShape) {
+        if path == GemmPath::WgmmaWs {
+            // Persistent: one block per multiprocessor, each looping over tiles.
+            let tiles = self.batch * self.m.div_ceil(WG_TILE) * self.n.div_ceil(WS_TILE_N);
+            #[allow(unused_mut)]
+            let mut ctas = TUNED_SMS as u32;
+            #[cfg(test)]
+            if let Some(cap) = WS_GRID_CAP.with(|c| c.get()) {
+                ctas = cap;
+            }
+            let launch = LaunchShape {
+                grid: [(tiles as u32).min(ctas), 1, 1],
+                block: [WS_THREADS, 1, 1],
+                shared_bytes: WS_SMEM_BYTES,
+            };
+            return (&GEMM_WS, self.layout.ws_entry(), launch);
+        }
         if path != GemmPath::MmaSync {
             let mut launch = LaunchShape {
                 grid: [
@@ -390,11 +446,12 @@ fn check_lens(sh: &GemmShape, aux: AuxUse, lens: [Option<usize>; 6]) -> Result<(
     Ok(())
 }
 
-/// The kernel's parameters after the six pointers.
-fn scalar_args(sh: &GemmShape, aux: AuxUse, out_f32: bool) -> Result<Vec<Arg>> {
+/// The kernel's parameters after the six pointers (`path`: the one that runs; the
+/// persistent kernels also take the batch count).
+fn scalar_args(sh: &GemmShape, aux: AuxUse, out_f32: bool, path: GemmPath) -> Result<Vec<Arg>> {
     let (lda, ldb, ldc) = sh.leading();
     let (m, n, k) = (sh.m, sh.n, sh.k);
-    Ok(vec![
+    let mut args = vec![
         Arg::int("gemm M", m)?,
         Arg::int("gemm N", n)?,
         Arg::int("gemm K", k)?,
@@ -406,7 +463,11 @@ fn scalar_args(sh: &GemmShape, aux: AuxUse, out_f32: bool) -> Result<Vec<Arg>> {
         Arg::int("gemm C stride", m * n)?,
         Arg::I32(sh.act.code() | aux.code()),
         Arg::I32(i32::from(out_f32)),
-    ])
+    ];
+    if path == GemmPath::WgmmaWs {
+        args.push(Arg::int("gemm batch", sh.batch)?);
+    }
+    Ok(args)
 }
 
 /// Which optional buffers a planned product uses (see [`GemmShape::plan`]).
@@ -462,6 +523,7 @@ pub fn choose_split_k(sh: &GemmShape, path: GemmPath, sms: usize) -> usize {
     let (tm, tn, per_sm) = match path {
         GemmPath::MmaSync => (TILE_M, TILE_N, 4),
         GemmPath::Wgmma | GemmPath::WgmmaTma => (WG_TILE, WG_TILE, 1),
+        GemmPath::WgmmaWs => (WG_TILE, WS_TILE_N, 1),
     };
     let tiles = sh.m.div_ceil(tm) * sh.n.div_ceil(tn);
     let slots = sms * per_sm;
@@ -556,9 +618,9 @@ impl GemmShape {
         // Arena regions are 256-byte aligned: the maps' alignment is checked when they are
         // encoded, at each run.
         let path = self.effective(opts.path, true);
-        let (pa, pb) = match (path, self.map_specs()) {
-            (GemmPath::WgmmaTma, Some((a, b))) => (P::Map(0, a), P::Map(1, b)),
-            _ => (P::Buf(0), P::Buf(1)),
+        let (pa, pb) = match self.map_specs_for(path) {
+            Some((a, b)) => (P::Map(0, a), P::Map(1, b)),
+            None => (P::Buf(0), P::Buf(1)),
         };
         let mut args = vec![
             pa,
@@ -568,7 +630,7 @@ impl GemmShape {
             P::Buf(4),
             slot(opts.dbias, 5),
         ];
-        for a in scalar_args(self, opts.aux, opts.out_f32)? {
+        for a in scalar_args(self, opts.aux, opts.out_f32, path)? {
             match a {
                 Arg::I32(v) => args.push(P::I32(v)),
                 other => anyhow::bail!("gemm: unexpected scalar argument {other:?}"),
@@ -748,11 +810,9 @@ pub fn gemm_emu_on(
     };
     let (pa, pb) = (a.as_ptr() as u64, b.as_ptr() as u64);
     let path = sh.effective(path, pa % 16 == 0 && pb % 16 == 0);
-    let (aa, ab) = match (path, sh.map_specs()) {
-        (GemmPath::WgmmaTma, Some((ma, mb))) => {
-            (Arg::Map(ma.emulated(pa)?), Arg::Map(mb.emulated(pb)?))
-        }
-        _ => (Arg::Ptr(pa), Arg::Ptr(pb)),
+    let (aa, ab) = match sh.map_specs_for(path) {
+        Some((ma, mb)) => (Arg::Map(ma.emulated(pa)?), Arg::Map(mb.emulated(pb)?)),
+        None => (Arg::Ptr(pa), Arg::Ptr(pb)),
     };
     let mut args = vec![
         aa,
@@ -766,7 +826,7 @@ pub fn gemm_emu_on(
         pc,
         dbias.map_or(Arg::Ptr(0), Arg::host_mut),
     ];
-    args.extend(scalar_args(sh, usage, out_f32)?);
+    args.extend(scalar_args(sh, usage, out_f32, path)?);
     let (_, kernel, shape) = sh.kernel(path);
     // SAFETY: every buffer was checked against the shape the kernel indexes.
     unsafe { emu.launch(kernel, shape, &args) }
@@ -862,11 +922,11 @@ pub fn gemm_cuda_on(
     };
     let mut args: Vec<Arg> = [pa, pb, pbias, paux, pc, pdb].map(Arg::Ptr).to_vec();
     let path = sh.effective(path, pa % 16 == 0 && pb % 16 == 0);
-    if let (GemmPath::WgmmaTma, Some((ma, mb))) = (path, sh.map_specs()) {
+    if let Some((ma, mb)) = sh.map_specs_for(path) {
         args[0] = Arg::Map(ma.encode(pa)?);
         args[1] = Arg::Map(mb.encode(pb)?);
     }
-    args.extend(scalar_args(sh, usage, out_f32)?);
+    args.extend(scalar_args(sh, usage, out_f32, path)?);
     let (file, kernel, shape) = sh.kernel(path);
     // SAFETY: every buffer was checked against the shape the kernel indexes.
     unsafe { gpu.launch(file, kernel, shape, &args) }
@@ -888,7 +948,7 @@ const CHECK_SHAPE: GemmShape = GemmShape {
 pub struct GemmCheck {
     /// The product checked.
     pub shape: GemmShape,
-    /// The path asked for (at this shape `WgmmaTma` runs the TMA kernels).
+    /// The path asked for (at this shape `WgmmaTma` and `WgmmaWs` run their own kernels).
     pub path: GemmPath,
     /// The split of K (1: none; see [`GemmOpts::split_k`]).
     pub split_k: usize,
@@ -1371,7 +1431,12 @@ mod tests {
     /// it names: bit-identical results, the bias gradient included.
     #[test]
     fn plan_matches_launcher() {
-        for path in [GemmPath::MmaSync, GemmPath::Wgmma, GemmPath::WgmmaTma] {
+        for path in [
+            GemmPath::MmaSync,
+            GemmPath::Wgmma,
+            GemmPath::WgmmaTma,
+            GemmPath::WgmmaWs,
+        ] {
             for layout in LAYOUTS {
                 let sh = GemmShape {
                     layout,
@@ -1396,6 +1461,7 @@ mod tests {
                     GemmPath::MmaSync => layout.entry(),
                     GemmPath::Wgmma => layout.wgmma_entry(),
                     GemmPath::WgmmaTma => layout.tma_entry(),
+                    GemmPath::WgmmaWs => layout.ws_entry(),
                 };
                 assert_eq!(kernel, want_kernel);
                 let got = run_planned(&c, opts);
@@ -1835,6 +1901,108 @@ mod tests {
                 ..GemmOpts::default()
             };
             assert_eq!(sh.plan(opts).unwrap()[0].kernel, layout.tma_entry());
+            let ws = GemmOpts {
+                path: GemmPath::WgmmaWs,
+                ..opts
+            };
+            assert_eq!(sh.plan(ws).unwrap()[0].kernel, layout.ws_entry());
+        }
+    }
+
+    /// Runs `f` with the persistent kernels' grid capped at `cap` blocks.
+    fn with_ws_grid<T>(cap: u32, f: impl FnOnce() -> T) -> T {
+        WS_GRID_CAP.with(|c| c.set(Some(cap)));
+        let r = f();
+        WS_GRID_CAP.with(|c| c.set(None));
+        r
+    }
+
+    /// The persistent warp-specialised kernels, every layout, at aligned, tail, multi-tile and
+    /// batched sizes with each epilogue piece, against the reference and bit for bit against
+    /// the cp.async wgmma kernel (the same sums in the same order). The grid is capped at two
+    /// blocks, so each block runs several tiles and its stage ring wraps across them.
+    #[test]
+    fn ws_layouts_match_reference() {
+        let cases = [
+            (1, 8, 128, 64, Activation::None, false, false, false),
+            (1, 24, 104, 72, Activation::Gelu, true, false, true),
+            (1, 136, 520, 200, Activation::QuickGelu, true, true, false),
+            (2, 264, 64, 328, Activation::None, false, true, true),
+            (3, 64, 256, 192, Activation::Gelu, true, true, false),
+        ];
+        with_ws_grid(2, || {
+            check_layouts(GemmPath::WgmmaWs, &cases, |c| {
+                let sh = c.sh;
+                let opts = GemmOpts {
+                    path: GemmPath::WgmmaWs,
+                    ..GemmOpts::default()
+                };
+                assert_eq!(sh.plan(opts).unwrap()[0].kernel, sh.layout.ws_entry());
+                // The launcher takes the persistent kernel only for 16-byte aligned operands.
+                assert!(c.a.as_ptr() as usize % 16 == 0 && c.b.as_ptr() as usize % 16 == 0);
+                assert_eq!(sh.effective(GemmPath::WgmmaWs, true), GemmPath::WgmmaWs);
+                let ws = run(c, Some(&Emu::default()));
+                let cp = Case {
+                    path: GemmPath::Wgmma,
+                    a: c.a.clone(),
+                    b: c.b.clone(),
+                    bias: c.bias.clone(),
+                    res: c.res.clone(),
+                    ..*c
+                };
+                assert_eq!(ws, run(&cp, Some(&Emu::default())), "{sh:?}");
+            });
+        });
+    }
+
+    /// The persistent grid: one block per multiprocessor at most, none without a tile.
+    #[test]
+    fn ws_grid_is_persistent() {
+        let grid = |m: usize, n: usize, batch: usize| {
+            let sh = GemmShape {
+                layout: GemmLayout::Forward,
+                batch,
+                m,
+                n,
+                k: 768,
+                act: Activation::None,
+            };
+            sh.kernel(GemmPath::WgmmaWs).2.grid
+        };
+        assert_eq!(grid(50432, 2304, 1), [TUNED_SMS as u32, 1, 1]);
+        assert_eq!(grid(256, 512, 1), [4, 1, 1]);
+        assert_eq!(grid(256, 512, 3), [12, 1, 1]);
+    }
+
+    /// Pipeline mistakes of the warp-specialised kernels fail the emulated launch: a producer
+    /// that refills a stage without waiting until the consumers freed it, and consumers that
+    /// free a stage before the products reading it are done.
+    #[test]
+    fn ws_pipeline_mistakes_are_reported() {
+        for (variant, layout, what) in [
+            (
+                "no_empty_wait",
+                GemmLayout::Forward,
+                "more arrivals than its count",
+            ),
+            (
+                "early_release",
+                GemmLayout::InputGrad,
+                "TMA into shared memory that an unfinished wgmma reads",
+            ),
+        ] {
+            let sh = GemmShape {
+                layout,
+                batch: 1,
+                m: 16,
+                n: 64,
+                k: 640,
+                act: Activation::None,
+            };
+            let seed = fresh_seed();
+            let c = case(sh, false, false, false, seed);
+            let e = variant_error(variant, GemmPath::WgmmaWs, &c);
+            assert!(e.contains(what), "{variant}: {e}");
         }
     }
 
@@ -1866,6 +2034,19 @@ mod tests {
             assert!(src.contains(d), "gemm_wgmma_tma.cu lacks `{d}`");
         }
         assert_eq!(WT_SMEM_BYTES, WG_SMEM_BYTES + 4 * 8 + 1024);
+        let src = crate::registry::GEMM_WS.source;
+        for d in [
+            "#define WS_BM 128",
+            "#define WS_BN 256",
+            "#define WS_BK 64",
+            "#define WS_STAGES 4",
+            "#define WS_THREADS 384",
+            "#define WS_SMEM_BYTES (WS_BAR_OFFSET + 2 * WS_STAGES * 8 + 1024)",
+        ] {
+            assert!(src.contains(d), "gemm_ws.cu lacks `{d}`");
+        }
+        assert_eq!((WS_TILE_N, WS_THREADS), (256, 384));
+        assert_eq!(WS_SMEM_BYTES, 4 * (16384 + 32768) + 2 * 4 * 8 + 1024);
     }
 
     /// The launch constants here are the tile sizes `gemm.cu` is written for.

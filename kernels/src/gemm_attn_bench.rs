@@ -63,6 +63,14 @@ impl BenchConfig {
             ..BenchConfig::default()
         }
     }
+    /// The persistent, warp-specialised GEMM (sm_90), alone.
+    pub fn ws() -> Self {
+        BenchConfig {
+            paths: &[GemmPath::WgmmaWs],
+            attention: false,
+            ..BenchConfig::default()
+        }
+    }
 }
 
 /// One timed case.
@@ -76,7 +84,8 @@ pub struct BenchRecord {
     pub layer: String,
     /// fwd, dgrad, wgrad and, on sm_90, the same as fwd_wgmma, dgrad_wgmma, wgrad_wgmma (the
     /// products the blocks run there) and fwd_tma, dgrad_tma, wgrad_tma (their operands copied
-    /// by TMA) for a GEMM, and `wgrad_<path>-split<S>` for a weight gradient split S ways
+    /// by TMA), fwd_ws, dgrad_ws, wgrad_ws (the persistent warp-specialised kernels) for a
+    /// GEMM, and `wgrad_<path>-split<S>` for a weight gradient split S ways
     /// along K as the training step runs it; fwd, fwd+bwd for attention.
     pub layout: String,
     /// The product's M, N, K (GEMM) or B·H, L, 64 (attention).
@@ -422,6 +431,7 @@ pub fn run(gpu: &Gpu, cfg: &BenchConfig) -> Result<BenchReport> {
                 GemmPath::MmaSync => ["fwd", "dgrad", "wgrad"],
                 GemmPath::Wgmma => ["fwd_wgmma", "dgrad_wgmma", "wgrad_wgmma"],
                 GemmPath::WgmmaTma => ["fwd_tma", "dgrad_tma", "wgrad_tma"],
+                GemmPath::WgmmaWs => ["fwd_ws", "dgrad_ws", "wgrad_ws"],
             };
             let t = time_ms(gpu, cfg, || {
                 gemm::gemm_cuda_on(

@@ -81,6 +81,17 @@ pub const GEMM_WGMMA_TMA: KernelFile = KernelFile {
     tma_entries: &["gemm_fwd_tma", "gemm_dgrad_tma", "gemm_wgrad_tma"],
 };
 
+/// The three products on `wgmma`, persistent and warp-specialised: a TMA producer warpgroup
+/// and two consumer warpgroups on 128 × 256 tiles.
+pub const GEMM_WS: KernelFile = KernelFile {
+    name: "gemm_ws",
+    source: include_str!("../cuda/gemm_ws.cu"),
+    entries: &["gemm_fwd_ws", "gemm_dgrad_ws", "gemm_wgrad_ws"],
+    min_arch: MinArch::Sm90a,
+    tensor_core_entries: &["gemm_fwd_ws", "gemm_dgrad_ws", "gemm_wgrad_ws"],
+    tma_entries: &["gemm_fwd_ws", "gemm_dgrad_ws", "gemm_wgrad_ws"],
+};
+
 /// One warpgroup through `wgmma` (Hopper): tests the emulation's descriptors and layouts.
 pub const WGMMA_TEST: KernelFile = KernelFile {
     name: "wgmma_test",
@@ -200,6 +211,7 @@ pub const KERNEL_FILES: &[&KernelFile] = &[
     &GEMM,
     &GEMM_WGMMA,
     &GEMM_WGMMA_TMA,
+    &GEMM_WS,
     &ATTENTION,
 ];
 

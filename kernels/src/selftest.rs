@@ -619,7 +619,7 @@ pub fn run(target: Target<'_>, iters: usize) -> Result<Report> {
     if let Target::Gpu(g) = target {
         let mut paths = vec![GemmPath::MmaSync];
         if g.capability == (9, 0) {
-            paths.extend([GemmPath::Wgmma, GemmPath::WgmmaTma]);
+            paths.extend([GemmPath::Wgmma, GemmPath::WgmmaTma, GemmPath::WgmmaWs]);
         }
         for path in paths {
             let (rel_err, error) = match gemm::check_path_cuda(g, path) {

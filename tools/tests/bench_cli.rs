@@ -166,8 +166,9 @@ fn cuda_without_gpu_is_a_clear_error() {
     assert!(err.contains("no CUDA driver"), "{err}");
 }
 
-/// `MMKD_GEMM_PATH` picks the products' path: the tensor-copy (TMA) feed gives the loss of the
-/// default wgmma path bit for bit (the same products), and an unknown name is refused.
+/// `MMKD_GEMM_PATH` picks the products' path: the tensor-copy (TMA) feed and the persistent
+/// warp-specialised kernels give the loss of the default wgmma path bit for bit (the same
+/// products), and an unknown name is refused.
 #[test]
 fn gemm_path_override_is_honoured() {
     let cfg = tiny();
@@ -188,7 +189,7 @@ fn gemm_path_override_is_honoured() {
         "emu",
     ];
     let mut losses = Vec::new();
-    for path in ["wgmma", "tma"] {
+    for path in ["wgmma", "tma", "ws"] {
         let out = Command::new(MMKD)
             .args(args)
             .env("MMKD_GEMM_PATH", path)
@@ -201,6 +202,7 @@ fn gemm_path_override_is_honoured() {
         losses.push(num(&v, "last_loss"));
     }
     assert_eq!(losses[0], losses[1], "{losses:?}");
+    assert_eq!(losses[0], losses[2], "{losses:?}");
     let out = Command::new(MMKD)
         .args(args)
         .env("MMKD_GEMM_PATH", "fast")

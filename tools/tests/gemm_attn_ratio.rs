@@ -56,6 +56,14 @@ fn pairs_cases_takes_the_fastest_path_and_applies_each_bar() {
         serde_json::json!({"device": "x", "checks": [], "cases": [
             gemm("fwd_tma", 0.4), gemm("wgrad_tma", 1.0)]}),
     );
+    // The warp-specialised report: a slower dgrad, and the weight gradient split along K as
+    // the main report's process would time it, the fastest wgrad.
+    let ws = write(
+        &dir,
+        "ws.json",
+        serde_json::json!({"device": "x", "checks": [], "cases": [
+            gemm("dgrad_ws", 3.0), gemm("wgrad_ws", 1.1), gemm("wgrad_wgmma-split16", 0.75)]}),
+    );
     let t = |layout: &str, ms: f64| {
         serde_json::json!({"kind": "gemm", "tower": "image", "layer": "qkv", "layout": layout,
             "M": 50432, "N": 2304, "K": 768, "torch_ms": ms})
@@ -69,7 +77,9 @@ fn pairs_cases_takes_the_fastest_path_and_applies_each_bar() {
     );
     let out_json = dir.join("rows.json");
     let out = Command::new(python())
-        .args([SCRIPT, "--mmkd", &main, &tma, "--torch", &torch, "--json"])
+        .args([
+            SCRIPT, "--mmkd", &main, &tma, &ws, "--torch", &torch, "--json",
+        ])
         .arg(&out_json)
         .output()
         .unwrap();
@@ -98,7 +108,10 @@ fn pairs_cases_takes_the_fastest_path_and_applies_each_bar() {
     assert_eq!(dgrad["best_path"], "mma");
     close(&dgrad["ratio"], 0.5);
     assert_eq!(dgrad["meets_bar"], false);
-    close(&find("qkv wgrad")["ratio"], 0.9);
+    // wgrad: the split plan (0.75 ms) beats TMA (1.0) and ws (1.1): 0.9 / 0.75 = 1.2.
+    let wgrad = find("qkv wgrad");
+    assert_eq!(wgrad["best_path"], "wgmma-split16");
+    close(&wgrad["ratio"], 1.2);
     // Attention: forward + backward against SDPA's, bar 1.0, with and without the mask.
     let plain = find("fwd+bwd BH=3072 L=197");
     close(&plain["ratio"], 1.25);

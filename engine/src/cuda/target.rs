@@ -51,8 +51,9 @@ impl KernelTarget {
 
     /// The tensor-core instruction of the blocks' products: `wgmma` on an sm_90 GPU (Hopper)
     /// and under the emulation (which so runs what an H100/H200 runs), `mma.sync` on other
-    /// GPUs. `MMKD_GEMM_PATH=mma`, `=wgmma` or `=tma` (wgmma with the operands copied by the
-    /// tensor copy engine) overrides the choice (the last two need sm_90).
+    /// GPUs. `MMKD_GEMM_PATH=mma`, `=wgmma`, `=tma` (wgmma with the operands copied by the
+    /// tensor copy engine) or `=ws` (the persistent warp-specialised wgmma kernels) overrides
+    /// the choice (the last three need sm_90).
     pub fn gemm_path(&self) -> Result<GemmPath> {
         let hopper = match self {
             KernelTarget::Gpu(g) => g.capability == (9, 0),
@@ -77,8 +78,9 @@ impl KernelTarget {
             Some("mma") => Ok(GemmPath::MmaSync),
             Some("wgmma") => hopper_only(GemmPath::Wgmma, "wgmma"),
             Some("tma") => hopper_only(GemmPath::WgmmaTma, "tma"),
+            Some("ws") => hopper_only(GemmPath::WgmmaWs, "ws"),
             Some(other) => Err(anyhow!(
-                "MMKD_GEMM_PATH must be `mma`, `wgmma` or `tma`, got `{other}`"
+                "MMKD_GEMM_PATH must be `mma`, `wgmma`, `tma` or `ws`, got `{other}`"
             )),
         }
     }
