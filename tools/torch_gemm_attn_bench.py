@@ -70,10 +70,12 @@ def gemm_model(m, n, k, layout):
 
 
 def attn_model(bh, seq, direction):
-    """FLOPs (the minimal count and what the kernels execute, 64-row tiles included) and
-    minimum bytes. Forward: two L×L×64 products. Backward: five products minimum (s, dp, dv,
-    dk, dq); the kernels run seven (attn_bwd_dq recomputes s and dp instead of float atomics)."""
-    pad = math.ceil(seq / 64) * 64
+    """FLOPs (the minimal count and what the kernels execute) and minimum bytes. Forward: two
+    L×L×64 products. Backward: five products minimum (s, dp, dv, dk, dq); the kernels run seven
+    (attn_bwd_dq recomputes s and dp instead of float atomics). The kernels multiply blocks of
+    16 rows by 16 keys and skip the blocks wholly past L, so each product runs over L rounded up
+    to 16 on both sides."""
+    pad = math.ceil(seq / 16) * 16
     per_product = 2 * bh * seq * seq * HEAD_DIM
     per_product_pad = 2 * bh * pad * pad * HEAD_DIM
     tensor = 2 * bh * seq * HEAD_DIM  # one (BH, L, 64) bf16 tensor

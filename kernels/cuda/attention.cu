@@ -29,6 +29,10 @@
 //                   per key tile; accumulates dq.
 // dq is computed by its own kernel instead of by float atomics from attn_bwd_dkdv: two more
 // small products per tile pair, in exchange for a deterministic result.
+// Masked blocks are skipped at 16-row granularity: a warp whose own 16 rows all lie past the
+// sequence does no products, and the others stop at the last block of 16 keys (or queries)
+// holding a valid one (attn_blocks). Only products of masked zeros are skipped, so results
+// are the same bit for bit; at L = 197 the products shrink from 256² to 208² per head.
 // Dynamic shared memory: ATTN_SMEM_BYTES (attn_fwd), ATTN_DQ_SMEM_BYTES, ATTN_DKDV_SMEM_BYTES.
 //
 // Test-only variant: MMKD_ATTN_BROKEN_RESCALE drops the online-softmax rescale of the running
@@ -85,13 +89,17 @@ MMKD_DEVICE void attn_load_a(unsigned f[4][4], const mmkd_bf16* s, int row0) {
 }
 
 // acc (16 × 64) += a (16 × 64) · tileᵀ, the shared tile stored (n = 64 rows, k = 64): the
-// B operand is "column-major" already, no transpose.
-MMKD_DEVICE void attn_mma_nt(float acc[8][4], const unsigned a[4][4], const mmkd_bf16* s) {
+// B operand is "column-major" already, no transpose. Only the first `nb` blocks of 16 tile rows
+// (columns of acc) are multiplied: the caller masks the rest, whose rows hold no valid key or
+// query, so skipping them changes no result.
+MMKD_DEVICE void attn_mma_nt(float acc[8][4], const unsigned a[4][4], const mmkd_bf16* s,
+                             int nb) {
     const int lane = threadIdx.x % 32, lr = lane % 8, li = lane / 8;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int nj = 0; nj < 4; ++nj) {
+            if (nj >= nb) break;
             unsigned t[4];
             ldmatrix_x4(t, s + (nj * 16 + lr + (li / 2) * 8) * ATTN_PITCH + kk * 16 + (li % 2) * 8);
             const unsigned b0[2] = {t[0], t[1]}, b1[2] = {t[2], t[3]};
@@ -101,11 +109,15 @@ MMKD_DEVICE void attn_mma_nt(float acc[8][4], const unsigned a[4][4], const mmkd
 }
 
 // acc (16 × 64) += a (16 × 64, k over the tile's rows) · tile, the tile stored (k = 64 rows,
-// n = 64): the B operand is loaded transposed.
-MMKD_DEVICE void attn_mma_nn(float acc[8][4], const unsigned a[4][4], const mmkd_bf16* s) {
+// n = 64): the B operand is loaded transposed. Only the first `nb` blocks of 16 tile rows (k)
+// are summed: a's columns past them are zeros (masked probabilities), so skipping them changes
+// no result.
+MMKD_DEVICE void attn_mma_nn(float acc[8][4], const unsigned a[4][4], const mmkd_bf16* s,
+                             int nb) {
     const int lane = threadIdx.x % 32, lr = lane % 8, li = lane / 8;
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
+    for (int kk = 0; kk < 4; ++kk) {
+        if (kk >= nb) break;
 #pragma unroll
         for (int nj = 0; nj < 4; ++nj) {
             unsigned t[4];
@@ -115,6 +127,7 @@ MMKD_DEVICE void attn_mma_nn(float acc[8][4], const unsigned a[4][4], const mmkd
             mma_m16n8k16_bf16(acc[2 * nj], a[kk], b0, acc[2 * nj]);
             mma_m16n8k16_bf16(acc[2 * nj + 1], a[kk], b1, acc[2 * nj + 1]);
         }
+    }
 }
 
 // The accumulator layout of a 16 × 64 product, rounded to bf16, is the A-operand layout of the
@@ -162,6 +175,14 @@ MMKD_DEVICE int attn_kv_len(const int* __restrict__ seqlens, int b, int L) {
     return n < 0 ? 0 : (n > L ? L : n);
 }
 
+// Blocks of 16 rows of the 64-row tile starting at r0 that hold rows below `end` (0 .. 4): the
+// products skip the others, whose rows are all masked (L = 197 leaves 5 rows in the last tile,
+// one block instead of four).
+MMKD_DEVICE int attn_blocks(int end, int r0) {
+    const int n = (end - r0 + 15) / 16;
+    return n < 0 ? 0 : (n > 4 ? 4 : n);
+}
+
 // Number of 64-key tiles query tile q0 needs.
 MMKD_DEVICE int attn_key_tiles(int kvlen, int q0, int causal) {
     int end = kvlen;
@@ -198,6 +219,10 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
     attn_zero(oacc);
     float mrow[2] = {attn_neg_inf(), attn_neg_inf()}, lrow[2] = {0.0f, 0.0f};
     const int row0 = q0 + warp * 16 + gq;  // this thread's rows: row0, row0 + 8
+    // The keys this warp's rows can see end at kend; a warp whose rows all lie past L does no
+    // products (its rows are never stored).
+    int kend = causal && q0 + warp * 16 + 16 < kvlen ? q0 + warp * 16 + 16 : kvlen;
+    if (q0 + warp * 16 >= L) kend = 0;
 
     for (int j = 0; j < ntiles; ++j) {
         mmkd_bf16* ks = KVs + (j % 2) * 2 * ATTN_TILE_ELEMS;
@@ -215,9 +240,10 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
         __syncthreads();
         if (j == 0) attn_load_a(qf, Qs, warp * 16);
 
+        const int nb = attn_blocks(kend, j * ATTN_TILE);
         float sacc[8][4];
         attn_zero(sacc);
-        attn_mma_nt(sacc, qf, ks);
+        attn_mma_nt(sacc, qf, ks, nb);
         float mx[2] = {attn_neg_inf(), attn_neg_inf()};
 #pragma unroll
         for (int ni = 0; ni < 8; ++ni)
@@ -262,7 +288,7 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
         }
         unsigned pf[4][4];
         attn_acc_to_a(pf, sacc);
-        attn_mma_nn(oacc, pf, vs);
+        attn_mma_nn(oacc, pf, vs, nb);
         __syncthreads();  // the next iteration's prefetch overwrites this buffer's partner
     }
     cp_async_wait_all();  // the q tile is in flight when there is no key tile
@@ -317,6 +343,7 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
     const int kvlen = attn_kv_len(seqlens, bh / H, L);
     const float sl2 = scale * ATTN_LOG2E;
     const int krow = k0 + warp * 16 + gq;  // this thread's keys: krow, krow + 8
+    const bool keys = k0 + warp * 16 < kvlen;  // this warp has a valid key: else no products
 
     float dkacc[8][4], dvacc[8][4];
     attn_zero(dkacc);
@@ -372,12 +399,13 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
             const float* dd = lse2 + ATTN_TILE;
 
             // pᵀ (16 keys × 64 queries) = exp2(k·qᵀ · scale·log2e − lse·log2e), 0 where masked.
+            const int nb = keys ? attn_blocks(L, i * ATTN_TILE) : 0;  // queries below L
             float pacc[8][4];
             attn_zero(pacc);
-            attn_mma_nt(pacc, kf, qs);
+            attn_mma_nt(pacc, kf, qs, nb);
             float dpacc[8][4];
             attn_zero(dpacc);
-            attn_mma_nt(dpacc, vf, ds);  // dpᵀ = v·doᵀ
+            attn_mma_nt(dpacc, vf, ds, nb);  // dpᵀ = v·doᵀ
 #pragma unroll
             for (int ni = 0; ni < 8; ++ni)
 #pragma unroll
@@ -392,9 +420,9 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
                 }
             unsigned af[4][4];
             attn_acc_to_a(af, pacc);
-            attn_mma_nn(dvacc, af, ds);  // dv += pᵀ·do
+            attn_mma_nn(dvacc, af, ds, nb);  // dv += pᵀ·do
             attn_acc_to_a(af, dpacc);
-            attn_mma_nn(dkacc, af, qs);  // dk += dsᵀ·q
+            attn_mma_nn(dkacc, af, qs, nb);  // dk += dsᵀ·q
             __syncthreads();  // buffer bi is restaged two iterations on
         }
     }
@@ -422,6 +450,9 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
     const int ntiles = attn_key_tiles(kvlen, q0, causal);
     const float sl2 = scale * ATTN_LOG2E;
     const int row0 = q0 + warp * 16 + gq;
+    // As attn_fwd: the keys this warp's rows see end at kend, none for rows all past L.
+    int kend = causal && q0 + warp * 16 + 16 < kvlen ? q0 + warp * 16 + 16 : kvlen;
+    if (q0 + warp * 16 >= L) kend = 0;
     float lse2[2], drow[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -459,11 +490,12 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
             cp_async_wait<0>();
         }
         __syncthreads();
+        const int nb = attn_blocks(kend, j * ATTN_TILE);
         float pacc[8][4], dpacc[8][4];
         attn_zero(pacc);
         attn_zero(dpacc);
-        attn_mma_nt(pacc, qf, ks);   // s = q·kᵀ
-        attn_mma_nt(dpacc, df, vs);  // dp = do·vᵀ
+        attn_mma_nt(pacc, qf, ks, nb);   // s = q·kᵀ
+        attn_mma_nt(dpacc, df, vs, nb);  // dp = do·vᵀ
 #pragma unroll
         for (int ni = 0; ni < 8; ++ni)
 #pragma unroll
@@ -476,7 +508,7 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
             }
         unsigned af[4][4];
         attn_acc_to_a(af, dpacc);
-        attn_mma_nn(dqacc, af, ks);  // dq += ds·k
+        attn_mma_nn(dqacc, af, ks, nb);  // dq += ds·k
         __syncthreads();
     }
     cp_async_wait_all();
