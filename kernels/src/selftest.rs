@@ -85,20 +85,8 @@ impl Report {
             "{:<58} {:>10} {:>7} {:>10} {:>9} {:>9}\n",
             "kernel", "rel err", "ok", "median ms", "GB/s", "TFLOP/s"
         );
-        let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
         for c in &self.cases {
-            s += &format!(
-                "{:<58} {:>10} {:>7} {:>10} {:>9} {:>9}\n",
-                c.name,
-                c.rel_err.map_or("-".into(), |e| format!("{e:.2e}")),
-                if c.passed { "ok" } else { "FAIL" },
-                f(c.median_ms, 4),
-                f(c.gbps, 1),
-                f(c.tflops, 2)
-            );
-            if let Some(e) = &c.error {
-                s += &format!("    {e}\n");
-            }
+            s += &c.render();
         }
         s += &format!(
             "ceilings: copy {:.0} GB/s (datasheet){}, bf16 dense {:.0} TFLOP/s (datasheet)\n",
@@ -108,6 +96,26 @@ impl Report {
             )),
             self.ceiling_bf16_tflops
         );
+        s
+    }
+}
+
+impl CaseReport {
+    /// The case's row of [`Report::render`] (and its error on a second line).
+    pub fn render(&self) -> String {
+        let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+        let mut s = format!(
+            "{:<58} {:>10} {:>7} {:>10} {:>9} {:>9}\n",
+            self.name,
+            self.rel_err.map_or("-".into(), |e| format!("{e:.2e}")),
+            if self.passed { "ok" } else { "FAIL" },
+            f(self.median_ms, 4),
+            f(self.gbps, 1),
+            f(self.tflops, 2)
+        );
+        if let Some(e) = &self.error {
+            s += &format!("    {e}\n");
+        }
         s
     }
 }
@@ -562,6 +570,17 @@ fn measure_copy(gpu: &Gpu) -> Result<f64> {
 
 /// Runs the self-test. `iters` timed launches per case on a GPU (0: no timing).
 pub fn run(target: Target<'_>, iters: usize) -> Result<Report> {
+    run_reporting(target, iters, &mut |_| Ok(()))
+}
+
+/// [`run`], calling `progress` with the report so far after each case: a caller can save
+/// partial results, so that a case that hangs or faults the device (a first run on new
+/// hardware) cannot cost the ones before it.
+pub fn run_reporting(
+    target: Target<'_>,
+    iters: usize,
+    progress: &mut dyn FnMut(&Report) -> Result<()>,
+) -> Result<Report> {
     let gpu = matches!(target, Target::Gpu(_));
     let mut report = Report {
         device: match target {
@@ -612,6 +631,7 @@ pub fn run(target: Target<'_>, iters: usize) -> Result<Report> {
             }
         }
         report.cases.push(r);
+        progress(&report)?;
     }
     // On a GPU, each GEMM path it has (mma.sync; on sm_90 wgmma, then wgmma fed by TMA, last
     // because a fault there may leave the device unusable): the check the training step runs
@@ -649,6 +669,7 @@ pub fn run(target: Target<'_>, iters: usize) -> Result<Report> {
                 gbps: None,
                 tflops: None,
             });
+            progress(&report)?;
         }
     }
     Ok(report)
@@ -661,7 +682,14 @@ mod tests {
     /// The `--device emu` path end to end: every case passes, and a corrupted result fails.
     #[test]
     fn emulated_selftest_passes_and_can_fail() {
-        let r = run(Target::Emu, 0).unwrap();
+        // The progress callback sees the report grow by one case at a time.
+        let mut seen = Vec::new();
+        let r = run_reporting(Target::Emu, 0, &mut |r: &Report| {
+            seen.push(r.cases.len());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, (1..=r.cases.len()).collect::<Vec<_>>());
         assert!(r.passed(), "{}", r.render());
         assert!(r.cases.len() >= 18, "{}", r.cases.len());
         let mut c = image_case(1, 3, true).unwrap();

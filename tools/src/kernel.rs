@@ -63,15 +63,26 @@ pub fn run(cmd: KernelCommand) -> Result<()> {
 }
 
 fn run_selftest(a: SelftestArgs) -> Result<()> {
+    // Each case's row goes to stderr as it completes, and with --json the report so far is
+    // saved after each case: a case that hangs or faults the device keeps the ones before it.
+    let mut progress = |r: &selftest::Report| -> Result<()> {
+        if let Some(c) = r.cases.last() {
+            eprint!("{}", c.render());
+        }
+        if let Some(path) = &a.json {
+            write_atomic(path, &serde_json::to_vec_pretty(r)?)?;
+        }
+        Ok(())
+    };
     let report = match a.device.as_str() {
-        "emu" => selftest::run(selftest::Target::Emu, 0)?,
+        "emu" => selftest::run_reporting(selftest::Target::Emu, 0, &mut progress)?,
         other => {
             let req: DeviceRequest = other.parse()?;
             let DeviceRequest::Cuda(n) = req else {
                 bail!("selftest runs on `cuda`, `cuda:N` or `emu`, not `{other}`");
             };
             let gpu = Gpu::new(n)?;
-            selftest::run(selftest::Target::Gpu(&gpu), a.iters)?
+            selftest::run_reporting(selftest::Target::Gpu(&gpu), a.iters, &mut progress)?
         }
     };
     print!("{}", report.render());
