@@ -31,8 +31,9 @@
 // small products per tile pair, in exchange for a deterministic result.
 // Masked blocks are skipped at 16-row granularity: a warp whose own 16 rows all lie past the
 // sequence does no products, and the others stop at the last block of 16 keys (or queries)
-// holding a valid one (attn_blocks). Only products of masked zeros are skipped, so results
-// are the same bit for bit; at L = 197 the products shrink from 256² to 208² per head.
+// holding a valid one (attn_blocks); the exponentials of the skipped blocks are skipped too.
+// Only masked zeros are left out, so results are the same bit for bit; at L = 197 the
+// products and exponentials shrink from 256² to 208² per head.
 // Dynamic shared memory: ATTN_SMEM_BYTES (attn_fwd), ATTN_DQ_SMEM_BYTES, ATTN_DKDV_SMEM_BYTES.
 //
 // Test-only variant: MMKD_ATTN_BROKEN_RESCALE drops the online-softmax rescale of the running
@@ -244,9 +245,13 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
         float sacc[8][4];
         attn_zero(sacc);
         attn_mma_nt(sacc, qf, ks, nb);
+        // The key blocks past nb are all masked: they are left out of the maximum, the
+        // exponentials and the sums (each would add −inf to a max, 0 to a sum), and the
+        // product with v does not read them.
         float mx[2] = {attn_neg_inf(), attn_neg_inf()};
 #pragma unroll
-        for (int ni = 0; ni < 8; ++ni)
+        for (int ni = 0; ni < 8; ++ni) {
+            if (ni >= 2 * nb) break;
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = j * ATTN_TILE + ni * 8 + 2 * t + (e & 1);
@@ -255,6 +260,7 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
                 sacc[ni][e] = ok ? sacc[ni][e] * sl2 : attn_neg_inf();
                 mx[e >> 1] = fmaxf(mx[e >> 1], sacc[ni][e]);
             }
+        }
         float alpha[2], mbase[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -269,14 +275,19 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
             mrow[h] = mnew;
         }
 #pragma unroll
-        for (int ni = 0; ni < 8; ++ni)
+        for (int ni = 0; ni < 8; ++ni) {
+            if (ni >= 2 * nb) break;
 #pragma unroll
             for (int e = 0; e < 4; ++e) sacc[ni][e] = exp2f(sacc[ni][e] - mbase[e >> 1]);
+        }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float rs = 0.0f;
 #pragma unroll
-            for (int ni = 0; ni < 8; ++ni) rs += sacc[ni][2 * h] + sacc[ni][2 * h + 1];
+            for (int ni = 0; ni < 8; ++ni) {
+                if (ni >= 2 * nb) break;
+                rs += sacc[ni][2 * h] + sacc[ni][2 * h + 1];
+            }
             lrow[h] = lrow[h] * alpha[h] + rs;  // this thread's columns; the quad sums at the end
 #ifndef MMKD_ATTN_BROKEN_RESCALE
 #pragma unroll
@@ -406,8 +417,10 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
             float dpacc[8][4];
             attn_zero(dpacc);
             attn_mma_nt(dpacc, vf, ds, nb);  // dpᵀ = v·doᵀ
+            // Query blocks past nb: no exponentials (the products below do not read them).
 #pragma unroll
-            for (int ni = 0; ni < 8; ++ni)
+            for (int ni = 0; ni < 8; ++ni) {
+                if (ni >= 2 * nb) break;
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int c = ni * 8 + 2 * t + (e & 1);
@@ -418,6 +431,7 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
                     pacc[ni][e] = p;
                     dpacc[ni][e] = p * (dpacc[ni][e] - dd[c]);  // dsᵀ
                 }
+            }
             unsigned af[4][4];
             attn_acc_to_a(af, pacc);
             attn_mma_nn(dvacc, af, ds, nb);  // dv += pᵀ·do
@@ -496,8 +510,10 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
         attn_zero(dpacc);
         attn_mma_nt(pacc, qf, ks, nb);   // s = q·kᵀ
         attn_mma_nt(dpacc, df, vs, nb);  // dp = do·vᵀ
+        // Key blocks past nb: no exponentials (the product with k does not read them).
 #pragma unroll
-        for (int ni = 0; ni < 8; ++ni)
+        for (int ni = 0; ni < 8; ++ni) {
+            if (ni >= 2 * nb) break;
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = j * ATTN_TILE + ni * 8 + 2 * t + (e & 1);
@@ -506,6 +522,7 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
                 const float p = ok ? exp2f(pacc[ni][e] * sl2 - lse2[e >> 1]) : 0.0f;
                 dpacc[ni][e] = p * (dpacc[ni][e] - drow[e >> 1]);  // ds
             }
+        }
         unsigned af[4][4];
         attn_acc_to_a(af, dpacc);
         attn_mma_nn(dqacc, af, ks, nb);  // dq += ds·k
