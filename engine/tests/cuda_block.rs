@@ -342,62 +342,37 @@ fn blocks_on_the_wgmma_path_match_tape() {
     assert_eq!((gemms(&wg.0, true), gemms(&wg.1, true)), (4, 8));
 }
 
-/// Both blocks with every product on wgmma fed by the tensor copy engine (`MMKD_GEMM_PATH=tma`
-/// on an sm_90 GPU): the same plans with tensor maps in place of the operand pointers.
-#[test]
-fn blocks_on_the_tma_path_match_tape() {
+/// Both blocks on `path` against the tape, and every product of the block on a kernel whose
+/// name ends in `suffix` (4 in the forward, 8 in the backward).
+fn check_map_path(path: GemmPath, suffix: &str) {
     check_path_against_tape(
         NormPlacement::Pre,
         Activation::QuickGelu,
         37,
         &[37, 23],
-        GemmPath::WgmmaTma,
+        path,
     );
-    check_path_against_tape(
-        NormPlacement::Post,
-        Activation::Gelu,
-        17,
-        &[9, 17],
-        GemmPath::WgmmaTma,
-    );
+    check_path_against_tape(NormPlacement::Post, Activation::Gelu, 17, &[9, 17], path);
     let d = dims(NormPlacement::Pre, Activation::QuickGelu, 9);
-    let tma = CudaBlock::new(BlockDims {
-        gemm: GemmPath::WgmmaTma,
-        ..d
-    })
-    .unwrap()
-    .kernel_names();
-    let count = |v: &[&str]| v.iter().filter(|k| k.ends_with("_tma")).count();
-    assert_eq!((count(&tma.0), count(&tma.1)), (4, 8), "{tma:?}");
+    let names = CudaBlock::new(BlockDims { gemm: path, ..d })
+        .unwrap()
+        .kernel_names();
+    let count = |v: &[&str]| v.iter().filter(|k| k.ends_with(suffix)).count();
+    assert_eq!((count(&names.0), count(&names.1)), (4, 8), "{names:?}");
+}
+
+/// Both blocks with every product on wgmma fed by the tensor copy engine (`MMKD_GEMM_PATH=tma`
+/// on an sm_90 GPU): the same plans with tensor maps in place of the operand pointers.
+#[test]
+fn blocks_on_the_tma_path_match_tape() {
+    check_map_path(GemmPath::WgmmaTma, "_tma");
 }
 
 /// Both blocks with every product on the persistent warp-specialised kernels
 /// (`MMKD_GEMM_PATH=ws` on an sm_90 GPU): the same plans with tensor maps and the `_ws` kernels.
 #[test]
 fn blocks_on_the_ws_path_match_tape() {
-    check_path_against_tape(
-        NormPlacement::Pre,
-        Activation::QuickGelu,
-        37,
-        &[37, 23],
-        GemmPath::WgmmaWs,
-    );
-    check_path_against_tape(
-        NormPlacement::Post,
-        Activation::Gelu,
-        17,
-        &[9, 17],
-        GemmPath::WgmmaWs,
-    );
-    let d = dims(NormPlacement::Pre, Activation::QuickGelu, 9);
-    let ws = CudaBlock::new(BlockDims {
-        gemm: GemmPath::WgmmaWs,
-        ..d
-    })
-    .unwrap()
-    .kernel_names();
-    let count = |v: &[&str]| v.iter().filter(|k| k.ends_with("_ws")).count();
-    assert_eq!((count(&ws.0), count(&ws.1)), (4, 8), "{ws:?}");
+    check_map_path(GemmPath::WgmmaWs, "_ws");
 }
 
 /// With 512 tokens the weight gradients of a narrow block leave most of a 132-multiprocessor

@@ -491,10 +491,12 @@ pub struct GemmOpts {
     pub split_k: usize,
 }
 
-/// The multiprocessor count [`choose_split_k`] is given by the engine: an H100/H200 SXM's
-/// 132, the chips the training step is tuned for. Any count gives correct products; only the
-/// split's benefit depends on it, and a fixed count keeps the arena's layout, and so the plans
-/// the emulation tests, identical to what the GPU runs.
+/// The multiprocessor count the engine gives [`choose_split_k`], and the grid of the
+/// persistent `WgmmaWs` kernels: an H100/H200 SXM's 132, the chips the training step is tuned
+/// for. Any count gives correct products; only the speed depends on it (on a GPU with fewer
+/// multiprocessors the surplus persistent blocks wait for a second wave), and a fixed count
+/// keeps the arena's layout, and so the plans the emulation tests, identical to what the GPU
+/// runs.
 pub const TUNED_SMS: usize = 132;
 
 /// The shortest chunk of K a split hands to one partial product: below it the partials'
@@ -1492,7 +1494,12 @@ mod tests {
     /// aligned (the TMA path copies by tensor maps) and not (the element path).
     #[test]
     fn split_k_matches_reference() {
-        for path in [GemmPath::MmaSync, GemmPath::Wgmma, GemmPath::WgmmaTma] {
+        for path in [
+            GemmPath::MmaSync,
+            GemmPath::Wgmma,
+            GemmPath::WgmmaTma,
+            GemmPath::WgmmaWs,
+        ] {
             for (m, n, k, split) in [(136, 72, 1024, 4), (37, 130, 512, 2)] {
                 let sh = GemmShape {
                     layout: GemmLayout::WeightGrad,
@@ -1759,50 +1766,53 @@ mod tests {
     }
 
     /// Operands the copy engine cannot take (a row length that is not a multiple of 8, an
-    /// address off a 16-byte boundary) run on the cp.async wgmma kernel, with its results.
+    /// address off a 16-byte boundary) run on the cp.async wgmma kernel, with its results, on
+    /// both paths that copy by tensor maps.
     #[test]
     fn tma_falls_back_where_the_copy_engine_cannot_copy() {
-        let sh = GemmShape {
-            layout: GemmLayout::InputGrad,
-            batch: 1,
-            m: 17,
-            n: 72,
-            k: 99,
-            act: Activation::None,
-        };
-        assert!(sh.map_specs().is_none());
-        let opts = GemmOpts {
-            path: GemmPath::WgmmaTma,
-            ..GemmOpts::default()
-        };
-        assert_eq!(sh.plan(opts).unwrap()[0].kernel, "gemm_dgrad_wgmma");
-        let seed = fresh_seed();
-        let mut c = case(sh, false, false, false, seed);
-        c.path = GemmPath::WgmmaTma;
-        assert_close(&c, &Emu::default(), seed);
-        // Aligned row lengths, but A one element past a 16-byte boundary.
-        let sh = GemmShape { k: 64, ..sh };
-        let mut c = case(sh, false, false, false, seed);
-        let pa = shifted(&c.a);
-        let mut got = vec![BF16_POISON; sh.m * sh.n];
-        gemm_emu_on(
-            &Emu::default(),
-            GemmPath::WgmmaTma,
-            &sh,
-            &pa[1..],
-            &c.b,
-            None,
-            Aux::None,
-            GemmOut::Bf16(&mut got),
-            None,
-        )
-        .unwrap();
-        c.path = GemmPath::Wgmma;
-        assert_eq!(
-            bf16_to_f64(&got),
-            run(&c, Some(&Emu::default())).0,
-            "seed {seed}"
-        );
+        for path in [GemmPath::WgmmaTma, GemmPath::WgmmaWs] {
+            let sh = GemmShape {
+                layout: GemmLayout::InputGrad,
+                batch: 1,
+                m: 17,
+                n: 72,
+                k: 99,
+                act: Activation::None,
+            };
+            assert!(sh.map_specs_for(path).is_none());
+            let opts = GemmOpts {
+                path,
+                ..GemmOpts::default()
+            };
+            assert_eq!(sh.plan(opts).unwrap()[0].kernel, "gemm_dgrad_wgmma");
+            let seed = fresh_seed();
+            let mut c = case(sh, false, false, false, seed);
+            c.path = path;
+            assert_close(&c, &Emu::default(), seed);
+            // Aligned row lengths, but A one element past a 16-byte boundary.
+            let sh = GemmShape { k: 64, ..sh };
+            let mut c = case(sh, false, false, false, seed);
+            let pa = shifted(&c.a);
+            let mut got = vec![BF16_POISON; sh.m * sh.n];
+            gemm_emu_on(
+                &Emu::default(),
+                path,
+                &sh,
+                &pa[1..],
+                &c.b,
+                None,
+                Aux::None,
+                GemmOut::Bf16(&mut got),
+                None,
+            )
+            .unwrap();
+            c.path = GemmPath::Wgmma;
+            assert_eq!(
+                bf16_to_f64(&got),
+                run(&c, Some(&Emu::default())).0,
+                "{path:?} seed {seed}"
+            );
+        }
     }
 
     /// The emulation reports the two classic TMA mistakes: reading a tile without waiting on
