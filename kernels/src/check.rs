@@ -307,17 +307,29 @@ pub fn check_all(arch: Option<&str>) -> Result<CheckReport> {
         cuobjdump: cuobjdump.as_ref().map(|p| p.display().to_string()),
         files: Vec::new(),
     };
-    for f in KERNEL_FILES {
-        let a = arch.unwrap_or_else(|| default_arch(f));
-        report.files.push(check_file(
-            f,
-            a,
-            ptxas.as_deref(),
-            cuobjdump.as_deref(),
-            &tmp,
-        )?);
-    }
+    // One thread per file: the files are independent (each writes its own PTX and cubin in
+    // `tmp`), and a Hopper GEMM file alone keeps ptxas busy for seconds.
+    let results: Vec<Result<FileReport>> = std::thread::scope(|s| {
+        let handles: Vec<_> = KERNEL_FILES
+            .iter()
+            .map(|f| {
+                let a = arch.unwrap_or_else(|| default_arch(f));
+                let (ptxas, cuobjdump, tmp) = (ptxas.as_deref(), cuobjdump.as_deref(), &tmp);
+                s.spawn(move || check_file(f, a, ptxas, cuobjdump, tmp))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a kernel check thread panicked")))
+            })
+            .collect()
+    });
     let _ = std::fs::remove_dir_all(&tmp);
+    for r in results {
+        report.files.push(r?);
+    }
     Ok(report)
 }
 

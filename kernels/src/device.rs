@@ -7,7 +7,7 @@
 
 use crate::launch::{Arg, LaunchShape};
 use crate::nvrtc::{self, Nvrtc, Output};
-use crate::registry::{KernelFile, MinArch};
+use crate::registry::{KernelFile, MinArch, KERNEL_FILES};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
@@ -148,7 +148,7 @@ impl Gpu {
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let nvrtc = nvrtc::load().context("the GPU backend compiles its kernels at run time")?;
         let stream = ctx.default_stream();
-        Ok(Gpu {
+        let gpu = Gpu {
             ordinal,
             name,
             capability,
@@ -158,7 +158,30 @@ impl Gpu {
             nvrtc,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
-        })
+        };
+        gpu.warm_kernel_cache();
+        Ok(gpu)
+    }
+
+    /// Compiles every kernel file this device runs into the disk cache, all files at once, so
+    /// that the first process on a machine does not compile them one at a time as launches
+    /// reach them (the Hopper GEMM files alone take ptxas seconds each). Without a cache
+    /// directory this would compile twice and is skipped. Failures are left for the launch
+    /// that needs the file, which reports them with its context.
+    fn warm_kernel_cache(&self) {
+        if nvrtc::cache_dir().is_none() {
+            return;
+        }
+        std::thread::scope(|s| {
+            for f in KERNEL_FILES {
+                if let Ok(arch) = self.arch_for(f) {
+                    let nv = self.nvrtc;
+                    s.spawn(move || {
+                        let _ = nv.compile(f, &arch, Output::Cubin);
+                    });
+                }
+            }
+        });
     }
 
     /// The stream every launch goes to.
