@@ -12,7 +12,12 @@
 // two deterministic passes (per-block partials, then a fixed-order sum), so a rerun is
 // bit-identical: no float atomics.
 //
-// Defines: layernorm_fwd, layernorm_bwd, layernorm_bwd_reduce.
+// layernorm_fwd_rows is the forward for C a multiple of 256 up to 1024 (the models' 512, 768,
+// 1024): one warp per row, the row held in registers between the passes, 16-byte accesses and
+// warp-shuffle sums, so x (and r) are read once and no block barrier is waited on.
+// layernorm_fwd, one block per row, takes any C.
+//
+// Defines: layernorm_fwd, layernorm_fwd_rows, layernorm_bwd, layernorm_bwd_reduce.
 // Test-only variants (kernels/build.rs, "mmkd-emu-variant" lines below):
 //   MMKD_LN_BROKEN_INDEX   the forward reads x one column too far (off by one)
 //   MMKD_LN_BROKEN_BARRIER the block reduction lacks the barrier before the partials are read
@@ -92,6 +97,112 @@ MMKD_KERNEL void layernorm_fwd(const mmkd_bf16* __restrict__ x,      // (N, C)
     }
 }
 MMKD_EXPORT(layernorm_fwd)
+
+#define LNR_MAX_CHUNKS 4  // 16-byte chunks per lane: C ≤ 4 · 32 · 8
+
+// 8 bf16 at p as floats: one 16-byte load when `vec`, else element by element.
+MMKD_DEVICE void ln_load8(float v[8], const mmkd_bf16* p, bool vec) {
+    if (vec) {
+        const mmkd_u32x4 w = load_u32x4(p);
+        const unsigned u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            v[2 * e] = bf16_to_f32((mmkd_bf16)(u[e] & 0xffffu));
+            v[2 * e + 1] = bf16_to_f32((mmkd_bf16)(u[e] >> 16));
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = bf16_to_f32(p[e]);
+    }
+}
+
+// Stores 8 bf16 at p, as one 16-byte store when `vec`.
+MMKD_DEVICE void ln_store8(mmkd_bf16* p, const mmkd_bf16 b[8], bool vec) {
+    if (vec) {
+        const mmkd_u32x4 w = {pack_bf16x2(b[0], b[1]), pack_bf16x2(b[2], b[3]),
+                              pack_bf16x2(b[4], b[5]), pack_bf16x2(b[6], b[7])};
+        store_u32x4(p, w);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) p[e] = b[e];
+    }
+}
+
+MMKD_DEVICE bool ln_aligned16(const void* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
+// layernorm_fwd's parameters and results for C = 256·k, k ≤ 4, plus the row count N.
+// grid (ceil(N/4)), block (128): warp w of block b normalises row 4b + w; lane l holds
+// columns 256·i + 8l .. + 7 of it for i < C/256.
+MMKD_KERNEL void layernorm_fwd_rows(const mmkd_bf16* __restrict__ x,      // (N, C)
+                                    const mmkd_bf16* __restrict__ r,      // (N, C) or null
+                                    const mmkd_bf16* __restrict__ gamma,  // (C)
+                                    const mmkd_bf16* __restrict__ beta,   // (C)
+                                    mmkd_bf16* __restrict__ s,            // (N, C) out, or null
+                                    mmkd_bf16* __restrict__ y,            // (N, C) out
+                                    float* __restrict__ mean,             // (N) out
+                                    float* __restrict__ rstd,             // (N) out
+                                    int C, float eps, int N) {
+    const long row = (long)blockIdx.x * 4 + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= N) return;  // whole warps leave together: no shuffle misses a lane
+    const int chunks = C / 256;
+    // Row starts are 16-byte aligned when the bases are (C is a multiple of 8).
+    const bool vx = ln_aligned16(x) && (r == nullptr || (ln_aligned16(r) && ln_aligned16(s)));
+    const bool vy = ln_aligned16(y) && ln_aligned16(gamma) && ln_aligned16(beta);
+    float v[LNR_MAX_CHUNKS][8];
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LNR_MAX_CHUNKS; ++i) {
+        if (i >= chunks) break;
+        const long off = row * C + 256 * i + 8 * lane;
+        ln_load8(v[i], x + off, vx);
+        if (r != nullptr) {
+            // Round the sum to bf16 first: the statistics must describe the stored stream.
+            float rv[8];
+            ln_load8(rv, r + off, vx);
+            mmkd_bf16 sb[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                sb[e] = f32_to_bf16(v[i][e] + rv[e]);
+                v[i][e] = bf16_to_f32(sb[e]);
+            }
+            ln_store8(s + off, sb, vx);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum += v[i][e];
+    }
+    const float mu = ln_warp_sum(sum) / C;
+    float sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LNR_MAX_CHUNKS; ++i) {
+        if (i >= chunks) break;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float d = v[i][e] - mu;
+            sq += d * d;
+        }
+    }
+    const float rs = rsqrtf(ln_warp_sum(sq) / C + eps);
+#pragma unroll
+    for (int i = 0; i < LNR_MAX_CHUNKS; ++i) {
+        if (i >= chunks) break;
+        const int c0 = 256 * i + 8 * lane;
+        float g[8], b[8];
+        ln_load8(g, gamma + c0, vy);
+        ln_load8(b, beta + c0, vy);
+        mmkd_bf16 out[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = f32_to_bf16((v[i][e] - mu) * rs * g[e] + b[e]);
+        ln_store8(y + row * C + c0, out, vy);
+    }
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
+    }
+}
+MMKD_EXPORT(layernorm_fwd_rows)
 
 // grid (G ≤ N), block (T: multiple of 32); dynamic shared memory 2·C floats.
 // Block b handles rows b, b + G, ... and writes its column partials to part[b].

@@ -57,8 +57,22 @@ impl LnShape {
     fn bwd_blocks(&self) -> usize {
         self.n.min(BWD_MAX_BLOCKS)
     }
-    fn fwd_launch(&self) -> LaunchShape {
-        LaunchShape::linear(self.n as u32, self.threads(), 0)
+    /// Whether the forward runs `layernorm_fwd_rows` (one warp per row, the row in
+    /// registers, 16-byte accesses): C a multiple of 256 up to 1024.
+    fn fwd_rows(&self) -> bool {
+        self.c % 256 == 0 && self.c <= 1024
+    }
+    /// The forward's kernel and launch.
+    fn fwd_kernel(&self) -> (&'static str, LaunchShape) {
+        if self.fwd_rows() {
+            let grid = self.n.div_ceil(4) as u32;
+            ("layernorm_fwd_rows", LaunchShape::linear(grid, 128, 0))
+        } else {
+            (
+                "layernorm_fwd",
+                LaunchShape::linear(self.n as u32, self.threads(), 0),
+            )
+        }
     }
     fn bwd_launch(&self) -> LaunchShape {
         LaunchShape::linear(
@@ -102,10 +116,14 @@ impl LnShape {
             .collect();
         // `validate` has checked that N·C fits an `int`.
         args.extend([P::I32(self.c as i32), P::F32(self.eps)]);
+        if self.fwd_rows() {
+            args.push(P::I32(self.n as i32));
+        }
+        let (kernel, shape) = self.fwd_kernel();
         Ok(vec![Step {
             file: &LAYERNORM,
-            kernel: "layernorm_fwd",
-            shape: self.fwd_launch(),
+            kernel,
+            shape,
             args,
         }])
     }
@@ -181,6 +199,9 @@ fn fwd_args(sh: LnShape, p: [Arg; 8]) -> Result<Vec<Arg>> {
     let mut a = p.to_vec();
     a.push(Arg::int("layernorm C", sh.c)?);
     a.push(Arg::F32(sh.eps));
+    if sh.fwd_rows() {
+        a.push(Arg::int("layernorm N", sh.n)?);
+    }
     Ok(a)
 }
 
@@ -352,8 +373,9 @@ pub fn layernorm_forward_emu(
         Arg::host_mut(mean),
         Arg::host_mut(rstd),
     ];
+    let (kernel, shape) = sh.fwd_kernel();
     // SAFETY: every buffer was checked against the shape the kernel indexes.
-    unsafe { emu.launch("layernorm_fwd", sh.fwd_launch(), &fwd_args(sh, ptrs)?) }
+    unsafe { emu.launch(kernel, shape, &fwd_args(sh, ptrs)?) }
 }
 
 /// The backward kernels under the emulation; same parameters as [`layernorm_backward_cpu`].
@@ -469,15 +491,9 @@ pub fn layernorm_forward_cuda(
     let (pm, _gm) = mean.device_ptr_mut(st);
     let (pv, _gv) = rstd.device_ptr_mut(st);
     let ptrs = [px, pr, pg, pb, ps, py, pm, pv].map(Arg::Ptr);
+    let (kernel, shape) = sh.fwd_kernel();
     // SAFETY: every buffer was checked against the shape the kernel indexes.
-    unsafe {
-        gpu.launch(
-            &LAYERNORM,
-            "layernorm_fwd",
-            sh.fwd_launch(),
-            &fwd_args(sh, ptrs)?,
-        )
-    }
+    unsafe { gpu.launch(&LAYERNORM, kernel, shape, &fwd_args(sh, ptrs)?) }
 }
 
 /// The backward kernels on a GPU; same parameters as [`layernorm_backward_cpu`], device buffers.
@@ -560,7 +576,19 @@ mod tests {
     };
 
     /// Sizes: odd and even C, C below one warp, C not a multiple of the block, N = 1.
-    const SHAPES: &[(usize, usize)] = &[(1, 7), (3, 33), (5, 64), (4, 257), (2, 768), (9, 130)];
+    /// Odd and aligned sizes; C = 256, 512, 768, 1024 take the one-warp-per-row forward
+    /// (`layernorm_fwd_rows`), with N not a multiple of its 4 rows per block.
+    const SHAPES: &[(usize, usize)] = &[
+        (1, 7),
+        (3, 33),
+        (5, 64),
+        (4, 257),
+        (2, 768),
+        (9, 130),
+        (7, 256),
+        (6, 512),
+        (5, 1024),
+    ];
 
     struct FwdOut {
         s: Vec<bf16>,
@@ -654,19 +682,91 @@ mod tests {
 
     #[test]
     fn forward_result_does_not_depend_on_thread_order() {
+        // One block per row (C = 100) and one warp per row (C = 256).
+        for c in [100, 256] {
+            let sh = LnShape { n: 3, c, eps: 1e-5 };
+            let seed = fresh_seed();
+            let i = fwd_inputs(sh, seed);
+            let (first, _) = run_fwd(&Emu::default(), sh, &i);
+            for sched in [Schedule::Reverse, Schedule::Shuffled(seed)] {
+                let (got, _) = run_fwd(&Emu::default().with_schedule(sched), sh, &i);
+                assert_eq!(got.y, first.y, "C={c} {sched:?}");
+                assert_eq!(got.mean, first.mean, "C={c} {sched:?}");
+            }
+        }
+    }
+
+    /// The one-warp-per-row forward with operands off a 16-byte boundary (x, r and s one
+    /// element in) takes its element path, with and without the residual: the reference's
+    /// results, and the same as the aligned run.
+    #[test]
+    fn rows_forward_handles_misaligned_rows() {
         let sh = LnShape {
-            n: 3,
-            c: 100,
+            n: 5,
+            c: 512,
             eps: 1e-5,
         };
+        assert_eq!(sh.fwd_kernel().0, "layernorm_fwd_rows");
         let seed = fresh_seed();
         let i = fwd_inputs(sh, seed);
-        let (first, _) = run_fwd(&Emu::default(), sh, &i);
-        for sched in [Schedule::Reverse, Schedule::Shuffled(seed)] {
-            let (got, _) = run_fwd(&Emu::default().with_schedule(sched), sh, &i);
-            assert_eq!(got.y, first.y, "{sched:?}");
-            assert_eq!(got.mean, first.mean, "{sched:?}");
-        }
+        let (aligned, want) = run_fwd(&Emu::default(), sh, &i);
+        let shift = |v: &[bf16]| {
+            let mut o = vec![bf16::ZERO; v.len() + 1];
+            o[1..].copy_from_slice(v);
+            o
+        };
+        let (x1, r1) = (shift(&i.x), shift(&i.r));
+        let mut got = poisoned_fwd(sh);
+        let mut s1 = vec![BF16_POISON; sh.n * sh.c + 1];
+        layernorm_forward_emu(
+            &Emu::default(),
+            sh,
+            &x1[1..],
+            Some(&r1[1..]),
+            &i.gamma,
+            &i.beta,
+            Some(&mut s1[1..]),
+            &mut got.y,
+            &mut got.mean,
+            &mut got.rstd,
+        )
+        .unwrap();
+        got.s = s1[1..].to_vec();
+        let (bf, fp) = fwd_errors(&got, &want);
+        assert!(bf <= 1e-2 && fp <= 1e-4, "seed {seed}: {bf} {fp}");
+        assert_eq!((&got.s, &got.y), (&aligned.s, &aligned.y), "seed {seed}");
+        // Without the residual, from the misaligned x.
+        let mut y = vec![BF16_POISON; sh.n * sh.c];
+        let (mut m, mut r) = (vec![f32::NAN; sh.n], vec![f32::NAN; sh.n]);
+        layernorm_forward_emu(
+            &Emu::default(),
+            sh,
+            &x1[1..],
+            None,
+            &i.gamma,
+            &i.beta,
+            None,
+            &mut y,
+            &mut m,
+            &mut r,
+        )
+        .unwrap();
+        let mut want_y = vec![BF16_POISON; sh.n * sh.c];
+        let (mut wm, mut wr) = (vec![f32::NAN; sh.n], vec![f32::NAN; sh.n]);
+        layernorm_forward_cpu(
+            sh,
+            &i.x,
+            None,
+            &i.gamma,
+            &i.beta,
+            None,
+            &mut want_y,
+            &mut wm,
+            &mut wr,
+        )
+        .unwrap();
+        let e = rel_err(&bf16_to_f64(&y), &bf16_to_f64(&want_y));
+        assert!(e <= 1e-2, "seed {seed}: {e}");
     }
 
     /// The deliberately broken variants, built from the same source with a macro, must fail

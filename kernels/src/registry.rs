@@ -45,7 +45,12 @@ impl KernelFile {
 pub const LAYERNORM: KernelFile = KernelFile {
     name: "layernorm",
     source: include_str!("../cuda/layernorm.cu"),
-    entries: &["layernorm_fwd", "layernorm_bwd", "layernorm_bwd_reduce"],
+    entries: &[
+        "layernorm_fwd",
+        "layernorm_fwd_rows",
+        "layernorm_bwd",
+        "layernorm_bwd_reduce",
+    ],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],
     tma_entries: &[],

@@ -367,6 +367,149 @@ fn image_case(b: usize, seed: u64, check: bool) -> Result<Case> {
     })
 }
 
+/// LayerNorm on (N, C): the forward with the residual add, the forward without one, and the
+/// backward with a residual-path gradient; the forward's statistics and the backward's inputs
+/// come from the CPU reference. Bytes: each (N, C) bf16 tensor read or written once.
+fn ln_cases(n: usize, c: usize, seed: u64, check: bool) -> Result<Vec<Case>> {
+    use crate::layernorm::{
+        backward_scratch_len, layernorm_backward_cpu, layernorm_forward_cpu, LnShape,
+    };
+    let sh = LnShape { n, c, eps: 1e-5 };
+    let nc = n * c;
+    let mut g = rng(seed);
+    let x = crate::testing::random_bf16(&mut g, nc, 0.5, 3.0);
+    let r = crate::testing::random_bf16(&mut g, nc, -1.0, 1.0);
+    let gamma = crate::testing::random_bf16(&mut g, c, 0.5, 1.5);
+    let beta = crate::testing::random_bf16(&mut g, c, -0.5, 0.5);
+    let dy = crate::testing::random_bf16(&mut g, nc, -1.0, 1.0);
+    let dres = crate::testing::random_bf16(&mut g, nc, -0.5, 0.5);
+    // The reference forward (with the residual) gives the backward's s, mean and rstd.
+    let (mut s, mut y) = (vec![bf16::ZERO; nc], vec![bf16::ZERO; nc]);
+    let (mut mean, mut rstd) = (vec![0.0f32; n], vec![0.0f32; n]);
+    layernorm_forward_cpu(
+        sh,
+        &x,
+        Some(&r),
+        &gamma,
+        &beta,
+        Some(&mut s),
+        &mut y,
+        &mut mean,
+        &mut rstd,
+    )?;
+    let bf = |v: &[bf16]| HostBuf::Bf16(v.to_vec());
+    let poisoned = |b: HostBuf| {
+        let mut b = b;
+        b.poison();
+        b
+    };
+    let mut out = Vec::new();
+
+    // Forward with the residual: slots [x, r, gamma, beta, s, y, mean, rstd].
+    let mut expect = Vec::new();
+    if check {
+        expect = vec![
+            (4, bf(&s), 1e-2),
+            (5, bf(&y), 1e-2),
+            (6, HostBuf::F32(mean.clone()), 1e-4),
+            (7, HostBuf::F32(rstd.clone()), 1e-4),
+        ];
+    }
+    out.push(Case {
+        name: format!("layernorm_fwd +residual N={n} C={c}"),
+        bufs: vec![
+            bf(&x),
+            bf(&r),
+            bf(&gamma),
+            bf(&beta),
+            poisoned(bf(&s)),
+            poisoned(bf(&y)),
+            poisoned(HostBuf::F32(mean.clone())),
+            poisoned(HostBuf::F32(rstd.clone())),
+        ],
+        steps: sh.forward_plan()?,
+        expect,
+        finite: vec![4, 5, 6, 7],
+        bytes: (4 * nc * 2) as f64,
+        flops: 0.0,
+    });
+
+    // Forward without a residual (slots r and s unused).
+    let mut expect = Vec::new();
+    if check {
+        let mut y0 = vec![bf16::ZERO; nc];
+        let (mut m0, mut r0) = (vec![0.0f32; n], vec![0.0f32; n]);
+        layernorm_forward_cpu(sh, &x, None, &gamma, &beta, None, &mut y0, &mut m0, &mut r0)?;
+        expect = vec![(5, bf(&y0), 1e-2), (6, HostBuf::F32(m0), 1e-4)];
+    }
+    let one = || HostBuf::Bf16(vec![bf16::ZERO; 1]);
+    out.push(Case {
+        name: format!("layernorm_fwd N={n} C={c}"),
+        bufs: vec![
+            bf(&x),
+            one(),
+            bf(&gamma),
+            bf(&beta),
+            one(),
+            poisoned(bf(&y)),
+            poisoned(HostBuf::F32(mean.clone())),
+            poisoned(HostBuf::F32(rstd.clone())),
+        ],
+        steps: sh.norm_plan()?,
+        expect,
+        finite: vec![5, 6, 7],
+        bytes: (2 * nc * 2) as f64,
+        flops: 0.0,
+    });
+
+    // Backward with dres: slots [dy, s, gamma, mean, rstd, dres, ds, dgamma, dbeta, scratch].
+    let part = backward_scratch_len(sh);
+    let mut expect = Vec::new();
+    if check {
+        let mut ds = vec![bf16::ZERO; nc];
+        let (mut dg, mut db, mut p) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; part]);
+        layernorm_backward_cpu(
+            sh,
+            &dy,
+            &s,
+            &gamma,
+            &mean,
+            &rstd,
+            Some(&dres),
+            &mut ds,
+            &mut dg,
+            &mut db,
+            &mut p,
+        )?;
+        expect = vec![
+            (6, bf(&ds), 1e-2),
+            (7, HostBuf::F32(dg), 1e-4),
+            (8, HostBuf::F32(db), 1e-4),
+        ];
+    }
+    out.push(Case {
+        name: format!("layernorm_bwd +dres N={n} C={c}"),
+        bufs: vec![
+            bf(&dy),
+            bf(&s),
+            bf(&gamma),
+            HostBuf::F32(mean),
+            HostBuf::F32(rstd),
+            bf(&dres),
+            poisoned(bf(&dy)),
+            poisoned(HostBuf::F32(vec![0.0; c])),
+            poisoned(HostBuf::F32(vec![0.0; c])),
+            poisoned(HostBuf::F32(vec![0.0; part])),
+        ],
+        steps: sh.backward_plan(true)?,
+        expect,
+        finite: vec![6, 7, 8],
+        bytes: (4 * nc * 2) as f64,
+        flops: 0.0,
+    });
+    Ok(out)
+}
+
 fn ew_cases(n: usize, rows: usize, cols: usize, seed: u64, check: bool) -> Result<Vec<Case>> {
     let mut out = Vec::new();
     for (k, op) in elementwise::sample_ops(n, rows, cols)
@@ -428,6 +571,10 @@ fn cases(gpu: bool) -> Result<Vec<Case>> {
     )?);
     v.extend(adamw_cases(if gpu { 1 << 20 } else { 5000 }, seed, true)?);
     v.push(image_case(if gpu { 8 } else { 1 }, seed, true)?);
+    // LayerNorm: a width the one-warp-per-row forward takes and one it does not.
+    let ln_rows = if gpu { 300 } else { 5 };
+    v.extend(ln_cases(ln_rows, 768, seed, true)?);
+    v.extend(ln_cases(ln_rows, 100, seed, true)?);
     if gpu {
         v.extend(ew_cases(1 << 20, 1000, 768, seed, true)?);
         v.push(loss_case::<bf16>(
@@ -453,6 +600,7 @@ fn cases(gpu: bool) -> Result<Vec<Case>> {
         )?);
         v.extend(adamw_cases(150_000_000, seed, false)?);
         v.push(image_case(256, seed, false)?);
+        v.extend(ln_cases(197 * 256, 768, seed, false)?);
         v.extend(ew_cases(197 * 256 * 768, 256 * 64, 768, seed, false)?);
     } else {
         v.extend(ew_cases(999, 7, 65, seed, true)?);
