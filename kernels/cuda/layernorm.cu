@@ -12,12 +12,13 @@
 // two deterministic passes (per-block partials, then a fixed-order sum), so a rerun is
 // bit-identical: no float atomics.
 //
-// layernorm_fwd_rows is the forward for C a multiple of 256 up to 1024 (the models' 512, 768,
-// 1024): one warp per row, the row held in registers between the passes, 16-byte accesses and
-// warp-shuffle sums, so x (and r) are read once and no block barrier is waited on.
-// layernorm_fwd, one block per row, takes any C.
+// layernorm_fwd_rows and layernorm_bwd_rows are the forward and backward for C a multiple of
+// 256 up to 1024 (the models' 512, 768, 1024): one warp per row, the row held in registers
+// between the passes, 16-byte accesses and warp-shuffle sums, so each input is read once and
+// no block barrier is waited on. layernorm_fwd and layernorm_bwd (a block per row) take any C.
 //
-// Defines: layernorm_fwd, layernorm_fwd_rows, layernorm_bwd, layernorm_bwd_reduce.
+// Defines: layernorm_fwd, layernorm_fwd_rows, layernorm_bwd, layernorm_bwd_rows,
+// layernorm_bwd_reduce.
 // Test-only variants (kernels/build.rs, "mmkd-emu-variant" lines below):
 //   MMKD_LN_BROKEN_INDEX   the forward reads x one column too far (off by one)
 //   MMKD_LN_BROKEN_BARRIER the block reduction lacks the barrier before the partials are read
@@ -254,19 +255,108 @@ MMKD_KERNEL void layernorm_bwd(const mmkd_bf16* __restrict__ dy,     // (N, C)
 }
 MMKD_EXPORT(layernorm_bwd)
 
-// grid (ceil(C / T)), block (T). Sums the G partials of each column in block order.
+// layernorm_bwd's parameters and results for C = 256·k, k ≤ 4, with G = 4·gridDim.x partial
+// rows. grid (G/4), block (128): warp g = 4b + w handles rows g, g + G, ... (lane l holds
+// columns 256·i + 8l .. + 7) and writes its column partials to part[g].
+MMKD_KERNEL void layernorm_bwd_rows(const mmkd_bf16* __restrict__ dy,     // (N, C)
+                                    const mmkd_bf16* __restrict__ s,      // (N, C)
+                                    const mmkd_bf16* __restrict__ gamma,  // (C)
+                                    const float* __restrict__ mean,       // (N)
+                                    const float* __restrict__ rstd,       // (N)
+                                    const mmkd_bf16* __restrict__ dres,   // (N, C) or null
+                                    mmkd_bf16* __restrict__ ds,           // (N, C) out
+                                    float* __restrict__ part,             // (G, 2, C) out
+                                    int N, int C) {
+    const int G = 4 * gridDim.x;
+    const int gw = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int chunks = C / 256;
+    const bool vec = ln_aligned16(dy) && ln_aligned16(s) && ln_aligned16(ds) &&
+                     ln_aligned16(gamma) && (dres == nullptr || ln_aligned16(dres));
+    float dg[LNR_MAX_CHUNKS][8], db[LNR_MAX_CHUNKS][8];  // this lane's dgamma, dbeta partials
+#pragma unroll
+    for (int i = 0; i < LNR_MAX_CHUNKS; ++i)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dg[i][e] = db[i][e] = 0.0f;
+    for (long row = gw; row < N; row += G) {
+        const float mu = mean[row], rs = rstd[row];
+        float d[LNR_MAX_CHUNKS][8], xh[LNR_MAX_CHUNKS][8];
+        float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < LNR_MAX_CHUNKS; ++i) {
+            if (i >= chunks) break;
+            const int c0 = 256 * i + 8 * lane;
+            float g[8];
+            ln_load8(d[i], dy + row * C + c0, vec);
+            ln_load8(xh[i], s + row * C + c0, vec);
+            ln_load8(g, gamma + c0, vec);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                xh[i][e] = (xh[i][e] - mu) * rs;
+                const float ge = d[i][e] * g[e];
+                sg += ge;
+                sgx += ge * xh[i][e];
+            }
+        }
+        const float mg = ln_warp_sum(sg) / C, mgx = ln_warp_sum(sgx) / C;
+#pragma unroll
+        for (int i = 0; i < LNR_MAX_CHUNKS; ++i) {
+            if (i >= chunks) break;
+            const int c0 = 256 * i + 8 * lane;
+            float g[8], dr[8];
+            ln_load8(g, gamma + c0, vec);
+            if (dres != nullptr) {
+                ln_load8(dr, dres + row * C + c0, vec);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) dr[e] = 0.0f;
+            }
+            mmkd_bf16 out[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                out[e] = f32_to_bf16(rs * (d[i][e] * g[e] - mg - xh[i][e] * mgx) + dr[e]);
+                dg[i][e] += d[i][e] * xh[i][e];
+                db[i][e] += d[i][e];
+            }
+            ln_store8(ds + row * C + c0, out, vec);
+        }
+    }
+    float* pg = part + (long)gw * 2 * C;
+#pragma unroll
+    for (int i = 0; i < LNR_MAX_CHUNKS; ++i) {
+        if (i >= chunks) break;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            pg[256 * i + 8 * lane + e] = dg[i][e];
+            pg[C + 256 * i + 8 * lane + e] = db[i][e];
+        }
+    }
+}
+MMKD_EXPORT(layernorm_bwd_rows)
+
+// grid (ceil(2C / 32)), block (256). Column j of the 2C partial columns (dgamma's C, then
+// dbeta's) is summed by lane j % 32 of the eight warps of block j / 32: warp w adds rows
+// w, w + 8, ... in order, then lane j of warp 0 adds the eight warp sums in warp order. The
+// order is fixed, so a rerun is bit-identical; the G rows are read by 256 threads per column
+// group at once instead of one thread walking all of them.
 MMKD_KERNEL void layernorm_bwd_reduce(const float* __restrict__ part,  // (G, 2, C)
                                       float* __restrict__ dgamma,      // (C) out
                                       float* __restrict__ dbeta,       // (C) out
                                       int G, int C) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    float g = 0.0f, b = 0.0f;
-    for (int i = 0; i < G; ++i) {
-        g += part[(long)i * 2 * C + c];
-        b += part[(long)i * 2 * C + C + c];
-    }
-    dgamma[c] = g;
-    dbeta[c] = b;
+    __shared__ float sums[8][32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int j = blockIdx.x * 32 + lane;  // 0 .. 2C
+    float acc = 0.0f;
+    if (j < 2 * C)
+        for (int i = warp; i < G; i += 8) acc += part[(long)i * 2 * C + j];
+    sums[warp][lane] = acc;
+    __syncthreads();
+    if (warp != 0 || j >= 2 * C) return;
+    float t = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) t += sums[w][lane];
+    if (j < C)
+        dgamma[j] = t;
+    else
+        dbeta[j - C] = t;
 }
 MMKD_EXPORT(layernorm_bwd_reduce)

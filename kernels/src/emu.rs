@@ -33,6 +33,7 @@ macro_rules! emu_kernels {
 emu_kernels! {
     "layernorm_fwd" => mmkd_emu_layernorm_fwd,
     "layernorm_fwd_rows" => mmkd_emu_layernorm_fwd_rows,
+    "layernorm_bwd_rows" => mmkd_emu_layernorm_bwd_rows,
     "layernorm_bwd" => mmkd_emu_layernorm_bwd,
     "layernorm_bwd_reduce" => mmkd_emu_layernorm_bwd_reduce,
     "broken_index:layernorm_fwd" => mmkd_emu_broken_index_layernorm_fwd,

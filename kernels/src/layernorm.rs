@@ -27,8 +27,12 @@ pub struct LnShape {
     pub eps: f32,
 }
 
-/// The most backward blocks; each owns a slice of rows and one row of partials.
+/// The most backward blocks of `layernorm_bwd`; each owns a slice of rows and one row of
+/// partials.
 const BWD_MAX_BLOCKS: usize = 256;
+/// The most warps of `layernorm_bwd_rows` (4 per block); each owns a slice of rows and one row
+/// of partials. Enough rows in flight to keep the device's memory busy.
+const BWD_ROWS_MAX_WARPS: usize = 1024;
 /// Dynamic shared memory of the backward (2·C floats) must fit the default 48 KiB.
 const MAX_C: usize = 48 * 1024 / 8;
 
@@ -53,9 +57,14 @@ impl LnShape {
     fn threads(&self) -> u32 {
         (self.c.div_ceil(32) * 32).clamp(32, 256) as u32
     }
-    /// Blocks of the backward, G.
+    /// Rows of backward partials, G: the blocks of `layernorm_bwd`, or the warps of
+    /// `layernorm_bwd_rows` (a multiple of 4), each summing rows g, g + G, ...
     fn bwd_blocks(&self) -> usize {
-        self.n.min(BWD_MAX_BLOCKS)
+        if self.fwd_rows() {
+            4 * self.n.div_ceil(4).min(BWD_ROWS_MAX_WARPS / 4)
+        } else {
+            self.n.min(BWD_MAX_BLOCKS)
+        }
     }
     /// Whether the forward runs `layernorm_fwd_rows` (one warp per row, the row in
     /// registers, 16-byte accesses): C a multiple of 256 up to 1024.
@@ -74,15 +83,23 @@ impl LnShape {
             )
         }
     }
-    fn bwd_launch(&self) -> LaunchShape {
-        LaunchShape::linear(
-            self.bwd_blocks() as u32,
-            self.threads(),
-            (2 * self.c * 4) as u32,
-        )
+    /// The backward's kernel and launch: `layernorm_bwd_rows` where the forward takes
+    /// `layernorm_fwd_rows`, else `layernorm_bwd`.
+    fn bwd_kernel(&self) -> (&'static str, LaunchShape) {
+        if self.fwd_rows() {
+            let blocks = (self.bwd_blocks() / 4) as u32;
+            ("layernorm_bwd_rows", LaunchShape::linear(blocks, 128, 0))
+        } else {
+            let shape = LaunchShape::linear(
+                self.bwd_blocks() as u32,
+                self.threads(),
+                (2 * self.c * 4) as u32,
+            );
+            ("layernorm_bwd", shape)
+        }
     }
     fn reduce_launch(&self) -> LaunchShape {
-        LaunchShape::linear(self.c.div_ceil(256) as u32, 256, 0)
+        LaunchShape::linear((2 * self.c).div_ceil(32) as u32, 256, 0)
     }
 }
 
@@ -158,8 +175,9 @@ impl LnShape {
             shape,
             args,
         };
+        let (kernel, shape) = self.bwd_kernel();
         Ok(vec![
-            step("layernorm_bwd", self.bwd_launch(), bwd),
+            step(kernel, shape, bwd),
             step("layernorm_bwd_reduce", self.reduce_launch(), red),
         ])
     }
@@ -431,9 +449,10 @@ pub fn layernorm_backward_emu(
         Arg::int("layernorm G", sh.bwd_blocks())?,
         Arg::int("layernorm C", sh.c)?,
     ];
+    let (kernel, shape) = sh.bwd_kernel();
     // SAFETY: every buffer was checked against the shape the kernels index.
     unsafe {
-        emu.launch("layernorm_bwd", sh.bwd_launch(), &bwd)?;
+        emu.launch(kernel, shape, &bwd)?;
         emu.launch("layernorm_bwd_reduce", sh.reduce_launch(), &red)
     }
 }
@@ -560,9 +579,10 @@ pub fn layernorm_backward_cuda(
         Arg::int("layernorm G", sh.bwd_blocks())?,
         Arg::int("layernorm C", sh.c)?,
     ];
+    let (kernel, shape) = sh.bwd_kernel();
     // SAFETY: every buffer was checked against the shape the kernels index.
     unsafe {
-        gpu.launch(&LAYERNORM, "layernorm_bwd", sh.bwd_launch(), &bwd)?;
+        gpu.launch(&LAYERNORM, kernel, shape, &bwd)?;
         gpu.launch(&LAYERNORM, "layernorm_bwd_reduce", sh.reduce_launch(), &red)
     }
 }
@@ -798,8 +818,13 @@ mod tests {
 
     #[test]
     fn backward_matches_reference() {
-        // Include N > BWD_MAX_BLOCKS once, so blocks own several rows.
-        let shapes: Vec<(usize, usize)> = SHAPES.iter().copied().chain([(300, 31)]).collect();
+        // Include N > BWD_MAX_BLOCKS once, so blocks own several rows, and N above the 1024
+        // warps of the one-warp-per-row backward, so warps do too.
+        let shapes: Vec<(usize, usize)> = SHAPES
+            .iter()
+            .copied()
+            .chain([(300, 31), (1100, 256)])
+            .collect();
         for (n, c) in shapes {
             let sh = LnShape { n, c, eps: 1e-5 };
             let seed = fresh_seed();
@@ -1029,6 +1054,58 @@ mod tests {
         assert_eq!(b[6], HostBuf::Bf16(ds), "seed {seed}");
         assert_eq!(b[7], HostBuf::F32(dg), "seed {seed}");
         assert_eq!(b[8], HostBuf::F32(db), "seed {seed}");
+    }
+
+    /// The one-warp-per-row forward through its plan (which passes N) gives the launcher's
+    /// results bit for bit, with and without the residual.
+    #[test]
+    fn rows_plan_matches_launcher() {
+        use crate::exec::{run, Backend, HostBuf};
+        let emu = Emu::default();
+        let sh = LnShape {
+            n: 6,
+            c: 512,
+            eps: 1e-5,
+        };
+        assert_eq!(sh.forward_plan().unwrap()[0].kernel, "layernorm_fwd_rows");
+        let seed = fresh_seed();
+        let i = fwd_inputs(sh, seed);
+        let (want, _) = run_fwd(&emu, sh, &i);
+        let nc = sh.n * sh.c;
+        for residual in [true, false] {
+            let mut f = [
+                HostBuf::Bf16(i.x.clone()),
+                HostBuf::Bf16(i.r.clone()),
+                HostBuf::Bf16(i.gamma.clone()),
+                HostBuf::Bf16(i.beta.clone()),
+                HostBuf::Bf16(vec![BF16_POISON; nc]),
+                HostBuf::Bf16(vec![BF16_POISON; nc]),
+                HostBuf::F32(vec![f32::NAN; sh.n]),
+                HostBuf::F32(vec![f32::NAN; sh.n]),
+            ];
+            let ptrs: Vec<u64> = f.iter_mut().map(|b| b.host_ptr()).collect();
+            let plan = if residual {
+                sh.forward_plan()
+            } else {
+                sh.norm_plan()
+            }
+            .unwrap();
+            // SAFETY: the buffers have the lengths the shape needs.
+            unsafe { run(Backend::Emu(&emu), &plan, &ptrs) }.unwrap();
+            let mut y = vec![BF16_POISON; nc];
+            let (mut m, mut r) = (vec![f32::NAN; sh.n], vec![f32::NAN; sh.n]);
+            if residual {
+                y.clone_from(&want.y);
+                r.clone_from(&want.rstd);
+            } else {
+                layernorm_forward_emu(
+                    &emu, sh, &i.x, None, &i.gamma, &i.beta, None, &mut y, &mut m, &mut r,
+                )
+                .unwrap();
+            }
+            assert_eq!(f[5], HostBuf::Bf16(y), "residual {residual} seed {seed}");
+            assert_eq!(f[7], HostBuf::F32(r), "residual {residual} seed {seed}");
+        }
     }
 
     /// The CPU reference itself against central differences of an f64 LayerNorm, so the

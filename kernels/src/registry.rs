@@ -49,6 +49,7 @@ pub const LAYERNORM: KernelFile = KernelFile {
         "layernorm_fwd",
         "layernorm_fwd_rows",
         "layernorm_bwd",
+        "layernorm_bwd_rows",
         "layernorm_bwd_reduce",
     ],
     min_arch: MinArch::Sm80,
