@@ -410,6 +410,30 @@ fn weight_gradients_split_along_the_tokens_match_tape() {
             &want,
             seed,
         );
+        // The same block on a batch padded to 160 (320 tokens: chunks of 160 are below the
+        // shortest a split hands out, so nothing splits) and back: each length has its plan.
+        let short = BlockDims { len: 160, ..d };
+        assert!(
+            !block
+                .kernel_names_at(160)
+                .unwrap()
+                .1
+                .contains(&"gemm_splitk_reduce"),
+            "{gemm:?}"
+        );
+        let n = short.tokens() * short.width;
+        let x = on_grid(&mut g, n, -2.0, 2.0);
+        let dy = on_grid(&mut g, n, -1.0, 1.0);
+        let lengths = [160, 97];
+        let want = cpu_block(&mut ps, &short, &lengths, &x, &dy);
+        let got = cuda_block_at(&block, &mut arena, &ps, 160, &lengths, &x, &dy);
+        compare(
+            &format!("split K, {gemm:?}, L=160 of 256, emulation"),
+            &short,
+            &got,
+            &want,
+            seed,
+        );
     }
 }
 

@@ -1007,7 +1007,8 @@ impl CudaBlock {
         &self.layout
     }
 
-    /// Launches per forward and per backward (the same at every padded length).
+    /// Launches per forward and per backward at the longest length (shorter lengths may
+    /// split fewer weight gradients along the tokens, so their backward can have fewer).
     pub fn launches(&self) -> (usize, usize) {
         self.plans
             .last()
@@ -1015,7 +1016,16 @@ impl CudaBlock {
             .map_or((0, 0), |p| (p.forward.len(), p.backward.len()))
     }
 
-    /// The kernels of the forward and of the backward plan, in launch order.
+    /// The kernels of the forward and backward plans at padded length `len` (built now if
+    /// they were not), in launch order.
+    pub fn kernel_names_at(&self, len: usize) -> Result<(Vec<&'static str>, Vec<&'static str>)> {
+        let p = self.plans(len)?;
+        let names = |v: &[Step]| v.iter().map(|s| s.kernel).collect();
+        Ok((names(&p.forward), names(&p.backward)))
+    }
+
+    /// The kernels of the forward and of the backward plan at the longest length, in launch
+    /// order.
     pub fn kernel_names(&self) -> (Vec<&'static str>, Vec<&'static str>) {
         let names = |v: &[Step]| v.iter().map(|s| s.kernel).collect();
         self.plans
