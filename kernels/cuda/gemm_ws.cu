@@ -36,7 +36,8 @@
 // The bias gradient (gemm_wgrad_ws, tiles of the first column): the 256 consumer threads sum
 // the A tile of each k tile as gemm_wgmma_tma.cu's threads do, before they free its stage.
 //
-// Launch: grid (min(tiles, multiprocessors)), block (384), dynamic shared memory WS_SMEM_BYTES
+// Launch: grid (min(tiles, 132): TUNED_SMS in gemm.rs, an H100/H200), block (384), dynamic
+// shared memory WS_SMEM_BYTES
 // (4 stages × 48 KiB + 8 mbarriers + 1 KiB of alignment room).
 //
 // Defines: gemm_fwd_ws, gemm_dgrad_ws, gemm_wgrad_ws.
