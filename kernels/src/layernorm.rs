@@ -655,6 +655,23 @@ mod tests {
         }
     }
 
+    /// The forward plan's slots `[x, r, gamma, beta, s, y, mean, rstd]` on host buffers,
+    /// the outputs poisoned.
+    fn fwd_slots(sh: LnShape, i: &FwdIn) -> [crate::exec::HostBuf; 8] {
+        use crate::exec::HostBuf;
+        let nc = sh.n * sh.c;
+        [
+            HostBuf::Bf16(i.x.clone()),
+            HostBuf::Bf16(i.r.clone()),
+            HostBuf::Bf16(i.gamma.clone()),
+            HostBuf::Bf16(i.beta.clone()),
+            HostBuf::Bf16(vec![BF16_POISON; nc]),
+            HostBuf::Bf16(vec![BF16_POISON; nc]),
+            HostBuf::F32(vec![f32::NAN; sh.n]),
+            HostBuf::F32(vec![f32::NAN; sh.n]),
+        ]
+    }
+
     fn run_fwd(emu: &Emu, sh: LnShape, i: &FwdIn) -> (FwdOut, FwdOut) {
         let mut want = poisoned_fwd(sh);
         layernorm_forward_cpu(
@@ -1001,16 +1018,7 @@ mod tests {
         let i = fwd_inputs(sh, seed);
         let (want, _) = run_fwd(&emu, sh, &i);
         let nc = sh.n * sh.c;
-        let mut f = [
-            HostBuf::Bf16(i.x.clone()),
-            HostBuf::Bf16(i.r.clone()),
-            HostBuf::Bf16(i.gamma.clone()),
-            HostBuf::Bf16(i.beta.clone()),
-            HostBuf::Bf16(vec![BF16_POISON; nc]),
-            HostBuf::Bf16(vec![BF16_POISON; nc]),
-            HostBuf::F32(vec![f32::NAN; sh.n]),
-            HostBuf::F32(vec![f32::NAN; sh.n]),
-        ];
+        let mut f = fwd_slots(sh, &i);
         let ptrs: Vec<u64> = f.iter_mut().map(|b| b.host_ptr()).collect();
         // SAFETY: the buffers have the lengths the shape needs.
         unsafe { run(Backend::Emu(&emu), &sh.forward_plan().unwrap(), &ptrs) }.unwrap();
@@ -1073,16 +1081,7 @@ mod tests {
         let (want, _) = run_fwd(&emu, sh, &i);
         let nc = sh.n * sh.c;
         for residual in [true, false] {
-            let mut f = [
-                HostBuf::Bf16(i.x.clone()),
-                HostBuf::Bf16(i.r.clone()),
-                HostBuf::Bf16(i.gamma.clone()),
-                HostBuf::Bf16(i.beta.clone()),
-                HostBuf::Bf16(vec![BF16_POISON; nc]),
-                HostBuf::Bf16(vec![BF16_POISON; nc]),
-                HostBuf::F32(vec![f32::NAN; sh.n]),
-                HostBuf::F32(vec![f32::NAN; sh.n]),
-            ];
+            let mut f = fwd_slots(sh, &i);
             let ptrs: Vec<u64> = f.iter_mut().map(|b| b.host_ptr()).collect();
             let plan = if residual {
                 sh.forward_plan()
