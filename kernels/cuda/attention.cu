@@ -22,11 +22,11 @@
 // operand's 64-row tiles stream through shared memory, double-buffered by cp.async):
 //   attn_fwd        grid (ceil(L/64), BH): a query tile in registers; online softmax over key
 //                   tiles; stores o and lse.
-//   attn_bwd_dot    grid (ceil(BH·L/4)): D = rowsum(do ∘ o), one warp per row.
+//   attn_bwd_dq     grid (ceil(L/64), BH): a query tile (q and do) in registers; computes
+//                   D = rowsum(do ∘ o) of its rows and stores it; recomputes p per key tile;
+//                   accumulates dq. Runs first: attn_bwd_dkdv reads its D.
 //   attn_bwd_dkdv   grid (ceil(L/64), BH): a key tile (k and v) in registers; recomputes pᵀ
 //                   per query tile from lse; accumulates dk and dv.
-//   attn_bwd_dq     grid (ceil(L/64), BH): a query tile (q and do) in registers; recomputes p
-//                   per key tile; accumulates dq.
 // dq is computed by its own kernel instead of by float atomics from attn_bwd_dkdv: two more
 // small products per tile pair, in exchange for a deterministic result.
 // Masked blocks are skipped at 16-row granularity: a warp whose own 16 rows all lie past the
@@ -320,21 +320,6 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
 }
 MMKD_EXPORT(attn_fwd)
 
-MMKD_KERNEL void attn_bwd_dot(const mmkd_bf16* __restrict__ o,   // (B·L, ldo)
-                              const mmkd_bf16* __restrict__ dO,  // (B·L, ldo)
-                              float* __restrict__ D,             // (BH, L) out
-                              int H, int L, int ldo, int rows) {
-    const long row = (long)blockIdx.x * (ATTN_THREADS / 32) + threadIdx.x / 32;  // bh·L + r
-    const int lane = threadIdx.x % 32;
-    if (row >= rows) return;  // whole warps leave together: no shuffle misses a lane
-    const int bh = (int)(row / L), r = (int)(row % L);
-    const long i = attn_head_base(bh, H, L, ldo) + (long)r * ldo + 2 * lane;
-    float s = bf16_to_f32(o[i]) * bf16_to_f32(dO[i]) + bf16_to_f32(o[i + 1]) * bf16_to_f32(dO[i + 1]);
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) D[row] = s;
-}
-MMKD_EXPORT(attn_bwd_dot)
-
 MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
                                const mmkd_bf16* __restrict__ k,   // (B·L, ldqkv)
                                const mmkd_bf16* __restrict__ v,   // (B·L, ldqkv)
@@ -449,9 +434,10 @@ MMKD_EXPORT(attn_bwd_dkdv)
 MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
                              const mmkd_bf16* __restrict__ k,   // (B·L, ldqkv)
                              const mmkd_bf16* __restrict__ v,   // (B·L, ldqkv)
+                             const mmkd_bf16* __restrict__ o,   // (B·L, ldo)
                              const mmkd_bf16* __restrict__ dO,  // (B·L, ldo)
                              const float* __restrict__ lse,     // (BH, L)
-                             const float* __restrict__ D,       // (BH, L)
+                             float* __restrict__ D,             // (BH, L) out
                              const int* __restrict__ seqlens,   // (B) or null
                              mmkd_bf16* __restrict__ dq,        // (B·L, ldqkv) out
                              int H, int L, int ldqkv, int ldo, float scale, int causal) {
@@ -467,12 +453,33 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
     // As attn_fwd: the keys this warp's rows see end at kend, none for rows all past L.
     int kend = causal && q0 + warp * 16 + 16 < kvlen ? q0 + warp * 16 + 16 : kvlen;
     if (q0 + warp * 16 >= L) kend = 0;
+    // D = rowsum(do ∘ o) of this thread's two rows: the quad's four lanes take 16 columns
+    // each (two 16-byte loads per tensor), then add up across the quad.
+    const long obase = attn_head_base(bh, H, L, ldo);
     float lse2[2], drow[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = row0 + h * 8;
         lse2[h] = row < L ? lse[(long)bh * L + row] * ATTN_LOG2E : 0.0f;
-        drow[h] = row < L ? D[(long)bh * L + row] : 0.0f;
+        float d = 0.0f;
+        if (row < L) {
+            const long at = obase + (long)row * ldo + t * 16;
+#pragma unroll
+            for (int c = 0; c < 16; c += 8) {
+                const mmkd_u32x4 ov = load_u32x4(o + at + c), dv = load_u32x4(dO + at + c);
+                const unsigned ow[4] = {ov.x, ov.y, ov.z, ov.w}, dw[4] = {dv.x, dv.y, dv.z, dv.w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    d += bf16_to_f32((mmkd_bf16)(ow[e] & 0xffffu)) *
+                             bf16_to_f32((mmkd_bf16)(dw[e] & 0xffffu)) +
+                         bf16_to_f32((mmkd_bf16)(ow[e] >> 16)) *
+                             bf16_to_f32((mmkd_bf16)(dw[e] >> 16));
+            }
+        }
+        d += __shfl_xor_sync(0xffffffffu, d, 1);
+        d += __shfl_xor_sync(0xffffffffu, d, 2);
+        drow[h] = d;
+        if (t == 0 && row < L) D[(long)bh * L + row] = d;
     }
 
     float dqacc[8][4];
@@ -481,7 +488,7 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
     if (ntiles > 0) {
         // q and do through buffer 1 into registers, key tile 0 into buffer 0, one group.
         attn_load_tile(KVs + 2 * ATTN_TILE_ELEMS, q + base, q0, L, ldqkv);
-        attn_load_tile(KVs + 3 * ATTN_TILE_ELEMS, dO + attn_head_base(bh, H, L, ldo), q0, L, ldo);
+        attn_load_tile(KVs + 3 * ATTN_TILE_ELEMS, dO + obase, q0, L, ldo);
         attn_load_tile(KVs, k + base, 0, L, ldqkv);
         attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, L, ldqkv);
         cp_async_commit();

@@ -124,9 +124,6 @@ impl AttnShape {
             ..self.tiles()
         }
     }
-    fn dot_launch(&self) -> LaunchShape {
-        LaunchShape::linear(self.rows().div_ceil(4) as u32, THREADS, 0)
-    }
     fn tail_args(&self) -> Result<[Arg; 6]> {
         Ok([
             Arg::int("attention H", self.heads)?,
@@ -135,15 +132,6 @@ impl AttnShape {
             Arg::int("attention o pitch", self.o_pitch)?,
             Arg::F32(self.scale),
             Arg::I32(i32::from(self.causal)),
-        ])
-    }
-    /// The arguments of `attn_bwd_dot` after its three pointers: H, L, o pitch, rows.
-    fn dot_tail(&self) -> Result<[Arg; 4]> {
-        Ok([
-            Arg::int("attention H", self.heads)?,
-            Arg::int("attention L", self.len)?,
-            Arg::int("attention o pitch", self.o_pitch)?,
-            Arg::int("attention B·H·L", self.rows())?,
         ])
     }
 }
@@ -190,12 +178,6 @@ impl AttnShape {
     /// [`AttnShape::forward_plan`].
     pub fn backward_plan(&self, seqlens: bool) -> Result<Vec<Step>> {
         self.validate()?;
-        let dot_tail = [
-            P::I32(self.heads as i32),
-            P::I32(self.len as i32),
-            P::I32(self.o_pitch as i32),
-            P::I32(self.rows() as i32),
-        ];
         let sl = if seqlens { P::Buf(6) } else { P::Null };
         let ins = [
             P::Buf(0),
@@ -209,8 +191,18 @@ impl AttnShape {
         let mut dkdv = ins.to_vec();
         dkdv.extend([P::Buf(8), P::Buf(9)]);
         dkdv.extend(self.tail_params());
-        let mut dq = ins.to_vec();
-        dq.push(P::Buf(7));
+        // attn_bwd_dq also reads o and stores D (slot 10) for attn_bwd_dkdv.
+        let mut dq = vec![
+            P::Buf(0),
+            P::Buf(1),
+            P::Buf(2),
+            P::Buf(3),
+            P::Buf(5),
+            P::Buf(4),
+            P::Buf(10),
+            sl,
+            P::Buf(7),
+        ];
         dq.extend(self.tail_params());
         let step = |kernel, shape, args| Step {
             file: &ATTENTION,
@@ -219,16 +211,8 @@ impl AttnShape {
             args,
         };
         Ok(vec![
-            step(
-                "attn_bwd_dot",
-                self.dot_launch(),
-                [P::Buf(3), P::Buf(5), P::Buf(10)]
-                    .into_iter()
-                    .chain(dot_tail)
-                    .collect(),
-            ),
-            step("attn_bwd_dkdv", self.with_smem(DKDV_SMEM), dkdv),
             step("attn_bwd_dq", self.with_smem(DQ_SMEM), dq),
+            step("attn_bwd_dkdv", self.with_smem(DKDV_SMEM), dkdv),
         ])
     }
 }
@@ -550,9 +534,20 @@ pub fn attention_backward_emu(
     )?;
     check_seqlens(sh, seqlens)?;
     let sl = seqlens.map_or(Arg::Ptr(0), Arg::host);
-    let mut dot = vec![Arg::host(o), Arg::host(d_o), Arg::host_mut(delta)];
-    dot.extend(sh.dot_tail()?);
-    let ins = [
+    // attn_bwd_dq stores D, which attn_bwd_dkdv then reads.
+    let mut dqa = vec![
+        Arg::host(q),
+        Arg::host(k),
+        Arg::host(v),
+        Arg::host(o),
+        Arg::host(d_o),
+        Arg::host(lse),
+        Arg::host_mut(delta),
+        sl,
+        Arg::host_mut(dq),
+    ];
+    dqa.extend(sh.tail_args()?);
+    let mut dkdv = vec![
         Arg::host(q),
         Arg::host(k),
         Arg::host(v),
@@ -560,18 +555,14 @@ pub fn attention_backward_emu(
         Arg::host(lse),
         Arg::host(delta),
         sl,
+        Arg::host_mut(dk),
+        Arg::host_mut(dv),
     ];
-    let mut dkdv = ins.to_vec();
-    dkdv.extend([Arg::host_mut(dk), Arg::host_mut(dv)]);
     dkdv.extend(sh.tail_args()?);
-    let mut dqa = ins.to_vec();
-    dqa.push(Arg::host_mut(dq));
-    dqa.extend(sh.tail_args()?);
     // SAFETY: every buffer was checked against the shape the kernels index.
     unsafe {
-        emu.launch("attn_bwd_dot", sh.dot_launch(), &dot)?;
-        emu.launch("attn_bwd_dkdv", sh.with_smem(DKDV_SMEM), &dkdv)?;
-        emu.launch("attn_bwd_dq", sh.with_smem(DQ_SMEM), &dqa)
+        emu.launch("attn_bwd_dq", sh.with_smem(DQ_SMEM), &dqa)?;
+        emu.launch("attn_bwd_dkdv", sh.with_smem(DKDV_SMEM), &dkdv)
     }
 }
 
@@ -669,20 +660,19 @@ pub fn attention_backward_cuda(
     let (pdk, _gdk) = dk.device_ptr_mut(st);
     let (pdv, _gdv) = dv.device_ptr_mut(st);
     let (pd, _gd) = delta.device_ptr_mut(st);
-    let mut dot = vec![Arg::Ptr(po), Arg::Ptr(pdo), Arg::Ptr(pd)];
-    dot.extend(sh.dot_tail()?);
-    let ins = [pq, pk, pv, pdo, pl, pd, ps].map(Arg::Ptr);
-    let mut dkdv = ins.to_vec();
-    dkdv.extend([Arg::Ptr(pdk), Arg::Ptr(pdv)]);
-    dkdv.extend(sh.tail_args()?);
-    let mut dqa = ins.to_vec();
-    dqa.push(Arg::Ptr(pdq));
+    // attn_bwd_dq stores D, which attn_bwd_dkdv then reads.
+    let mut dqa = [pq, pk, pv, po, pdo, pl, pd, ps, pdq]
+        .map(Arg::Ptr)
+        .to_vec();
     dqa.extend(sh.tail_args()?);
+    let mut dkdv = [pq, pk, pv, pdo, pl, pd, ps, pdk, pdv]
+        .map(Arg::Ptr)
+        .to_vec();
+    dkdv.extend(sh.tail_args()?);
     // SAFETY: every buffer was checked against the shape the kernels index.
     unsafe {
-        gpu.launch(&ATTENTION, "attn_bwd_dot", sh.dot_launch(), &dot)?;
-        gpu.launch(&ATTENTION, "attn_bwd_dkdv", sh.with_smem(DKDV_SMEM), &dkdv)?;
-        gpu.launch(&ATTENTION, "attn_bwd_dq", sh.with_smem(DQ_SMEM), &dqa)
+        gpu.launch(&ATTENTION, "attn_bwd_dq", sh.with_smem(DQ_SMEM), &dqa)?;
+        gpu.launch(&ATTENTION, "attn_bwd_dkdv", sh.with_smem(DKDV_SMEM), &dkdv)
     }
 }
 

@@ -120,7 +120,6 @@ emu_kernels! {
     "broken_wait:gemm_dgrad" => mmkd_emu_broken_wait_gemm_dgrad,
     "broken_wait:gemm_wgrad" => mmkd_emu_broken_wait_gemm_wgrad,
     "attn_fwd" => mmkd_emu_attn_fwd,
-    "attn_bwd_dot" => mmkd_emu_attn_bwd_dot,
     "attn_bwd_dkdv" => mmkd_emu_attn_bwd_dkdv,
     "attn_bwd_dq" => mmkd_emu_attn_bwd_dq,
     "broken_rescale:attn_fwd" => mmkd_emu_broken_rescale_attn_fwd,

@@ -198,7 +198,7 @@ pub const GEMM: KernelFile = KernelFile {
 pub const ATTENTION: KernelFile = KernelFile {
     name: "attention",
     source: include_str!("../cuda/attention.cu"),
-    entries: &["attn_fwd", "attn_bwd_dot", "attn_bwd_dkdv", "attn_bwd_dq"],
+    entries: &["attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv"],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &["attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"],
     tma_entries: &[],
