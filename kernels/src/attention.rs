@@ -680,6 +680,7 @@ pub fn attention_backward_cuda(
 mod tests {
     use super::*;
     use crate::emu::Schedule;
+    use crate::testing::bf16_bits;
     use crate::testing::{bf16_to_f64, fresh_seed, random_bf16, rel_err, rng, BF16_POISON};
 
     struct Inputs {
@@ -806,8 +807,7 @@ mod tests {
             panic!("slot 4 is not bf16")
         };
         // NaN poison between the heads: compare bits.
-        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
-        assert_eq!(bits(o), bits(&f.0), "o, seed {seed}");
+        assert_eq!(bf16_bits(o), bf16_bits(&f.0), "o, seed {seed}");
         assert_eq!(bufs[5], HostBuf::F32(f.1.clone()), "lse, seed {seed}");
         let mut bwd = vec![
             HostBuf::Bf16(i.q.clone()),
@@ -1073,7 +1073,6 @@ mod tests {
             }
         };
         let st = gpu.stream().clone();
-        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
         let from_bits = |v: Vec<u16>| v.into_iter().map(bf16::from_bits).collect::<Vec<bf16>>();
         let mut all = cases();
         all.push((pitched(4, 3, 197, false), Some(vec![197, 100, 0, 64])));
@@ -1084,11 +1083,11 @@ mod tests {
             let want = forward(&sh, &i, slr, None);
             let gw = backward(&sh, &i, &want, slr, None);
             let (dq_, dk_, dv_) = (
-                st.clone_htod(&bits(&i.q)).unwrap(),
-                st.clone_htod(&bits(&i.k)).unwrap(),
-                st.clone_htod(&bits(&i.v)).unwrap(),
+                st.clone_htod(bf16_bits(&i.q)).unwrap(),
+                st.clone_htod(bf16_bits(&i.k)).unwrap(),
+                st.clone_htod(bf16_bits(&i.v)).unwrap(),
             );
-            let ddo = st.clone_htod(&bits(&i.d_o)).unwrap();
+            let ddo = st.clone_htod(bf16_bits(&i.d_o)).unwrap();
             let dsl = slr.map(|s| st.clone_htod(s).unwrap());
             let poison = vec![BF16_POISON.to_bits(); sh.span(sh.qkv_pitch)];
             let mut o = st
@@ -1109,7 +1108,7 @@ mod tests {
             let el = lse_err(&gl, &want.1);
             assert!(eo <= 1e-2 && el <= 1e-4, "{ctx}: o {eo}, lse {el}");
             // Backward from the reference forward's o and lse.
-            let ro = st.clone_htod(&bits(&want.0)).unwrap();
+            let ro = st.clone_htod(bf16_bits(&want.0)).unwrap();
             let rl = st.clone_htod(&want.1).unwrap();
             let (mut gq, mut gk, mut gv) = (
                 st.clone_htod(&poison).unwrap(),

@@ -8,7 +8,8 @@ use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::launch::{Arg, LaunchShape};
 use crate::registry::KernelFile;
-use anyhow::{anyhow, Result};
+use crate::testing::bf16_bits;
+use anyhow::{anyhow, ensure, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use half::bf16;
 use std::sync::Arc;
@@ -58,60 +59,56 @@ pub enum Backend<'a> {
 /// Every slot must point at memory of the backend (host for the emulation, device for a GPU)
 /// large enough for what the kernels touch; the op launchers check lengths before calling this.
 pub unsafe fn run(backend: Backend<'_>, steps: &[Step], ptrs: &[u64]) -> Result<()> {
-    // One argument buffer for the whole plan: an `Arg` is 256 bytes (it can hold a tensor
-    // map), so a fresh list per launch would be a heap allocation per kernel of a step.
-    let mut args: Vec<Arg> =
-        Vec::with_capacity(steps.iter().map(|s| s.args.len()).max().unwrap_or(0));
+    // The arguments go through one buffer on the stack: a training step runs plans without
+    // allocating (an `Arg` is 256 bytes: it can hold a tensor map).
+    let mut buf = [Arg::Ptr(0); MAX_ARGS];
     for s in steps {
-        args.clear();
-        for a in s.args.iter() {
-            args.push(match *a {
-                P::Buf(i) => ptrs.get(i).map(|&p| Arg::Ptr(p)).ok_or_else(|| {
-                    anyhow!(
-                        "{}: plan names buffer slot {i}, {} given",
-                        s.kernel,
-                        ptrs.len()
-                    )
-                }),
-                P::At(i, off) => ptrs
-                    .get(i)
-                    .map(|&p| Arg::Ptr(p + 4 * off as u64))
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "{}: plan names buffer slot {i}, {} given",
-                            s.kernel,
-                            ptrs.len()
-                        )
-                    }),
+        ensure!(
+            s.args.len() <= MAX_ARGS,
+            "{}: {} parameters, more than the {MAX_ARGS} a plan step may pass",
+            s.kernel,
+            s.args.len()
+        );
+        let slot = |i: usize| {
+            ptrs.get(i).copied().ok_or_else(|| {
+                anyhow!(
+                    "{}: plan names buffer slot {i}, {} given",
+                    s.kernel,
+                    ptrs.len()
+                )
+            })
+        };
+        for (dst, a) in buf.iter_mut().zip(&s.args) {
+            *dst = match *a {
+                P::Buf(i) => Arg::Ptr(slot(i)?),
+                P::At(i, off) => Arg::Ptr(slot(i)? + 4 * off as u64),
                 P::Map(i, spec) => {
-                    let p = *ptrs.get(i).ok_or_else(|| {
-                        anyhow!(
-                            "{}: plan names buffer slot {i}, {} given",
-                            s.kernel,
-                            ptrs.len()
-                        )
-                    })?;
-                    let map = match backend {
-                        Backend::Emu(_) => spec.emulated(p),
-                        Backend::Gpu(_) => spec.encode(p),
-                    };
-                    map.map(Arg::Map)
+                    let p = slot(i)?;
+                    Arg::Map(match backend {
+                        Backend::Emu(_) => spec.emulated(p)?,
+                        Backend::Gpu(_) => spec.encode(p)?,
+                    })
                 }
-                P::Null => Ok(Arg::Ptr(0)),
-                P::I32(v) => Ok(Arg::I32(v)),
-                P::F32(v) => Ok(Arg::F32(v)),
-            }?);
+                P::Null => Arg::Ptr(0),
+                P::I32(v) => Arg::I32(v),
+                P::F32(v) => Arg::F32(v),
+            };
         }
+        let args = &buf[..s.args.len()];
         // SAFETY: forwarded from this function's contract.
         unsafe {
             match backend {
-                Backend::Emu(e) => e.launch(s.kernel, s.shape, &args)?,
-                Backend::Gpu(g) => g.launch(s.file, s.kernel, s.shape, &args)?,
+                Backend::Emu(e) => e.launch(s.kernel, s.shape, args)?,
+                Backend::Gpu(g) => g.launch(s.file, s.kernel, s.shape, args)?,
             }
         }
     }
     Ok(())
 }
+
+/// The most parameters a plan step passes ([`run`]'s stack buffer); the widest kernels, the
+/// persistent GEMMs, take 18.
+pub const MAX_ARGS: usize = 24;
 
 /// A grid-stride launch over `n` elements: 256 threads, at most 4096 blocks.
 pub fn stride_shape(n: usize) -> LaunchShape {
@@ -236,10 +233,7 @@ impl DevBuf {
         let e = |e| anyhow!("copy to the device: {e:?}");
         Ok(match h {
             HostBuf::F32(v) => DevBuf::F32(st.clone_htod(v).map_err(e)?),
-            HostBuf::Bf16(v) => {
-                let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
-                DevBuf::U16(st.clone_htod(&bits).map_err(e)?)
-            }
+            HostBuf::Bf16(v) => DevBuf::U16(st.clone_htod(bf16_bits(v)).map_err(e)?),
             HostBuf::U8(v) => DevBuf::U8(st.clone_htod(v).map_err(e)?),
             HostBuf::I32(v) => DevBuf::I32(st.clone_htod(v).map_err(e)?),
         })

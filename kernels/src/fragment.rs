@@ -5,6 +5,7 @@ use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::launch::{check_len, Arg, LaunchShape};
 use crate::registry::FRAGMENT_TEST;
+use crate::testing::bf16_bits;
 use anyhow::{anyhow, Result};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use half::bf16;
@@ -92,10 +93,6 @@ pub fn ldmatrix_dump_emu(emu: &Emu, m: &[bf16], out: &mut [u32]) -> Result<()> {
 // GPU launchers. These are test kernels, so they take host slices and do the copies
 // themselves: the same parameters as the emulation launchers, ready for a device self-test.
 
-fn bits(v: &[bf16]) -> Vec<u16> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
 fn driver<T>(r: std::result::Result<T, cudarc::driver::DriverError>, what: &str) -> Result<T> {
     r.map_err(|e| anyhow!("{what}: {e:?}"))
 }
@@ -111,8 +108,8 @@ pub fn mma_direct_cuda(gpu: &Gpu, a: &[bf16], b: &[bf16], c: &[f32], d: &mut [f3
         check_len("frag_mma_direct", n, have, need)?;
     }
     let st = gpu.stream();
-    let da = driver(st.clone_htod(&bits(&a[..256])), "copy A")?;
-    let db = driver(st.clone_htod(&bits(&b[..128])), "copy B")?;
+    let da = driver(st.clone_htod(bf16_bits(&a[..256])), "copy A")?;
+    let db = driver(st.clone_htod(bf16_bits(&b[..128])), "copy B")?;
     let dc = driver(st.clone_htod(&c[..128]), "copy C")?;
     let mut dd = driver(st.clone_htod(&vec![f32::NAN; 128]), "alloc D")?;
     {
@@ -155,9 +152,9 @@ pub fn mma_ldmatrix_cuda(
         check_len("frag_mma_ldmatrix", n, have, need)?;
     }
     let st = gpu.stream();
-    let da = driver(st.clone_htod(&bits(&a[..256])), "copy A")?;
-    let db = driver(st.clone_htod(&bits(&b[..128])), "copy B")?;
-    let dbt = driver(st.clone_htod(&bits(&bt[..128])), "copy Bt")?;
+    let da = driver(st.clone_htod(bf16_bits(&a[..256])), "copy A")?;
+    let db = driver(st.clone_htod(bf16_bits(&b[..128])), "copy B")?;
+    let dbt = driver(st.clone_htod(bf16_bits(&bt[..128])), "copy Bt")?;
     let dc = driver(st.clone_htod(&c[..128]), "copy C")?;
     let mut dd1 = driver(st.clone_htod(&vec![f32::NAN; 128]), "alloc D1")?;
     let mut dd2 = driver(st.clone_htod(&vec![f32::NAN; 128]), "alloc D2")?;
@@ -188,7 +185,7 @@ pub fn ldmatrix_dump_cuda(gpu: &Gpu, m: &[bf16], out: &mut [u32]) -> Result<()> 
     check_len("frag_ldmatrix_dump", "M", m.len(), 256)?;
     check_len("frag_ldmatrix_dump", "out", out.len(), 6 * 32 * 4)?;
     let st = gpu.stream();
-    let dm = driver(st.clone_htod(&bits(&m[..256])), "copy M")?;
+    let dm = driver(st.clone_htod(bf16_bits(&m[..256])), "copy M")?;
     let mut dout = driver(st.clone_htod(&vec![0u32; 6 * 32 * 4]), "alloc out")?;
     {
         let (pm, _gm) = dm.device_ptr(st);

@@ -26,6 +26,7 @@ use crate::emu::Emu;
 use crate::exec::{Step, P};
 use crate::launch::{check_len, Arg, LaunchShape};
 use crate::registry::{KernelFile, GEMM, GEMM_WGMMA, GEMM_WGMMA_TMA, GEMM_WS};
+use crate::testing::bf16_bits;
 use crate::tma::MapSpec;
 use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
@@ -529,9 +530,12 @@ pub fn choose_split_k(sh: &GemmShape, path: GemmPath, sms: usize) -> usize {
     };
     let tiles = sh.m.div_ceil(tm) * sh.n.div_ceil(tn);
     let slots = sms * per_sm;
-    // Seconds: a k tile of one block, and a byte of device memory.
-    let k_tile = 2.0 * (tm * tn * 64) as f64 / (790e12 / 132.0) * per_sm as f64;
-    let byte = 1.0 / 4.3e12;
+    // Seconds: a k tile of one block (the chip's bf16 rate shared by its multiprocessors and
+    // their resident blocks), and a byte of device memory.
+    use crate::selftest::{H200_BF16_TFLOPS, H200_COPY_GBPS};
+    let k_tile =
+        2.0 * (tm * tn * 64) as f64 / (H200_BF16_TFLOPS * 1e12 / TUNED_SMS as f64) * per_sm as f64;
+    let byte = 1.0 / (H200_COPY_GBPS * 1e9);
     let cost = |s: usize| {
         let waves = (tiles * s).div_ceil(slots) as f64;
         let partials = if s > 1 {
@@ -665,11 +669,6 @@ impl GemmShape {
         if opts.dbias {
             steps[0].args[5] = P::At(6, s * mn);
         }
-        let int = |what: &str, v: usize| {
-            i32::try_from(v).map(P::I32).map_err(|_| {
-                anyhow::anyhow!("{what} = {v} does not fit the kernel's int parameter")
-            })
-        };
         let work = (mn / 4).max(self.m);
         steps.push(Step {
             file: &GEMM,
@@ -679,9 +678,10 @@ impl GemmShape {
                 P::Buf(6),
                 P::Buf(4),
                 if opts.dbias { P::Buf(5) } else { P::Null },
-                int("gemm M*N", mn)?,
-                int("gemm M", self.m)?,
-                int("gemm split", s)?,
+                // The partial products' plan has checked that split·M·N fits an int.
+                P::I32(mn as i32),
+                P::I32(self.m as i32),
+                P::I32(s as i32),
             ],
         });
         Ok(steps)
@@ -1024,13 +1024,12 @@ pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmC
         GemmOut::Bf16(&mut want),
         wg.then_some(wdb.as_mut_slice()),
     )?;
-    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
-    let da = st.clone_htod(&bits(&a)).map_err(driver)?;
-    let db = st.clone_htod(&bits(&b)).map_err(driver)?;
-    let dbias = st.clone_htod(&bits(&bias)).map_err(driver)?;
+    let da = st.clone_htod(bf16_bits(&a)).map_err(driver)?;
+    let db = st.clone_htod(bf16_bits(&b)).map_err(driver)?;
+    let dbias = st.clone_htod(bf16_bits(&bias)).map_err(driver)?;
     // ActGrad reads the pre-activation; SavePre overwrites the poison.
     let mut daux = match aux_use {
-        AuxUse::ActGrad => st.clone_htod(&bits(&u)),
+        AuxUse::ActGrad => st.clone_htod(bf16_bits(&u)),
         _ => st.clone_htod(&vec![0x7fc0u16; lc]),
     }
     .map_err(driver)?;
@@ -1122,9 +1121,8 @@ pub fn check_split_cuda(gpu: &Gpu, path: GemmPath) -> Result<GemmCheck> {
         GemmOut::F32(&mut want),
         Some(&mut wdb),
     )?;
-    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
-    let da = st.clone_htod(&bits(&a)).map_err(driver)?;
-    let db = st.clone_htod(&bits(&b)).map_err(driver)?;
+    let da = st.clone_htod(bf16_bits(&a)).map_err(driver)?;
+    let db = st.clone_htod(bf16_bits(&b)).map_err(driver)?;
     let mut dc = st.clone_htod(&vec![f32::NAN; lc]).map_err(driver)?;
     let mut ddb = st.clone_htod(&vec![f32::NAN; sh.m]).map_err(driver)?;
     let mut ws = st
@@ -2427,7 +2425,6 @@ mod tests {
             }
         };
         let st = gpu.stream().clone();
-        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
         for layout in LAYOUTS {
             for &(m, n, k) in &[(1, 64, 64), (130, 128, 72), (197, 768, 768), (33, 100, 40)] {
                 let sh = GemmShape {
@@ -2442,11 +2439,11 @@ mod tests {
                 let c = case(sh, true, true, false, seed);
                 let (want, wdb) = run(&c, None);
                 let (a, b) = (
-                    st.clone_htod(&bits(&c.a)).unwrap(),
-                    st.clone_htod(&bits(&c.b)).unwrap(),
+                    st.clone_htod(bf16_bits(&c.a)).unwrap(),
+                    st.clone_htod(bf16_bits(&c.b)).unwrap(),
                 );
-                let bias = st.clone_htod(&bits(c.bias.as_ref().unwrap())).unwrap();
-                let res = st.clone_htod(&bits(c.res.as_ref().unwrap())).unwrap();
+                let bias = st.clone_htod(bf16_bits(c.bias.as_ref().unwrap())).unwrap();
+                let res = st.clone_htod(bf16_bits(c.res.as_ref().unwrap())).unwrap();
                 let (_, _, lc) = sh.lens();
                 let mut o = st.clone_htod(&vec![BF16_POISON.to_bits(); lc]).unwrap();
                 let mut db = st.clone_htod(&vec![f32::NAN; sh.batch * m]).unwrap();

@@ -10,7 +10,7 @@
 use crate::attention::{self, AttnShape, HEAD_DIM};
 use crate::device::Gpu;
 use crate::gemm::{self, Activation, GemmCheck, GemmLayout, GemmOutCuda, GemmPath, GemmShape};
-use crate::testing::{f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
+use crate::testing::{bf16_bits, f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
 use anyhow::{anyhow, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
@@ -216,10 +216,6 @@ fn time_ms(gpu: &Gpu, cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> R
     Ok(times[times.len() / 2])
 }
 
-fn bits(v: &[bf16]) -> Vec<u16> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
 fn from_bits(v: Vec<u16>) -> Vec<bf16> {
     v.into_iter().map(bf16::from_bits).collect()
 }
@@ -325,7 +321,7 @@ fn check_attention(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
             &mut dv,
             &mut delta,
         )?;
-        let up = |x: &[bf16]| st.clone_htod(&bits(x)).map_err(|e| anyhow!("{e:?}"));
+        let up = |x: &[bf16]| st.clone_htod(bf16_bits(x)).map_err(|e| anyhow!("{e:?}"));
         let (gq, gk, gv, gdo, go_ref) = (up(&q)?, up(&k)?, up(&v)?, up(&d_o)?, up(&o)?);
         let glse_ref = st.clone_htod(&lse).map_err(|e| anyhow!("{e:?}"))?;
         let gsl = st.clone_htod(&sl).map_err(|e| anyhow!("{e:?}"))?;

@@ -60,20 +60,20 @@ impl LnShape {
     /// Rows of backward partials, G: the blocks of `layernorm_bwd`, or the warps of
     /// `layernorm_bwd_rows` (a multiple of 4), each summing rows g, g + G, ...
     fn bwd_blocks(&self) -> usize {
-        if self.fwd_rows() {
+        if self.warp_rows() {
             4 * self.n.div_ceil(4).min(BWD_ROWS_MAX_WARPS / 4)
         } else {
             self.n.min(BWD_MAX_BLOCKS)
         }
     }
-    /// Whether the forward runs `layernorm_fwd_rows` (one warp per row, the row in
-    /// registers, 16-byte accesses): C a multiple of 256 up to 1024.
-    fn fwd_rows(&self) -> bool {
+    /// Whether forward and backward run `layernorm_fwd_rows` and `layernorm_bwd_rows` (one
+    /// warp per row, the row in registers, 16-byte accesses): C a multiple of 256 up to 1024.
+    fn warp_rows(&self) -> bool {
         self.c % 256 == 0 && self.c <= 1024
     }
     /// The forward's kernel and launch.
     fn fwd_kernel(&self) -> (&'static str, LaunchShape) {
-        if self.fwd_rows() {
+        if self.warp_rows() {
             let grid = self.n.div_ceil(4) as u32;
             ("layernorm_fwd_rows", LaunchShape::linear(grid, 128, 0))
         } else {
@@ -86,7 +86,7 @@ impl LnShape {
     /// The backward's kernel and launch: `layernorm_bwd_rows` where the forward takes
     /// `layernorm_fwd_rows`, else `layernorm_bwd`.
     fn bwd_kernel(&self) -> (&'static str, LaunchShape) {
-        if self.fwd_rows() {
+        if self.warp_rows() {
             let blocks = (self.bwd_blocks() / 4) as u32;
             ("layernorm_bwd_rows", LaunchShape::linear(blocks, 128, 0))
         } else {
@@ -133,7 +133,7 @@ impl LnShape {
             .collect();
         // `validate` has checked that N·C fits an `int`.
         args.extend([P::I32(self.c as i32), P::F32(self.eps)]);
-        if self.fwd_rows() {
+        if self.warp_rows() {
             args.push(P::I32(self.n as i32));
         }
         let (kernel, shape) = self.fwd_kernel();
@@ -217,7 +217,7 @@ fn fwd_args(sh: LnShape, p: [Arg; 8]) -> Result<Vec<Arg>> {
     let mut a = p.to_vec();
     a.push(Arg::int("layernorm C", sh.c)?);
     a.push(Arg::F32(sh.eps));
-    if sh.fwd_rows() {
+    if sh.warp_rows() {
         a.push(Arg::int("layernorm N", sh.n)?);
     }
     Ok(a)
@@ -591,6 +591,7 @@ pub fn layernorm_backward_cuda(
 mod tests {
     use super::*;
     use crate::emu::Schedule;
+    use crate::testing::bf16_bits;
     use crate::testing::{
         bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng, BF16_POISON,
     };
@@ -1196,7 +1197,6 @@ mod tests {
             }
         };
         let st = gpu.stream().clone();
-        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
         let from_bits = |v: Vec<u16>| v.into_iter().map(bf16::from_bits).collect::<Vec<bf16>>();
         for &(n, c) in SHAPES {
             let sh = LnShape { n, c, eps: 1e-5 };
@@ -1217,16 +1217,16 @@ mod tests {
             .unwrap();
             let poison = poisoned_fwd(sh);
             let (x, r) = (
-                st.clone_htod(&bits(&i.x)).unwrap(),
-                st.clone_htod(&bits(&i.r)).unwrap(),
+                st.clone_htod(bf16_bits(&i.x)).unwrap(),
+                st.clone_htod(bf16_bits(&i.r)).unwrap(),
             );
             let (g, b) = (
-                st.clone_htod(&bits(&i.gamma)).unwrap(),
-                st.clone_htod(&bits(&i.beta)).unwrap(),
+                st.clone_htod(bf16_bits(&i.gamma)).unwrap(),
+                st.clone_htod(bf16_bits(&i.beta)).unwrap(),
             );
             let (mut s, mut y) = (
-                st.clone_htod(&bits(&poison.s)).unwrap(),
-                st.clone_htod(&bits(&poison.y)).unwrap(),
+                st.clone_htod(bf16_bits(&poison.s)).unwrap(),
+                st.clone_htod(bf16_bits(&poison.y)).unwrap(),
             );
             let (mut m, mut v) = (
                 st.clone_htod(&poison.mean).unwrap(),
@@ -1270,8 +1270,8 @@ mod tests {
                 &mut db0, &mut p0,
             )
             .unwrap();
-            let ddy = st.clone_htod(&bits(&dy)).unwrap();
-            let mut dds = st.clone_htod(&bits(&vec![BF16_POISON; n * c])).unwrap();
+            let ddy = st.clone_htod(bf16_bits(&dy)).unwrap();
+            let mut dds = st.clone_htod(bf16_bits(&vec![BF16_POISON; n * c])).unwrap();
             let (mut ddg, mut ddb) = (
                 st.clone_htod(&vec![f32::NAN; c]).unwrap(),
                 st.clone_htod(&vec![f32::NAN; c]).unwrap(),

@@ -225,6 +225,21 @@ pub const KERNEL_FILES: &[&KernelFile] = &[
 mod tests {
     use super::*;
 
+    /// Each kernel `src` defines with its parameter count (commas of its parameter list).
+    fn kernel_params(src: &str) -> Vec<(String, usize)> {
+        kernel_names(src)
+            .into_iter()
+            .map(|name| {
+                let at = src.find(&format!("{name}(")).unwrap_or(0) + name.len() + 1;
+                let list = src[at..].split(')').next().unwrap_or("");
+                (
+                    name,
+                    list.split(',').filter(|p| !p.trim().is_empty()).count(),
+                )
+            })
+            .collect()
+    }
+
     /// The names of the kernels `src` defines: `MMKD_KERNEL void NAME(`, with an optional
     /// `__launch_bounds__(...)` before the name.
     fn kernel_names(src: &str) -> Vec<String> {
@@ -256,6 +271,14 @@ mod tests {
             );
             assert!(src.contains("MMKD_PRELUDE_CUH"), "{}", f.name);
             let defined = kernel_names(f.source);
+            // Every kernel's parameters fit the buffer plans are launched through.
+            for (name, params) in kernel_params(f.source) {
+                assert!(
+                    params <= crate::exec::MAX_ARGS,
+                    "{}: {name} takes {params} parameters, more than exec::MAX_ARGS",
+                    f.name
+                );
+            }
             for e in f.entries {
                 assert!(
                     defined.iter().any(|d| d == e),

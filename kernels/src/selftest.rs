@@ -374,15 +374,16 @@ fn ln_cases(n: usize, c: usize, seed: u64, check: bool) -> Result<Vec<Case>> {
     use crate::layernorm::{
         backward_scratch_len, layernorm_backward_cpu, layernorm_forward_cpu, LnShape,
     };
+    use crate::testing::random_bf16;
     let sh = LnShape { n, c, eps: 1e-5 };
     let nc = n * c;
     let mut g = rng(seed);
-    let x = crate::testing::random_bf16(&mut g, nc, 0.5, 3.0);
-    let r = crate::testing::random_bf16(&mut g, nc, -1.0, 1.0);
-    let gamma = crate::testing::random_bf16(&mut g, c, 0.5, 1.5);
-    let beta = crate::testing::random_bf16(&mut g, c, -0.5, 0.5);
-    let dy = crate::testing::random_bf16(&mut g, nc, -1.0, 1.0);
-    let dres = crate::testing::random_bf16(&mut g, nc, -0.5, 0.5);
+    let x = random_bf16(&mut g, nc, 0.5, 3.0);
+    let r = random_bf16(&mut g, nc, -1.0, 1.0);
+    let gamma = random_bf16(&mut g, c, 0.5, 1.5);
+    let beta = random_bf16(&mut g, c, -0.5, 0.5);
+    let dy = random_bf16(&mut g, nc, -1.0, 1.0);
+    let dres = random_bf16(&mut g, nc, -0.5, 0.5);
     // The reference forward (with the residual) gives the backward's s, mean and rstd.
     let (mut s, mut y) = (vec![bf16::ZERO; nc], vec![bf16::ZERO; nc]);
     let (mut mean, mut rstd) = (vec![0.0f32; n], vec![0.0f32; n]);

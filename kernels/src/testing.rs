@@ -58,6 +58,11 @@ pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
     }
 }
 
+/// The raw bits of bf16 values, as the device buffers hold them (no copy).
+pub fn bf16_bits(v: &[bf16]) -> &[u16] {
+    bytemuck::cast_slice(v)
+}
+
 /// Widens bf16 values for [`rel_err`].
 pub fn bf16_to_f64(v: &[bf16]) -> Vec<f64> {
     v.iter().map(|x| f64::from(x.to_f32())).collect()

@@ -9,6 +9,7 @@ use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::launch::{check_len, Arg, LaunchShape};
 use crate::registry::WGMMA_TEST;
+use crate::testing::bf16_bits;
 use anyhow::Result;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use half::bf16;
@@ -120,10 +121,9 @@ pub fn wgmma_gpu(
 ) -> Result<()> {
     check(a, b, c, d.len())?;
     let (a, b) = kernel.stage(a, b);
-    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
     let s = gpu.stream();
-    let da = driver(s.clone_htod(&bits(&a)), "copy A")?;
-    let db = driver(s.clone_htod(&bits(&b)), "copy B")?;
+    let da = driver(s.clone_htod(bf16_bits(&a)), "copy A")?;
+    let db = driver(s.clone_htod(bf16_bits(&b)), "copy B")?;
     let dc = driver(s.clone_htod(c), "copy C")?;
     let mut dd = driver(s.clone_htod(&vec![f32::NAN; d.len()]), "alloc D")?;
     {

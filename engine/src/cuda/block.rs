@@ -1027,13 +1027,8 @@ impl CudaBlock {
     /// The kernels of the forward and of the backward plan at the longest length, in launch
     /// order.
     pub fn kernel_names(&self) -> (Vec<&'static str>, Vec<&'static str>) {
-        let names = |v: &[Step]| v.iter().map(|s| s.kernel).collect();
-        self.plans
-            .last()
-            .and_then(OnceLock::get)
-            .map_or((Vec::new(), Vec::new()), |p| {
-                (names(&p.forward), names(&p.backward))
-            })
+        // `new` built these plans, so this cannot fail.
+        self.kernel_names_at(self.dims.len).unwrap_or_default()
     }
 
     /// The padded length L of the current batch (the last one set; `dims().len` before any).
