@@ -36,6 +36,26 @@ fn main() {
         // 2011 for those, which concerns no caller here.
         .flag_if_supported("-Wno-psabi")
         .file(cuda.join("mmkd_emu.cpp"));
+    // `MMKD_EMU_SANITIZE=address` instruments the emulated kernels with AddressSanitizer, so an
+    // access past a buffer's end fails the run instead of reading a neighbour's bytes (on a GPU
+    // it would be an illegal address). It needs the runtime preloaded and `halt_on_error=0`, so
+    // that a report fails the launch (naming the block and thread) instead of ending the
+    // process: `tools/emu-sanitize.sh` sets both and runs the emulated tests this way.
+    println!("cargo:rerun-if-env-changed=MMKD_EMU_SANITIZE");
+    println!("cargo::rustc-check-cfg=cfg(mmkd_emu_asan)");
+    match std::env::var("MMKD_EMU_SANITIZE").as_deref() {
+        Ok("address") => {
+            build
+                .flag("-fsanitize=address")
+                .flag("-fsanitize-recover=address")
+                .flag("-fno-omit-frame-pointer")
+                .define("MMKD_EMU_ASAN", "1");
+            println!("cargo:rustc-link-lib=dylib=asan");
+            println!("cargo:rustc-cfg=mmkd_emu_asan");
+        }
+        Ok("") | Err(_) => {}
+        Ok(other) => panic!("MMKD_EMU_SANITIZE={other}: only `address` is supported"),
+    }
     for path in &sources {
         println!("cargo:rerun-if-changed={}", path.display());
         if path.extension().and_then(|e| e.to_str()) != Some("cu") {

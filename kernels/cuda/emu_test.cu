@@ -2,7 +2,8 @@
 // votes, exited threads at barriers, deferred cp.async). They also compile under NVRTC, so the
 // same checks can run on a GPU.
 //
-// Defines: emu_warp_ops, emu_exit_before_barrier, emu_shfl_after_exit, emu_cp_async_order.
+// Defines: emu_warp_ops, emu_exit_before_barrier, emu_shfl_after_exit, emu_cp_async_order,
+// emu_copy_n, emu_smem_n.
 #include "prelude.cuh"
 
 // block (64): two warps. out (64, 10) ints.
@@ -60,3 +61,23 @@ MMKD_KERNEL void emu_cp_async_order(const float* __restrict__ src,  // (2, 32)
     out[64 + t] = buf[32 + t];
 }
 MMKD_EXPORT(emu_cp_async_order)
+
+// One block. y[i] = x[i] for i < n: correct for any n the buffers hold. The sanitizer's test
+// (MMKD_EMU_SANITIZE=address) launches it with n one past the end of x, which must fail.
+MMKD_KERNEL void emu_copy_n(const float* __restrict__ x,  // (n)
+                            float* __restrict__ y,        // (n)
+                            int n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = x[i];
+}
+MMKD_EXPORT(emu_copy_n)
+
+// One block, dynamic shared memory of at least n floats: out[i] = i through shared memory. The
+// sanitizer's test launches it with one float too little shared memory, which must fail.
+MMKD_KERNEL void emu_smem_n(float* __restrict__ out,  // (n)
+                            int n) {
+    MMKD_DYNAMIC_SMEM(float, buf);  // (n)
+    for (int i = threadIdx.x; i < n; i += blockDim.x) buf[i] = (float)i;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = buf[i];
+}
+MMKD_EXPORT(emu_smem_n)

@@ -4,6 +4,11 @@
 
 #include <ucontext.h>
 
+#ifdef MMKD_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -51,6 +56,7 @@ struct MBar {
 
 struct Fiber {
     ucontext_t ctx;
+    char* stack;  // kStackBytes, owned by the launch
     dim3 tid;
     unsigned linear;
     State state;
@@ -102,6 +108,61 @@ thread_local Fiber* g_fiber = nullptr;
 thread_local std::string g_error;
 thread_local Schedule g_schedule;
 
+// Context switches. Under AddressSanitizer (MMKD_EMU_ASAN) each switch announces the stack it
+// lands on, so the checks know which stack is live; the scheduler's own stack is learnt from
+// the first switch into a fiber.
+#ifdef MMKD_EMU_ASAN
+thread_local const void* g_sched_stack = nullptr;
+thread_local size_t g_sched_stack_bytes = 0;
+#endif
+
+void switch_to_fiber(Block& b, Fiber& f);
+// `for_good`: the fiber never runs again (it exited or failed).
+void switch_to_scheduler(Fiber& f, Block& b, bool for_good) {
+#ifdef MMKD_EMU_ASAN
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(for_good ? nullptr : &fake, g_sched_stack, g_sched_stack_bytes);
+#else
+    (void)for_good;
+#endif
+    swapcontext(&f.ctx, &b.sched);
+#ifdef MMKD_EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, &g_sched_stack, &g_sched_stack_bytes);
+#endif
+}
+
+// The first words a fiber runs: completes the switch that started it.
+void fiber_started() {
+#ifdef MMKD_EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &g_sched_stack, &g_sched_stack_bytes);
+#endif
+}
+
+#ifdef MMKD_EMU_ASAN
+// The first report of an out-of-bounds (or otherwise invalid) access inside the running block;
+// the launch fails with it once the fiber yields. The build recovers from reports
+// (-fsanitize-recover=address), so the kernel runs on until then.
+thread_local std::string g_asan_report;
+
+void on_asan_report(const char* report) {
+    if (g_block == nullptr) {
+        // Not inside an emulated kernel: host code is not ours to excuse.
+        std::fputs(report, stderr);
+        std::abort();
+    }
+    if (!g_asan_report.empty()) return;
+    std::string r(report);
+    size_t at = r.find("AddressSanitizer: ");
+    std::string line = at == std::string::npos ? std::string("AddressSanitizer report") : r.substr(at);
+    line = line.substr(0, line.find('\n'));
+    char buf[96] = "";
+    if (g_fiber != nullptr)
+        std::snprintf(buf, sizeof buf, " (block (%u,%u,%u), thread (%u,%u,%u))", g_block->bidx.x,
+                      g_block->bidx.y, g_block->bidx.z, g_fiber->tid.x, g_fiber->tid.y, g_fiber->tid.z);
+    g_asan_report = "invalid memory access: " + line + buf;
+}
+#endif
+
 Schedule current_schedule() {
     if (g_schedule.mode >= 0) return g_schedule;
     Schedule s;
@@ -124,7 +185,7 @@ uint64_t splitmix(uint64_t& x) {
     return z ^ (z >> 31);
 }
 
-void yield_to_scheduler() { swapcontext(&g_fiber->ctx, &g_block->sched); }
+void yield_to_scheduler() { switch_to_scheduler(*g_fiber, *g_block, false); }
 
 void release_barrier(Block& b) {
     for (auto& f : b.fibers)
@@ -144,6 +205,7 @@ void release_warp(Block& b, unsigned warp) {
 }
 
 void fiber_entry() {
+    fiber_started();
     Block& b = *g_block;
     b.body(b.ctx);
     Fiber& f = *g_fiber;
@@ -153,7 +215,28 @@ void fiber_entry() {
     b.live--;
     // An exited thread no longer holds up a barrier.
     if (b.bar_arrived > 0 && b.bar_arrived == b.live) release_barrier(b);
-    swapcontext(&f.ctx, &b.sched);
+    switch_to_scheduler(f, b, true);
+}
+
+void switch_to_fiber(Block& b, Fiber& f) {
+#ifdef MMKD_EMU_ASAN
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, f.stack, kStackBytes);
+#endif
+    swapcontext(&b.sched, &f.ctx);
+#ifdef MMKD_EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+// Separate from run_block: getcontext returns twice, which would leave run_block's loop
+// variables "clobbered" in the compiler's eyes.
+__attribute__((noinline)) void init_fiber(Fiber& f) {
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_entry, 0);
 }
 
 bool run_block(Block& b, std::vector<char*>& stacks) {
@@ -176,11 +259,8 @@ bool run_block(Block& b, std::vector<char*>& stacks) {
         f.groups.clear();
         f.wg_open.clear();
         f.wg_groups.clear();
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = stacks[i];
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, fiber_entry, 0);
+        f.stack = stacks[i];
+        init_fiber(f);
     }
     for (;;) {
         bool progress = false;
@@ -188,8 +268,15 @@ bool run_block(Block& b, std::vector<char*>& stacks) {
             Fiber& f = b.fibers[b.order[k]];
             if (f.state != RUNNABLE) continue;
             g_fiber = &f;
-            swapcontext(&b.sched, &f.ctx);
+            switch_to_fiber(b, f);
             g_fiber = nullptr;
+#ifdef MMKD_EMU_ASAN
+            if (!g_asan_report.empty()) {
+                g_error = g_asan_report;
+                g_asan_report.clear();
+                return false;
+            }
+#endif
             if (b.failed) return false;
             progress = true;
         }
@@ -237,7 +324,7 @@ void fail(const char* msg) {
     g_error = buf;
     g_block->failed = true;
     g_fiber->state = DONE;
-    swapcontext(&g_fiber->ctx, &g_block->sched);
+    switch_to_scheduler(*g_fiber, *g_block, true);
     std::abort();  // never resumed
 }
 
@@ -646,6 +733,14 @@ void tma_load_3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* b
 
 const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
     g_error.clear();
+#ifdef MMKD_EMU_ASAN
+    static bool callback_set = [] {
+        __asan_set_error_report_callback(on_asan_report);
+        return true;
+    }();
+    (void)callback_set;
+    g_asan_report.clear();
+#endif
     if (g_block != nullptr) {
         g_error = "kernel launched from inside a kernel";
         return g_error.c_str();
@@ -677,6 +772,12 @@ const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
     uintptr_t base = reinterpret_cast<uintptr_t>(smem.data());
     b.dyn_smem = smem.data() + ((1024 - base % 1024) % 1024) + 16;
     b.dyn_bytes = cfg->shared_bytes;
+#ifdef MMKD_EMU_ASAN
+    // The slack around dynamic shared memory is off limits, as it is on the GPU.
+    ASAN_POISON_MEMORY_REGION(smem.data(), (size_t)(b.dyn_smem - smem.data()));
+    ASAN_POISON_MEMORY_REGION(b.dyn_smem + b.dyn_bytes,
+                              (size_t)(smem.data() + smem.size() - (b.dyn_smem + b.dyn_bytes)));
+#endif
     std::vector<char*> stacks(b.nthreads);
     for (auto& s : stacks) s = static_cast<char*>(std::malloc(kStackBytes));
     Schedule sch = current_schedule();
@@ -701,6 +802,9 @@ const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
                 ok = run_block(b, stacks);
             }
     g_block = nullptr;
+#ifdef MMKD_EMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(smem.data(), smem.size());
+#endif
     for (auto s : stacks) std::free(s);
     return ok ? nullptr : g_error.c_str();
 }
@@ -712,4 +816,17 @@ const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
 extern "C" void mmkd_emu_set_schedule(int mode, uint64_t seed) {
     mmkd_emu::g_schedule.mode = mode;
     mmkd_emu::g_schedule.seed = seed;
+}
+
+/// Marks host memory off limits to instrumented code (on != 0) or back in bounds; a no-op
+/// unless the emulation is built with AddressSanitizer.
+extern "C" void mmkd_emu_poison(const void* ptr, size_t bytes, int on) {
+#ifdef MMKD_EMU_ASAN
+    if (on) ASAN_POISON_MEMORY_REGION(ptr, bytes);
+    else ASAN_UNPOISON_MEMORY_REGION(ptr, bytes);
+#else
+    (void)ptr;
+    (void)bytes;
+    (void)on;
+#endif
 }

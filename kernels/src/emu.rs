@@ -24,6 +24,7 @@ macro_rules! emu_kernels {
         extern "C" {
             $(fn $sym(cfg: *const EmuLaunchCfg, args: *mut *mut c_void) -> *const c_char;)*
             fn mmkd_emu_set_schedule(mode: i32, seed: u64);
+            fn mmkd_emu_poison(ptr: *const c_void, bytes: usize, on: i32);
         }
         /// Every emulated entry point: `kernel` or `variant:kernel`.
         const EMU_TABLE: &[(&str, EmuEntry)] = &[$(($name, $sym),)*];
@@ -69,6 +70,8 @@ emu_kernels! {
     "emu_exit_before_barrier" => mmkd_emu_emu_exit_before_barrier,
     "emu_shfl_after_exit" => mmkd_emu_emu_shfl_after_exit,
     "emu_cp_async_order" => mmkd_emu_emu_cp_async_order,
+    "emu_copy_n" => mmkd_emu_emu_copy_n,
+    "emu_smem_n" => mmkd_emu_emu_smem_n,
     "mtl_normalize_f32" => mmkd_emu_mtl_normalize_f32,
     "mtl_normalize_bf16" => mmkd_emu_mtl_normalize_bf16,
     "mtl_targets_f32" => mmkd_emu_mtl_targets_f32,
@@ -123,6 +126,34 @@ emu_kernels! {
     "attn_bwd_dkdv" => mmkd_emu_attn_bwd_dkdv,
     "attn_bwd_dq" => mmkd_emu_attn_bwd_dq,
     "broken_rescale:attn_fwd" => mmkd_emu_broken_rescale_attn_fwd,
+}
+
+/// True when the emulated kernels are instrumented with AddressSanitizer (built with
+/// `MMKD_EMU_SANITIZE=address`, run by `tools/emu-sanitize.sh`): a kernel's access outside
+/// every buffer, or into memory marked off limits with [`guard_host`], fails its launch with
+/// an error naming the block and thread.
+pub const SANITIZED: bool = cfg!(mmkd_emu_asan);
+
+/// Marks `bytes` bytes at `ptr` off limits to emulated kernels (a no-op unless
+/// [`SANITIZED`]). Host memory between the buffers of one allocation, such as the slack after
+/// an arena region, is guarded this way, so a kernel that overruns its region into the next
+/// fails under the sanitizer instead of reading the neighbour.
+///
+/// # Safety
+/// The range must lie inside one live allocation and be [`unguard_host`]ed before that
+/// allocation is freed or reused by code that may touch it.
+pub unsafe fn guard_host(ptr: *const u8, bytes: usize) {
+    // SAFETY: only updates the sanitizer's shadow of memory the caller owns.
+    unsafe { mmkd_emu_poison(ptr.cast(), bytes, 1) }
+}
+
+/// Undoes [`guard_host`] for `bytes` bytes at `ptr`.
+///
+/// # Safety
+/// As for [`guard_host`].
+pub unsafe fn unguard_host(ptr: *const u8, bytes: usize) {
+    // SAFETY: as above.
+    unsafe { mmkd_emu_poison(ptr.cast(), bytes, 0) }
 }
 
 /// The order in which the scheduler resumes the threads of a block. Results of a correct
@@ -324,6 +355,62 @@ mod tests {
         );
         assert_eq!(&out[32..64], &src[..32]);
         assert_eq!(&out[64..96], &src[32..64]);
+    }
+
+    #[test]
+    fn out_of_bounds_accesses_fail_under_the_sanitizer() {
+        if !SANITIZED {
+            eprintln!(
+                "skipped: the emulation is not instrumented (tools/emu-sanitize.sh runs this test)"
+            );
+            return;
+        }
+        let x: Vec<f32> = (0..40).map(|i| i as f32).collect();
+        let mut y = vec![f32::NAN; 41];
+        let copy = |y: &mut [f32], n: i32| {
+            let args = [Arg::host(&x), Arg::host_mut(y), Arg::I32(n)];
+            // SAFETY: the sanitizer's own probe: with n = 41 the kernel reads one float past
+            // x, which the instrumented build reports instead of performing.
+            unsafe { Emu::default().launch("emu_copy_n", block(32, 0), &args) }
+        };
+        copy(&mut y, 40).unwrap();
+        assert_eq!(&y[..40], &x[..]);
+        let e = copy(&mut y, 41).unwrap_err().to_string();
+        assert!(e.contains("heap-buffer-overflow"), "{e}");
+        assert!(
+            e.contains("thread (8,0,0)"),
+            "the report names the thread: {e}"
+        );
+
+        let mut out = vec![f32::NAN; 41];
+        let smem = |out: &mut [f32], n: i32, floats: u32| {
+            let args = [Arg::host_mut(out), Arg::I32(n)];
+            // SAFETY: as above, for dynamic shared memory one float too small.
+            unsafe { Emu::default().launch("emu_smem_n", block(32, 4 * floats), &args) }
+        };
+        smem(&mut out, 41, 41).unwrap();
+        assert!(out.iter().enumerate().all(|(i, &v)| v == i as f32));
+        let e = smem(&mut out, 41, 40).unwrap_err().to_string();
+        assert!(e.contains("use-after-poison"), "{e}");
+
+        // Guarded host memory inside one allocation: the first 40 floats of a 48 stay usable.
+        let big = vec![0.5f32; 48];
+        let tail = big[40..].as_ptr().cast::<u8>();
+        // SAFETY: the 32 bytes after the 40th float lie inside `big`, unguarded below.
+        unsafe { guard_host(tail, 32) };
+        let run = |n: i32| {
+            let mut y = vec![0.0f32; 48];
+            let args = [Arg::host(&big), Arg::host_mut(&mut y), Arg::I32(n)];
+            // SAFETY: `big` holds 48 floats; past 40 they are guarded, which is the probe.
+            unsafe { Emu::default().launch("emu_copy_n", block(32, 0), &args) }
+        };
+        let inside = run(40);
+        let past = run(41);
+        // SAFETY: as above.
+        unsafe { unguard_host(tail, 32) };
+        inside.unwrap();
+        let e = past.unwrap_err().to_string();
+        assert!(e.contains("use-after-poison"), "{e}");
     }
 
     #[test]

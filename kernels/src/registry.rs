@@ -117,6 +117,8 @@ pub const EMU_TEST: KernelFile = KernelFile {
         "emu_exit_before_barrier",
         "emu_shfl_after_exit",
         "emu_cp_async_order",
+        "emu_copy_n",
+        "emu_smem_n",
     ],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],

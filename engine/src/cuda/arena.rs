@@ -19,6 +19,26 @@ pub const ALIGN: usize = 256;
 /// length occupy 512 and 256 bytes per unit and sections of either type are gap-free.
 pub const PAD_ELEMS: usize = 128;
 
+/// True for the sections whose regions kernels only address one by one, never as one span
+/// (activations, scratch and tables; the parameter sections are cast, clipped and updated
+/// whole). Under the instrumented emulation ([`mmkd_kernels::emu::SANITIZED`]) each of their
+/// regions is followed by a guard of [`PAD_ELEMS`] elements besides its padding, and the bytes
+/// between its last element and the next region are off limits, so a kernel that overruns a
+/// region fails its launch instead of reading or writing its neighbour.
+fn guarded(section: Section) -> bool {
+    matches!(section, Section::Acts | Section::Scratch | Section::Tables)
+}
+
+/// Elements reserved for a region of `len` elements in `section`.
+fn reserve(section: Section, len: usize) -> usize {
+    let guard = if mmkd_kernels::emu::SANITIZED && guarded(section) {
+        PAD_ELEMS
+    } else {
+        0
+    };
+    len.div_ceil(PAD_ELEMS) * PAD_ELEMS + guard
+}
+
 /// What a region holds; regions of one section are added back to back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Section {
@@ -74,7 +94,8 @@ pub struct Region {
     pub dtype: Dtype,
     /// Elements in use.
     pub len: usize,
-    /// Elements reserved (`len` rounded up to [`PAD_ELEMS`]); the padding stays zero.
+    /// Elements reserved (`len` rounded up to [`PAD_ELEMS`], plus a guard under the
+    /// instrumented emulation); the padding stays zero.
     pub reserved: usize,
     /// Byte offset from the arena's base, a multiple of [`ALIGN`].
     pub offset: usize,
@@ -152,7 +173,7 @@ impl Layout {
                 last.section
             );
         }
-        let reserved = len.div_ceil(PAD_ELEMS) * PAD_ELEMS;
+        let reserved = reserve(section, len);
         let offset = self.bytes.div_ceil(ALIGN) * ALIGN;
         let r = Region {
             name: name.to_string(),
@@ -274,13 +295,51 @@ pub struct Arena {
     mem: Mem,
 }
 
+impl Drop for Arena {
+    fn drop(&mut self) {
+        if let (true, Mem::Host { buf, .. }) = (mmkd_kernels::emu::SANITIZED, &self.mem) {
+            // SAFETY: the whole buffer, still alive; the allocator may reuse it next.
+            unsafe { mmkd_kernels::emu::unguard_host(buf.as_ptr().cast(), buf.len() * ALIGN) };
+        }
+    }
+}
+
 impl Arena {
     /// Host memory for `layout`, run by the emulation `emu`.
     pub fn host(layout: Layout, emu: Emu) -> Self {
         let buf = vec![Chunk([0; ALIGN]); layout.bytes().div_ceil(ALIGN)];
-        Arena {
+        let arena = Arena {
             layout,
             mem: Mem::Host { emu, buf },
+        };
+        if mmkd_kernels::emu::SANITIZED {
+            arena.guard_host_slack();
+        }
+        arena
+    }
+
+    /// Marks, in host memory, the bytes after each guarded region's last element up to the
+    /// next region (or the end) off limits to the instrumented kernels.
+    fn guard_host_slack(&self) {
+        let Mem::Host { buf, .. } = &self.mem else {
+            return;
+        };
+        let total = buf.len() * ALIGN;
+        let mut starts: Vec<usize> = self.layout.regions.iter().map(|r| r.offset).collect();
+        starts.sort_unstable();
+        for r in self.layout.regions.iter().filter(|r| guarded(r.section)) {
+            let end = r.offset + r.len * r.dtype.bytes();
+            let next = starts
+                .iter()
+                .copied()
+                .find(|&o| o > r.offset)
+                .unwrap_or(total);
+            if next > end {
+                // SAFETY: [end, next) lies inside `buf`, which `Drop` unguards before freeing.
+                unsafe {
+                    mmkd_kernels::emu::guard_host(buf.as_ptr().cast::<u8>().add(end), next - end)
+                };
+            }
         }
     }
 
@@ -571,6 +630,40 @@ impl Arena {
                 .stream()
                 .synchronize()
                 .map_err(|e| anyhow!("waiting for the device: {e:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmkd_kernels::elementwise::Ew;
+
+    /// Under the instrumented emulation (`tools/emu-sanitize.sh`), a kernel that runs past
+    /// its region into the next one fails; in bounds, the same plan runs.
+    #[test]
+    fn overrunning_a_region_fails_under_the_sanitizer() {
+        if !mmkd_kernels::emu::SANITIZED {
+            eprintln!(
+                "skipped: the emulation is not instrumented (tools/emu-sanitize.sh runs this test)"
+            );
+            return;
+        }
+        for (len, section) in [(256, Section::Acts), (300, Section::Scratch)] {
+            let mut lay = Layout::new();
+            let x = lay.add("x", section, Dtype::F32, len).unwrap();
+            let y = lay.add("y", section, Dtype::F32, len).unwrap();
+            let mut arena = Arena::host(lay, Emu::default());
+            arena.write_f32(x, &vec![1.0; len]).unwrap();
+            let copy = |n: usize| Ew::AxpbyF32 { n, a: 1.0, b: 0.0 }.plan().unwrap();
+            // SAFETY: `len` elements lie inside both regions.
+            unsafe { arena.run(&copy(len), &[(x, 0), (y, 0)]) }.unwrap();
+            assert_eq!(arena.read_f32(y).unwrap(), vec![1.0; len]);
+            // SAFETY: the probe: one element past both regions, into their guards.
+            let e = unsafe { arena.run(&copy(len + 1), &[(x, 0), (y, 0)]) }
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("use-after-poison"), "{len}: {e}");
         }
     }
 }
