@@ -23,15 +23,21 @@ const BATCH: usize = 2;
 
 /// A tiny student whose towers have 64-wide heads (the attention kernel's width).
 fn config() -> ModelConfig {
-    let src = r#"
+    config_sized(32, 8, 2)
+}
+
+/// [`config`] with another image tower: image side, patch side and blocks.
+fn config_sized(image: usize, patch: usize, layers: usize) -> ModelConfig {
+    let src = format!(
+        r#"
 embed_dim = 64
 seed = 0
 
 [vision]
-image_size = 32
-patch_size = 8
+image_size = {image}
+patch_size = {patch}
 width = 128
-layers = 2
+layers = {layers}
 heads = 2
 mlp_ratio = 4.0
 act = "quick_gelu"
@@ -47,8 +53,9 @@ act = "gelu"
 norm = "post"
 causal = false
 pooling = "cls"
-"#;
-    ModelConfig::from_toml_str(src, "cuda_tower test config").unwrap()
+"#
+    );
+    ModelConfig::from_toml_str(&src, "cuda_tower test config").unwrap()
 }
 
 /// `n` values uniform in [lo, hi), rounded to bf16 and kept as f32.
@@ -190,7 +197,10 @@ struct Case {
 }
 
 fn case() -> Case {
-    let cfg = config();
+    case_with(config())
+}
+
+fn case_with(cfg: ModelConfig) -> Case {
     let dims = ImageTowerDims::from_config(&cfg, BATCH).unwrap();
     let tower = CudaImageTower::new(dims).unwrap();
     let names = tower.param_names();
@@ -270,6 +280,32 @@ fn image_tower_matches_tape_and_a_wrong_position_offset_fails() {
         feat > TOL,
         "features unaffected by shifted positions: {feat:.3e}"
     );
+}
+
+/// 512 patch tokens: the patch embedding's weight gradient is split along the tokens in the
+/// blocks' workspace (as the blocks' own are, over 514 tokens), and every gradient still
+/// matches the tape.
+#[test]
+fn image_tower_with_split_weight_gradients_matches_tape() {
+    let c = case_with(config_sized(64, 4, 1));
+    let kernels = c.tower.embed_backward_kernels();
+    assert_eq!(
+        kernels.last(),
+        Some(&"gemm_splitk_reduce"),
+        "the patch embedding's weight gradient did not split: {kernels:?}"
+    );
+    let mut arena = Arena::host(c.tower.layout().clone(), Emu::default());
+    prepare(&c.tower, &mut arena, &c.model, &c.img, &c.dfeat);
+    let got = cuda_run(&c.tower, &mut arena);
+    let rows = errors(&c.names, &got, &c.want);
+    report("image tower, 512 patch tokens, emulation", c.seed, &rows);
+    for (name, e) in &rows {
+        assert!(
+            *e <= TOL,
+            "seed {}: `{name}` rel err {e:.3e} > {TOL:e}",
+            c.seed
+        );
+    }
 }
 
 #[test]

@@ -99,7 +99,7 @@ impl BlockDims {
     /// The split of K for the gradient of an (out, in) weight over `tokens` tokens
     /// ([`choose_split_k`], tuned for [`TUNED_SMS`]), halved until its workspace fits `cap`
     /// fp32 elements; and that workspace's length.
-    fn weight_grad_split(
+    pub(super) fn weight_grad_split(
         &self,
         (out, inp): (usize, usize),
         tokens: usize,
@@ -998,6 +998,13 @@ impl CudaBlock {
     /// The sizes the block was built for.
     pub fn dims(&self) -> &BlockDims {
         &self.dims
+    }
+
+    /// The split-K workspace of the block's weight gradients (shared by its twins); absent
+    /// when none splits. Its tower's other weight gradients borrow it once the blocks' backward
+    /// is done.
+    pub(super) fn split_workspace(&self) -> Option<RegionId> {
+        self.acts.s.split
     }
 
     /// The arena layout (for a block made by [`CudaBlock::in_layout`], the shared table as

@@ -158,6 +158,9 @@ struct Regions {
     cls_rows: RegionId,
     dy_rows: RegionId,
     bad: RegionId,
+    /// The split-K workspace of the patch embedding's weight gradient: the blocks' (free once
+    /// their backward is done) where it is large enough, else its own; absent without a split.
+    split: Option<RegionId>,
 }
 
 /// The image tower's arena layout and its plans.
@@ -227,6 +230,13 @@ impl CudaImageTower {
             let blk = CudaBlock::in_layout(bd, lay, &block_prefix(i), blocks.last())?;
             blocks.push(blk);
         }
+        // The patch embedding's weight is as small as a block's output projection and its K
+        // (B·patches) as long, so its gradient splits along the tokens too.
+        let patch_split = bd.weight_grad_split((w, k), b * np, usize::MAX).1;
+        let blocks_split = blocks
+            .first()
+            .and_then(CudaBlock::split_workspace)
+            .filter(|&id| lay.region(id).len >= patch_split);
         let (bfl, f32l) = (Dtype::Bf16, Dtype::F32);
         let mut add = |sec: Section, kind: &str, name: &str, dt: Dtype, n: usize| {
             lay.add(&format!("{kind}.visual.{name}"), sec, dt, n)
@@ -284,6 +294,11 @@ impl CudaImageTower {
             cls_rows: add(t, "table", "cls_rows", Dtype::I32, b)?,
             dy_rows: add(t, "table", "dy_rows", Dtype::I32, m)?,
             bad: add(t, "table", "bad_index_count", Dtype::I32, 1)?,
+            split: match (patch_split, blocks_split) {
+                (0, _) => None,
+                (_, Some(id)) => Some(id),
+                (n, None) => Some(add(s, "scratch", "splitk", f32l, n)?),
+            },
         };
         let mut tower = CudaImageTower {
             dims,
@@ -614,9 +629,16 @@ impl CudaImageTower {
             Ew::CastF32Bf16 { n: b * np * w }.plan()?,
             &[part(r.dtokens, 0, b * np * w), whole(r.dpatch)],
         )?;
+        // Split along the patches where the model says it pays ([`Regions::split`]).
+        let cap = r.split.map_or(0, |id| lay.region(id).len);
+        let (split_k, ws) = bd.weight_grad_split((w, k), b * np, cap);
+        let work = match r.split {
+            Some(id) if split_k > 1 => part(id, 0, ws),
+            _ => None,
+        };
         pl.add(
             bwd,
-            gemm(GemmLayout::WeightGrad, w, k, b * np).plan(f32_out)?,
+            gemm(GemmLayout::WeightGrad, w, k, b * np).plan(GemmOpts { split_k, ..f32_out })?,
             &[
                 whole(r.dpatch),
                 whole(r.patches),
@@ -624,6 +646,7 @@ impl CudaImageTower {
                 None,
                 gr(Tp::Conv),
                 None,
+                work,
             ],
         )?;
         self.slots = pl.slots;
@@ -639,6 +662,12 @@ impl CudaImageTower {
     /// `Arena::device(tower.layout().clone(), gpu)`.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The kernels of the backward after the blocks' (the embedding's gradients), in launch
+    /// order.
+    pub fn embed_backward_kernels(&self) -> Vec<&'static str> {
+        self.embed_bwd.iter().map(|s| s.kernel).collect()
     }
 
     /// The blocks, in order.
