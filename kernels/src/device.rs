@@ -18,9 +18,6 @@ use std::ffi::CStr;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-/// Dynamic shared memory a launch gets without opting in (bytes).
-const DEFAULT_DYNAMIC_SMEM: u32 = 48 * 1024;
-
 /// What the user asked for (`--device`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceRequest {
@@ -105,6 +102,37 @@ pub fn probe_driver() -> Result<()> {
     Ok(())
 }
 
+/// The driver API version the GPU backend is built for (`cuDriverGetVersion`'s encoding):
+/// cudarc's CUDA 13.0 bindings and NVRTC 13 cubins.
+const BUILT_FOR_CUDA: std::ffi::c_int = 13000;
+
+/// Checks the driver's CUDA version. cudarc resolves driver functions when first called, so
+/// on a driver without one of them the call would panic mid-run: a driver older than CUDA 12
+/// is refused up front, and a CUDA 12 driver is used with a warning (what it lacks of 13.0
+/// shows as an error or that panic when reached).
+fn check_driver_version() -> Result<()> {
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: the driver library was opened by `probe_driver`; `v` is a valid out pointer.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        bail!("the CUDA driver does not report its version ({r:?})");
+    }
+    let (major, minor) = (v / 1000, (v % 1000) / 10);
+    if major < 12 {
+        bail!(
+            "the NVIDIA driver supports CUDA {major}.{minor}; mmkd's GPU backend is built for \
+             CUDA 13.0 and needs a driver for CUDA 13.0 or newer"
+        );
+    }
+    if v < BUILT_FOR_CUDA {
+        eprintln!(
+            "warning: the NVIDIA driver supports CUDA {major}.{minor}; mmkd's GPU backend is \
+             built for CUDA 13.0 and may fail on this driver"
+        );
+    }
+    Ok(())
+}
+
 /// A CUDA device with its stream, NVRTC and a cache of loaded modules (one per kernel file).
 pub struct Gpu {
     /// Device ordinal.
@@ -135,6 +163,7 @@ impl Gpu {
     /// Opens device `ordinal`; a clear error when the driver, the device or NVRTC is missing.
     pub fn new(ordinal: usize) -> Result<Gpu> {
         probe_driver()?;
+        check_driver_version()?;
         let count = CudaContext::device_count()
             .map_err(|e| anyhow!("cuInit/cuDeviceGetCount failed: {e:?}"))?;
         if ordinal >= count.max(0) as usize {
@@ -217,7 +246,7 @@ impl Gpu {
             .lock()
             .map_err(|_| anyhow!("function cache poisoned"))?;
         if let Some(k) = cache.get_mut(file.name).and_then(|m| m.get_mut(entry)) {
-            allow_smem(k, file, entry, smem)?;
+            allow_smem(&self.ctx, k, file, entry, smem)?;
             return Ok(k.f.clone());
         }
         let module = {
@@ -242,11 +271,18 @@ impl Gpu {
         let f = module
             .load_function(entry)
             .map_err(|e| anyhow!("{}.cu has no kernel `{entry}`: {e:?}", file.name))?;
+        // Without opting in, a launch gets 48 KiB of shared memory less the kernel's static
+        // shared memory; the driver says how much that leaves.
+        let limit = f
+            .get_attribute(
+                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            )
+            .map_err(|e| anyhow!("{}::{entry}: reading its shared memory limit: {e:?}", file.name))?;
         let mut k = Loaded {
             f,
-            smem_limit: DEFAULT_DYNAMIC_SMEM,
+            smem_limit: u32::try_from(limit).unwrap_or(0),
         };
-        allow_smem(&mut k, file, entry, smem)?;
+        allow_smem(&self.ctx, &mut k, file, entry, smem)?;
         let f = k.f.clone();
         cache
             .entry(file.name)
@@ -290,10 +326,20 @@ impl Gpu {
     }
 }
 
-/// Above 48 KiB a kernel must opt in to dynamic shared memory before its launch; the limit
-/// is raised once per kernel to the largest amount asked for.
-fn allow_smem(k: &mut Loaded, file: &KernelFile, entry: &str, smem: u32) -> Result<()> {
+/// Above its default limit (48 KiB less its static shared memory) a kernel must opt in to
+/// more dynamic shared memory before its launch; the limit is raised once per kernel to the
+/// largest amount asked for.
+fn allow_smem(
+    ctx: &CudaContext,
+    k: &mut Loaded,
+    file: &KernelFile,
+    entry: &str,
+    smem: u32,
+) -> Result<()> {
     if smem > k.smem_limit {
+        // Unlike a launch, setting an attribute does not make the context current.
+        ctx.bind_to_thread()
+            .map_err(|e| anyhow!("making the CUDA context current: {e:?}"))?;
         k.f.set_attribute(
             cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,

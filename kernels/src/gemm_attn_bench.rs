@@ -31,7 +31,7 @@ pub struct BenchConfig {
     pub context: usize,
     /// Untimed launches before timing.
     pub warmup: usize,
-    /// Timed launches; the median is reported.
+    /// Timed samples (each of several back-to-back launches); the median is reported.
     pub iters: usize,
     /// The GEMM paths to check and time (those this device lacks are skipped).
     pub paths: &'static [GemmPath],
@@ -189,31 +189,10 @@ fn device_buf<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         .map_err(|e| anyhow!("allocating {n} elements on the GPU: {e:?}"))
 }
 
-/// Median milliseconds of `f` over `cfg.iters` launches, timed with CUDA events.
-fn time_ms(gpu: &Gpu, cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let st = gpu.stream();
-    for _ in 0..cfg.warmup {
-        f()?;
-    }
-    let ev = |_| {
-        gpu.context()
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| anyhow!("creating a CUDA event: {e:?}"))
-    };
-    let mut times = Vec::with_capacity(cfg.iters);
-    for _ in 0..cfg.iters.max(1) {
-        let (a, b) = (ev(())?, ev(())?);
-        a.record(st)
-            .map_err(|e| anyhow!("recording an event: {e:?}"))?;
-        f()?;
-        b.record(st)
-            .map_err(|e| anyhow!("recording an event: {e:?}"))?;
-        times.push(f64::from(a.elapsed_ms(&b).map_err(|e| {
-            anyhow!("reading an event (a kernel failed?): {e:?}")
-        })?));
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+/// Median milliseconds per call of `f`: [`crate::selftest::time_gpu`] with `cfg.warmup` and
+/// `cfg.iters` samples.
+fn time_ms(gpu: &Gpu, cfg: &BenchConfig, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    crate::selftest::time_gpu(gpu, cfg.warmup, cfg.iters, f)
 }
 
 fn from_bits(v: Vec<u16>) -> Vec<bf16> {

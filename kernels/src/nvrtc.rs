@@ -267,7 +267,13 @@ impl Nvrtc {
         };
         let cached = cache.map(|d| d.join(format!("{}-{arch}-{key:032x}.{ext}", file.name)));
         if let Some(p) = &cached {
-            if let Ok(image) = std::fs::read(p) {
+            // A file that is not a whole image (another writer's leftovers, a full disk) is
+            // ignored and rewritten.
+            let whole = |image: &[u8]| match out {
+                Output::Cubin => image.starts_with(b"\x7fELF"),
+                Output::Ptx => image.windows(8).any(|w| w == b".version"),
+            };
+            if let Some(image) = std::fs::read(p).ok().filter(|i| whole(i)) {
                 return Ok(Compiled {
                     image,
                     log: String::new(),
@@ -355,17 +361,20 @@ pub fn ptx_version(ptx: &str) -> Option<(u32, u32)> {
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers never see a
-/// partial file.
+/// partial file. Each call has its own temporary file, so threads or processes writing the
+/// same path at once never write into one another's.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     use std::io::Write;
     let dir = path
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent directory", path.display()))?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.tmp{}-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("image"),
-        std::process::id()
+        std::process::id(),
+        SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let mut f =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;

@@ -648,31 +648,49 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Times `f` with CUDA events: `warmup` calls, then `iters` calls each between two events.
-fn time_gpu(
+/// Milliseconds a sample of back-to-back calls aims at (see [`time_gpu`]).
+const SAMPLE_MS: f64 = 1.0;
+/// Most calls in one sample.
+const MAX_REPS: usize = 64;
+
+/// Median GPU milliseconds per call of `f`, timed with CUDA events: `warmup` calls, then
+/// `samples` samples of `reps` calls queued back to back between one pair of events, `reps`
+/// chosen from one timed call so that a sample lasts about [`SAMPLE_MS`]. A pair of events
+/// around a single call would time the host's launch latency too (the GPU is idle when the
+/// first event is reached); queued calls hide it behind the previous call's work, except
+/// when the host cannot launch as fast as the GPU runs, which then is the real rate.
+/// `tools/torch_*_bench.py` time PyTorch the same way.
+pub fn time_gpu(
     gpu: &Gpu,
     warmup: usize,
-    iters: usize,
+    samples: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
     let st = gpu.stream();
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let event = || {
+        st.record_event(flags)
+            .map_err(|e| anyhow!("cuEventRecord: {e:?}"))
+    };
+    let mut sample = |reps: usize| -> Result<f64> {
+        let a = event()?;
+        for _ in 0..reps {
+            f()?;
+        }
+        let b = event()?;
+        let ms = a
+            .elapsed_ms(&b)
+            .map_err(|e| anyhow!("cuEventElapsedTime (a kernel failed?): {e:?}"))?;
+        Ok(f64::from(ms) / reps as f64)
+    };
     for _ in 0..warmup {
-        f()?;
+        sample(1)?;
     }
-    let mut ms = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let a = st
-            .record_event(flags)
-            .map_err(|e| anyhow!("cuEventRecord: {e:?}"))?;
-        f()?;
-        let b = st
-            .record_event(flags)
-            .map_err(|e| anyhow!("cuEventRecord: {e:?}"))?;
-        ms.push(f64::from(
-            a.elapsed_ms(&b)
-                .map_err(|e| anyhow!("cuEventElapsedTime: {e:?}"))?,
-        ));
+    let one = sample(1)?;
+    let reps = ((SAMPLE_MS / one.max(1e-6)).ceil() as usize).clamp(1, MAX_REPS);
+    let mut ms = Vec::with_capacity(samples.max(1));
+    for _ in 0..samples.max(1) {
+        ms.push(sample(reps)?);
     }
     Ok(median(ms))
 }

@@ -256,11 +256,13 @@ struct Chunk([u8; ALIGN]);
 enum Mem {
     /// Host memory run by the emulation.
     Host { emu: Emu, buf: Vec<Chunk> },
-    /// One device allocation, and the staging of regions filled on a copy stream.
+    /// One device allocation, and the staging of regions filled on a copy stream. Fields drop
+    /// in order: the staging first, which waits for copies in flight, then the memory they
+    /// write (freed on the compute stream, which does not wait for the copy stream).
     Device {
         gpu: Arc<Gpu>,
-        buf: CudaSlice<u8>,
         staging: Staging,
+        buf: CudaSlice<u8>,
     },
 }
 
@@ -540,7 +542,13 @@ impl Arena {
             anyhow!("staging arena region {}: {what}: {e:?}", id.0)
         };
         if staging.copy.is_none() {
-            staging.copy = Some(ctx.new_stream().map_err(|e| err("copy stream", e))?);
+            let copy = ctx.new_stream().map_err(|e| err("copy stream", e))?;
+            // The arena's zero fill (and anything else queued on the compute stream) comes
+            // before the first copy into it: a non-blocking stream is not ordered after the
+            // compute stream by itself.
+            copy.join(gpu.stream())
+                .map_err(|e| err("ordering the copy stream", e))?;
+            staging.copy = Some(copy);
         }
         let copy = staging
             .copy
