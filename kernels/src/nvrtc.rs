@@ -419,6 +419,71 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A cached file that is not a whole image (truncated by a crash or another writer) is
+    /// compiled again and rewritten, not handed to the driver.
+    #[test]
+    fn a_truncated_cache_entry_is_recompiled() {
+        let Ok(nv) = load() else {
+            eprintln!("NVRTC not found: skipping the cache test");
+            return;
+        };
+        let dir =
+            std::env::temp_dir().join(format!("mmkd-nvrtc-trunc-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let f = &crate::registry::ELEMENTWISE;
+        let first = nv
+            .compile_in(f, "sm_80", Output::Cubin, Some(&dir))
+            .unwrap();
+        let entry = std::fs::read_dir(&dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::write(&entry, &first.image[..first.image.len() / 2][4..]).unwrap();
+        let again = nv
+            .compile_in(f, "sm_80", Output::Cubin, Some(&dir))
+            .unwrap();
+        assert!(!again.cached, "a truncated cubin was served from the cache");
+        assert_eq!(again.image, first.image);
+        assert_eq!(std::fs::read(&entry).unwrap(), first.image);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Threads writing one path at once never leave it partial: every read sees one whole
+    /// version.
+    #[test]
+    fn concurrent_atomic_writes_never_leave_a_partial_file() {
+        let dir = std::env::temp_dir().join(format!("mmkd-atomic-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("image.bin");
+        let versions: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 1 << 16]).collect();
+        std::thread::scope(|s| {
+            for v in &versions {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        write_atomic(path, v).unwrap();
+                    }
+                });
+            }
+            s.spawn(|| {
+                for _ in 0..200 {
+                    if let Ok(got) = std::fs::read(&path) {
+                        assert!(
+                            versions.contains(&got),
+                            "a partial file: {} bytes",
+                            got.len()
+                        );
+                    }
+                }
+            });
+        });
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn parses_ptx_version() {
         assert_eq!(
