@@ -35,7 +35,7 @@ build() {
   cp "$target/release/mmkd" "$bundle/mmkd"
   # Debug info would make the bundle too large to carry (the release profile keeps it).
   strip --strip-debug "$bundle/mmkd" 2>/dev/null || echo "warning: strip failed; the binary keeps its debug info"
-  cp "$here/gpu-check.sh" "$here/torch_loss_bench.py" "$bundle/tools/"
+  cp "$here/gpu-check.sh" "$here/torch_loss_bench.py" "$here/gpu_timing.py" "$bundle/tools/"
   if [ -f "$here/torch_gemm_attn_bench.py" ]; then cp "$here/torch_gemm_attn_bench.py" "$bundle/tools/"; fi
   cp "$here/gemm_attn_ratio.py" "$bundle/tools/"
   cp "$here/torch_reference.py" "$bundle/tools/"

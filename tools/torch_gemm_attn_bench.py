@@ -26,6 +26,8 @@ import math
 import statistics
 import sys
 
+from gpu_timing import time_calls
+
 PEAK_FLOPS = 790e12  # bf16 dense, measured ceiling (KINDS.md)
 PEAK_BYTES = 4.3e12  # device copy, measured ceiling
 HEAD_DIM = 64
@@ -156,31 +158,9 @@ def print_model(rows):
         )
 
 
-def sample_ms(fn, reps):
-    """GPU milliseconds per call of `fn` over `reps` calls queued between one pair of events."""
-    import torch
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def time_ms(fn, warmup, iters):
-    """Median and spread of the milliseconds per call, timed as mmkd's `selftest::time_gpu`
-    does: samples of back-to-back calls lasting about 1 ms (at most 64 calls), so that the
-    host's launch latency hides behind the GPU's work as it does in a training step."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    one = sample_ms(fn, 1)
-    reps = min(max(math.ceil(1.0 / max(one, 1e-6)), 1), 64)
-    times = [sample_ms(fn, reps) for _ in range(max(iters, 1))]
+    """Median and spread of the milliseconds per call (`gpu_timing.time_calls`)."""
+    times, _ = time_calls(fn, warmup, iters)
     return statistics.median(times), statistics.pstdev(times)
 
 

@@ -18,6 +18,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from gpu_timing import time_calls
+
 
 def loss_fn(img, txt, s, ti, tt, mask, lam=50.0, c=math.log(1 / 0.07)):
     """img, txt (N, D) raw student features; ti, tt (N, T, D) targets; mask (N, T) bool."""
@@ -64,23 +66,8 @@ def time_variant(args, autocast):
         total.backward()
         return total
 
-    for _ in range(5):
-        v = step()
-    torch.cuda.synchronize()
-
-    # Timed as mmkd's `selftest::time_gpu` does: samples of back-to-back calls lasting about
-    # 1 ms (at most 64), so the host's launch latency hides behind the GPU's work.
-    def sample(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            step()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / reps
-
-    reps = min(max(math.ceil(1.0 / max(sample(1), 1e-6)), 1), 64)
-    ms = [sample(reps) for _ in range(max(args.iters, 1))]
+    v = step()
+    ms, reps = time_calls(step, 5, args.iters)
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "iters": args.iters,
             "reps": reps, "total": float(v)}
 

@@ -177,6 +177,13 @@ fn errors(names: &[String], got: &Run, want: &Run) -> Vec<(String, f64)> {
     rows
 }
 
+/// Every row of [`errors`] within [`TOL`].
+fn assert_within_tol(seed: u64, rows: &[(String, f64)]) {
+    for (name, e) in rows {
+        assert!(*e <= TOL, "seed {seed}: `{name}` rel err {e:.3e} > {TOL:e}");
+    }
+}
+
 fn report(what: &str, seed: u64, rows: &[(String, f64)]) -> f64 {
     let worst = rows.iter().map(|r| r.1).fold(0.0, f64::max);
     eprintln!("{what} (seed {seed}): max rel err {worst:.3e}");
@@ -250,13 +257,7 @@ fn image_tower_matches_tape_and_a_wrong_position_offset_fails() {
     let got = cuda_run(&c.tower, &mut arena);
     let rows = errors(&c.names, &got, &c.want);
     report("image tower, emulation", c.seed, &rows);
-    for (name, e) in &rows {
-        assert!(
-            *e <= TOL,
-            "seed {}: `{name}` rel err {e:.3e} > {TOL:e}",
-            c.seed
-        );
-    }
+    assert_within_tol(c.seed, &rows);
 
     // Position t of every image reads row t+1 of the positional table (row 0 for the last).
     prepare(&c.tower, &mut arena, &c.model, &c.img, &c.dfeat);
@@ -299,13 +300,7 @@ fn image_tower_with_split_weight_gradients_matches_tape() {
     let got = cuda_run(&c.tower, &mut arena);
     let rows = errors(&c.names, &got, &c.want);
     report("image tower, 512 patch tokens, emulation", c.seed, &rows);
-    for (name, e) in &rows {
-        assert!(
-            *e <= TOL,
-            "seed {}: `{name}` rel err {e:.3e} > {TOL:e}",
-            c.seed
-        );
-    }
+    assert_within_tol(c.seed, &rows);
 }
 
 #[test]
@@ -376,13 +371,7 @@ fn gpu_image_tower_matches_tape_when_present() {
     let got = cuda_run(&c.tower, &mut arena);
     let rows = errors(&c.names, &got, &c.want);
     report("image tower, GPU", c.seed, &rows);
-    for (name, e) in &rows {
-        assert!(
-            *e <= TOL,
-            "seed {}: `{name}` rel err {e:.3e} > {TOL:e}",
-            c.seed
-        );
-    }
+    assert_within_tol(c.seed, &rows);
 }
 
 // ---- text tower ----
@@ -553,13 +542,7 @@ fn check_text(what: &str, cfg: ModelConfig) {
     let got = text_run(&c, &mut arena);
     let rows = errors(&c.names, &got, &c.want);
     report(&format!("text tower {what}, emulation"), c.seed, &rows);
-    for (name, e) in &rows {
-        assert!(
-            *e <= TOL,
-            "seed {}: `{name}` rel err {e:.3e} > {TOL:e}",
-            c.seed
-        );
-    }
+    assert_within_tol(c.seed, &rows);
 
     // Position t of every sequence reads row t+1 of the position table.
     text_prepare(&c, &mut arena);
@@ -811,13 +794,7 @@ fn gpu_text_tower_matches_tape_when_present() {
     let got = text_run(&c, &mut arena);
     let rows = errors(&c.names, &got, &c.want);
     report("text tower post-norm/CLS, GPU", c.seed, &rows);
-    for (name, e) in &rows {
-        assert!(
-            *e <= TOL,
-            "seed {}: `{name}` rel err {e:.3e} > {TOL:e}",
-            c.seed
-        );
-    }
+    assert_within_tol(c.seed, &rows);
 }
 
 // ---- activation checkpointing and shared regions ----
