@@ -39,8 +39,13 @@
 // Test-only variants, each refilling a stage while a wgmma that reads it may still run:
 // MMKD_WG_BROKEN_WAIT does not wait inside the k loop; MMKD_WG_AHEAD3 fetches three tiles
 // ahead, one too many for four stages with one k tile's products in flight.
+// Two more leave out a fence the hardware needs and the emulation checks: MMKD_WG_NO_PROXY_FENCE
+// the fence.proxy.async between the copies and the tensor cores' reads, MMKD_WG_NO_WGMMA_FENCE
+// the wgmma.fence before each k tile's products.
 // mmkd-emu-variant: broken_wait MMKD_WG_BROKEN_WAIT
 // mmkd-emu-variant: ahead3 MMKD_WG_AHEAD3
+// mmkd-emu-variant: no_proxy_fence MMKD_WG_NO_PROXY_FENCE
+// mmkd-emu-variant: no_wgmma_fence MMKD_WG_NO_WGMMA_FENCE
 #include "prelude.cuh"
 
 #define WG_BM 128
@@ -134,7 +139,9 @@ MMKD_DEVICE void wg_body(const mmkd_bf16* __restrict__ A,    // see the table ab
     }
     for (int kt = 0; kt < KT; ++kt) {
         cp_async_wait<WG_AHEAD - 1>();  // tile kt has landed (this thread's copies)
-        fence_proxy_async();           // ... and is visible to the tensor cores' reads
+#ifndef MMKD_WG_NO_PROXY_FENCE
+        fence_proxy_async();  // ... and is visible to the tensor cores' reads
+#endif
         // Everyone's copies of tile kt are in, and every warpgroup has waited for the products
         // of tile kt - 2 (at most one group, kt - 1, is in flight): its stage can be refilled.
         __syncthreads();
@@ -150,7 +157,9 @@ MMKD_DEVICE void wg_body(const mmkd_bf16* __restrict__ A,    // see the table ab
         const unsigned char* at = As + (kt % WG_STAGES) * WG_TILE_BYTES;
         const unsigned char* as = at + wg * 8 * WG_SBO;
         const unsigned char* bs = Bs + (kt % WG_STAGES) * WG_TILE_BYTES;
+#ifndef MMKD_WG_NO_WGMMA_FENCE
         wgmma_fence();
+#endif
         wgmma_hold(acc);
 #pragma unroll
         for (int j = 0; j < WG_BK / 16; ++j)  // k 16j .. 16j + 15: k-groups 2j, 2j + 1

@@ -64,6 +64,10 @@ struct Fiber {
     std::vector<std::vector<Copy>> groups;  // committed, not yet waited for
     std::vector<Wgmma> wg_open;                 // wgmma issued since the last commit
     std::vector<std::vector<Wgmma>> wg_groups;  // committed, not yet waited for
+    // Chunks of dynamic shared memory this thread wrote through the generic proxy since its
+    // last fence.proxy.async, and whether a wgmma.fence came since its last wgmma wait.
+    std::vector<uint32_t> unfenced;
+    bool wg_fenced = false;
 };
 
 struct Warp {
@@ -97,6 +101,10 @@ struct Block {
     // Per 16-byte chunk of dynamic shared memory: wgmma operand reads issued and not yet
     // performed (a cp.async into such a chunk is a write-after-read race).
     std::vector<uint32_t> wg_reads;
+    // Per 16-byte chunk of dynamic shared memory: 1 + the thread that wrote it through the
+    // generic proxy (stores, cp.async) and has not fenced it for the async proxy since; 0 when
+    // none (a wgmma may read it). Allocated at the first such write.
+    std::vector<uint32_t> generic_writer;
     std::unordered_map<uintptr_t, MBar> mbars;
     bool failed = false;
 };
@@ -259,6 +267,8 @@ bool run_block(Block& b, std::vector<char*>& stacks) {
         f.groups.clear();
         f.wg_open.clear();
         f.wg_groups.clear();
+        f.unfenced.clear();
+        f.wg_fenced = false;
         f.stack = stacks[i];
         init_fiber(f);
     }
@@ -379,8 +389,34 @@ void cp_async_commit() {
     f.open.clear();
 }
 static void perform(const std::vector<Copy>& g) {
-    for (const Copy& c : g) std::memcpy(c.dst, c.src, (size_t)c.bytes);
+    for (const Copy& c : g) {
+        std::memcpy(c.dst, c.src, (size_t)c.bytes);
+        generic_write(c.dst, c.bytes);
+    }
 }
+
+void generic_write(const void* p, int bytes) {
+    Block& b = *g_block;
+    const unsigned char* q = static_cast<const unsigned char*>(p);
+    if (q < b.dyn_smem || q >= b.dyn_smem + b.dyn_bytes) return;
+    if (b.generic_writer.empty()) b.generic_writer.assign(b.dyn_bytes / 16 + 1, 0);
+    Fiber& f = *g_fiber;
+    const size_t first = (size_t)(q - b.dyn_smem) / 16, last = ((size_t)(q - b.dyn_smem) + bytes - 1) / 16;
+    for (size_t c = first; c <= last && c < b.generic_writer.size(); ++c) {
+        b.generic_writer[c] = f.linear + 1;
+        f.unfenced.push_back((uint32_t)c);
+    }
+}
+
+void fence_proxy_async() {
+    Block& b = *g_block;
+    Fiber& f = *g_fiber;
+    for (uint32_t c : f.unfenced)
+        if (b.generic_writer[c] == f.linear + 1) b.generic_writer[c] = 0;
+    f.unfenced.clear();
+}
+
+void wgmma_fence() { g_fiber->wg_fenced = true; }
 void cp_async_wait(int pending_allowed) {
     Fiber& f = *g_fiber;
     while (f.groups.size() > (size_t)pending_allowed) {
@@ -533,6 +569,9 @@ static void wg_mark(uint64_t desc, bool mn_major, int rows, int delta) {
         for (int k = 0; k < 16; k += mn_major ? 1 : 8) {
             uint64_t off = wg_addr(desc, mn_major, r, k) & ~(uint64_t)15;
             if (off + 16 > b.dyn_bytes) fail("wgmma operand outside dynamic shared memory");
+            if (delta > 0 && !b.generic_writer.empty() && b.generic_writer[off / 16] != 0)
+                fail("wgmma reads shared memory written through the generic proxy (a store or "
+                     "cp.async) that its writer has not fenced with fence.proxy.async");
             b.wg_reads[off / 16] += (uint32_t)delta;
         }
 }
@@ -565,6 +604,9 @@ static void wgmma_perform(const Wgmma& op) {
 void wgmma_issue(float* d, uint64_t desc_a, uint64_t desc_b, int mn_a, int mn_b, int n) {
     if (n != 128 && n != 256) fail("wgmma: only n = 128 and n = 256 are emulated");
     if (g_block->nthreads % 128 != 0) fail("wgmma in a block that is not whole warpgroups");
+    // Accumulators that other code may have touched (before the first wgmma, or after a wait)
+    // are handed to the tensor cores only after a wgmma.fence.
+    if (!g_fiber->wg_fenced) fail("wgmma without a wgmma.fence since the thread's last wgmma wait");
     // The descriptors must agree across the warp (the instruction is .sync.aligned).
     uint32_t words[4] = {(uint32_t)desc_a, (uint32_t)(desc_a >> 32), (uint32_t)desc_b,
                          (uint32_t)(desc_b >> 32)};
@@ -584,6 +626,7 @@ void wgmma_commit() {
 }
 void wgmma_wait(int pending_allowed) {
     Fiber& f = *g_fiber;
+    f.wg_fenced = false;
     while (f.wg_groups.size() > (size_t)pending_allowed) {
         for (const Wgmma& op : f.wg_groups.front()) wgmma_perform(op);
         f.wg_groups.erase(f.wg_groups.begin());
@@ -790,6 +833,7 @@ const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
                 b.bidx = dim3{x, y, z};
                 std::memset(b.dyn_smem, 0xff, cfg->shared_bytes);
                 b.wg_reads.clear();
+                b.generic_writer.clear();
                 b.mbars.clear();
                 for (unsigned i = 0; i < b.nthreads; ++i) b.order[i] = sch.mode == 1 ? b.nthreads - 1 - i : i;
                 if (sch.mode == 2)

@@ -63,6 +63,11 @@ void cp_async(void* dst, const void* src, int bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_allowed);
 void cp_async_wait_all();
+// A generic-proxy write of `bytes` at `p` (a 16-byte store; cp.async copies as they land): in
+// dynamic shared memory it must pass a fence.proxy.async of its thread before a wgmma reads it.
+void generic_write(const void* p, int bytes);
+void fence_proxy_async();
+void wgmma_fence();
 
 enum Tag { TAG_SYNCWARP = 1, TAG_SHFL, TAG_VOTE, TAG_LDMATRIX, TAG_MMA, TAG_WGMMA };
 
@@ -243,6 +248,7 @@ static inline mmkd_u32x4 load_u32x4(const void* p) {
 static inline void store_u32x4(void* p, mmkd_u32x4 v) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) ::mmkd_emu::fail("store_u32x4: address not 16-byte aligned");
     std::memcpy(p, &v, 16);
+    ::mmkd_emu::generic_write(p, 16);
 }
 
 namespace mmkd_emu {
@@ -325,8 +331,8 @@ static inline void tma_load_3d(void* dst, const mmkd_tensor_map* map, int c0, in
                                unsigned long long* bar) {
     ::mmkd_emu::tma_load_3d(dst, map, c0, c1, c2, reinterpret_cast<uint64_t*>(bar));
 }
-static inline void wgmma_fence() {}
-static inline void fence_proxy_async() {}
+static inline void wgmma_fence() { ::mmkd_emu::wgmma_fence(); }
+static inline void fence_proxy_async() { ::mmkd_emu::fence_proxy_async(); }
 static inline void wgmma_hold(float*) {}
 template <int N>
 static inline void wgmma_hold_n(float*) {}

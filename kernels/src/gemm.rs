@@ -1683,6 +1683,29 @@ mod tests {
         }
     }
 
+    /// Two fences the hardware needs and the emulation checks, on every layout: without
+    /// fence.proxy.async the tensor cores may read shared memory before the copies into it
+    /// are visible to them; without wgmma.fence a product may start on accumulators other
+    /// code still touches.
+    #[test]
+    fn wgmma_missing_fences_are_reported() {
+        for layout in LAYOUTS {
+            let sh = GemmShape {
+                layout,
+                batch: 1,
+                m: 16,
+                n: 64,
+                k: 128,
+                act: Activation::None,
+            };
+            let c = case(sh, false, false, false, fresh_seed());
+            let e = variant_error("no_proxy_fence", GemmPath::Wgmma, &c);
+            assert!(e.contains("fence.proxy.async"), "{layout:?}: {e}");
+            let e = variant_error("no_wgmma_fence", GemmPath::Wgmma, &c);
+            assert!(e.contains("without a wgmma.fence"), "{layout:?}: {e}");
+        }
+    }
+
     /// Operands off a 16-byte boundary take the wgmma kernels' element path, every layout.
     #[test]
     fn wgmma_handles_misaligned_operands() {
