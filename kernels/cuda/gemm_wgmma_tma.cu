@@ -33,9 +33,11 @@
 //
 // Defines: gemm_fwd_tma, gemm_dgrad_tma, gemm_wgrad_tma.
 // Test-only variants: MMKD_WT_NO_WAIT reads a tile without waiting on its mbarrier;
-// MMKD_WT_SHORT_TX announces fewer bytes than the copies bring.
+// MMKD_WT_SHORT_TX announces fewer bytes than the copies bring; MMKD_WT_NO_INIT_FENCE leaves out
+// the fence that makes the initialised mbarriers visible to the tensor copies.
 // mmkd-emu-variant: no_wait MMKD_WT_NO_WAIT
 // mmkd-emu-variant: short_tx MMKD_WT_SHORT_TX
+// mmkd-emu-variant: no_init_fence MMKD_WT_NO_INIT_FENCE
 #include "prelude.cuh"
 
 #define WT_BM 128
@@ -98,7 +100,9 @@ MMKD_DEVICE void wt_body(const mmkd_tensor_map* ta, const mmkd_tensor_map* tb,
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < WT_STAGES; ++s) mbarrier_init(&full[s], 1);
-        fence_barrier_init();
+#ifndef MMKD_WT_NO_INIT_FENCE
+        fence_barrier_init();  // the tensor copies see the initialised barriers
+#endif
     }
     __syncthreads();
 

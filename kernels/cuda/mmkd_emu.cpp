@@ -52,6 +52,10 @@ struct MBar {
     int64_t tx = 0;
     unsigned phase = 0;
     std::vector<TmaCopy> copies;
+    // The thread that initialised it, and whether that thread has since run
+    // fence.mbarrier_init, which makes the initialisation visible to the tensor copies.
+    unsigned init_thread = 0;
+    bool init_fenced = false;
 };
 
 struct Fiber {
@@ -662,6 +666,12 @@ void mbarrier_init(uint64_t* bar, unsigned count) {
     m = MBar{};
     m.count = count;
     m.pending = count;
+    m.init_thread = g_fiber->linear;
+}
+
+void fence_barrier_init() {
+    for (auto& kv : g_block->mbars)
+        if (kv.second.init_thread == g_fiber->linear) kv.second.init_fenced = true;
 }
 
 static void wake_mbar_waiters(Block& b) {
@@ -757,6 +767,9 @@ void tma_load_3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* b
         for (uint64_t o = off; o < off + bytes; o += 16)
             if (b.wg_reads[o / 16] != 0) fail("TMA into shared memory that an unfinished wgmma reads");
     MBar& m = mbar_of(bar, "TMA complete_tx");
+    if (!m.init_fenced)
+        fail("TMA completes on an mbarrier whose initialisation was not fenced "
+             "(fence.mbarrier_init by the initialising thread)");
     TmaCopy c;
     c.dst = d;
     c.swizzle128 = t.swizzle == 128;

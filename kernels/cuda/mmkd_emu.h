@@ -304,6 +304,7 @@ struct mmkd_tensor_map {
 #define __grid_constant__
 namespace mmkd_emu {
 void mbarrier_init(uint64_t* bar, unsigned count);
+void fence_barrier_init();
 void mbarrier_arrive_expect_tx(uint64_t* bar, unsigned bytes);
 void mbarrier_arrive(uint64_t* bar);
 void mbarrier_wait(uint64_t* bar, unsigned parity);
@@ -312,7 +313,7 @@ void tma_load_3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* b
 static inline void mbarrier_init(unsigned long long* bar, unsigned count) {
     ::mmkd_emu::mbarrier_init(reinterpret_cast<uint64_t*>(bar), count);
 }
-static inline void fence_barrier_init() {}
+static inline void fence_barrier_init() { ::mmkd_emu::fence_barrier_init(); }
 static inline void mbarrier_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
     ::mmkd_emu::mbarrier_arrive_expect_tx(reinterpret_cast<uint64_t*>(bar), bytes);
 }

@@ -61,6 +61,7 @@ emu_kernels! {
     "gemm_wgrad_tma" => mmkd_emu_gemm_wgrad_tma,
     "no_wait:gemm_fwd_tma" => mmkd_emu_no_wait_gemm_fwd_tma,
     "short_tx:gemm_wgrad_tma" => mmkd_emu_short_tx_gemm_wgrad_tma,
+    "no_init_fence:gemm_dgrad_tma" => mmkd_emu_no_init_fence_gemm_dgrad_tma,
     "broken_wait:gemm_fwd_wgmma" => mmkd_emu_broken_wait_gemm_fwd_wgmma,
     "broken_wait:gemm_wgrad_wgmma" => mmkd_emu_broken_wait_gemm_wgrad_wgmma,
     "ahead3:gemm_fwd_wgmma" => mmkd_emu_ahead3_gemm_fwd_wgmma,

@@ -1836,14 +1836,20 @@ mod tests {
         }
     }
 
-    /// The emulation reports the two classic TMA mistakes: reading a tile without waiting on
-    /// its mbarrier (the copies never land: the block ends with them in flight), and arming the
-    /// mbarrier with fewer bytes than the copies bring (on a GPU, a wait that never returns).
+    /// The emulation reports the classic TMA mistakes: reading a tile without waiting on its
+    /// mbarrier (the copies never land: the block ends with them in flight), arming the
+    /// mbarrier with fewer bytes than the copies bring (on a GPU, a wait that never returns),
+    /// and copies completing on barriers whose initialisation was never fenced for them.
     #[test]
     fn tma_pipeline_mistakes_are_reported() {
         for (variant, layout, what) in [
             ("no_wait", GemmLayout::Forward, "no thread waited for"),
             ("short_tx", GemmLayout::WeightGrad, "fewer than expect_tx"),
+            (
+                "no_init_fence",
+                GemmLayout::InputGrad,
+                "fence.mbarrier_init",
+            ),
         ] {
             let sh = GemmShape {
                 layout,
