@@ -89,14 +89,18 @@ run() {
   export PATH="/usr/local/cuda/bin:$PATH"
   local steps="$out/steps.jsonl" failed=0
   : > "$steps"
-  # The whole run stays under 6 minutes: each step gets at most what is left of 345 s.
-  local deadline=$(( $(date +%s) + 345 ))
+  # The whole run stays under 6 minutes: each step gets at most what is left of 345 s, less
+  # the 10 s grace `timeout` gives a step to exit. The last 20 s are kept for the steps that
+  # only read results (MMKD_FINAL_STEP=1: the ratios and the summary), so that what did run
+  # is always summarised.
+  local deadline=$(( $(date +%s) + 345 )) reserve=20
 
   # step NAME TIMEOUT_S CMD...: runs CMD with a timeout, log in OUTDIR/NAME.log, status recorded.
   step() {
     local name="$1" limit="$2" rc t0 t1 left
     shift 2
-    left=$(( deadline - $(date +%s) ))
+    left=$(( deadline - $(date +%s) - 10 ))
+    if [ -z "${MMKD_FINAL_STEP:-}" ]; then left=$(( left - reserve )); fi
     if [ "$left" -lt 5 ]; then
       echo "=== $name skipped: the 6-minute budget is spent"
       printf '{"step": "%s", "rc": -1, "seconds": 0, "log": "skipped: out of time"}\n' "$name" >> "$steps"
@@ -229,7 +233,7 @@ run() {
     MMKD_GEMM_PATH=tma step bench_train_mmkd_tma 40 "$bin" bench train --config "$cfg" --stage kd \
       --batch 256 --steps 5 --warmup 2 --device cuda --json "$out/bench_train_mmkd_tma.json"
   fi
-  step bench_train_ratio 10 python3 - "$out" <<'PY'
+  MMKD_FINAL_STEP=1 step bench_train_ratio 10 python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 runs = {}
@@ -258,7 +262,7 @@ PY
     MMKD_BENCH_JSON="$out/bench_$name.json" step "bench_$name" 60 "$b" --bench \
       --warm-up-time 0.5 --measurement-time 1 --sample-size 10
   done
-  step summary 10 python3 - "$out" <<'PY'
+  MMKD_FINAL_STEP=1 step summary 10 python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 summary = {}

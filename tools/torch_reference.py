@@ -60,7 +60,8 @@ TRAIN_DEFAULTS = {
     "weight_decay": 0.2, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6, "grad_clip": 1.0,
     "save_every": 100, "keep_last": 2, "seed": 0, "workers": 2, "fd_weight": 50.0,
     "icl_scale": "const", "icl_scale_value": REFERENCE_ICL_SCALE, "teacher_norm": "l2",
-    "teacher_mode": "random", "fault_nan_at_step": None, "stop_after": None,
+    "teacher_mode": "random", "checkpointing": False, "fault_nan_at_step": None,
+    "stop_after": None,
 }
 VISION_DEFAULTS = {"channels": 3, "ln_eps": 1e-5}
 TEXT_DEFAULTS = {"ln_eps": 1e-12, "type_vocab_size": 2}
@@ -457,9 +458,15 @@ def loss_parts(model, images, tokens, lengths, stage, targets, train, icl_log_c)
     img = model.visual(images)
     txt = model.text(tokens, lengths)
     # The losses run in fp32 at least (the engine's run in f64 internally); parity runs in f64.
+    # Outside autocast: under it the products below would run in bf16 whatever their inputs.
+    with torch.autocast(img.device.type, enabled=False):
+        return _losses(img, txt, model.logit_scale, stage, targets, train, icl_log_c)
+
+
+def _losses(img, txt, logit_scale, stage, targets, train, icl_log_c):
     wide = torch.float64 if img.dtype == torch.float64 else torch.float32
     i_hat, t_hat = F.normalize(img.to(wide), dim=-1), F.normalize(txt.to(wide), dim=-1)
-    s = model.logit_scale.to(wide)
+    s = logit_scale.to(wide)
     if stage == "clip":
         task = clip_task(i_hat, t_hat, s)
         zero = task.new_zeros(())
@@ -519,7 +526,9 @@ def bench(args) -> dict:
     dev = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model = ClipStudent(model_cfg).to(dev)
-    model.visual.checkpointing = model.text.checkpointing = args.checkpointing
+    # The flag or the config's `train.checkpointing`, as `mmkd bench train` takes either.
+    checkpointing = bool(args.checkpointing or train["checkpointing"])
+    model.visual.checkpointing = model.text.checkpointing = checkpointing
     icl_log_c = None
     extra = []
     if args.stage == "kd" and train["icl_scale"] == "learned":
@@ -595,8 +604,11 @@ def bench(args) -> dict:
         batch = assemble(lengths)
         if args.compile:
             # The padded caption length changes every step: compile it as a symbolic size once
-            # instead of recompiling for each new length.
-            torch._dynamo.mark_dynamic(batch[1], 1)
+            # instead of recompiling for each new length. "maybe": a guard the compiler adds on
+            # the length (SDPA kernels may want a multiple of 8) then specialises instead of
+            # failing, as mark_dynamic would.
+            mark = getattr(torch._dynamo, "maybe_mark_dynamic", torch._dynamo.mark_dynamic)
+            mark(batch[1], 1)
         sync()
         before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
         t1 = time.perf_counter()
@@ -639,8 +651,13 @@ def bench(args) -> dict:
     peak = args.peak_tflops
     if peak is None and dev.type == "cuda":
         peak = H200_BF16_PEAK_TFLOPS
+    device_used = None
     if dev.type == "cuda":
+        # The allocator's peak of live tensors (the context left out, as in mmkd's figure),
+        # and the whole device's use at the end, context and allocator cache included.
         peak_mem = torch.cuda.max_memory_allocated(dev)
+        free, total = torch.cuda.mem_get_info(dev)
+        device_used = total - free
         device_name = f"cuda:{dev.index or 0}"
     else:
         peak_mem = peak_rss_bytes()
@@ -657,6 +674,7 @@ def bench(args) -> dict:
         "ms_per_step": {**{k: v / steps * 1e3 for k, v in times.items()},
                         "total": total_s / steps * 1e3},
         "peak_mem_bytes": peak_mem,
+        "device_used_bytes": device_used,
         "flops_per_sample": flops / (b * steps),
         "activation_bytes_per_sample": act_max / b if dev.type == "cuda" else None,
         "achieved_tflops": achieved / 1e12,
@@ -665,7 +683,7 @@ def bench(args) -> dict:
         "text_tokens_per_sample": tokens / (b * steps),
         "padded_text_len": padded / steps,
         "teacher_mode": train["teacher_mode"],
-        "checkpointing": args.checkpointing,
+        "checkpointing": checkpointing,
         "last_loss": last,
         "torch": torch.__version__,
     }

@@ -7,10 +7,11 @@
 //! The step is the trainer's single-pass step (`trainer::accumulate_gradients` without
 //! micro-batches, then the optimiser part of `trainer::train`), called piece by piece so that
 //! each piece can be timed; the arithmetic is the same. The fused loss returns its own gradient,
-//! so the loss is timed as part of the forward. `train.micro_batch` is not used: the benchmark
-//! always runs one pass over the whole batch.
+//! so the loss is timed as part of the forward. On the CPU the benchmark always runs one pass
+//! over the whole batch; on the kernels (`--device cuda|emu`) `train.micro_batch` and
+//! `train.checkpointing` take effect as in training, and the JSON reports both.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use mmkd_engine::checkpoint::{write_tensors, NamedTensor};
 use mmkd_engine::flops::batch_flops;
@@ -314,7 +315,9 @@ impl Synthetic {
 
 /// One step's model inputs.
 pub(crate) struct StepInputs {
-    pub(crate) images: Tensor,
+    /// The crops normalised on the host; absent when the step normalises the raw u8 crops on
+    /// the device itself (see [`assemble`]).
+    pub(crate) images: Option<Tensor>,
     pub(crate) tokens: Tensor,
     pub(crate) lengths: Vec<usize>,
     /// Targets handed to the loss: `[N, T', D]` and mask `[N, T']` (`T' = 1` in random mode).
@@ -324,8 +327,19 @@ pub(crate) struct StepInputs {
     pub(crate) t_slots: usize,
 }
 
-/// Assembles a batch as the loader hands it over: images normalised with CLIP's statistics,
-/// tokens padded to the longest caption, one teacher drawn per sample in random mode.
+impl StepInputs {
+    /// The host-normalised crops.
+    pub(crate) fn images(&self) -> Result<&Tensor> {
+        self.images
+            .as_ref()
+            .ok_or_else(|| anyhow!("the batch was assembled without host-normalised images"))
+    }
+}
+
+/// Assembles a batch as the loader hands it over: images normalised with CLIP's statistics
+/// (only `with_images`: the kernel step takes the u8 crops and normalises them on the device,
+/// and host work it would throw away must not count as its data time), tokens padded to the
+/// longest caption, one teacher drawn per sample in random mode.
 fn assemble(
     syn: &Synthetic,
     lengths: Vec<usize>,
@@ -333,16 +347,21 @@ fn assemble(
     mode: TeacherMode,
     d: usize,
     step_seed: u64,
+    with_images: bool,
 ) -> Result<StepInputs> {
     let (b, s) = (syn.batch, syn.image_size);
     let plane = s * s;
-    let mut images = vec![0f32; syn.images_u8.len()];
-    for (k, (o, &p)) in images.iter_mut().zip(&syn.images_u8).enumerate() {
-        // CLIP's statistics are per RGB channel; a config with other channels reuses them.
-        let c = (k / plane) % syn.channels % 3;
-        *o = (p as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
-    }
-    let images = Tensor::from_f32(images, &[b, syn.channels, s, s])?;
+    let images = if with_images {
+        let mut images = vec![0f32; syn.images_u8.len()];
+        for (k, (o, &p)) in images.iter_mut().zip(&syn.images_u8).enumerate() {
+            // CLIP's statistics are per RGB channel; a config with other channels reuses them.
+            let c = (k / plane) % syn.channels % 3;
+            *o = (p as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+        }
+        Some(Tensor::from_f32(images, &[b, syn.channels, s, s])?)
+    } else {
+        None
+    };
     let l = lengths.iter().copied().max().unwrap_or(1);
     let mut tokens = vec![0u32; b * l];
     for (i, &n) in lengths.iter().enumerate() {
@@ -414,7 +433,7 @@ impl Trainer {
         let n = inp.lengths.len();
         let t0 = Instant::now();
         let mut tape = Tape::on(self.device, true);
-        let vi = self.model.encode_image(&mut tape, &inp.images)?;
+        let vi = self.model.encode_image(&mut tape, inp.images()?)?;
         let vt = self
             .model
             .encode_text(&mut tape, &inp.tokens, &inp.lengths)?;
@@ -685,6 +704,12 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
     let median = check_caption_args(a.data.caption_sigma, a.data.caption_median, ctx)?;
 
     let model = setup.model()?;
+    // Device memory in use before the step's arena and kernels exist (the context, and on a
+    // GPU whatever else runs there): `peak_mem_bytes` counts what the step added.
+    let used_before = match &target {
+        Target::Kernels(k) => k.device_used_bytes()?,
+        Target::Cpu => None,
+    };
     let mut stepper = match &target {
         Target::Cpu => Stepper::Cpu(Box::new(setup.cpu(setup.model()?)?)),
         Target::Kernels(k) => Stepper::Kernels(Box::new(setup.kernels(
@@ -711,6 +736,12 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
             flops += batch_flops(mcfg, &lengths);
             tokens += lengths.iter().sum::<usize>();
         }
+        // The kernel step stages the u8 crops and normalises them on the device; the CPU
+        // step, a config without three channels and the saved parity inputs need them on
+        // the host.
+        let with_images = !matches!(stepper, Stepper::Kernels(_))
+            || syn.pixels().is_none()
+            || (i == 0 && a.save_parity.is_some());
         let inp = assemble(
             &syn,
             lengths,
@@ -718,6 +749,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
             distill.teacher_mode,
             mcfg.embed_dim,
             a.data.seed.wrapping_add(i as u64),
+            with_images,
         )?;
         t.data = t0.elapsed().as_secs_f64();
         if let (0, Some(dir)) = (i, &a.save_parity) {
@@ -754,13 +786,18 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
     let flops_per_sample = flops / (a.batch as f64 * steps);
     let achieved = flops / total_s;
     // On the kernels the activations kept for backward are the arena's activation section,
-    // sized for the longest caption.
-    let (peak_mem, arena_bytes) = match (&target, &stepper) {
+    // sized for the longest caption. The step allocates nothing after its arena, so the
+    // device memory it added is its peak; PyTorch reports its allocator's peak of live
+    // tensors, which likewise leaves the context out. `device_used_bytes` is the whole
+    // device's use at the end, context included, on both sides.
+    let (peak_mem, device_used, arena_bytes) = match (&target, &stepper) {
         (Target::Kernels(t), Stepper::Kernels(k)) => {
             act_max = k.activation_bytes();
-            (t.device_used_bytes()?, Some(k.arena_bytes()))
+            let used = t.device_used_bytes()?;
+            let added = used.zip(used_before).map(|(u, b)| u.saturating_sub(b));
+            (added, used, Some(k.arena_bytes()))
         }
-        _ => (Some(peak_rss_bytes()?), None),
+        _ => (Some(peak_rss_bytes()?), None, None),
     };
     let out = serde_json::json!({
         "engine": "mmkd",
@@ -779,6 +816,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
             "total": ms(total_s),
         },
         "peak_mem_bytes": peak_mem,
+        "device_used_bytes": device_used,
         "arena_bytes": arena_bytes,
         "flops_per_sample": flops_per_sample,
         // The largest step's saved activations over its batch (the padded length varies).
@@ -905,6 +943,7 @@ fn bench_parity(a: &ParityArgs) -> Result<()> {
             setup.distill.teacher_mode,
             mcfg.embed_dim,
             a.data.seed.wrapping_add(i as u64),
+            true,
         )?;
         let mut t = StepTimes::default();
         let c = cpu.step(&inp, &mut t)?;
@@ -976,7 +1015,10 @@ fn save_parity_inputs(dir: &Path, model: &ClipModel, inp: &StepInputs) -> Result
     let mut t: BTreeMap<String, NamedTensor> = BTreeMap::new();
     t.insert(
         "images".into(),
-        (inp.images.shape().to_vec(), inp.images.as_f32()?.to_vec()),
+        (
+            inp.images()?.shape().to_vec(),
+            inp.images()?.as_f32()?.to_vec(),
+        ),
     );
     t.insert(
         "tokens".into(),

@@ -93,7 +93,7 @@ impl KernelTrainer {
                 }
                 Images::Staged
             }
-            None => Images::F32(inp.images.as_f32()?),
+            None => Images::F32(inp.images()?.as_f32()?),
         };
         t.data += t0.elapsed().as_secs_f64();
         let mask: Vec<u8> = inp.t_mask.iter().map(|&m| u8::from(m)).collect();

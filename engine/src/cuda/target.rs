@@ -89,7 +89,9 @@ impl KernelTarget {
     /// ([`mmkd_kernels::gemm::check_path_cuda`]: each layout against the CPU reference). A
     /// `wgmma` path that fails (or whose launch fails) is reported on stderr and replaced by
     /// `mma.sync` if that one passes; when `mma.sync` fails too (the epilogue is shared code),
-    /// or it was the path and fails, this is an error: a run never trains on wrong products.
+    /// or it was the path and fails, this is an error: a run never trains on wrong products. A
+    /// fault inside a kernel loses the context, so after one the error says to rerun on
+    /// `mma.sync` (`MMKD_GEMM_PATH=mma`) instead of checking it in a dead context.
     /// The emulation is the reference semantics and is not checked.
     pub fn checked_gemm_path(&self) -> Result<GemmPath> {
         let path = self.gemm_path()?;
@@ -141,6 +143,24 @@ fn check_failure(
     }
 }
 
+/// True when `error` names a CUDA error that leaves the context unusable (a fault inside a
+/// kernel): every later call in the process fails with it.
+fn context_lost(error: &str) -> bool {
+    [
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+        "CUDA_ERROR_MISALIGNED_ADDRESS",
+        "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+        "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+        "CUDA_ERROR_INVALID_PC",
+        "CUDA_ERROR_HARDWARE_STACK_ERROR",
+        "CUDA_ERROR_LAUNCH_FAILED",
+        "CUDA_ERROR_LAUNCH_TIMEOUT",
+        "CUDA_ERROR_ASSERT",
+    ]
+    .iter()
+    .any(|c| error.contains(c))
+}
+
 /// The path [`KernelTarget::checked_gemm_path`] settles on, given the checks of each path on
 /// the device `label`.
 fn choose_gemm_path(
@@ -151,6 +171,15 @@ fn choose_gemm_path(
     let Some(why) = check_failure(path, &check) else {
         return Ok(path);
     };
+    // A fault inside a kernel (an illegal address, say) leaves the CUDA context unusable, so
+    // checking the fallback in this process would only fail too and blame it.
+    if path != GemmPath::MmaSync && context_lost(&why) {
+        bail!(
+            "the `{}` GEMMs faulted on {label} ({why}); the CUDA context is lost: rerun with \
+             MMKD_GEMM_PATH=mma to train on the `mma.sync` products",
+            path.name()
+        );
+    }
     if path != GemmPath::MmaSync {
         if let Some(fallback) = check_failure(GemmPath::MmaSync, &check) {
             bail!(
@@ -230,6 +259,18 @@ mod tests {
             choose_gemm_path(GemmPath::Wgmma, "dev", launch_fails).unwrap(),
             GemmPath::MmaSync
         );
+        // A fault loses the context: no fallback is tried in this process.
+        let faults = |p: GemmPath| {
+            if p == GemmPath::MmaSync {
+                Ok(checks(1e-3))
+            } else {
+                Err(anyhow!(
+                    "gemm: DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")"
+                ))
+            }
+        };
+        let e = choose_gemm_path(GemmPath::WgmmaWs, "dev", faults).unwrap_err();
+        assert!(format!("{e}").contains("MMKD_GEMM_PATH=mma"), "{e}");
         let none = |_: GemmPath| Ok(checks(f64::NAN));
         let e = choose_gemm_path(GemmPath::Wgmma, "dev", none).unwrap_err();
         assert!(format!("{e}").contains("on both `wgmma`"), "{e}");
