@@ -218,6 +218,33 @@ impl Gpu {
         &self.stream
     }
 
+    /// Waits until the work queued on the stream so far is done, or fails once `limit` has
+    /// passed: a kernel that never ends (a wait on an mbarrier whose arrivals never come, say)
+    /// becomes an error naming `what` instead of a hang. After such an error the kernel still
+    /// occupies the GPU, so the process cannot use it any more.
+    pub fn finish_within(&self, what: &str, limit: std::time::Duration) -> Result<()> {
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(|e| anyhow!("{what}: recording an event: {e:?}"))?;
+        let t0 = std::time::Instant::now();
+        loop {
+            match done.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => bail!("{what}: {e:?}"),
+            }
+            if t0.elapsed() > limit {
+                bail!(
+                    "{what}: a kernel never finished within {} s (a deadlock?); the GPU is \
+                     unusable for the rest of this process",
+                    limit.as_secs()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     /// The context (for allocations and copies).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx

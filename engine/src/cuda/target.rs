@@ -144,7 +144,7 @@ fn check_failure(
 }
 
 /// True when `error` names a CUDA error that leaves the context unusable (a fault inside a
-/// kernel): every later call in the process fails with it.
+/// kernel: every later call in the process fails with it), or a kernel that never finished.
 fn context_lost(error: &str) -> bool {
     [
         "CUDA_ERROR_ILLEGAL_ADDRESS",
@@ -156,6 +156,8 @@ fn context_lost(error: &str) -> bool {
         "CUDA_ERROR_LAUNCH_FAILED",
         "CUDA_ERROR_LAUNCH_TIMEOUT",
         "CUDA_ERROR_ASSERT",
+        // `Gpu::finish_within`: a hung kernel still holds the GPU.
+        "never finished",
     ]
     .iter()
     .any(|c| error.contains(c))
@@ -270,6 +272,18 @@ mod tests {
             }
         };
         let e = choose_gemm_path(GemmPath::WgmmaWs, "dev", faults).unwrap_err();
+        assert!(format!("{e}").contains("MMKD_GEMM_PATH=mma"), "{e}");
+        // So does a kernel that never finishes (`Gpu::finish_within`).
+        let hangs = |p: GemmPath| {
+            if p == GemmPath::MmaSync {
+                Ok(checks(1e-3))
+            } else {
+                Err(anyhow!(
+                    "gemm check (ws, Forward): a kernel never finished within 20 s"
+                ))
+            }
+        };
+        let e = choose_gemm_path(GemmPath::WgmmaWs, "dev", hangs).unwrap_err();
         assert!(format!("{e}").contains("MMKD_GEMM_PATH=mma"), "{e}");
         let none = |_: GemmPath| Ok(checks(f64::NAN));
         let e = choose_gemm_path(GemmPath::Wgmma, "dev", none).unwrap_err();
