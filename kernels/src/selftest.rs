@@ -648,6 +648,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// How long one case's kernels may run on a GPU before they count as hung (they take
+/// microseconds to milliseconds).
+const CASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Milliseconds a sample of back-to-back calls aims at (see [`time_gpu`]).
 const SAMPLE_MS: f64 = 1.0;
 /// Most calls in one sample.
@@ -705,8 +709,7 @@ fn run_gpu(gpu: &Gpu, c: &Case, iters: usize) -> Result<(Vec<HostBuf>, Option<f6
     let ptrs: Vec<u64> = dev.iter().map(|d| d.device_ptr(st)).collect();
     // SAFETY: every device buffer is a copy of a host buffer sized for the plan.
     unsafe { exec::run(Backend::Gpu(gpu), &c.steps, &ptrs)? };
-    st.synchronize()
-        .map_err(|e| anyhow!("kernel failed: {e:?}"))?;
+    gpu.finish_within(&format!("selftest case `{}`", c.name), CASE_LIMIT)?;
     let got: Vec<HostBuf> = dev.iter().map(|d| d.download(st)).collect::<Result<_>>()?;
     let t = if iters > 0 {
         // SAFETY: as above; reruns overwrite (or, for in-place updates, advance) the outputs.
@@ -797,8 +800,16 @@ pub fn run_reporting(
                 }
             }
         }
+        // A hung kernel keeps the GPU: every later case would wait out its limit too.
+        let hung = r
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("never finished"));
         report.cases.push(r);
         progress(&report)?;
+        if hung {
+            return Ok(report);
+        }
     }
     // On a GPU, each GEMM path it has (mma.sync; on sm_90 wgmma, then wgmma fed by TMA, last
     // because a fault there may leave the device unusable): the check the training step runs
@@ -837,6 +848,14 @@ pub fn run_reporting(
                 tflops: None,
             });
             progress(&report)?;
+            if report
+                .cases
+                .last()
+                .and_then(|c| c.error.as_deref())
+                .is_some_and(|e| e.contains("never finished"))
+            {
+                break;
+            }
         }
     }
     Ok(report)
