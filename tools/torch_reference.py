@@ -550,12 +550,15 @@ def bench(args) -> dict:
     if dev.type == "cuda":
         images_u8, tokens_all = images_u8.pin_memory(), tokens_all.pin_memory()
     tt = args.teachers
-    t_img = F.normalize(torch.rand(b, tt, d, generator=gen) * 2 - 1, dim=-1).to(dev)
-    t_txt = F.normalize(torch.rand(b, tt, d, generator=gen) * 2 - 1, dim=-1).to(dev)
-    t_mask = torch.rand(b, tt, generator=gen) < 0.75
-    none = ~t_mask.any(1)
-    t_mask[none, torch.randint(0, tt, (int(none.sum()),), generator=gen)] = True
-    t_mask = t_mask.to(dev)
+    # The teacher targets stay on the host and travel with each batch, as they do in mmkd's
+    # step (and in training, where they come from the shards with the images).
+    t_img_h = F.normalize(torch.rand(b, tt, d, generator=gen) * 2 - 1, dim=-1)
+    t_txt_h = F.normalize(torch.rand(b, tt, d, generator=gen) * 2 - 1, dim=-1)
+    t_mask_h = torch.rand(b, tt, generator=gen) < 0.75
+    none = ~t_mask_h.any(1)
+    t_mask_h[none, torch.randint(0, tt, (int(none.sum()),), generator=gen)] = True
+    if dev.type == "cuda":
+        t_img_h, t_txt_h, t_mask_h = t_img_h.pin_memory(), t_txt_h.pin_memory(), t_mask_h.pin_memory()
     mean = torch.tensor(CLIP_MEAN * (c // 3 + 1), device=dev)[:c].view(1, c, 1, 1)
     std = torch.tensor(CLIP_STD * (c // 3 + 1), device=dev)[:c].view(1, c, 1, 1)
     median = args.caption_median if args.caption_median is not None else ctx / 4.0
@@ -570,6 +573,9 @@ def bench(args) -> dict:
         tok = tok.masked_fill(torch.arange(l, device=dev)[None, :] >= lens[:, None], 0)
         targets = None
         if args.stage == "kd":
+            t_img = t_img_h.to(dev, non_blocking=True)
+            t_txt = t_txt_h.to(dev, non_blocking=True)
+            t_mask = t_mask_h.to(dev, non_blocking=True)
             if train["teacher_mode"] == "random":
                 # One available teacher per sample, drawn uniformly.
                 pick = torch.rand(b, tt, device=dev).masked_fill(~t_mask, -1.0).argmax(1)
