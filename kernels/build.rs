@@ -37,10 +37,11 @@ fn main() {
         .flag_if_supported("-Wno-psabi")
         .file(cuda.join("mmkd_emu.cpp"));
     // `MMKD_EMU_SANITIZE=address` instruments the emulated kernels with AddressSanitizer, so an
-    // access past a buffer's end fails the run instead of reading a neighbour's bytes (on a GPU
-    // it would be an illegal address). It needs the runtime preloaded and `halt_on_error=0`, so
-    // that a report fails the launch (naming the block and thread) instead of ending the
-    // process: `tools/emu-sanitize.sh` sets both and runs the emulated tests this way.
+    // access past a buffer's end fails the launch (on a GPU it would be an illegal address).
+    // The access itself still happens and the thread runs on until it yields. It needs the
+    // runtime preloaded and `halt_on_error=0:suppress_equal_pcs=0`, so that every report fails
+    // its launch (naming the block and thread) instead of ending the process or being
+    // deduplicated: `tools/emu-sanitize.sh` sets them and runs the emulated tests this way.
     println!("cargo:rerun-if-env-changed=MMKD_EMU_SANITIZE");
     println!("cargo::rustc-check-cfg=cfg(mmkd_emu_asan)");
     match std::env::var("MMKD_EMU_SANITIZE").as_deref() {

@@ -22,7 +22,8 @@ export MMKD_EMU_SANITIZE=address
 export CARGO_TARGET_DIR="${MMKD_ASAN_TARGET:-$root/target/emu-asan}"
 # The runtime must be loaded first, and a report must fail the launch, not end the process;
 # leaks are not what this run looks for (fibers' stacks are freed by their launch).
-export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="env LD_PRELOAD=$asan"
+host="$(rustc -vV | sed -n 's/^host: //p' | tr 'a-z-' 'A-Z_')"
+export "CARGO_TARGET_${host}_RUNNER=env LD_PRELOAD=$asan${LD_PRELOAD:+:$LD_PRELOAD}"
 # The full reports go to files (the launch error carries the verdict, block and thread); the
 # probe tests that must fail leave theirs there too.
 reports="$CARGO_TARGET_DIR/asan-reports"
@@ -38,4 +39,6 @@ else
   cargo test -p mmkd-engine --test cuda_block --test cuda_tower --test cuda_student \
     --test kernel_parity --test cuda_inputs
 fi
+# Every report either failed its launch (and the tests passed, so they expected it) or, from
+# host code, ended the process.
 echo "emu-sanitize: $(cat "$reports"/report* 2>/dev/null | grep -c 'ERROR: AddressSanitizer' || true) sanitizer report(s), all from launches the tests expected to fail; full text in $reports"

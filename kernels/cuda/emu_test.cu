@@ -3,7 +3,7 @@
 // same checks can run on a GPU.
 //
 // Defines: emu_warp_ops, emu_exit_before_barrier, emu_shfl_after_exit, emu_cp_async_order,
-// emu_copy_n, emu_smem_n.
+// emu_copy_n, emu_smem_n, emu_local_n.
 #include "prelude.cuh"
 
 // block (64): two warps. out (64, 10) ints.
@@ -81,3 +81,14 @@ MMKD_KERNEL void emu_smem_n(float* __restrict__ out,  // (n)
     for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = buf[i];
 }
 MMKD_EXPORT(emu_smem_n)
+
+// One block: out[t] = loc[i] of a local array of 8, read after a barrier (so each thread has
+// been suspended and resumed in between). The sanitizer's test reads loc[8], which must fail.
+MMKD_KERNEL void emu_local_n(float* __restrict__ out,  // (blockDim.x)
+                             int i) {
+    volatile float loc[8];
+    for (int k = 0; k < 8; ++k) loc[k] = (float)(k + threadIdx.x);
+    __syncthreads();
+    out[threadIdx.x] = loc[i];
+}
+MMKD_EXPORT(emu_local_n)

@@ -96,6 +96,7 @@ MMKD_DEVICE void wg_load_tile(unsigned char* s, const mmkd_bf16* __restrict__ g,
                 const bool in = KMAJOR ? (gr < rows && gk + j < K) : (gk < K && gr + j < rows);
                 d[j] = in ? src[j] : 0;
             }
+            note_generic_write(d, 16);  // read by the tensor cores: a proxy fence comes first
         }
     }
 }

@@ -5,6 +5,7 @@
 #include <ucontext.h>
 
 #ifdef MMKD_EMU_ASAN
+#include <dlfcn.h>
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
@@ -97,7 +98,7 @@ struct Block {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
     std::vector<unsigned> order;
-    ucontext_t sched;
+    ucontext_t sched{};
     void (*body)(void*) = nullptr;
     void* ctx = nullptr;
     unsigned char* dyn_smem = nullptr;
@@ -128,6 +129,24 @@ thread_local const void* g_sched_stack = nullptr;
 thread_local size_t g_sched_stack_bytes = 0;
 #endif
 
+#ifdef MMKD_EMU_ASAN
+// The C library's own swapcontext. The sanitizer's wrapper of it clears the shadow of the whole
+// target stack at every switch, which would erase the guards around a resumed thread's local
+// arrays; with the switches announced (below), the wrapper has nothing left to do.
+using SwapFn = int (*)(ucontext_t*, const ucontext_t*);
+SwapFn real_swapcontext() {
+    static SwapFn f = [] {
+        void* libc = dlopen("libc.so.6", RTLD_NOLOAD | RTLD_LAZY);
+        void* sym = libc != nullptr ? dlsym(libc, "swapcontext") : nullptr;
+        return sym != nullptr ? reinterpret_cast<SwapFn>(sym) : &::swapcontext;
+    }();
+    return f;
+}
+#define MMKD_SWAPCONTEXT(from, to) real_swapcontext()(from, to)
+#else
+#define MMKD_SWAPCONTEXT(from, to) swapcontext(from, to)
+#endif
+
 void switch_to_fiber(Block& b, Fiber& f);
 // `for_good`: the fiber never runs again (it exited or failed).
 void switch_to_scheduler(Fiber& f, Block& b, bool for_good) {
@@ -137,7 +156,7 @@ void switch_to_scheduler(Fiber& f, Block& b, bool for_good) {
 #else
     (void)for_good;
 #endif
-    swapcontext(&f.ctx, &b.sched);
+    MMKD_SWAPCONTEXT(&f.ctx, &b.sched);
 #ifdef MMKD_EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, &g_sched_stack, &g_sched_stack_bytes);
 #endif
@@ -163,16 +182,33 @@ void on_asan_report(const char* report) {
         std::abort();
     }
     if (!g_asan_report.empty()) return;
-    std::string r(report);
+    // "AddressSanitizer: KIND on address A" and "READ of size N", without registers.
+    std::string r(report), line = "AddressSanitizer report";
     size_t at = r.find("AddressSanitizer: ");
-    std::string line = at == std::string::npos ? std::string("AddressSanitizer report") : r.substr(at);
-    line = line.substr(0, line.find('\n'));
+    if (at != std::string::npos) line = r.substr(at, r.find(" at pc", at) - at);
+    for (const char* what : {"READ of size ", "WRITE of size "}) {
+        size_t w = r.find(what);
+        if (w != std::string::npos) {
+            size_t e = r.find(" at ", w);
+            line += ", " + r.substr(w, e == std::string::npos ? std::string::npos : e - w);
+            break;
+        }
+    }
     char buf[96] = "";
     if (g_fiber != nullptr)
         std::snprintf(buf, sizeof buf, " (block (%u,%u,%u), thread (%u,%u,%u))", g_block->bidx.x,
                       g_block->bidx.y, g_block->bidx.z, g_fiber->tid.x, g_fiber->tid.y, g_fiber->tid.z);
+    // The access itself went ahead (the build recovers from reports) and the thread runs on
+    // until it yields: the launch fails then.
     g_asan_report = "invalid memory access: " + line + buf;
 }
+
+// Installed when the library loads, so a report from host code before the first launch ends
+// the process too instead of passing unnoticed (halt_on_error=0 applies to every report).
+const bool g_asan_callback_installed = [] {
+    __asan_set_error_report_callback(on_asan_report);
+    return true;
+}();
 #endif
 
 Schedule current_schedule() {
@@ -235,7 +271,7 @@ void switch_to_fiber(Block& b, Fiber& f) {
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, f.stack, kStackBytes);
 #endif
-    swapcontext(&b.sched, &f.ctx);
+    MMKD_SWAPCONTEXT(&b.sched, &f.ctx);
 #ifdef MMKD_EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -244,6 +280,10 @@ void switch_to_fiber(Block& b, Fiber& f) {
 // Separate from run_block: getcontext returns twice, which would leave run_block's loop
 // variables "clobbered" in the compiler's eyes.
 __attribute__((noinline)) void init_fiber(Fiber& f) {
+#ifdef MMKD_EMU_ASAN
+    // A stack reused from an abandoned thread may keep the guards of its frames.
+    ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);
+#endif
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStackBytes;
@@ -503,7 +543,8 @@ void ldmatrix(int count, bool trans, unsigned* r, const void* row) {
 
 // ---- wgmma (sm_90a) ----------------------------------------------------------------------
 // Descriptors address dynamic shared memory by byte offset (the emulation's shared window).
-// Only the no-swizzle canonical layouts are emulated. Core matrices are 128 contiguous bytes,
+// The no-swizzle canonical layouts (below) and the 128-byte swizzle (wg_addr's layout 1).
+// Without swizzle, core matrices are 128 contiguous bytes,
 // LBO apart along K and SBO apart along M/N (the PTX ISA's canonical layouts, and CUTLASS's
 // make_gmma_desc for INTERLEAVE in both majors). Element (r, k) of an operand (r along M/N):
 //   K-major  (imm-trans 0): start + (r/8)·SBO + (k/8)·LBO + (r%8)·16 + (k%8)·2
@@ -790,11 +831,6 @@ void tma_load_3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* b
 const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
     g_error.clear();
 #ifdef MMKD_EMU_ASAN
-    static bool callback_set = [] {
-        __asan_set_error_report_callback(on_asan_report);
-        return true;
-    }();
-    (void)callback_set;
     g_asan_report.clear();
 #endif
     if (g_block != nullptr) {

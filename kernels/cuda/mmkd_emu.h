@@ -334,6 +334,7 @@ static inline void tma_load_3d(void* dst, const mmkd_tensor_map* map, int c0, in
 }
 static inline void wgmma_fence() { ::mmkd_emu::wgmma_fence(); }
 static inline void fence_proxy_async() { ::mmkd_emu::fence_proxy_async(); }
+static inline void note_generic_write(const void* p, int bytes) { ::mmkd_emu::generic_write(p, bytes); }
 static inline void wgmma_hold(float*) {}
 template <int N>
 static inline void wgmma_hold_n(float*) {}

@@ -221,6 +221,10 @@ MMKD_DEVICE void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
 MMKD_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Declares plain stores of `bytes` at `p` in shared memory that a wgmma will read: nothing on
+// the GPU; the emulation then requires a fence.proxy.async before that read, as it does for
+// 16-byte stores and cp.async.
+MMKD_DEVICE void note_generic_write(const void*, int) {}
 // Keeps the compiler from moving accesses of the accumulators across an issue or a wait.
 template <int N>
 MMKD_DEVICE void wgmma_hold_n(float* d) {

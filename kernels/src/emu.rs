@@ -79,6 +79,7 @@ emu_kernels! {
     "emu_cp_async_order" => mmkd_emu_emu_cp_async_order,
     "emu_copy_n" => mmkd_emu_emu_copy_n,
     "emu_smem_n" => mmkd_emu_emu_smem_n,
+    "emu_local_n" => mmkd_emu_emu_local_n,
     "mtl_normalize_f32" => mmkd_emu_mtl_normalize_f32,
     "mtl_normalize_bf16" => mmkd_emu_mtl_normalize_bf16,
     "mtl_targets_f32" => mmkd_emu_mtl_targets_f32,
@@ -377,7 +378,7 @@ mod tests {
         let copy = |y: &mut [f32], n: i32| {
             let args = [Arg::host(&x), Arg::host_mut(y), Arg::I32(n)];
             // SAFETY: the sanitizer's own probe: with n = 41 the kernel reads one float past
-            // x, which the instrumented build reports instead of performing.
+            // x, into the allocator's guard, which the instrumented build reports.
             unsafe { Emu::default().launch("emu_copy_n", block(32, 0), &args) }
         };
         copy(&mut y, 40).unwrap();
@@ -399,6 +400,21 @@ mod tests {
         assert!(out.iter().enumerate().all(|(i, &v)| v == i as f32));
         let e = smem(&mut out, 41, 40).unwrap_err().to_string();
         assert!(e.contains("use-after-poison"), "{e}");
+
+        // A thread's local array, read past its end after the thread was suspended at a
+        // barrier and resumed: the guards of its stack frame survive the switches.
+        let local = |i: i32| {
+            let mut out = vec![0.0f32; 64];
+            let args = [Arg::host_mut(&mut out), Arg::I32(i)];
+            // SAFETY: as above; i = 8 reads one past the kernel's local array.
+            unsafe { Emu::default().launch("emu_local_n", block(64, 0), &args) }.map(|()| out)
+        };
+        assert_eq!(local(7).unwrap()[5], 12.0);
+        let e = local(8).unwrap_err().to_string();
+        assert!(
+            e.contains("stack-buffer-overflow") && e.contains("READ of size 4"),
+            "{e}"
+        );
 
         // Guarded host memory inside one allocation: the first 40 floats of a 48 stay usable.
         let big = vec![0.5f32; 48];

@@ -269,11 +269,7 @@ impl Nvrtc {
         if let Some(p) = &cached {
             // A file that is not a whole image (another writer's leftovers, a full disk) is
             // ignored and rewritten.
-            let whole = |image: &[u8]| match out {
-                Output::Cubin => image.starts_with(b"\x7fELF"),
-                Output::Ptx => image.windows(8).any(|w| w == b".version"),
-            };
-            if let Some(image) = std::fs::read(p).ok().filter(|i| whole(i)) {
+            if let Some(image) = std::fs::read(p).ok().filter(|i| whole_image(i, out)) {
                 return Ok(Compiled {
                     image,
                     log: String::new(),
@@ -360,6 +356,30 @@ pub fn ptx_version(ptx: &str) -> Option<(u32, u32)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
+/// True when `image` looks like a complete NVRTC output: a 64-bit ELF file whose section
+/// header table (which the compiler writes last) lies inside it, or PTX that declares its
+/// version and ends with the closing brace of its last function.
+fn whole_image(image: &[u8], out: Output) -> bool {
+    match out {
+        Output::Cubin => {
+            let le = |at: usize, n: usize| -> Option<u64> {
+                let b = image.get(at..at + n)?;
+                Some(b.iter().rev().fold(0u64, |v, &x| (v << 8) | u64::from(x)))
+            };
+            let table = (|| {
+                let (off, size, count) = (le(0x28, 8)?, le(0x3a, 2)?, le(0x3c, 2)?);
+                off.checked_add(size.checked_mul(count)?)
+            })();
+            image.starts_with(b"\x7fELF\x02")
+                && table.is_some_and(|end| end > 0 && end <= image.len() as u64)
+        }
+        Output::Ptx => {
+            image.windows(8).any(|w| w == b".version")
+                && image.iter().rev().find(|b| !b.is_ascii_whitespace()) == Some(&b'}')
+        }
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers never see a
 /// partial file. Each call has its own temporary file, so threads or processes writing the
 /// same path at once never write into one another's.
@@ -416,6 +436,16 @@ mod tests {
             .unwrap();
         assert!(!other.cached);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        // PTX is cached likewise (it passes the whole-image check).
+        let ptx = nv
+            .compile_in(f, "compute_90", Output::Ptx, Some(&dir))
+            .unwrap();
+        assert!(!ptx.cached);
+        assert!(
+            nv.compile_in(f, "compute_90", Output::Ptx, Some(&dir))
+                .unwrap()
+                .cached
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -440,7 +470,8 @@ mod tests {
             .unwrap()
             .unwrap()
             .path();
-        std::fs::write(&entry, &first.image[..first.image.len() / 2][4..]).unwrap();
+        // Cut at the tail, as a writer that stopped half way would leave it.
+        std::fs::write(&entry, &first.image[..first.image.len() / 2]).unwrap();
         let again = nv
             .compile_in(f, "sm_80", Output::Cubin, Some(&dir))
             .unwrap();

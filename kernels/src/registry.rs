@@ -119,6 +119,7 @@ pub const EMU_TEST: KernelFile = KernelFile {
         "emu_cp_async_order",
         "emu_copy_n",
         "emu_smem_n",
+        "emu_local_n",
     ],
     min_arch: MinArch::Sm80,
     tensor_core_entries: &[],

@@ -3,9 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use mmkd_kernels::nvrtc::write_atomic;
 use mmkd_kernels::{check, selftest, DeviceRequest, Gpu};
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Commands about the CUDA kernels.
 #[derive(Subcommand)]
@@ -98,25 +98,6 @@ fn run_selftest(a: SelftestArgs) -> Result<()> {
     if !failed.is_empty() {
         bail!("selftest failed for: {}", failed.join(", "));
     }
-    Ok(())
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder, fsynced and renamed.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
 

@@ -73,7 +73,7 @@ impl KernelTrainer {
     /// One step on `inp` at the schedule's learning rate; adds the time of its parts to `t`
     /// (staging and the upload count as data).
     ///
-    /// With `pixels` (the raw crops `inp.images` were normalised from, 3 channels), the step
+    /// With `pixels` (the batch's raw u8 crops, 3 channels; `inp.images` may then be absent), the step
     /// runs as a training loop with a prefetching loader would: the crops are normalised on
     /// the device, and the next batch's crops are staged while the step's backward computes
     /// (the synthetic crops are the same every step). Without, the normalised values are

@@ -24,7 +24,8 @@ pub const PAD_ELEMS: usize = 128;
 /// whole). Under the instrumented emulation ([`mmkd_kernels::emu::SANITIZED`]) each of their
 /// regions is followed by a guard of [`PAD_ELEMS`] elements besides its padding, and the bytes
 /// between its last element and the next region are off limits, so a kernel that overruns a
-/// region fails its launch instead of reading or writing its neighbour.
+/// region fails its launch (an overrun longer than the guard still reaches the neighbour
+/// before the launch fails).
 fn guarded(section: Section) -> bool {
     matches!(section, Section::Acts | Section::Scratch | Section::Tables)
 }
