@@ -133,6 +133,9 @@ fn check_driver_version() -> Result<()> {
     Ok(())
 }
 
+/// What [`Gpu::finish_within`]'s error says of a kernel that did not end in time.
+const HUNG: &str = "a kernel never finished";
+
 /// A CUDA device with its stream, NVRTC and a cache of loaded modules (one per kernel file).
 pub struct Gpu {
     /// Device ordinal.
@@ -218,6 +221,12 @@ impl Gpu {
         &self.stream
     }
 
+    /// True when `error` (with its context chain) says a kernel hung ([`Gpu::finish_within`]):
+    /// the GPU is then unusable for the rest of the process.
+    pub fn is_hang(error: &str) -> bool {
+        error.contains(HUNG)
+    }
+
     /// Waits until the work queued on the stream so far is done, or fails once `limit` has
     /// passed: a kernel that never ends (a wait on an mbarrier whose arrivals never come, say)
     /// becomes an error naming `what` instead of a hang. After such an error the kernel still
@@ -236,7 +245,7 @@ impl Gpu {
             }
             if t0.elapsed() > limit {
                 bail!(
-                    "{what}: a kernel never finished within {} s (a deadlock?); the GPU is \
+                    "{what}: {HUNG} within {} s (a deadlock?); the GPU is \
                      unusable for the rest of this process",
                     limit.as_secs()
                 );

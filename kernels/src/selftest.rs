@@ -801,10 +801,7 @@ pub fn run_reporting(
             }
         }
         // A hung kernel keeps the GPU: every later case would wait out its limit too.
-        let hung = r
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("never finished"));
+        let hung = r.error.as_deref().is_some_and(Gpu::is_hang);
         report.cases.push(r);
         progress(&report)?;
         if hung {
@@ -852,7 +849,7 @@ pub fn run_reporting(
                 .cases
                 .last()
                 .and_then(|c| c.error.as_deref())
-                .is_some_and(|e| e.contains("never finished"))
+                .is_some_and(Gpu::is_hang)
             {
                 break;
             }

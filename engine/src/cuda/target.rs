@@ -146,21 +146,20 @@ fn check_failure(
 /// True when `error` names a CUDA error that leaves the context unusable (a fault inside a
 /// kernel: every later call in the process fails with it), or a kernel that never finished.
 fn context_lost(error: &str) -> bool {
-    [
-        "CUDA_ERROR_ILLEGAL_ADDRESS",
-        "CUDA_ERROR_MISALIGNED_ADDRESS",
-        "CUDA_ERROR_ILLEGAL_INSTRUCTION",
-        "CUDA_ERROR_INVALID_ADDRESS_SPACE",
-        "CUDA_ERROR_INVALID_PC",
-        "CUDA_ERROR_HARDWARE_STACK_ERROR",
-        "CUDA_ERROR_LAUNCH_FAILED",
-        "CUDA_ERROR_LAUNCH_TIMEOUT",
-        "CUDA_ERROR_ASSERT",
-        // `Gpu::finish_within`: a hung kernel still holds the GPU.
-        "never finished",
-    ]
-    .iter()
-    .any(|c| error.contains(c))
+    mmkd_kernels::Gpu::is_hang(error)
+        || [
+            "CUDA_ERROR_ILLEGAL_ADDRESS",
+            "CUDA_ERROR_MISALIGNED_ADDRESS",
+            "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+            "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+            "CUDA_ERROR_INVALID_PC",
+            "CUDA_ERROR_HARDWARE_STACK_ERROR",
+            "CUDA_ERROR_LAUNCH_FAILED",
+            "CUDA_ERROR_LAUNCH_TIMEOUT",
+            "CUDA_ERROR_ASSERT",
+        ]
+        .iter()
+        .any(|c| error.contains(c))
 }
 
 /// The path [`KernelTarget::checked_gemm_path`] settles on, given the checks of each path on
@@ -261,30 +260,22 @@ mod tests {
             choose_gemm_path(GemmPath::Wgmma, "dev", launch_fails).unwrap(),
             GemmPath::MmaSync
         );
-        // A fault loses the context: no fallback is tried in this process.
-        let faults = |p: GemmPath| {
-            if p == GemmPath::MmaSync {
-                Ok(checks(1e-3))
-            } else {
-                Err(anyhow!(
-                    "gemm: DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")"
-                ))
-            }
-        };
-        let e = choose_gemm_path(GemmPath::WgmmaWs, "dev", faults).unwrap_err();
-        assert!(format!("{e}").contains("MMKD_GEMM_PATH=mma"), "{e}");
-        // So does a kernel that never finishes (`Gpu::finish_within`).
-        let hangs = |p: GemmPath| {
-            if p == GemmPath::MmaSync {
-                Ok(checks(1e-3))
-            } else {
-                Err(anyhow!(
-                    "gemm check (ws, Forward): a kernel never finished within 20 s"
-                ))
-            }
-        };
-        let e = choose_gemm_path(GemmPath::WgmmaWs, "dev", hangs).unwrap_err();
-        assert!(format!("{e}").contains("MMKD_GEMM_PATH=mma"), "{e}");
+        // A fault, or a kernel that never finishes (`Gpu::finish_within`), loses the context:
+        // no fallback is tried in this process.
+        for lost in [
+            "gemm: DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")",
+            "gemm check (ws, Forward): a kernel never finished within 20 s",
+        ] {
+            let check = |p: GemmPath| {
+                if p == GemmPath::MmaSync {
+                    Ok(checks(1e-3))
+                } else {
+                    Err(anyhow!("{lost}"))
+                }
+            };
+            let e = choose_gemm_path(GemmPath::WgmmaWs, "dev", check).unwrap_err();
+            assert!(format!("{e}").contains("MMKD_GEMM_PATH=mma"), "{lost}: {e}");
+        }
         let none = |_: GemmPath| Ok(checks(f64::NAN));
         let e = choose_gemm_path(GemmPath::Wgmma, "dev", none).unwrap_err();
         assert!(format!("{e}").contains("on both `wgmma`"), "{e}");
