@@ -27,6 +27,8 @@ fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
 }
 
 fn tiny_model(c: &mut Criterion) {
+    // As the `mmkd` binary does: keep the memory each iteration frees for the next one.
+    mmkd_engine::host_memory::keep_freed_memory();
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny.toml");
     let cfg = ModelConfig::from_file(&path).expect("configs/tiny.toml");
     let mut model = ClipModel::new(&cfg).expect("tiny model");
@@ -59,6 +61,8 @@ fn tiny_model(c: &mut Criterion) {
 }
 
 fn vit_b16_block(c: &mut Criterion) {
+    // As the `mmkd` binary does: keep the memory each iteration frees for the next one.
+    mmkd_engine::host_memory::keep_freed_memory();
     let (w, l) = (768, 197);
     let mut ps = ParamStore::new();
     let block =

@@ -43,6 +43,7 @@ pub mod config;
 pub mod cuda;
 pub mod error;
 pub mod flops;
+pub mod host_memory;
 pub mod model;
 pub mod ops;
 pub mod params;

@@ -36,6 +36,8 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // The CPU tape frees and reallocates a step's activations every step; keep that memory.
+    mmkd_engine::host_memory::keep_freed_memory();
     let result = match cli.command {
         Command::Bench(c) => bench::run(c),
         Command::Data(c) => data::run(c),
