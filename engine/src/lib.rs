@@ -48,6 +48,7 @@ pub mod model;
 pub mod ops;
 pub mod params;
 pub mod real;
+pub mod simd;
 pub mod tape;
 pub mod tensor;
 

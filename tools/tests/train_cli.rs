@@ -61,7 +61,9 @@ fn ok(out: Output, what: &str) -> Output {
 fn data() -> &'static (PathBuf, PathBuf, PathBuf, PathBuf) {
     static DATA: OnceLock<(PathBuf, PathBuf, PathBuf, PathBuf)> = OnceLock::new();
     DATA.get_or_init(|| {
-        let root = std::env::temp_dir().join(format!("mmkd-train-cli-{}", std::process::id()));
+        // Under the target directory and one fixed name, removed first, so that repeated runs
+        // reuse one copy (a static is never dropped, so nothing here could remove it at exit).
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-cli");
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
         let raw = root.join("raw");
@@ -332,7 +334,8 @@ fn eval_and_report_commands() {
 
 #[test]
 fn quick_demo_runs_end_to_end() {
-    let dir = std::env::temp_dir().join(format!("mmkd-demo-test-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-test");
+    let _ = std::fs::remove_dir_all(&dir);
     let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let out = ok(
         Command::new(MMKD)

@@ -15,6 +15,7 @@
 use crate::error::{shape_err, EngineError, Result};
 use crate::ops::matmul::{gemm, Mat};
 use crate::real::Real;
+use crate::simd::wide;
 use crate::tape::{Grads, Node, Op, Tape, Var};
 use rayon::prelude::*;
 
@@ -43,7 +44,9 @@ impl AttnSpec {
     }
 }
 
-/// Softmax of the masked, scaled score rows of one (batch, head) in place.
+/// Softmax of the masked, scaled score rows of one (batch, head) in place. The exponentials
+/// and the sum are separate loops so that the first vectorises (the sum keeps its order).
+#[inline(always)]
 fn softmax_rows<T: Real>(p: &mut [T], l: usize, valid: usize, causal: bool, scale: T) {
     for i in 0..l {
         let row = &mut p[i * l..(i + 1) * l];
@@ -56,9 +59,11 @@ fn softmax_rows<T: Real>(p: &mut [T], l: usize, valid: usize, causal: bool, scal
         for v in &row[..end] {
             mx = mx.max(*v * scale);
         }
-        let mut sum = T::zero();
         for v in &mut row[..end] {
             *v = (*v * scale - mx).exp();
+        }
+        let mut sum = T::zero();
+        for v in &row[..end] {
             sum += *v;
         }
         let inv = T::one() / sum;
@@ -95,7 +100,10 @@ pub fn forward<T: Real>(qkv: &[T], spec: &AttnSpec, out: &mut [T], probs: Option
                 cs: 3 * w,
             };
             gemm(l, l, d, p, l, q, kt, false, false);
-            softmax_rows(p, l, valid, spec.causal, scale);
+            wide(
+                #[inline(always)]
+                || softmax_rows(p, l, valid, spec.causal, scale),
+            );
             let v = Mat {
                 data: &xb[2 * w + hd * d..],
                 rs: 3 * w,

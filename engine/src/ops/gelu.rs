@@ -3,6 +3,7 @@
 
 use crate::error::Result;
 use crate::real::Real;
+use crate::simd::wide;
 use crate::tape::{Grads, Node, Op, Tape, Var};
 use rayon::prelude::*;
 
@@ -15,9 +16,14 @@ pub fn forward<T: Real>(x: &[T], y: &mut [T]) {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(yc, xc)| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o = h * v * (T::one() + (v * s).erf());
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = h * v * (T::one() + (v * s).erf());
+                    }
+                },
+            )
         });
 }
 
@@ -29,11 +35,16 @@ pub fn backward_cpu<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|(dc, (xc, gc))| {
-            for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let cdf = h * (T::one() + (v * s).erf());
-                let pdf = c * (-h * v * v).exp();
-                *d += g * (cdf + v * pdf);
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                        let cdf = h * (T::one() + (v * s).erf());
+                        let pdf = c * (-h * v * v).exp();
+                        *d += g * (cdf + v * pdf);
+                    }
+                },
+            )
         });
 }
 

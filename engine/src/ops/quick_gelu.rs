@@ -3,12 +3,14 @@
 
 use crate::error::Result;
 use crate::real::Real;
+use crate::simd::wide;
 use crate::tape::{Grads, Node, Op, Tape, Var};
 use rayon::prelude::*;
 
 const CHUNK: usize = 4096;
 const A: f64 = 1.702;
 
+#[inline(always)]
 fn sigmoid<T: Real>(v: T) -> T {
     T::one() / (T::one() + (-v).exp())
 }
@@ -19,9 +21,14 @@ pub fn forward<T: Real>(x: &[T], y: &mut [T]) {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(yc, xc)| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o = v * sigmoid(a * v);
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = v * sigmoid(a * v);
+                    }
+                },
+            )
         });
 }
 
@@ -31,10 +38,15 @@ pub fn backward_cpu<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|(dc, (xc, gc))| {
-            for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let s = sigmoid(a * v);
-                *d += g * (s + a * v * s * (T::one() - s));
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                        let s = sigmoid(a * v);
+                        *d += g * (s + a * v * s * (T::one() - s));
+                    }
+                },
+            )
         });
 }
 
