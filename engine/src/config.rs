@@ -173,7 +173,7 @@ impl ModelConfig {
                 return Err(bad(key, "must be at least 1".into()));
             }
         }
-        if v.image_size % v.patch_size != 0 {
+        if !v.image_size.is_multiple_of(v.patch_size) {
             return Err(bad(
                 "vision.image_size",
                 format!(
@@ -182,13 +182,13 @@ impl ModelConfig {
                 ),
             ));
         }
-        if v.width % v.heads != 0 {
+        if !v.width.is_multiple_of(v.heads) {
             return Err(bad(
                 "vision.heads",
                 format!("width {} is not divisible by {} heads", v.width, v.heads),
             ));
         }
-        if t.width % t.heads != 0 {
+        if !t.width.is_multiple_of(t.heads) {
             return Err(bad(
                 "text.heads",
                 format!("width {} is not divisible by {} heads", t.width, t.heads),

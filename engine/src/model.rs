@@ -105,7 +105,7 @@ impl TransformerBlock {
         seed: u64,
     ) -> Result<Self> {
         let hidden = (mlp_ratio * width as f64) as usize;
-        if heads == 0 || width % heads != 0 || hidden == 0 {
+        if heads == 0 || !width.is_multiple_of(heads) || hidden == 0 {
             return Err(EngineError::Config(format!(
                 "block `{prefix}`: width {width}, heads {heads}, mlp_ratio {mlp_ratio}"
             )));

@@ -194,7 +194,7 @@ pub fn load_configs(path: &Path, sets: &[String]) -> Result<(ModelConfig, TrainC
     } else {
         train.micro_batch
     };
-    if train.batch_size % micro != 0 {
+    if !train.batch_size.is_multiple_of(micro) {
         bail!(
             "train.micro_batch ({micro}) must divide train.batch_size ({})",
             train.batch_size
@@ -788,7 +788,7 @@ pub fn train(
         metrics.flush()?;
         on_step(&rec, total_steps);
         last = Some(rec);
-        if tc.save_every > 0 && step % tc.save_every == 0 {
+        if tc.save_every > 0 && step.is_multiple_of(tc.save_every) {
             if let Some(k) = kstep.as_mut() {
                 k.save_to(&mut model.params, &mut opt.m, &mut opt.v)?;
             }

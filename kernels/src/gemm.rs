@@ -547,7 +547,8 @@ pub fn choose_split_k(sh: &GemmShape, path: GemmPath, sms: usize) -> usize {
     };
     let mut best = (1, cost(1));
     for s in SPLIT_K_CANDIDATES {
-        if sh.k % s != 0 || (sh.k / s) % 8 != 0 || sh.k / s < SPLIT_K_MIN_CHUNK {
+        if !sh.k.is_multiple_of(s) || !(sh.k / s).is_multiple_of(8) || sh.k / s < SPLIT_K_MIN_CHUNK
+        {
             continue;
         }
         let c = cost(s);
@@ -588,7 +589,7 @@ impl GemmShape {
             "gemm: split K takes no bias, aux or activation and stores fp32 ({opts:?})"
         );
         ensure!(
-            self.k % s == 0 && (self.k / s) % 8 == 0,
+            self.k.is_multiple_of(s) && (self.k / s).is_multiple_of(8),
             "gemm: split K {s} of K = {} needs equal chunks that are multiples of 8",
             self.k
         );
@@ -1782,7 +1783,10 @@ mod tests {
             };
             assert_eq!(sh.plan(opts).unwrap()[0].kernel, sh.layout.tma_entry());
             // The launcher takes the copy engine only for 16-byte aligned operands.
-            assert!(c.a.as_ptr() as usize % 16 == 0 && c.b.as_ptr() as usize % 16 == 0);
+            assert!(
+                (c.a.as_ptr() as usize).is_multiple_of(16)
+                    && (c.b.as_ptr() as usize).is_multiple_of(16)
+            );
             let tma = run(c, Some(&Emu::default()));
             let cp = Case {
                 path: GemmPath::Wgmma,
@@ -1986,7 +1990,10 @@ mod tests {
                 };
                 assert_eq!(sh.plan(opts).unwrap()[0].kernel, sh.layout.ws_entry());
                 // The launcher takes the persistent kernel only for 16-byte aligned operands.
-                assert!(c.a.as_ptr() as usize % 16 == 0 && c.b.as_ptr() as usize % 16 == 0);
+                assert!(
+                    (c.a.as_ptr() as usize).is_multiple_of(16)
+                        && (c.b.as_ptr() as usize).is_multiple_of(16)
+                );
                 assert_eq!(sh.effective(GemmPath::WgmmaWs, true), GemmPath::WgmmaWs);
                 let ws = run(c, Some(&Emu::default()));
                 let cp = Case {

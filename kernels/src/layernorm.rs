@@ -69,7 +69,7 @@ impl LnShape {
     /// Whether forward and backward run `layernorm_fwd_rows` and `layernorm_bwd_rows` (one
     /// warp per row, the row in registers, 16-byte accesses): C a multiple of 256 up to 1024.
     fn warp_rows(&self) -> bool {
-        self.c % 256 == 0 && self.c <= 1024
+        self.c.is_multiple_of(256) && self.c <= 1024
     }
     /// The forward's kernel and launch.
     fn fwd_kernel(&self) -> (&'static str, LaunchShape) {

@@ -132,7 +132,7 @@ struct Layout {
 
 /// Whether the tensor-core passes run: bf16 inputs, D a multiple of 16 and ≤ [`TC_MAX_D`].
 fn uses_tc(c: &LossConfig, suffix: &str) -> bool {
-    suffix == "bf16" && c.d % 16 == 0 && c.d <= TC_MAX_D
+    suffix == "bf16" && c.d.is_multiple_of(16) && c.d <= TC_MAX_D
 }
 
 /// Partials S of the gradient pass: the tensor-core pass splits its (slot, column tile) pairs

@@ -44,8 +44,8 @@ impl MapSpec {
     /// Whether the engine can copy this tensor at all: 16-byte aligned rows and matrices, box
     /// within the limits. A tensor that fails this needs another copy path.
     pub fn supported(&self) -> bool {
-        self.ld % 8 == 0
-            && (self.batch == 1 || self.batch_stride % 8 == 0)
+        self.ld.is_multiple_of(8)
+            && (self.batch == 1 || self.batch_stride.is_multiple_of(8))
             && self.box_cols == 64
             && (1..=256).contains(&self.box_rows)
             && self.rows > 0
@@ -70,7 +70,7 @@ impl MapSpec {
     fn check(&self, addr: u64) -> Result<()> {
         ensure!(self.supported(), "tensor map: unsupported tensor {self:?}");
         ensure!(
-            addr % 16 == 0,
+            addr.is_multiple_of(16),
             "tensor map: the tensor at {addr:#x} is not 16-byte aligned"
         );
         Ok(())

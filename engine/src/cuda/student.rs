@@ -253,7 +253,7 @@ impl CudaStudent {
             m => m,
         };
         ensure!(
-            n > 0 && micro <= n && n % micro == 0,
+            n > 0 && micro <= n && n.is_multiple_of(micro),
             "cuda student: a micro-batch of {micro} does not divide the batch of {n}"
         );
         ensure!(
@@ -595,7 +595,7 @@ impl CudaStudent {
         let max = self.setup.text_len;
         let l = b.tokens.len() / c.n;
         ensure!(
-            b.tokens.len() % c.n == 0 && (1..=max).contains(&l),
+            b.tokens.len().is_multiple_of(c.n) && (1..=max).contains(&l),
             "cuda student: {} token ids are not a batch of {} rows of 1..={max} tokens",
             b.tokens.len(),
             c.n

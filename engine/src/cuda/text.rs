@@ -756,7 +756,7 @@ impl CudaTextTower {
         );
         let l = tokens.len() / b;
         ensure!(
-            tokens.len() % b == 0 && (1..=max).contains(&l),
+            tokens.len().is_multiple_of(b) && (1..=max).contains(&l),
             "text tower: {} token ids are not a batch of {b} rows of 1..={max} tokens",
             tokens.len()
         );

@@ -52,7 +52,7 @@ impl ImageTowerDims {
     pub fn from_config(config: &ModelConfig, batch: usize) -> Result<Self> {
         let v = &config.vision;
         ensure!(
-            v.patch_size > 0 && v.image_size % v.patch_size == 0,
+            v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
             "image tower: image {} is not a multiple of patch {}",
             v.image_size,
             v.patch_size
@@ -203,7 +203,7 @@ impl CudaImageTower {
         let d = dims;
         let bd = d.block;
         ensure!(
-            d.patch > 0 && d.image % d.patch == 0 && d.channels > 0 && d.layers > 0,
+            d.patch > 0 && d.image.is_multiple_of(d.patch) && d.channels > 0 && d.layers > 0,
             "image tower: bad shape {d:?}"
         );
         ensure!(

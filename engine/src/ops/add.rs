@@ -75,7 +75,7 @@ impl Tape {
     pub fn add_param(&mut self, params: &ParamStore, x: Var, p: ParamView) -> Result<Var> {
         self.check_var("add_param", x)?;
         let n = self.value(x).len();
-        if p.len == 0 || n % p.len != 0 {
+        if p.len == 0 || !n.is_multiple_of(p.len) {
             return shape_err(
                 "add_param",
                 format!(

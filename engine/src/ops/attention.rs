@@ -244,7 +244,11 @@ impl Tape {
     ) -> Result<Var> {
         self.check_var("attention", qkv)?;
         let s = self.shape(qkv).to_vec();
-        if s.len() != 3 || s[2] % 3 != 0 || heads == 0 || (s[2] / 3) % heads != 0 {
+        if s.len() != 3
+            || !s[2].is_multiple_of(3)
+            || heads == 0
+            || !(s[2] / 3).is_multiple_of(heads)
+        {
             return shape_err(
                 "attention",
                 format!("qkv must be (B, L, 3W) with W divisible by {heads} heads, got {s:?}"),

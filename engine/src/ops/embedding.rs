@@ -40,7 +40,10 @@ impl Tape {
         d: usize,
         out_shape: &[usize],
     ) -> Result<Var> {
-        if d == 0 || table.len % d != 0 || out_shape.iter().product::<usize>() != ids.len() * d {
+        if d == 0
+            || !table.len.is_multiple_of(d)
+            || out_shape.iter().product::<usize>() != ids.len() * d
+        {
             return shape_err(
                 "embedding",
                 format!(
