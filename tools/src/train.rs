@@ -761,6 +761,12 @@ fn demo(a: DemoArgs) -> Result<()> {
         "[demo] synth: {} train + {} eval samples",
         plan.train, plan.eval
     );
+    // Each phase reports its wall time when it ends, so a slow phase is plain to see.
+    let mut phase = std::time::Instant::now();
+    let mut took = |what: &str| {
+        eprintln!("[demo]   {what}: {:.1} s", phase.elapsed().as_secs_f64());
+        phase = std::time::Instant::now();
+    };
     let mut so = SynthOptions::new(root.join("raw"));
     so.train = plan.train;
     so.eval = plan.eval;
@@ -768,6 +774,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     // Bold findings: a student trained from scratch for minutes must be able to see them.
     so.finding_amplitude = 120.0;
     let syn = synth(&so)?;
+    took("synth");
     eprintln!("[demo] pack");
     let packed_train = root.join("packed/train");
     let mut po = PackOptions::new(
@@ -791,6 +798,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     po.tokenizer = Some(packed_train.join("tokenizer.json"));
     po.progress = false;
     pack(&po)?;
+    took("pack");
     // Stage 2 learns from the autoencoder's latents of the raw teacher features, not from the
     // release-style projections the importer also stored.
     let (train_data, eval_data) = if a.skip_align {
@@ -827,6 +835,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         }
         let w = aligned_train.join("align.safetensors");
         align_dataset(&args(&packed_eval, &aligned_eval, Some(w)))?;
+        took("align");
         (aligned_train, aligned_eval)
     };
     let proj = Dataset::open(&train_data)?.manifest().proj_dim;
@@ -912,6 +921,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         );
         pb.finish_and_clear();
         ckpts.push(out?.checkpoint);
+        took(r.row);
     }
     eprintln!("[demo] eval on {} held-out samples", plan.eval);
     let eval_ds = Arc::new(Dataset::open(&eval_data)?);
@@ -926,6 +936,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         rep.name = r.row.to_string();
         rows.push(rep);
     }
+    took("eval");
     let png = report(&dirs[1])?;
     report(&dirs[0])?;
     report(&dirs[2])?;

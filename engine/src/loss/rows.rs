@@ -1,6 +1,8 @@
 //! Row helpers shared by the losses: L2 normalisation with its backward, and cross-entropy of a
 //! score matrix against its diagonal with an optional column mask.
 
+use crate::ops::matmul::{gemm, Mat};
+
 /// `F.normalize`'s floor on the norm: `x / max(‖x‖, EPS)`.
 const EPS: f64 = 1e-12;
 
@@ -37,11 +39,6 @@ pub(crate) fn normalize_backward(xhat: &[f64], norms: &[f64], g: &[f64], d: usiz
         }
     }
     out
-}
-
-/// Dot product of two equal-length rows.
-pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Cross-entropy of one row of logits `z` against target column `target`, restricted to the
@@ -85,6 +82,10 @@ pub(crate) struct ContrastiveGrads {
 /// are skipped. With `w_i = 1/N` and everything kept this is the mean cross-entropy against the
 /// diagonal used by CLIP. Gradients: with `p_ij` the masked softmax and `G_ij = w_i (p_ij − δ_ij)`,
 /// `dL/da_i = scale Σ_j G_ij b_j`, `dL/db_j = scale Σ_i G_ij a_i`, `dL/dscale = Σ_ij G_ij a_i·b_j`.
+///
+/// The N² dot products and both gradients are three matrix products (`S = A Bᵀ`,
+/// `dA = scale·G B`, `dB = scale·Gᵀ A`) rather than scalar loops; `dscale` uses `S` itself, not
+/// `sim / scale`, so it stays exact when the scale is 0.
 pub(crate) fn contrastive(
     a: &[f64],
     b: &[f64],
@@ -94,43 +95,62 @@ pub(crate) fn contrastive(
     d: usize,
 ) -> (f64, ContrastiveGrads) {
     let n = w.len();
+    let mut dots = vec![0.0; n * n];
+    gemm(
+        n,
+        n,
+        d,
+        &mut dots,
+        n,
+        Mat::rm(a, d),
+        Mat::rm_t(b, d),
+        false,
+        true,
+    );
     let mut loss = 0.0;
-    let mut da = vec![0.0; n * d];
-    let mut db = vec![0.0; n * d];
     let mut dscale = 0.0;
+    // scale · G, the left operand of both gradient products.
+    let mut sg = vec![0.0; n * n];
     let mut sim = vec![0.0; n];
     let mut g = vec![0.0; n];
     for i in 0..n {
         if w[i] == 0.0 {
             continue;
         }
-        let ai = &a[i * d..(i + 1) * d];
-        for (j, s) in sim.iter_mut().enumerate() {
-            *s = if keep[j] {
-                scale * dot(ai, &b[j * d..(j + 1) * d])
-            } else {
-                0.0
-            };
+        let si = &dots[i * n..(i + 1) * n];
+        for (j, z) in sim.iter_mut().enumerate() {
+            *z = if keep[j] { scale * si[j] } else { 0.0 };
         }
         loss += w[i] * ce_row(&sim, |j| keep[j], i, &mut g);
         for j in 0..n {
             let gij = w[i] * g[j];
-            if gij == 0.0 {
-                continue;
-            }
-            // sim holds scale·a_i·b_j, so a_i·b_j = sim / scale; recompute instead to stay exact
-            // when scale is 0.
-            let bj = &b[j * d..(j + 1) * d];
-            dscale += gij * dot(ai, bj);
-            let dai = &mut da[i * d..(i + 1) * d];
-            for (o, v) in dai.iter_mut().zip(bj) {
-                *o += scale * gij * v;
-            }
-            let dbj = &mut db[j * d..(j + 1) * d];
-            for (o, v) in dbj.iter_mut().zip(ai) {
-                *o += scale * gij * v;
-            }
+            dscale += gij * si[j];
+            sg[i * n + j] = scale * gij;
         }
     }
+    let mut da = vec![0.0; n * d];
+    let mut db = vec![0.0; n * d];
+    gemm(
+        n,
+        d,
+        n,
+        &mut da,
+        d,
+        Mat::rm(&sg, n),
+        Mat::rm(b, d),
+        false,
+        true,
+    );
+    gemm(
+        n,
+        d,
+        n,
+        &mut db,
+        d,
+        Mat::rm_t(&sg, n),
+        Mat::rm(a, d),
+        false,
+        true,
+    );
     (loss, ContrastiveGrads { da, db, dscale })
 }
