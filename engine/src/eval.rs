@@ -4,6 +4,7 @@
 //! cosine similarity; they know nothing about the model, so a teacher's stored features are
 //! evaluated exactly like the student's.
 
+use crate::ops::matmul::{gemm, Mat};
 use anyhow::{bail, Result};
 
 /// Zero-shot classification metrics.
@@ -228,6 +229,9 @@ pub fn retrieval(
 
 /// Multinomial logistic regression (softmax + bias) on `x` `[n, d]`, full-batch gradient descent
 /// with Adam for a fixed number of iterations; returns weights `[classes, d + 1]`.
+///
+/// Each iteration is two matrix products in f64 (the logits `X Wᵀ` and the gradient `Pᵀ X`,
+/// with `P` the softmax less the one-hot labels, over n), not per-sample loops.
 pub fn fit_logistic(
     x: &[f32],
     y: &[i32],
@@ -237,30 +241,57 @@ pub fn fit_logistic(
     iters: usize,
 ) -> Vec<f64> {
     let n = y.len();
-    let w_len = classes * (d + 1);
+    let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let stride = d + 1;
+    let w_len = classes * stride;
     let mut w = vec![0.0f64; w_len];
     let (mut m, mut v) = (vec![0.0f64; w_len], vec![0.0f64; w_len]);
     let (b1, b2, lr, eps) = (0.9, 0.999, 0.05, 1e-8);
     let mut g = vec![0.0f64; w_len];
-    let mut p = vec![0.0f64; classes];
+    let mut p = vec![0.0f64; n * classes];
+    let inv_n = 1.0 / n as f64;
     for it in 1..=iters {
-        g.iter_mut().for_each(|v| *v = 0.0);
-        for i in 0..n {
-            let xi = &x[i * d..(i + 1) * d];
-            logits(&w, xi, d, &mut p);
-            softmax(&mut p);
-            p[y[i] as usize] -= 1.0;
-            for c in 0..classes {
-                let gc = &mut g[c * (d + 1)..(c + 1) * (d + 1)];
-                for (gk, &xk) in gc.iter_mut().zip(xi) {
-                    *gk += p[c] * xk as f64 / n as f64;
-                }
-                gc[d] += p[c] / n as f64;
+        // P (n, classes) = X (n, d) · W[:, ..d]ᵀ; W's rows are d + 1 long (weights, then bias).
+        let wt = Mat {
+            data: &w,
+            rs: 1,
+            cs: stride,
+        };
+        gemm(
+            n,
+            classes,
+            d,
+            &mut p,
+            classes,
+            Mat::rm(&xd, d),
+            wt,
+            false,
+            true,
+        );
+        for (i, row) in p.chunks_exact_mut(classes).enumerate() {
+            for (c, z) in row.iter_mut().enumerate() {
+                *z += w[c * stride + d];
             }
+            softmax(row);
+            row[y[i] as usize] -= 1.0;
+            row.iter_mut().for_each(|z| *z *= inv_n);
         }
+        // g[:, ..d] = Pᵀ (classes, n) · X (n, d); the bias gradients are P's column sums.
+        gemm(
+            classes,
+            d,
+            n,
+            &mut g,
+            stride,
+            Mat::rm_t(&p, classes),
+            Mat::rm(&xd, d),
+            false,
+            true,
+        );
         for c in 0..classes {
+            g[c * stride + d] = p.chunks_exact(classes).map(|row| row[c]).sum();
             for k in 0..d {
-                g[c * (d + 1) + k] += l2 * w[c * (d + 1) + k];
+                g[c * stride + k] += l2 * w[c * stride + k];
             }
         }
         let (bc1, bc2) = (

@@ -95,3 +95,73 @@ fn linear_probe_separable_and_random() {
     assert!(p.accuracy <= 0.5 + 1e-12, "{}", p.accuracy);
     assert!(linear_probe((&xs[..4], &[5]), (&xs[..4], &[0]), (&xs[..4], &[0]), d, 2).is_err());
 }
+
+/// The logistic fit written per sample, as the definition reads: the reference for the
+/// matrix-product version.
+fn fit_logistic_per_sample(
+    x: &[f32],
+    y: &[i32],
+    d: usize,
+    classes: usize,
+    l2: f64,
+    iters: usize,
+) -> Vec<f64> {
+    let n = y.len();
+    let w_len = classes * (d + 1);
+    let (mut w, mut m, mut v) = (
+        vec![0.0f64; w_len],
+        vec![0.0f64; w_len],
+        vec![0.0f64; w_len],
+    );
+    for it in 1..=iters {
+        let mut g = vec![0.0f64; w_len];
+        for i in 0..n {
+            let xi = &x[i * d..(i + 1) * d];
+            let z: Vec<f64> = (0..classes)
+                .map(|c| {
+                    let wc = &w[c * (d + 1)..(c + 1) * (d + 1)];
+                    wc[d] + (0..d).map(|k| wc[k] * xi[k] as f64).sum::<f64>()
+                })
+                .collect();
+            let mx = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = z.iter().map(|v| (v - mx).exp()).collect();
+            let s: f64 = e.iter().sum();
+            for c in 0..classes {
+                let pc = e[c] / s - if y[i] as usize == c { 1.0 } else { 0.0 };
+                for k in 0..d {
+                    g[c * (d + 1) + k] += pc * xi[k] as f64 / n as f64;
+                }
+                g[c * (d + 1) + d] += pc / n as f64;
+            }
+        }
+        for c in 0..classes {
+            for k in 0..d {
+                g[c * (d + 1) + k] += l2 * w[c * (d + 1) + k];
+            }
+        }
+        let (bc1, bc2) = (1.0 - 0.9f64.powi(it as i32), 1.0 - 0.999f64.powi(it as i32));
+        for k in 0..w_len {
+            m[k] = 0.9 * m[k] + 0.1 * g[k];
+            v[k] = 0.999 * v[k] + 0.001 * g[k] * g[k];
+            w[k] -= 0.05 * (m[k] / bc1) / ((v[k] / bc2).sqrt() + 1e-8);
+        }
+    }
+    w
+}
+
+#[test]
+fn logistic_fit_matches_the_per_sample_definition() {
+    let (n, d, classes) = (37, 11, 4);
+    // Deterministic pseudo-random features and labels.
+    let x: Vec<f32> = (0..n * d)
+        .map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let y: Vec<i32> = (0..n).map(|i| ((i * 7 + 3) % classes) as i32).collect();
+    let fast = fit_logistic(&x, &y, d, classes, 1e-3, 40);
+    let slow = fit_logistic_per_sample(&x, &y, d, classes, 1e-3, 40);
+    let scale = slow.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    assert!(scale > 0.1, "the fit barely moved: {scale}");
+    for (k, (a, b)) in fast.iter().zip(&slow).enumerate() {
+        assert!((a - b).abs() <= 1e-9 * scale, "weight {k}: {a} against {b}");
+    }
+}
