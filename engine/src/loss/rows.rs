@@ -85,7 +85,8 @@ pub(crate) struct ContrastiveGrads {
 ///
 /// The N² dot products and both gradients are three matrix products (`S = A Bᵀ`,
 /// `dA = scale·G B`, `dB = scale·Gᵀ A`) rather than scalar loops; `dscale` uses `S` itself, not
-/// `sim / scale`, so it stays exact when the scale is 0.
+/// `sim / scale`, so it stays exact when the scale is 0. Rows of `b` in dropped columns are
+/// never read.
 pub(crate) fn contrastive(
     a: &[f64],
     b: &[f64],
@@ -95,6 +96,19 @@ pub(crate) fn contrastive(
     d: usize,
 ) -> (f64, ContrastiveGrads) {
     let n = w.len();
+    // Dropped columns must not reach the products at all: their rows of `b` (a teacher's slot
+    // where it has no features) may hold anything, and 0 · NaN is NaN.
+    let kept_b;
+    let b = if keep.iter().all(|&k| k) {
+        b
+    } else {
+        kept_b = b
+            .chunks_exact(d)
+            .zip(keep)
+            .flat_map(|(row, &k)| row.iter().map(move |&v| if k { v } else { 0.0 }))
+            .collect::<Vec<f64>>();
+        &kept_b[..]
+    };
     let mut dots = vec![0.0; n * n];
     gemm(
         n,
@@ -153,4 +167,36 @@ pub(crate) fn contrastive(
         true,
     );
     (loss, ContrastiveGrads { da, db, dscale })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_columns_are_never_read() {
+        let (n, d) = (5, 3);
+        let a: Vec<f64> = (0..n * d)
+            .map(|i| ((i * 37) % 11) as f64 / 11.0 - 0.4)
+            .collect();
+        let mut b: Vec<f64> = (0..n * d)
+            .map(|i| ((i * 53) % 13) as f64 / 13.0 - 0.5)
+            .collect();
+        let keep = [true, false, true, true, false];
+        let w = [0.2, 0.0, 0.2, 0.2, 0.0];
+        for j in [1, 4] {
+            b[j * d..(j + 1) * d].iter_mut().for_each(|v| *v = 0.0);
+        }
+        let (l0, g0) = contrastive(&a, &b, 2.5, &w, &keep, d);
+        for j in [1, 4] {
+            b[j * d..(j + 1) * d].iter_mut().for_each(|v| *v = f64::NAN);
+        }
+        let (l1, g1) = contrastive(&a, &b, 2.5, &w, &keep, d);
+        assert!(l0.is_finite() && l0 > 0.0);
+        assert_eq!(l0.to_bits(), l1.to_bits());
+        assert_eq!(g0.dscale.to_bits(), g1.dscale.to_bits());
+        for (x, y) in g0.da.iter().zip(&g1.da).chain(g0.db.iter().zip(&g1.db)) {
+            assert_eq!(x.to_bits(), y.to_bits());
+        }
+    }
 }
