@@ -4,7 +4,7 @@
 //! runs everywhere. [`wide`] runs a loop compiled again for AVX-512 (16 floats) or AVX2 (8)
 //! when the CPU has it.
 //! Only the vector width changes: Rust never fuses a multiply and an add on its own, so the
-//! results are the same IEEE operations in the same order, bit for bit, on either path.
+//! results are the same IEEE operations in the same order, bit for bit, on every path.
 
 /// Runs `f`, compiled for AVX-512 or AVX2 when the CPU supports it. `f` should be the whole
 /// loop (called once per chunk, not per element) and marked `#[inline(always)]`: it is inlined
