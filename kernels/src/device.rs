@@ -136,6 +136,11 @@ fn check_driver_version() -> Result<()> {
 /// What [`Gpu::finish_within`]'s error says of a kernel that did not end in time.
 const HUNG: &str = "a kernel never finished";
 
+/// How long a correctness check's kernels (the GEMM path checks, a selftest case) may run
+/// before [`Gpu::finish_within`] calls them hung: they take microseconds to milliseconds, so
+/// only a kernel that never ends reaches it.
+pub const CHECK_HANG_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A CUDA device with its stream, NVRTC and a cache of loaded modules (one per kernel file).
 pub struct Gpu {
     /// Device ordinal.

@@ -986,14 +986,10 @@ pub fn check_epilogue(layout: GemmLayout) -> (bool, AuxUse) {
     }
 }
 
-/// How long a path check's products may take on a GPU before they count as hung: they take
-/// microseconds, so only a kernel that never ends reaches it.
-const CHECK_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
-
 /// Runs `layout` on `path` once on `gpu` at [`CHECK_SHAPE`] with the epilogue of
 /// [`check_epilogue`] against [`gemm_cpu`], on fresh random inputs with the outputs poisoned.
 /// A path whose products a device gets wrong shows here before anything uses it, and one
-/// whose kernels never finish is an error after [`CHECK_LIMIT`].
+/// whose kernels never finish is an error after [`crate::device::CHECK_HANG_LIMIT`].
 pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmCheck> {
     use crate::testing::{bf16_to_f64, f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
     let st = gpu.stream();
@@ -1059,7 +1055,7 @@ pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmC
     )?;
     gpu.finish_within(
         &format!("gemm check ({}, {layout:?})", path.name()),
-        CHECK_LIMIT,
+        crate::device::CHECK_HANG_LIMIT,
     )?;
     let down = |d: &CudaSlice<u16>| -> Result<Vec<f64>> {
         let v: Vec<bf16> = st
@@ -1148,7 +1144,10 @@ pub fn check_split_cuda(gpu: &Gpu, path: GemmPath) -> Result<GemmCheck> {
         // SAFETY: every buffer has the length the plan's shape needs (slots 2 and 3 unused).
         unsafe { run(Backend::Gpu(gpu), &plan, &[pa, pb, 0, 0, pc, pdb, pws])? };
     }
-    gpu.finish_within(&format!("gemm split check ({})", path.name()), CHECK_LIMIT)?;
+    gpu.finish_within(
+        &format!("gemm split check ({})", path.name()),
+        crate::device::CHECK_HANG_LIMIT,
+    )?;
     let got = st.clone_dtoh(&dc).map_err(driver)?;
     let gdb = st.clone_dtoh(&ddb).map_err(driver)?;
     Ok(GemmCheck {

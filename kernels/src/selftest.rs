@@ -648,10 +648,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// How long one case's kernels may run on a GPU before they count as hung (they take
-/// microseconds to milliseconds).
-const CASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
-
 /// Milliseconds a sample of back-to-back calls aims at (see [`time_gpu`]).
 const SAMPLE_MS: f64 = 1.0;
 /// Most calls in one sample.
@@ -709,7 +705,10 @@ fn run_gpu(gpu: &Gpu, c: &Case, iters: usize) -> Result<(Vec<HostBuf>, Option<f6
     let ptrs: Vec<u64> = dev.iter().map(|d| d.device_ptr(st)).collect();
     // SAFETY: every device buffer is a copy of a host buffer sized for the plan.
     unsafe { exec::run(Backend::Gpu(gpu), &c.steps, &ptrs)? };
-    gpu.finish_within(&format!("selftest case `{}`", c.name), CASE_LIMIT)?;
+    gpu.finish_within(
+        &format!("selftest case `{}`", c.name),
+        crate::device::CHECK_HANG_LIMIT,
+    )?;
     let got: Vec<HostBuf> = dev.iter().map(|d| d.download(st)).collect::<Result<_>>()?;
     let t = if iters > 0 {
         // SAFETY: as above; reruns overwrite (or, for in-place updates, advance) the outputs.
