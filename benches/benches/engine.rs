@@ -2,9 +2,13 @@
 //! block at batch 8, and the engine's matmul against a raw call of the `gemm` crate on the
 //! same shapes (FLOP/s, reported by criterion as elements/s).
 //!
+//! Each measured iteration runs on a worker of rayon's pool, as the `mmkd` binary runs a command
+//! (`mmkd_engine::cpu_pool`).
+//!
 //! Run: `cargo bench -p mmkd-benches --bench engine`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use mmkd_engine::cpu_pool::run_on_pool;
 use mmkd_engine::ops::linear::{self, WLayout};
 use mmkd_engine::{Activation, ClipModel, ModelConfig, ParamStore, Tape, Tensor, TransformerBlock};
 use std::hint::black_box;
@@ -49,12 +53,14 @@ fn tiny_model(c: &mut Criterion) {
     g.sample_size(20).measurement_time(Duration::from_secs(4));
     g.bench_function("batch8", |b| {
         b.iter(|| {
-            let mut tape = Tape::new();
-            let i = model.encode_image(&mut tape, &img).unwrap();
-            let t = model.encode_text(&mut tape, &toks, &lens).unwrap();
-            let loss = model.clip_loss(&mut tape, i, t).unwrap();
-            tape.backward(&mut model.params, &[(loss, &[1.0])]).unwrap();
-            black_box(model.params.grad()[0])
+            run_on_pool(|| {
+                let mut tape = Tape::new();
+                let i = model.encode_image(&mut tape, &img).unwrap();
+                let t = model.encode_text(&mut tape, &toks, &lens).unwrap();
+                let loss = model.clip_loss(&mut tape, i, t).unwrap();
+                tape.backward(&mut model.params, &[(loss, &[1.0])]).unwrap();
+                black_box(model.params.grad()[0])
+            })
         })
     });
     g.finish();
@@ -75,11 +81,13 @@ fn vit_b16_block(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(8));
     g.bench_function("batch8", |b| {
         b.iter(|| {
-            let mut tape = Tape::new();
-            let xi = tape.input(x.clone(), &[BATCH, l, w]).unwrap();
-            let y = block.forward(&mut tape, &ps, xi).unwrap();
-            let dx = tape.backward_collect(&mut ps, &[(y, &dy)], &[xi]).unwrap();
-            black_box(dx[0][0])
+            run_on_pool(|| {
+                let mut tape = Tape::new();
+                let xi = tape.input(x.clone(), &[BATCH, l, w]).unwrap();
+                let y = block.forward(&mut tape, &ps, xi).unwrap();
+                let dx = tape.backward_collect(&mut ps, &[(y, &dy)], &[xi]).unwrap();
+                black_box(dx[0][0])
+            })
         })
     });
     g.finish();
@@ -101,7 +109,7 @@ fn matmul(c: &mut Criterion) {
         let id = format!("{n}x{k}x{m}");
         g.bench_with_input(BenchmarkId::new("engine_linear", &id), &(), |b, _| {
             b.iter(|| {
-                linear::forward(&x, &wt, None, WLayout::OutIn, n, k, m, &mut y);
+                run_on_pool(|| linear::forward(&x, &wt, None, WLayout::OutIn, n, k, m, &mut y));
                 black_box(y[0])
             })
         });
@@ -109,7 +117,7 @@ fn matmul(c: &mut Criterion) {
             b.iter(|| {
                 // SAFETY: y is (n, m) row-major, x (n, k) row-major, wt (m, k) read as its
                 // transpose (k, m); all strides stay inside the buffers.
-                unsafe {
+                run_on_pool(|| unsafe {
                     gemm::gemm(
                         n,
                         m,
@@ -131,7 +139,7 @@ fn matmul(c: &mut Criterion) {
                         false,
                         gemm::Parallelism::Rayon(0),
                     )
-                };
+                });
                 black_box(y[0])
             })
         });

@@ -38,8 +38,12 @@
 //!   `EngineError::NoLauncher` until the CUDA launchers land; nothing panics.
 //! * The CLIP loss on the tape (`model.clip_loss(&mut tape, img, txt)`) exists for tests and
 //!   cross-checks.
+//! * CPU speed: call `host_memory::keep_freed_memory()` once at start-up and run the training
+//!   loop inside `cpu_pool::run_on_pool(|| ...)`, as the `mmkd` binary does; the ops are
+//!   correct without either, only slower.
 
 pub mod config;
+pub mod cpu_pool;
 pub mod cuda;
 pub mod error;
 pub mod flops;

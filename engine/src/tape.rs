@@ -64,6 +64,23 @@ impl Grads {
         let n = nodes[v.0].value.len();
         self.0[v.0].get_or_insert_with(|| vec![0.0; n])
     }
+
+    /// Adds `dx` to the gradient of `v`. The first contribution becomes the buffer as it is,
+    /// which saves zero-filling a fresh one and adding into it.
+    pub(crate) fn add(&mut self, v: Var, dx: Vec<f32>) {
+        match &mut self.0[v.0] {
+            Some(buf) => ops::add::accumulate(buf, &dx),
+            slot => *slot = Some(dx),
+        }
+    }
+
+    /// [`Grads::add`] of a borrowed contribution: copied if it is the first.
+    pub(crate) fn add_slice(&mut self, v: Var, dx: &[f32]) {
+        match &mut self.0[v.0] {
+            Some(buf) => ops::add::accumulate(buf, dx),
+            slot => *slot = Some(dx.to_vec()),
+        }
+    }
 }
 
 /// The autograd tape. `Tape::new()` records for backward; `Tape::no_grad()` only computes values
@@ -258,10 +275,7 @@ impl Tape {
                     ),
                 );
             }
-            let buf = grads.of(&self.nodes, v);
-            for (b, &x) in buf.iter_mut().zip(g) {
-                *b += x;
-            }
+            grads.add_slice(v, g);
         }
         for v in wanted {
             self.check_var("backward", *v)?;
@@ -287,15 +301,15 @@ impl Tape {
                     Op::CrossEntropy(s) => ops::cross_entropy::backward(s, &dy, nodes, g),
                     Op::Embedding(s) => ops::embedding::backward(s, &dy, params),
                     Op::PatchEmbed(s) => ops::patch_embed::backward(s, &dy, params),
-                    Op::Add(s) => ops::add::backward(s, &dy, nodes, g),
-                    Op::AddParam(s) => ops::add::backward_param(s, &dy, nodes, g, params),
+                    Op::Add(s) => ops::add::backward(s, dy, nodes, g),
+                    Op::AddParam(s) => ops::add::backward_param(s, dy, nodes, g, params),
                     Op::ClsPos(s) => ops::cls_pos::backward(s, &dy, nodes, g, params),
                     Op::L2Normalize(s) => {
                         ops::l2_normalize::backward(s, &dy, &nodes[i].value, nodes, g)
                     }
                     Op::Reduce(s) => ops::reduce::backward(s, &dy, nodes, g),
                     Op::SelectRows(s) => ops::select_rows::backward(s, &dy, nodes, g),
-                    Op::Reshape(s) => ops::reshape::backward(s, &dy, nodes, g),
+                    Op::Reshape(s) => ops::reshape::backward(s, dy, nodes, g),
                     Op::Transpose(s) => ops::reshape::backward_t(s, &dy, nodes, g),
                     Op::MatmulNt(s) => ops::matmul::backward(s, &dy, nodes, g),
                     Op::Scale(s) => ops::scale::backward(s, &dy, nodes, g),
@@ -318,5 +332,43 @@ impl Tape {
             .collect();
         self.nodes.clear();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value reached along several paths gets the sum of their gradients, whichever path's
+    /// contribution arrives first (taken over as the buffer) and whichever are added to it.
+    #[test]
+    fn gradients_of_shared_values_sum_over_every_path() {
+        let mut ps = ParamStore::new();
+        let mut t = Tape::new();
+        let x = t.input(vec![1.0, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
+        let c = t.constant(vec![5.0; 4], &[2, 2]).unwrap();
+        let twice = t.add(x, x).unwrap(); // dx: 2
+        let flat = t.reshape(x, &[4]).unwrap();
+        let back = t.reshape(flat, &[2, 2]).unwrap(); // dx: 1 more
+        let s = t.add(twice, back).unwrap();
+        let y = t.add(s, c).unwrap(); // the constant takes no gradient
+        let seed = [0.5f32, -1.0, 2.0, 0.25];
+        let dx = t.backward_collect(&mut ps, &[(y, &seed)], &[x]).unwrap();
+        let want: Vec<f32> = seed.iter().map(|g| 3.0 * g).collect();
+        assert_eq!(dx[0], want);
+        // The seed's own buffer is not aliased by what was handed back.
+        assert_eq!(seed, [0.5, -1.0, 2.0, 0.25]);
+    }
+
+    #[test]
+    fn two_seeds_on_one_value_add() {
+        let mut ps = ParamStore::new();
+        let mut t = Tape::new();
+        let x = t.input(vec![1.0, 2.0], &[2]).unwrap();
+        let y = t.reshape(x, &[1, 2]).unwrap();
+        let dx = t
+            .backward_collect(&mut ps, &[(y, &[1.0, 2.0]), (y, &[10.0, 20.0])], &[x])
+            .unwrap();
+        assert_eq!(dx[0], vec![11.0, 22.0]);
     }
 }

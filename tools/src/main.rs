@@ -38,12 +38,14 @@ fn main() {
     let cli = Cli::parse();
     // The CPU tape frees and reallocates a step's activations every step; keep that memory.
     mmkd_engine::host_memory::keep_freed_memory();
-    let result = match cli.command {
+    let run = move || match cli.command {
         Command::Bench(c) => bench::run(c),
         Command::Data(c) => data::run(c),
         Command::Kernel(c) => kernel::run(c),
         Command::Train(c) => train::run(c),
     };
+    // The CPU ops' parallel regions are cheaper started from a worker of their own pool.
+    let result = mmkd_engine::cpu_pool::run_on_pool(run);
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -93,23 +93,27 @@ impl Tape {
     }
 }
 
-pub(crate) fn backward(s: &Saved, dy: &[f32], nodes: &[Node], g: &mut Grads) {
-    for v in [s.a, s.b] {
-        if nodes[v.0].needs_grad {
-            accumulate(g.of(nodes, v), dy);
+pub(crate) fn backward(s: &Saved, dy: Vec<f32>, nodes: &[Node], g: &mut Grads) {
+    match (nodes[s.a.0].needs_grad, nodes[s.b.0].needs_grad) {
+        (true, true) => {
+            g.add_slice(s.a, &dy);
+            g.add(s.b, dy);
         }
+        (true, false) => g.add(s.a, dy),
+        (false, true) => g.add(s.b, dy),
+        (false, false) => {}
     }
 }
 
 pub(crate) fn backward_param(
     s: &SavedParam,
-    dy: &[f32],
+    dy: Vec<f32>,
     nodes: &[Node],
     g: &mut Grads,
     p: &mut ParamStore,
 ) {
+    backward_param_cpu(&dy, &mut p.grad_mut()[s.p.offset..s.p.offset + s.p.len]);
     if nodes[s.x.0].needs_grad {
-        accumulate(g.of(nodes, s.x), dy);
+        g.add(s.x, dy);
     }
-    backward_param_cpu(dy, &mut p.grad_mut()[s.p.offset..s.p.offset + s.p.len]);
 }

@@ -9,6 +9,7 @@ use crate::error::{shape_err, Result};
 use crate::ops::split2;
 use crate::params::{ParamStore, ParamView};
 use crate::real::Real;
+use crate::simd::{lane_sum, wide};
 use crate::tape::{Grads, Node, Op, Tape, Var};
 use rayon::prelude::*;
 
@@ -29,21 +30,20 @@ pub fn forward<T: Real>(
         .zip(x.par_chunks(d))
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
         .for_each(|((yr, xr), (mu, rs))| {
-            let mut s = T::zero();
-            for &v in xr {
-                s += v;
-            }
-            let m = s * inv_d;
-            let mut var = T::zero();
-            for &v in xr {
-                var += (v - m) * (v - m);
-            }
-            let r = T::one() / (var * inv_d + T::from_f64(eps)).sqrt();
-            for i in 0..d {
-                yr[i] = (xr[i] - m) * r * gamma[i] + beta[i];
-            }
-            *mu = m;
-            *rs = r;
+            wide(
+                #[inline(always)]
+                || {
+                    let (xr, gamma, beta) = (&xr[..d], &gamma[..d], &beta[..d]);
+                    let m = lane_sum(d, |i| xr[i]) * inv_d;
+                    let var = lane_sum(d, |i| (xr[i] - m) * (xr[i] - m));
+                    let r = T::one() / (var * inv_d + T::from_f64(eps)).sqrt();
+                    for (i, o) in yr.iter_mut().enumerate() {
+                        *o = (xr[i] - m) * r * gamma[i] + beta[i];
+                    }
+                    *mu = m;
+                    *rs = r;
+                },
+            )
         });
 }
 
@@ -66,17 +66,18 @@ pub fn backward_cpu<T: Real>(
             .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
             .zip(mean.par_iter().zip(rstd.par_iter()))
             .for_each(|((dxr, (xr, dyr)), (&m, &r))| {
-                let (mut sg, mut sgx) = (T::zero(), T::zero());
-                for i in 0..d {
-                    let gi = dyr[i] * gamma[i];
-                    sg += gi;
-                    sgx += gi * (xr[i] - m) * r;
-                }
-                let (mg, mgx) = (sg * inv_d, sgx * inv_d);
-                for i in 0..d {
-                    let xh = (xr[i] - m) * r;
-                    dxr[i] += r * (dyr[i] * gamma[i] - mg - xh * mgx);
-                }
+                wide(
+                    #[inline(always)]
+                    || {
+                        let (xr, dyr, gamma) = (&xr[..d], &dyr[..d], &gamma[..d]);
+                        let mg = lane_sum(d, |i| dyr[i] * gamma[i]) * inv_d;
+                        let mgx = lane_sum(d, |i| dyr[i] * gamma[i] * (xr[i] - m) * r) * inv_d;
+                        for (i, o) in dxr.iter_mut().enumerate() {
+                            let xh = (xr[i] - m) * r;
+                            *o += r * (dyr[i] * gamma[i] - mg - xh * mgx);
+                        }
+                    },
+                )
             });
     }
     // Parameter gradients: per-chunk partial sums, then a sequential reduction, so the result
@@ -89,13 +90,20 @@ pub fn backward_cpu<T: Real>(
         .into_par_iter()
         .map(|r0| {
             let mut acc = vec![T::zero(); 2 * d];
-            for r in r0..(r0 + chunk).min(rows) {
-                let (xr, dyr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-                for i in 0..d {
-                    acc[i] += dyr[i] * (xr[i] - mean[r]) * rstd[r];
-                    acc[d + i] += dyr[i];
-                }
-            }
+            let (dg, db) = acc.split_at_mut(d);
+            wide(
+                #[inline(always)]
+                || {
+                    for r in r0..(r0 + chunk).min(rows) {
+                        let (xr, dyr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+                        let (m, rs) = (mean[r], rstd[r]);
+                        for (i, (g, b)) in dg.iter_mut().zip(db.iter_mut()).enumerate() {
+                            *g += dyr[i] * (xr[i] - m) * rs;
+                            *b += dyr[i];
+                        }
+                    }
+                },
+            );
             acc
         })
         .collect();

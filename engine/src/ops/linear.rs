@@ -47,6 +47,21 @@ pub fn forward<T: Real>(
             row.copy_from_slice(b);
         }
     }
+    product(x, w, b.is_some(), layout, n, k, m, y);
+}
+
+/// `y = x · Wᵀ`, or `y += x · Wᵀ` when `add` (a `y` that holds the bias already).
+#[allow(clippy::too_many_arguments)]
+fn product<T: Real>(
+    x: &[T],
+    w: &[T],
+    add: bool,
+    layout: WLayout,
+    n: usize,
+    k: usize,
+    m: usize,
+    y: &mut [T],
+) {
     gemm(
         n,
         m,
@@ -55,7 +70,7 @@ pub fn forward<T: Real>(
         m,
         Mat::rm(x, k),
         w_as_rhs(w, layout, k, m),
-        b.is_some(),
+        add,
         true,
     );
 }
@@ -135,17 +150,13 @@ impl Tape {
         }
         let n = self.value(x).len() / k;
         self.dispatch("linear")?;
-        let mut y = vec![0.0f32; n * m];
-        forward(
-            self.value(x),
-            params.slice(w),
-            b.map(|b| params.slice(b)),
-            layout,
-            n,
-            k,
-            m,
-            &mut y,
-        );
+        // The output starts as the bias rows (built, not zero-filled and then overwritten).
+        let mut y = match b {
+            Some(b) => params.slice(b).repeat(n),
+            None => vec![0.0f32; n * m],
+        };
+        let (xv, wv) = (self.value(x), params.slice(w));
+        product(xv, wv, b.is_some(), layout, n, k, m, &mut y);
         let mut oshape = shape;
         *oshape.last_mut().expect("non-empty") = m;
         let saved = Saved {

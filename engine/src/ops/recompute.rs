@@ -5,7 +5,6 @@
 //! gradients land in the store as usual) and add the sub-tape's `dx` into `x`'s gradient.
 
 use crate::error::{shape_err, Result};
-use crate::ops::add::accumulate;
 use crate::params::ParamStore;
 use crate::tape::{Grads, Node, Op, Tape, Var};
 use crate::tensor::Device;
@@ -53,7 +52,9 @@ pub(crate) fn backward(
     let y = (s.f)(&mut sub, p, xi)?;
     let dx = sub.backward_collect(p, &[(y, dy)], &[xi])?;
     if x.needs_grad {
-        accumulate(g.of(nodes, s.x), &dx[0]);
+        if let Some(dx) = dx.into_iter().next() {
+            g.add(s.x, dx);
+        }
     }
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! `transpose`: `x (M, N)` → `y (N, M)`, `y[j, i] = x[i, j]` (backward: `dx += dyᵀ`).
 
 use crate::error::{shape_err, Result};
-use crate::ops::add::accumulate;
 use crate::real::Real;
 use crate::tape::{Grads, Node, Op, Tape, Var};
 
@@ -58,9 +57,9 @@ impl Tape {
     }
 }
 
-pub(crate) fn backward(s: &Saved, dy: &[f32], nodes: &[Node], g: &mut Grads) {
+pub(crate) fn backward(s: &Saved, dy: Vec<f32>, nodes: &[Node], g: &mut Grads) {
     if nodes[s.x.0].needs_grad {
-        accumulate(g.of(nodes, s.x), dy);
+        g.add(s.x, dy);
     }
 }
 
