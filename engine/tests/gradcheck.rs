@@ -221,6 +221,56 @@ fn attention_backward_masks_on_and_off() {
     }
 }
 
+/// Keys and values past a sequence's length are never read: NaN there leaves the output and
+/// the gradient as they were with finite values, and the padded keys' gradients are zero.
+#[test]
+fn attention_never_reads_padded_keys() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    for causal in [false, true] {
+        let (b, l, heads, width) = (2, 6, 2, 8);
+        let spec = AttnSpec {
+            batch: b,
+            len: l,
+            heads,
+            width,
+            lengths: Some(vec![4, 1]),
+            causal,
+        };
+        let run = |qkv: &[f64]| {
+            let mut out = vec![0.0; b * l * width];
+            let mut probs = vec![0.0; b * heads * l * l];
+            attention::forward(qkv, &spec, &mut out, Some(&mut probs));
+            let g: Vec<f64> = (0..out.len()).map(|i| ((i * 7) % 5) as f64 - 2.0).collect();
+            let mut dqkv = vec![0.0; qkv.len()];
+            attention::backward_cpu(qkv, &probs, &g, &spec, &mut dqkv);
+            (out, dqkv)
+        };
+        let clean = rv(&mut rng, b * l * 3 * width);
+        let mut dirty = clean.clone();
+        for (bi, &len) in [4usize, 1].iter().enumerate() {
+            for t in len..l {
+                let row = (bi * l + t) * 3 * width;
+                // K and V columns of every head of a padded token.
+                dirty[row + width..row + 3 * width].fill(f64::NAN);
+            }
+        }
+        let (o1, d1) = run(&clean);
+        let (o2, d2) = run(&dirty);
+        assert_eq!(o1, o2, "causal {causal}: output");
+        assert!(
+            d2.iter().all(|v| v.is_finite()),
+            "causal {causal}: NaN in the gradient"
+        );
+        assert_eq!(d1, d2, "causal {causal}: gradient");
+        for (bi, &len) in [4usize, 1].iter().enumerate() {
+            for t in len..l {
+                let row = (bi * l + t) * 3 * width;
+                assert!(d1[row + width..row + 3 * width].iter().all(|&v| v == 0.0));
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_fully_masked_rows_are_zero() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);

@@ -64,15 +64,17 @@ MMKD_DEVICE long attn_head_base(int bh, int H, int L, int ld) {
 }
 
 // Copies rows [r0, r0 + 64) of a head's (L, 64) matrix, rows `ld` elements apart, into a
-// padded shared tile; rows past L are zeros. Each thread copies four 16-byte chunks.
-MMKD_DEVICE void attn_load_tile(mmkd_bf16* s, const mmkd_bf16* __restrict__ g, int r0, int L,
+// padded shared tile; rows from `end` on are zeros. Each thread copies four 16-byte chunks.
+// Keys and values stop at the sequence's key length, not L: a masked key's probability is
+// exactly 0, but 0 · NaN is NaN, so whatever the padded rows hold must never be read.
+MMKD_DEVICE void attn_load_tile(mmkd_bf16* s, const mmkd_bf16* __restrict__ g, int r0, int end,
                                 int ld) {
 #pragma unroll
     for (int it = 0; it < ATTN_TILE * ATTN_D / 8 / ATTN_THREADS; ++it) {
         const int i = it * ATTN_THREADS + threadIdx.x;
         const int r = i / 8, c = (i % 8) * 8;
         mmkd_bf16* d = s + r * ATTN_PITCH + c;
-        if (r0 + r < L) {
+        if (r0 + r < end) {
             cp_async_16(d, g + (long)(r0 + r) * ld + c);
         } else {
             mmkd_u32x4 zero = {0u, 0u, 0u, 0u};
@@ -210,8 +212,8 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
 
     attn_load_tile(Qs, q + base, q0, L, ldqkv);
     if (ntiles > 0) {
-        attn_load_tile(KVs, k + base, 0, L, ldqkv);
-        attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, L, ldqkv);
+        attn_load_tile(KVs, k + base, 0, kvlen, ldqkv);
+        attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, kvlen, ldqkv);
     }
     cp_async_commit();
 
@@ -231,8 +233,8 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
         if (j + 1 < ntiles) {
             // Buffer (j + 1) % 2 was last read in iteration j − 1, before its closing barrier.
             mmkd_bf16* kn = KVs + ((j + 1) % 2) * 2 * ATTN_TILE_ELEMS;
-            attn_load_tile(kn, k + base, (j + 1) * ATTN_TILE, L, ldqkv);
-            attn_load_tile(kn + ATTN_TILE_ELEMS, v + base, (j + 1) * ATTN_TILE, L, ldqkv);
+            attn_load_tile(kn, k + base, (j + 1) * ATTN_TILE, kvlen, ldqkv);
+            attn_load_tile(kn + ATTN_TILE_ELEMS, v + base, (j + 1) * ATTN_TILE, kvlen, ldqkv);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -349,8 +351,8 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
     const int qt1 = k0 < kvlen ? (L + ATTN_TILE - 1) / ATTN_TILE : qt0;  // none: all masked
     if (qt0 < qt1) {
         // k and v go through the first buffer into registers, then the buffers stream q, do.
-        attn_load_tile(QD, k + base, k0, L, ldqkv);
-        attn_load_tile(QD + ATTN_TILE_ELEMS, v + base, k0, L, ldqkv);
+        attn_load_tile(QD, k + base, k0, kvlen, ldqkv);
+        attn_load_tile(QD + ATTN_TILE_ELEMS, v + base, k0, kvlen, ldqkv);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -489,8 +491,8 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
         // q and do through buffer 1 into registers, key tile 0 into buffer 0, one group.
         attn_load_tile(KVs + 2 * ATTN_TILE_ELEMS, q + base, q0, L, ldqkv);
         attn_load_tile(KVs + 3 * ATTN_TILE_ELEMS, dO + obase, q0, L, ldo);
-        attn_load_tile(KVs, k + base, 0, L, ldqkv);
-        attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, L, ldqkv);
+        attn_load_tile(KVs, k + base, 0, kvlen, ldqkv);
+        attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, kvlen, ldqkv);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -503,8 +505,8 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
         mmkd_bf16* vs = ks + ATTN_TILE_ELEMS;
         if (j + 1 < ntiles) {
             mmkd_bf16* kn = KVs + ((j + 1) % 2) * 2 * ATTN_TILE_ELEMS;
-            attn_load_tile(kn, k + base, (j + 1) * ATTN_TILE, L, ldqkv);
-            attn_load_tile(kn + ATTN_TILE_ELEMS, v + base, (j + 1) * ATTN_TILE, L, ldqkv);
+            attn_load_tile(kn, k + base, (j + 1) * ATTN_TILE, kvlen, ldqkv);
+            attn_load_tile(kn + ATTN_TILE_ELEMS, v + base, (j + 1) * ATTN_TILE, kvlen, ldqkv);
             cp_async_commit();
             cp_async_wait<1>();
         } else {

@@ -153,6 +153,9 @@ MMKD_DEVICE void wt_body(const mmkd_tensor_map* ta, const mmkd_tensor_map* tb,
                 const int k = threadIdx.x % 16 + 16 * i;
                 wg_dbias_add8(db, at + box * WT_BOX + k * WT_ROW + ((c ^ (k % 8)) * 16));
             }
+            // The copy engine refills this stage next: order these ordinary reads before
+            // its writes (a cross-proxy access).
+            fence_proxy_async();
         }
         wgmma_wait<1>();  // tile kt - 1's products are done; tile kt's may still run
         wgmma_hold(acc);

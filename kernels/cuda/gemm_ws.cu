@@ -167,6 +167,9 @@ MMKD_DEVICE void ws_body(const mmkd_tensor_map* ta, const mmkd_tensor_map* tb,
                     const int k = ct % 16 + 16 * q;
                     wg_dbias_add8(db, at + box * WS_BOX + k * WS_ROW + ((c ^ (k % 8)) * 16));
                 }
+                // The copy engine refills this stage next: order these ordinary reads before
+                // its writes (a cross-proxy access).
+                fence_proxy_async();
             }
 #ifdef MMKD_WS_EARLY_RELEASE
             __syncwarp();

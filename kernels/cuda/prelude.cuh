@@ -145,11 +145,13 @@ MMKD_DEVICE void cp_async_4(void* smem_dst, const void* gmem_src) {
                  "l"(gmem_src));
 }
 MMKD_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// The waits clobber memory so that the compiler keeps every shared-memory read of the copied
+// data after them, barrier or not.
 template <int N>
 MMKD_DEVICE void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
-MMKD_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;"); }
+MMKD_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 
 // ---- Hopper (sm_90a only; the files that use these are compiled for sm_90a alone) ----------

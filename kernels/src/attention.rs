@@ -919,6 +919,54 @@ mod tests {
         assert_eq!(PITCH_TILE_BYTES, 64 * (64 + 8) * 2);
     }
 
+    /// Keys and values past a sequence's key length are never read: NaN there (a masked key's
+    /// probability is exactly 0, and 0 · NaN is NaN) changes nothing, in the output or in any
+    /// gradient, and the padded keys' own gradients are zero.
+    #[test]
+    fn padded_keys_and_values_are_never_read() {
+        for (sh, sl) in [
+            (pitched(2, 2, 70, false), vec![70, 45]),
+            (shape(2, 1, 33, true), vec![20, 1]),
+            (shape(1, 1, 130, false), vec![65]),
+        ] {
+            let seed = fresh_seed();
+            let mut i = inputs(&sh, seed);
+            for bh in 0..sh.bh() {
+                for j in sl[bh / sh.heads] as usize..sh.len {
+                    for c in 0..HEAD_DIM {
+                        i.k[at(&sh, sh.qkv_pitch, bh, j, c)] = bf16::NAN;
+                        i.v[at(&sh, sh.qkv_pitch, bh, j, c)] = bf16::NAN;
+                    }
+                }
+            }
+            let ctx = format!("{sh:?} seqlens={sl:?} seed {seed}");
+            let want = forward(&sh, &i, Some(&sl), None);
+            let got = forward(&sh, &i, Some(&sl), Some(&Emu::default()));
+            let po = sh.o_pitch;
+            let (go, wo) = (sh.head_columns(&got.0, po), sh.head_columns(&want.0, po));
+            assert!(go.iter().all(|x| x.is_finite()), "{ctx}: NaN in o");
+            let (eo, el) = (rel_err(&go, &wo), lse_err(&got.1, &want.1));
+            assert!(eo <= 1e-2 && el <= 1e-4, "{ctx}: o {eo}, lse {el}");
+            let gw = backward(&sh, &i, &want, Some(&sl), None);
+            let gg = backward(&sh, &i, &want, Some(&sl), Some(&Emu::default()));
+            for (n, (g, w)) in ["dq", "dk", "dv"].iter().zip(gg.iter().zip(&gw)) {
+                assert!(g.iter().all(|x| x.is_finite()), "{ctx}: NaN in {n}");
+                let e = rel_err(g, w);
+                assert!(e <= 1e-2, "{ctx}: {n} {e}");
+            }
+            for (n, g) in ["dk", "dv"].iter().zip(&gg[1..3]) {
+                for bh in 0..sh.bh() {
+                    let from = (bh * sh.len + sl[bh / sh.heads] as usize) * HEAD_DIM;
+                    let to = (bh + 1) * sh.len * HEAD_DIM;
+                    assert!(
+                        g[from..to].iter().all(|&x| x == 0.0),
+                        "{ctx}: {n} of a padded key"
+                    );
+                }
+            }
+        }
+    }
+
     /// A sequence with no valid key: zero output, −inf lse, zero gradients, no NaN anywhere.
     #[test]
     fn fully_masked_rows_are_zero_not_nan() {

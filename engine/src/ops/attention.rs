@@ -10,7 +10,8 @@
 //!   `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ∘ (dP − rowsum(dP ∘ P))`,
 //!   `dQ = dS K / √d`, `dK = dSᵀ Q / √d`.
 //! Work is parallel over the batch; each batch item owns its slab of `o`, `P` and `dqkv`, so
-//! there are no write races.
+//! there are no write races. Keys and values past a sequence's length are never read (a masked
+//! probability is exactly 0, but 0 · NaN is NaN), and the products skip them.
 
 use crate::error::{shape_err, EngineError, Result};
 use crate::ops::matmul::{gemm, Mat};
@@ -99,7 +100,8 @@ pub fn forward<T: Real>(qkv: &[T], spec: &AttnSpec, out: &mut [T], probs: Option
                 rs: 1,
                 cs: 3 * w,
             };
-            gemm(l, l, d, p, l, q, kt, false, false);
+            // Scores of the valid keys only; softmax_rows zeroes the columns past them.
+            gemm(l, valid, d, p, l, q, kt, false, false);
             wide(
                 #[inline(always)]
                 || softmax_rows(p, l, valid, spec.causal, scale),
@@ -112,7 +114,7 @@ pub fn forward<T: Real>(qkv: &[T], spec: &AttnSpec, out: &mut [T], probs: Option
             gemm(
                 l,
                 d,
-                l,
+                valid,
                 &mut ob[hd * d..],
                 w,
                 Mat::rm(p, l),
@@ -145,6 +147,7 @@ pub fn backward_cpu<T: Real>(qkv: &[T], probs: &[T], dout: &[T], spec: &AttnSpec
         .for_each(|(b, dxb)| {
             let xb = &qkv[b * l * 3 * w..(b + 1) * l * 3 * w];
             let dob = &dout[b * l * w..(b + 1) * l * w];
+            let valid = spec.valid(b);
             let mut ds = vec![T::zero(); l * l];
             for hd in 0..h {
                 let p = &probs[(b * h + hd) * l * l..(b * h + hd + 1) * l * l];
@@ -153,9 +156,9 @@ pub fn backward_cpu<T: Real>(qkv: &[T], probs: &[T], dout: &[T], spec: &AttnSpec
                     rs: w,
                     cs: 1,
                 };
-                // dV (L, d) += Pᵀ dO
+                // dV (valid, d) += Pᵀ dO; a padded key's gradients stay zero.
                 gemm(
-                    l,
+                    valid,
                     d,
                     l,
                     &mut dxb[2 * w + hd * d..],
@@ -165,21 +168,21 @@ pub fn backward_cpu<T: Real>(qkv: &[T], probs: &[T], dout: &[T], spec: &AttnSpec
                     true,
                     false,
                 );
-                // dP (L, L) = dO Vᵀ
+                // dP (L, valid) = dO Vᵀ
                 let vt = Mat {
                     data: &xb[2 * w + hd * d..],
                     rs: 1,
                     cs: 3 * w,
                 };
-                gemm(l, l, d, &mut ds, l, dout_h, vt, false, false);
+                gemm(l, valid, d, &mut ds, l, dout_h, vt, false, false);
                 // dS = P ∘ (dP − rowsum(dP ∘ P)), with the 1/√d of S folded in.
                 for i in 0..l {
-                    let (pr, dr) = (&p[i * l..(i + 1) * l], &mut ds[i * l..(i + 1) * l]);
+                    let (pr, dr) = (&p[i * l..i * l + valid], &mut ds[i * l..i * l + valid]);
                     let mut dot = T::zero();
-                    for j in 0..l {
+                    for j in 0..valid {
                         dot += pr[j] * dr[j];
                     }
-                    for j in 0..l {
+                    for j in 0..valid {
                         dr[j] = pr[j] * (dr[j] - dot) * scale;
                     }
                 }
@@ -192,7 +195,7 @@ pub fn backward_cpu<T: Real>(qkv: &[T], probs: &[T], dout: &[T], spec: &AttnSpec
                 gemm(
                     l,
                     d,
-                    l,
+                    valid,
                     &mut dxb[hd * d..],
                     3 * w,
                     Mat::rm(&ds, l),
@@ -206,7 +209,7 @@ pub fn backward_cpu<T: Real>(qkv: &[T], probs: &[T], dout: &[T], spec: &AttnSpec
                     cs: 1,
                 };
                 gemm(
-                    l,
+                    valid,
                     d,
                     l,
                     &mut dxb[w + hd * d..],
