@@ -4,6 +4,9 @@
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
+/// 1/√(2π), the standard normal density at 0.
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
 /// A floating-point scalar the CPU kernels can run on (`f32` and `f64`).
 pub trait Real:
     Copy
@@ -34,6 +37,15 @@ pub trait Real:
     fn sqrt(self) -> Self;
     /// The error function.
     fn erf(self) -> Self;
+    /// The standard normal distribution's Φ(self) and φ(self) together (GELU's derivative needs
+    /// both): `Φ(x) = ½(1 + erf(x/√2))`, `φ(x) = e^{−x²/2}/√(2π)`.
+    fn normal_cdf_pdf(self) -> (Self, Self) {
+        let h = Self::from_f64(0.5);
+        let cdf =
+            h * (Self::one() + (self * Self::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+        let pdf = Self::from_f64(FRAC_1_SQRT_2PI) * (-h * self * self).exp();
+        (cdf, pdf)
+    }
     /// Larger of two values.
     fn max(self, o: Self) -> Self;
     /// Zero.
@@ -67,6 +79,16 @@ impl Real for f32 {
     #[inline(always)]
     fn erf(self) -> Self {
         erf_f32(self)
+    }
+    // One exponential for both: erf's tail at x/√2 needs e^{−x²/2}, which is φ's.
+    #[inline(always)]
+    fn normal_cdf_pdf(self) -> (Self, Self) {
+        let e = exp_f32(-0.5 * self * self);
+        let z = self * std::f32::consts::FRAC_1_SQRT_2;
+        (
+            0.5 * (1.0 + erf_f32_given_exp(z, e)),
+            FRAC_1_SQRT_2PI as f32 * e,
+        )
     }
     fn max(self, o: Self) -> Self {
         f32::max(self, o)
@@ -149,6 +171,12 @@ pub fn exp_f32(x: f32) -> f32 {
 /// stays NaN.
 #[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
+    erf_f32_given_exp(x, exp_f32(-x * x))
+}
+
+/// [`erf_f32`] with `e = e^{−x²}` supplied (its tail's exponential), for callers that have it.
+#[inline(always)]
+pub fn erf_f32_given_exp(x: f32, e: f32) -> f32 {
     // 2/√π · (−1)ⁿ / (n!(2n + 1)), n = 0..11.
     const C: [f32; 12] = [
         std::f32::consts::FRAC_2_SQRT_PI,
@@ -184,7 +212,7 @@ pub fn erf_f32(x: f32) -> f32 {
     for &c in A[..4].iter().rev() {
         q = q * t + c;
     }
-    let tail = 1.0 - t * q * exp_f32(-x2);
+    let tail = 1.0 - t * q * e;
     // Copy x's sign onto the tail (|erf| is even in the bits below the sign).
     let large = f32::from_bits(tail.to_bits() | (x.to_bits() & 0x8000_0000));
     if a < 1.0 {
@@ -274,6 +302,32 @@ mod tests {
             worst_rel.1,
             worst_rel.0
         );
+    }
+
+    #[test]
+    fn normal_cdf_pdf_is_accurate() {
+        let (mut worst_cdf, mut worst_pdf) = (0.0f64, 0.0f64);
+        for x in sweep(-12.0, 12.0) {
+            let (c, p) = x.normal_cdf_pdf();
+            let (wc, wp) = (x as f64).normal_cdf_pdf();
+            // Φ to within 3e-7 absolute (it lies in [0, 1]); φ relative, where it is normal,
+            // in units of its condition: rounding x²/2 to f32 alone moves e^{−x²/2} by up to
+            // 2⁻²⁴·x²/2 relative.
+            worst_cdf = worst_cdf.max((c as f64 - wc).abs());
+            if wp > f32::MIN_POSITIVE as f64 {
+                let cond = 1.0 + 0.5 * (x as f64).powi(2);
+                worst_pdf = worst_pdf.max((p as f64 - wp).abs() / wp / cond);
+            }
+        }
+        assert!(worst_cdf <= 3e-7, "Φ off by {worst_cdf:e}");
+        assert!(
+            worst_pdf <= 2.5e-7,
+            "φ off by {worst_pdf:e} relative per unit of x²/2"
+        );
+        let (c, p) = f32::NAN.normal_cdf_pdf();
+        assert!(c.is_nan() && p.is_nan());
+        assert_eq!(f32::INFINITY.normal_cdf_pdf(), (1.0, 0.0));
+        assert_eq!(f32::NEG_INFINITY.normal_cdf_pdf(), (0.0, 0.0));
     }
 
     #[test]

@@ -29,9 +29,6 @@ pub fn forward<T: Real>(x: &[T], y: &mut [T]) {
 
 /// CPU backward, elementwise, accumulated into `dx`.
 pub fn backward_cpu<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
-    let h = T::from_f64(0.5);
-    let s = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
-    let c = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|(dc, (xc, gc))| {
@@ -39,8 +36,7 @@ pub fn backward_cpu<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
                 #[inline(always)]
                 || {
                     for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                        let cdf = h * (T::one() + (v * s).erf());
-                        let pdf = c * (-h * v * v).exp();
+                        let (cdf, pdf) = v.normal_cdf_pdf();
                         *d += g * (cdf + v * pdf);
                     }
                 },
