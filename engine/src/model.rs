@@ -40,9 +40,35 @@ struct BlockGeom {
     eps: f64,
     lengths: Option<Arc<Vec<usize>>>,
     causal: bool,
+    /// The tower runs on the valid tokens only, packed as rows `(T, W)`; attention unpacks them
+    /// to `(B, L, ·)` and packs its output.
+    packed: Option<Arc<Packed>>,
 }
 
-/// One transformer block on `x (B, L, W)`.
+/// Where a batch's valid tokens sit in its padded `(B, L)` layout.
+#[derive(Debug)]
+struct Packed {
+    /// Flat padded row (`b · L + t`) of each packed row, sequence by sequence.
+    rows: Vec<usize>,
+    batch: usize,
+    len: usize,
+}
+
+impl Packed {
+    /// The packing of sequences of `lengths` tokens padded to `len`; `None` when nothing is
+    /// padded (packing would only copy).
+    fn of(lengths: &[usize], len: usize) -> Option<Self> {
+        lengths.iter().any(|&n| n < len).then(|| Packed {
+            rows: (0..lengths.len())
+                .flat_map(|b| (0..lengths[b]).map(move |t| b * len + t))
+                .collect(),
+            batch: lengths.len(),
+            len,
+        })
+    }
+}
+
+/// One transformer block on `x (B, L, W)`, or on its valid tokens `(T, W)` when packed.
 fn block_forward(
     t: &mut Tape,
     p: &ParamStore,
@@ -52,7 +78,15 @@ fn block_forward(
 ) -> Result<Var> {
     let attn = |t: &mut Tape, h: Var| -> Result<Var> {
         let qkv = t.linear(p, h, b.qkv_w, Some(b.qkv_b), WLayout::OutIn, 3 * g.width)?; // (B, L, 3W)
+        let qkv = match &g.packed {
+            Some(k) => t.unpack_rows(qkv, &k.rows, &[k.batch, k.len, 3 * g.width])?,
+            None => qkv,
+        };
         let a = t.attention(qkv, g.heads, g.lengths.as_deref().map(|v| &v[..]), g.causal)?; // (B, L, W)
+        let a = match &g.packed {
+            Some(k) => t.pack_rows(a, &k.rows)?,
+            None => a,
+        };
         t.linear(p, a, b.out_w, Some(b.out_b), WLayout::OutIn, g.width)
     };
     let mlp = |t: &mut Tape, h: Var| -> Result<Var> {
@@ -129,6 +163,7 @@ impl TransformerBlock {
             eps: 1e-5,
             lengths: None,
             causal: false,
+            packed: None,
         };
         Ok(TransformerBlock { params, geom })
     }
@@ -505,6 +540,7 @@ impl ClipModel {
             eps: v.ln_eps,
             lengths: None,
             causal: false,
+            packed: None,
         };
         let x = self.run_blocks(tape, x, &vp.blocks, &geom)?;
         let x = tape.select_rows(x, &vec![0; b])?; // (B, W): class token
@@ -551,6 +587,12 @@ impl ClipModel {
         };
         let x = tape.add_param(p, x, typ0)?;
         let x = tape.layer_norm(p, x, tp.emb_ln.0, tp.emb_ln.1, t.ln_eps)?;
+        // Token-wise work on the valid tokens only: short captions do not pay for the padding.
+        let packed = Packed::of(lengths, l).map(Arc::new);
+        let x = match &packed {
+            Some(k) => tape.pack_rows(x, &k.rows)?, // (T, W)
+            None => x,
+        };
         let geom = BlockGeom {
             width: w,
             hidden: (t.mlp_ratio * w as f64) as usize,
@@ -560,13 +602,26 @@ impl ClipModel {
             eps: t.ln_eps,
             lengths: Some(Arc::new(lengths.to_vec())),
             causal: t.causal,
+            packed: packed.clone(),
         };
         let x = self.run_blocks(tape, x, &tp.blocks, &geom)?;
         let rows: Vec<usize> = match t.pooling {
             Pooling::Cls => vec![0; b],
             Pooling::Eot => lengths.iter().map(|&n| n - 1).collect(),
         };
-        let mut x = tape.select_rows(x, &rows)?; // (B, W)
+        let mut x = match &packed {
+            // Sequence b's tokens start at the sum of the lengths before it.
+            Some(_) => {
+                let starts = lengths.iter().scan(0, |acc, &n| {
+                    let s = *acc;
+                    *acc += n;
+                    Some(s)
+                });
+                let at: Vec<usize> = starts.zip(&rows).map(|(s, &r)| s + r).collect();
+                tape.pack_rows(x, &at)?
+            }
+            None => tape.select_rows(x, &rows)?,
+        }; // (B, W)
         if let Some((g, bb)) = tp.ln_final {
             x = tape.layer_norm(p, x, g, bb, t.ln_eps)?;
         }

@@ -40,6 +40,8 @@ pub(crate) enum Op {
     L2Normalize(ops::l2_normalize::Saved),
     Reduce(ops::reduce::Saved),
     SelectRows(ops::select_rows::Saved),
+    PackRows(ops::pack_rows::Saved),
+    UnpackRows(ops::pack_rows::Saved),
     Reshape(ops::reshape::Saved),
     Transpose(ops::reshape::SavedT),
     MatmulNt(ops::matmul::Saved),
@@ -309,6 +311,8 @@ impl Tape {
                     }
                     Op::Reduce(s) => ops::reduce::backward(s, &dy, nodes, g),
                     Op::SelectRows(s) => ops::select_rows::backward(s, &dy, nodes, g),
+                    Op::PackRows(s) => ops::pack_rows::backward_pack(s, &dy, nodes, g),
+                    Op::UnpackRows(s) => ops::pack_rows::backward_unpack(s, &dy, nodes, g),
                     Op::Reshape(s) => ops::reshape::backward(s, dy, nodes, g),
                     Op::Transpose(s) => ops::reshape::backward_t(s, &dy, nodes, g),
                     Op::MatmulNt(s) => ops::matmul::backward(s, &dy, nodes, g),

@@ -486,6 +486,26 @@ fn reductions_select_transpose_matmul_scale_backward() {
         dot(&y, &g)
     });
     assert_close("select_rows", &dx, &num);
+    // pack_rows: x (6 rows of 2) rows [4, 0, 5]; unpack_rows: those 3 rows back into 6.
+    let idx = [4usize, 0, 5];
+    let g = rv(&mut rng, 6);
+    let mut dx = vec![0.0; 12];
+    pack_rows::scatter_add(&g, &idx, 2, &mut dx);
+    let num = numeric(&x, &mut |v| {
+        let mut y = vec![0.0; 6];
+        pack_rows::gather(v, &idx, 2, &mut y);
+        dot(&y, &g)
+    });
+    assert_close("pack_rows", &dx, &num);
+    let (xs, g) = (rv(&mut rng, 6), rv(&mut rng, 12));
+    let mut dxs = vec![0.0; 6];
+    pack_rows::gather(&g, &idx, 2, &mut dxs);
+    let num = numeric(&xs, &mut |v| {
+        let mut y = vec![0.0; 12];
+        pack_rows::scatter_add(v, &idx, 2, &mut y);
+        dot(&y, &g)
+    });
+    assert_close("unpack_rows", &dxs, &num);
     // transpose (3, 4)
     let g = rv(&mut rng, 12);
     let mut dx = vec![0.0; 12];

@@ -269,6 +269,50 @@ fn whole_model_gradient_matches_directional_difference() {
     }
 }
 
+/// The text tower runs on the valid tokens only (packed); a padded batch must give each
+/// caption the features and the parameter gradients it gets alone, unpadded, for both
+/// poolings and both norm placements.
+#[test]
+fn padded_batch_matches_each_caption_alone() {
+    for cfg in [tiny(), variant(tiny())] {
+        let mut model = ClipModel::new(&cfg).unwrap();
+        let (_, toks, lens) = batch(&cfg, 3, 12, 11);
+        assert!(lens.iter().any(|&n| n < 12), "no padding: {lens:?}");
+        let j = cfg.embed_dim;
+        let seed: Vec<f32> = (0..3 * j)
+            .map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        let mut tape = Tape::new();
+        let f = model.encode_text(&mut tape, &toks, &lens).unwrap();
+        let batched = tape.value(f).to_vec();
+        model.params.zero_grad();
+        tape.backward(&mut model.params, &[(f, &seed)]).unwrap();
+        let g_batched = model.params.grad().to_vec();
+        model.params.zero_grad();
+        let all = toks.as_u32().unwrap();
+        for (i, &n) in lens.iter().enumerate() {
+            let one = Tensor::from_u32(all[i * 12..i * 12 + n].to_vec(), &[1, n]).unwrap();
+            let mut t = Tape::new();
+            let f1 = model.encode_text(&mut t, &one, &[n]).unwrap();
+            let (got, want) = (t.value(f1), &batched[i * j..(i + 1) * j]);
+            for (a, b) in got.iter().zip(want) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "caption {i}: {a} vs {b}"
+                );
+            }
+            t.backward(&mut model.params, &[(f1, &seed[i * j..(i + 1) * j])])
+                .unwrap();
+        }
+        let g_alone = model.params.grad();
+        let scale = g_alone.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        for (k, (a, b)) in g_batched.iter().zip(g_alone).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * scale, "gradient {k}: {a} vs {b}");
+        }
+    }
+}
+
 #[test]
 fn safetensors_round_trip_and_shape_errors() {
     let cfg = tiny();

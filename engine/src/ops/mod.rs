@@ -13,6 +13,7 @@ pub mod l2_normalize;
 pub mod layer_norm;
 pub mod linear;
 pub mod matmul;
+pub mod pack_rows;
 pub mod patch_embed;
 pub mod quick_gelu;
 pub mod recompute;
