@@ -77,7 +77,8 @@ fn block_forward(
     g: &BlockGeom,
 ) -> Result<Var> {
     let attn = |t: &mut Tape, h: Var| -> Result<Var> {
-        let qkv = t.linear(p, h, b.qkv_w, Some(b.qkv_b), WLayout::OutIn, 3 * g.width)?; // (B, L, 3W)
+        // (B, L, 3W), or (T, 3W) when packed
+        let qkv = t.linear(p, h, b.qkv_w, Some(b.qkv_b), WLayout::OutIn, 3 * g.width)?;
         let qkv = match &g.packed {
             Some(k) => t.unpack_rows(qkv, &k.rows, &[k.batch, k.len, 3 * g.width])?,
             None => qkv,
