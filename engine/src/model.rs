@@ -544,7 +544,9 @@ impl ClipModel {
             packed: None,
         };
         let x = self.run_blocks(tape, x, &vp.blocks, &geom)?;
-        let x = tape.select_rows(x, &vec![0; b])?; // (B, W): class token
+        let l = tape.shape(x)[1]; // 1 + patches
+        let cls: Vec<usize> = (0..b).map(|i| i * l).collect();
+        let x = tape.pack_rows(x, &cls)?; // (B, W): class token
         let x = tape.layer_norm(p, x, vp.ln_post.0, vp.ln_post.1, v.ln_eps)?;
         tape.linear(p, x, vp.proj, None, WLayout::InOut, self.config.embed_dim) // (B, J)
     }
@@ -610,19 +612,20 @@ impl ClipModel {
             Pooling::Cls => vec![0; b],
             Pooling::Eot => lengths.iter().map(|&n| n - 1).collect(),
         };
-        let mut x = match &packed {
-            // Sequence b's tokens start at the sum of the lengths before it.
-            Some(_) => {
-                let starts = lengths.iter().scan(0, |acc, &n| {
+        // Sequence b's tokens start at b · L, or, packed, at the sum of the lengths before it.
+        let starts: Vec<usize> = match &packed {
+            Some(_) => lengths
+                .iter()
+                .scan(0, |acc, &n| {
                     let s = *acc;
                     *acc += n;
                     Some(s)
-                });
-                let at: Vec<usize> = starts.zip(&rows).map(|(s, &r)| s + r).collect();
-                tape.pack_rows(x, &at)?
-            }
-            None => tape.select_rows(x, &rows)?,
-        }; // (B, W)
+                })
+                .collect(),
+            None => (0..b).map(|i| i * l).collect(),
+        };
+        let at: Vec<usize> = starts.iter().zip(&rows).map(|(s, r)| s + r).collect();
+        let mut x = tape.pack_rows(x, &at)?; // (B, W)
         if let Some((g, bb)) = tp.ln_final {
             x = tape.layer_norm(p, x, g, bb, t.ln_eps)?;
         }

@@ -39,7 +39,6 @@ pub(crate) enum Op {
     ClsPos(ops::cls_pos::Saved),
     L2Normalize(ops::l2_normalize::Saved),
     Reduce(ops::reduce::Saved),
-    SelectRows(ops::select_rows::Saved),
     PackRows(ops::pack_rows::Saved),
     UnpackRows(ops::pack_rows::Saved),
     Reshape(ops::reshape::Saved),
@@ -310,7 +309,6 @@ impl Tape {
                         ops::l2_normalize::backward(s, &dy, &nodes[i].value, nodes, g)
                     }
                     Op::Reduce(s) => ops::reduce::backward(s, &dy, nodes, g),
-                    Op::SelectRows(s) => ops::select_rows::backward(s, &dy, nodes, g),
                     Op::PackRows(s) => ops::pack_rows::backward_pack(s, &dy, nodes, g),
                     Op::UnpackRows(s) => ops::pack_rows::backward_unpack(s, &dy, nodes, g),
                     Op::Reshape(s) => ops::reshape::backward(s, dy, nodes, g),

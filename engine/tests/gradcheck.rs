@@ -475,17 +475,6 @@ fn reductions_select_transpose_matmul_scale_backward() {
             &numeric(&x, &mut |v| 0.3 * reduce::forward(v, r)),
         );
     }
-    // select_rows: x (2, 3, 2) rows [2, 0]
-    let g = rv(&mut rng, 4);
-    let rows = [2usize, 0];
-    let mut dx = vec![0.0; 12];
-    select_rows::backward_cpu(&g, &rows, 3, 2, &mut dx);
-    let num = numeric(&x, &mut |v| {
-        let mut y = vec![0.0; 4];
-        select_rows::forward(v, &rows, 3, 2, &mut y);
-        dot(&y, &g)
-    });
-    assert_close("select_rows", &dx, &num);
     // pack_rows: x (6 rows of 2) rows [4, 0, 5]; unpack_rows: those 3 rows back into 6.
     let idx = [4usize, 0, 5];
     let g = rv(&mut rng, 6);

@@ -21,7 +21,6 @@ pub mod reduce;
 pub mod relu;
 pub mod reshape;
 pub mod scale;
-pub mod select_rows;
 
 use crate::params::ParamView;
 

@@ -5,6 +5,7 @@
 //! `unpack_rows`: `x (T, D)`, `idx (T)` → `y (N, D)`, `y[idx[i]] = x[i]`, the other rows zero;
 //! backward `dx[i] += dy[idx[i]]`. `idx` holds distinct rows.
 //!
+//! Token pooling is `pack_rows` of one row per sequence (the class token, the end of text).
 //! The text tower runs its token-wise ops (LayerNorm, the linears, the activations) on the
 //! packed rows only, so a caption pays for its own tokens and not for the padding up to the
 //! batch's longest; attention unpacks its input to the padded layout and packs its output.
