@@ -687,7 +687,7 @@ def bench(args) -> dict:
         "peak_tflops": peak,
         "mfu": achieved / (peak * 1e12) if peak else None,
         "text_tokens_per_sample": tokens / (b * steps),
-        "padded_text_len": padded / steps,
+        "text_rows_per_sample": padded / steps,
         "teacher_mode": train["teacher_mode"],
         "checkpointing": checkpointing,
         "last_loss": last,

@@ -5,7 +5,9 @@
 
 use half::bf16;
 use mmkd_engine::cuda::arena::ALIGN;
-use mmkd_engine::cuda::{param_specs, Arena, BlockDims, CudaBlock, Dtype, Layout, Section};
+use mmkd_engine::cuda::{
+    param_specs, Arena, BatchRows, BlockDims, CudaBlock, Dtype, Layout, PackedSeq, Section,
+};
 use mmkd_engine::{Activation, NormPlacement, ParamStore, Tape, TransformerBlock, WLayout};
 use mmkd_kernels::gemm::GemmPath;
 use mmkd_kernels::testing::{fresh_seed, rel_err, rng};
@@ -204,7 +206,7 @@ fn cuda_block_at(
     } else {
         block.set_padded_lengths(arena, len, lengths).unwrap();
     }
-    assert_eq!(block.padded_len(), len);
+    assert_eq!(block.padded_len(), Some(len));
     let n = d.batch * len * d.width;
     assert_eq!((x.len(), dy.len()), (n, n));
     let nan_tail = |v: &[f32]| {
@@ -470,6 +472,162 @@ fn shorter_padded_lengths_match_tape() {
     }
 }
 
+/// The block on a packed batch ([`CudaBlock::set_packed`]): `x` and `dy` hold its m rows.
+/// Returns the output and input gradient rows and the parameter gradients.
+fn cuda_block_packed(
+    block: &CudaBlock,
+    arena: &mut Arena,
+    ps: &ParamStore,
+    seqs: &[PackedSeq],
+    x: &[f32],
+    dy: &[f32],
+) -> Run {
+    let d = *block.dims();
+    for (name, _) in param_specs(&d) {
+        let id = ps.require(&format!("{PREFIX}.{name}")).unwrap();
+        arena
+            .write_f32(block.param(name).unwrap(), ps.value(id))
+            .unwrap();
+    }
+    let layout = arena.layout().clone();
+    for r in layout.regions() {
+        let float = r.dtype != Dtype::I32;
+        if float && matches!(r.section, Section::Grads | Section::Acts | Section::Scratch) {
+            arena.poison(layout.id(&r.name).unwrap()).unwrap();
+        }
+    }
+    let m = x.len() / d.width;
+    block.set_packed(arena, m, seqs).unwrap();
+    assert_eq!(block.batch_rows(), BatchRows::Packed(m));
+    assert_eq!(block.padded_len(), None);
+    let nan_tail = |v: &[f32]| {
+        let mut v = bf(v);
+        v.resize(d.tokens() * d.width, bf16::NAN);
+        v
+    };
+    arena.write_bf16(block.input(), &nan_tail(x)).unwrap();
+    arena
+        .write_bf16(block.output_grad(), &nan_tail(dy))
+        .unwrap();
+    block.forward(arena).unwrap();
+    block.backward(arena).unwrap();
+    let n = m * d.width;
+    let f = |v: Vec<bf16>| {
+        v[..n]
+            .iter()
+            .map(|x| f64::from(x.to_f32()))
+            .collect::<Vec<_>>()
+    };
+    let y = f(arena.read_bf16(block.output()).unwrap());
+    let dx = f(arena.read_bf16(block.input_grad()).unwrap());
+    let grads = param_specs(&d)
+        .iter()
+        .map(|(name, _)| widen(&arena.read_f32(block.grad(name).unwrap()).unwrap()))
+        .collect();
+    Run { y, dx, grads }
+}
+
+/// A packed batch (the valid tokens back to back, two filler rows after the last sequence)
+/// gives each valid token the output and input gradient the padded batch gives it, bit for
+/// bit (every op is row-wise but the attention, which sees the same keys), and the same
+/// parameter gradients up to the order of their sums, when the padding's output gradient is
+/// zero; the filler rows stay finite. Both norm placements, on both product paths.
+#[test]
+fn packed_batch_matches_the_padded_batch() {
+    for (norm, act, gemm) in [
+        (NormPlacement::Post, Activation::Gelu, GemmPath::MmaSync),
+        (NormPlacement::Pre, Activation::QuickGelu, GemmPath::Wgmma),
+    ] {
+        let d = BlockDims {
+            batch: 3,
+            gemm,
+            ..dims(norm, act, 40)
+        };
+        let lengths = [40, 17, 5];
+        let seed = fresh_seed();
+        let mut g = rng(seed);
+        let ps = random_store(&d, &mut g);
+        let w = d.width;
+        let n = d.tokens() * w;
+        let x = on_grid(&mut g, n, -2.0, 2.0);
+        let mut dy = on_grid(&mut g, n, -1.0, 1.0);
+        for (b, &len) in lengths.iter().enumerate() {
+            dy[(b * d.len + len) * w..(b + 1) * d.len * w].fill(0.0);
+        }
+        let block = CudaBlock::new(d).unwrap();
+        let mut arena = Arena::host(block.layout().clone(), Emu::default());
+        let padded = cuda_block(&block, &mut arena, &ps, &lengths, &x, &dy);
+
+        // 62 valid rows, rounded up to 64: the last sequence takes the 2 filler rows.
+        let m = 64;
+        let (mut px, mut pdy, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+        for (b, &len) in lengths.iter().enumerate() {
+            seqs.push(PackedSeq {
+                row0: px.len() / w,
+                rows: len,
+                keys: len,
+            });
+            px.extend_from_slice(&x[b * d.len * w..(b * d.len + len) * w]);
+            pdy.extend_from_slice(&dy[b * d.len * w..(b * d.len + len) * w]);
+        }
+        let filler = m - px.len() / w;
+        seqs[2].rows += filler;
+        px.extend(on_grid(&mut g, filler * w, -2.0, 2.0));
+        pdy.resize(m * w, 0.0);
+        let packed = cuda_block_packed(&block, &mut arena, &ps, &seqs, &px, &pdy);
+
+        let ctx = format!("{norm:?}/{act:?} {gemm:?}, seed {seed}");
+        let valid =
+            |r: &[f64], b: usize, len: usize| r[b * d.len * w..(b * d.len + len) * w].to_vec();
+        for (b, (s, &len)) in seqs.iter().zip(&lengths).enumerate() {
+            let rows = s.row0 * w..(s.row0 + len) * w;
+            assert!(
+                packed.y[rows.clone()] == valid(&padded.y, b, len)[..],
+                "{ctx}: y of sequence {b}"
+            );
+            assert!(
+                packed.dx[rows] == valid(&padded.dx, b, len)[..],
+                "{ctx}: dx of sequence {b}"
+            );
+        }
+        assert!(
+            packed.y.iter().chain(&packed.dx).all(|v| v.is_finite()),
+            "{ctx}: a filler row is not finite"
+        );
+        for ((name, _), (gp, gd)) in param_specs(&d)
+            .iter()
+            .zip(packed.grads.iter().zip(&padded.grads))
+        {
+            let e = rel_err(gp, gd);
+            assert!(e <= 1e-5, "{ctx}: gradient of `{name}` differs by {e:.3e}");
+        }
+        // Rejected tables: a gap, an overlap, rows past the cap or the batch, more keys than
+        // rows, a wrong count, and a row count that is neither a tile multiple nor B·L.
+        let at = |row0, rows, keys| PackedSeq { row0, rows, keys };
+        let ok = [at(0, 40, 40), at(40, 17, 17), at(57, 7, 5)];
+        block.set_packed(&mut arena, 64, &ok).unwrap();
+        for (bad, m) in [
+            (vec![at(0, 40, 40), at(41, 17, 17), at(58, 6, 5)], 64),
+            (vec![at(0, 40, 40), at(39, 18, 17), at(57, 7, 5)], 64),
+            (vec![at(0, 40, 40), at(40, 17, 18), at(57, 7, 5)], 64),
+            (vec![at(0, 40, 40), at(40, 17, 17), at(57, 15, 5)], 64),
+            (vec![at(0, 40, 40), at(40, 17, 17)], 64),
+            (vec![at(0, 40, 40), at(40, 17, 17), at(57, 13, 5)], 70),
+            (vec![at(0, 40, 40), at(40, 40, 40), at(80, 48, 40)], 128),
+        ] {
+            assert!(
+                block.set_packed(&mut arena, m, &bad).is_err(),
+                "{ctx}: accepted {bad:?} in {m} rows"
+            );
+        }
+        // All B·L = 120 rows is a batch too (not a multiple of 64), with up to 63 filler rows.
+        let full = [at(0, 40, 40), at(40, 40, 40), at(80, 40, 40)];
+        block.set_packed(&mut arena, 120, &full).unwrap();
+        let long = [at(0, 40, 40), at(40, 40, 40), at(80, 103, 40)];
+        assert!(block.set_packed(&mut arena, 183, &long).is_err());
+    }
+}
+
 /// The comparison can fail: the same block run without the key-padding mask the reference
 /// applies must be far off (padding changes every query of the padded sequence).
 #[test]
@@ -630,7 +788,11 @@ fn arena_layout_is_disjoint_and_aligned() {
             .filter(|r| r.section == Section::Tables)
             .map(|r| (r.name.as_str(), r.dtype, r.len))
             .collect();
-        assert_eq!(tables, [("table.seqlens", Dtype::I32, d.batch)], "{norm:?}");
+        assert_eq!(
+            tables,
+            [("table.seqlens", Dtype::I32, 3 * d.batch)],
+            "{norm:?}"
+        );
         // Each parameter has a master, a bf16 copy and a gradient of its own length.
         for (name, shape) in param_specs(&d) {
             let n: usize = shape.iter().product();
@@ -670,7 +832,7 @@ fn layout_and_block_errors_are_reported() {
     assert!(block.set_padded_lengths(&mut arena, 6, &[5, 5]).is_err());
     assert!(block.set_padded_lengths(&mut arena, 3, &[4, 1]).is_err());
     block.set_padded_lengths(&mut arena, 3, &[3, 1]).unwrap();
-    assert_eq!(block.padded_len(), 3);
+    assert_eq!(block.padded_len(), Some(3));
     assert!(arena.write_f32(block.input(), &[0.0; 4]).is_err());
 }
 

@@ -12,8 +12,7 @@
 
 use half::bf16;
 use mmkd_engine::cuda::{
-    padded_text_len, Arena, CudaStudent, Dtype, Images, Section, StudentBatch, StudentSetup,
-    TEXT_PAD_ID,
+    Arena, CudaStudent, Dtype, Images, Section, StudentBatch, StudentSetup, TEXT_FILLER_ID,
 };
 use mmkd_engine::loss::distill::{
     distill_loss, DistillConfig, IclScale, TeacherMode, TeacherNorm, TeacherTargets,
@@ -46,8 +45,8 @@ const N: usize = 4;
 const T: usize = 2;
 /// The longest token length of a batch (the arena's size).
 const LEN: usize = 24;
-/// Token length and valid lengths of each step's batch: padded to 16 (from 5), to the
-/// maximum 24 (20 rounded up to 32 and capped) and not at all (16).
+/// Token length and valid lengths of each step's batch: the text tower packs the 13, 56 and 40
+/// valid tokens into 64 rows each (filler rows after the last caption).
 const STEP_LENGTHS: [(usize, [usize; N]); STEPS] = [
     (5, [5, 3, 1, 4]),
     (20, [20, 11, 7, 18]),
@@ -175,7 +174,7 @@ fn batches(cfg: &ModelConfig, g: &mut impl Rng) -> Vec<Batch> {
                     if i % len < lengths[i / len] {
                         g.gen_range(1..cfg.text.vocab_size as u32)
                     } else {
-                        TEXT_PAD_ID
+                        TEXT_FILLER_ID
                     }
                 })
                 .collect();
@@ -322,8 +321,10 @@ fn device_curve(
             stage_next: None,
         };
         let r = student.step(arena, &batch, lr).unwrap();
-        // Each batch runs padded to its own longest row rounded to the tile, not to LEN.
-        assert_eq!(r.text_len, padded_text_len(b.len, LEN));
+        // Each batch runs on its valid tokens, packed, not on N·LEN padded ones.
+        let tokens: usize = b.lengths.iter().sum();
+        assert_eq!(r.text_rows, student.text_tower().packed_rows(tokens));
+        assert_eq!(r.text_rows, 64);
         let l = r.loss;
         c.parts.push([l.task, l.fd, l.icl, l.total].map(f64::from));
         c.logit_scale.push(f64::from(r.logit_scale));

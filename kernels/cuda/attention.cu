@@ -2,7 +2,8 @@
 // FlashAttention-2 manner (bf16 operands on the tensor cores, fp32 accumulation).
 //
 // Per (batch·head) bh and query row i, over the keys j that are valid for i:
-//   valid(i, j) = j < len[b] (key padding; len = L when seqlens is null) and, if causal, j ≤ i
+//   valid(i, j) = j < kvlen[b] (key padding; kvlen = L when seqlens is null) and, if causal,
+//   j ≤ i
 //   s_ij = scale · q_i · k_j,  p_ij = exp(s_ij − lse_i),  lse_i = log Σ_j exp(s_ij)
 //   o_i = Σ_j p_ij v_j
 // A row with no valid key (len[b] = 0) has o_i = 0 and lse_i = −inf, and its gradients are 0.
@@ -10,13 +11,21 @@
 //   dp_ij = do_i · v_j,  ds_ij = p_ij (dp_ij − D_i)
 //   dq_i = scale Σ_j ds_ij k_j,  dk_j = scale Σ_i ds_ij q_i,  dv_j = Σ_i p_ij do_i
 //
-// Layout: token-major, the layout the projections write. q, k, v, o, do, dq, dk, dv are
-// (B·L) rows of bf16, the row of token i of sequence b at (b·L + i)·pitch, head h in columns
+// Layout: token-major, the layout the projections write. q, k, v, o, do, dq, dk, dv are rows
+// of bf16, the row of token i of sequence b at (row0[b] + i)·pitch, head h in columns
 // h·64 .. h·64 + 64 of it; q, k, v, dq, dk, dv share one pitch (`ldqkv`), o and do another
-// (`ldo`). So q, k and v can be column views of one packed (B·L, 3·H·64) projection
-// (pitch 3·H·64) and o is the (B·L, H·64) input of the output projection: no head transposes.
-// lse, D (BH, L) fp32 with bh = b·H + h; seqlens (B) int. Base pointers and pitches must be
-// 16-byte multiples.
+// (`ldo`). So q, k and v can be column views of one (rows, 3·H·64) projection (pitch 3·H·64)
+// and o is the (rows, H·64) input of the output projection: no head transposes. lse and D are
+// token-major too: (rows, H) fp32, head h of row r at r·H + h.
+// Where the sequences lie (`varlen`):
+//   0 (padded): B·L rows, row0[b] = b·L, every sequence has L query rows; seqlens (B) int
+//     holds kvlen[b], or is null (kvlen = L).
+//   1 (packed, variable length): the sequences lie back to back, seqlens (3·B) int holds
+//     kvlen[b], then row0[b], then qlen[b], the sequence's rows (kvlen ≤ qlen ≤ L: rows past
+//     kvlen are queries only, e.g. filler rows that round a packed batch up to a tile). Rows
+//     of no sequence are neither read nor written; L only bounds the lengths and the grid.
+// A sequence's query rows i < qlen are computed and stored, its keys j < kvlen are read.
+// Base pointers and pitches must be 16-byte multiples.
 //
 // Kernels (all: block 128 = 4 warps, each warp owns 16 rows of a 64-row tile; the other
 // operand's 64-row tiles stream through shared memory, double-buffered by cp.async):
@@ -34,6 +43,8 @@
 // holding a valid one (attn_blocks); the exponentials of the skipped blocks are skipped too.
 // Only masked zeros are left out, so results are the same bit for bit; at L = 197 the
 // products and exponentials shrink from 256² to 208² per head.
+// With packed sequences a tile past its sequence's query rows returns at once (the grid
+// covers the longest).
 // Dynamic shared memory: ATTN_SMEM_BYTES (attn_fwd), ATTN_DQ_SMEM_BYTES, ATTN_DKDV_SMEM_BYTES.
 //
 // Test-only variant: MMKD_ATTN_BROKEN_RESCALE drops the online-softmax rescale of the running
@@ -58,14 +69,35 @@ MMKD_DEVICE float attn_neg_inf() { return __uint_as_float(0xff800000u); }
 #define ATTN_LOG2E 1.4426950408889634f
 #define ATTN_LN2 0.6931471805599453f
 
-// Offset of head h of sequence b's first row in a token-major tensor of pitch `ld`.
-MMKD_DEVICE long attn_head_base(int bh, int H, int L, int ld) {
-    return (long)(bh / H) * L * ld + (long)(bh % H) * ATTN_D;
+// Where sequence b lies: its first row, its query rows and its valid keys (see `varlen`
+// above), each length clamped to [0, L] and the keys to the queries.
+struct AttnSeq {
+    long row0;
+    int qlen, kvlen;
+};
+MMKD_DEVICE int attn_clamp(int n, int hi) { return n < 0 ? 0 : (n > hi ? hi : n); }
+MMKD_DEVICE AttnSeq attn_seq(const int* __restrict__ seqlens, int b, int B, int L, int varlen) {
+    AttnSeq s;
+    if (varlen) {
+        s.qlen = attn_clamp(seqlens[2 * B + b], L);
+        s.kvlen = attn_clamp(seqlens[b], s.qlen);
+        s.row0 = seqlens[B + b];
+    } else {
+        s.qlen = L;
+        s.kvlen = seqlens == nullptr ? L : attn_clamp(seqlens[b], L);
+        s.row0 = (long)b * L;
+    }
+    return s;
 }
 
-// Copies rows [r0, r0 + 64) of a head's (L, 64) matrix, rows `ld` elements apart, into a
+// Offset of head h of a sequence's first row in a token-major tensor of pitch `ld`.
+MMKD_DEVICE long attn_head_base(const AttnSeq& s, int h, int ld) {
+    return s.row0 * ld + (long)h * ATTN_D;
+}
+
+// Copies rows [r0, r0 + 64) of a head's (rows, 64) matrix, rows `ld` elements apart, into a
 // padded shared tile; rows from `end` on are zeros. Each thread copies four 16-byte chunks.
-// Keys and values stop at the sequence's key length, not L: a masked key's probability is
+// Keys and values stop at the sequence's key length, not at its rows: a masked key's probability is
 // exactly 0, but 0 · NaN is NaN, so whatever the padded rows hold must never be read.
 MMKD_DEVICE void attn_load_tile(mmkd_bf16* s, const mmkd_bf16* __restrict__ g, int r0, int end,
                                 int ld) {
@@ -152,15 +184,15 @@ MMKD_DEVICE void attn_zero(float acc[8][4]) {
         for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
 }
 
-// Stores a warp's 16 × 64 accumulator (times `mul`) as bf16 rows row0.. of a head's (L, 64)
-// matrix, rows `ld` elements apart.
+// Stores a warp's 16 × 64 accumulator (times `mul`) as bf16 rows row0.. of a head's (rows, 64)
+// matrix, rows `ld` elements apart, up to row `end`.
 MMKD_DEVICE void attn_store_rows(mmkd_bf16* __restrict__ g, const float acc[8][4], int row0,
-                                 int L, int ld, float mul0, float mul1) {
+                                 int end, int ld, float mul0, float mul1) {
     const int lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = row0 + gq + h * 8;
-        if (row >= L) continue;
+        if (row >= end) continue;
         const float mul = h ? mul1 : mul0;
 #pragma unroll
         for (int ni = 0; ni < 8; ++ni) {
@@ -169,13 +201,6 @@ MMKD_DEVICE void attn_store_rows(mmkd_bf16* __restrict__ g, const float acc[8][4
                 pack_bf16x2(f32_to_bf16(acc[ni][2 * h] * mul), f32_to_bf16(acc[ni][2 * h + 1] * mul));
         }
     }
-}
-
-// Valid keys of sequence b, clamped to [0, L].
-MMKD_DEVICE int attn_kv_len(const int* __restrict__ seqlens, int b, int L) {
-    if (seqlens == nullptr) return L;
-    const int n = seqlens[b];
-    return n < 0 ? 0 : (n > L ? L : n);
 }
 
 // Blocks of 16 rows of the 64-row tile starting at r0 that hold rows below `end` (0 .. 4): the
@@ -193,24 +218,27 @@ MMKD_DEVICE int attn_key_tiles(int kvlen, int q0, int causal) {
     return (end + ATTN_TILE - 1) / ATTN_TILE;
 }
 
-MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
-                          const mmkd_bf16* __restrict__ k,  // (B·L, ldqkv)
-                          const mmkd_bf16* __restrict__ v,  // (B·L, ldqkv)
-                          const int* __restrict__ seqlens,  // (B) or null
-                          mmkd_bf16* __restrict__ o,        // (B·L, ldo) out
-                          float* __restrict__ lse,          // (BH, L) out
-                          int H, int L, int ldqkv, int ldo, float scale, int causal) {
+MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (rows, ldqkv)
+                          const mmkd_bf16* __restrict__ k,  // (rows, ldqkv)
+                          const mmkd_bf16* __restrict__ v,  // (rows, ldqkv)
+                          const int* __restrict__ seqlens,  // (B), (3·B) or null: see varlen
+                          mmkd_bf16* __restrict__ o,        // (rows, ldo) out
+                          float* __restrict__ lse,          // (rows, H) out
+                          int H, int L, int ldqkv, int ldo, float scale, int causal,
+                          int varlen) {
     MMKD_DYNAMIC_SMEM(mmkd_bf16, smem);
     mmkd_bf16* Qs = smem;                        // (64, PITCH)
     mmkd_bf16* KVs = smem + ATTN_TILE_ELEMS;     // (2 buffers, k then v, 64, PITCH)
-    const int bh = blockIdx.y, q0 = blockIdx.x * ATTN_TILE;
+    const int bh = blockIdx.y, q0 = blockIdx.x * ATTN_TILE, hh = bh % H;
+    const AttnSeq sq = attn_seq(seqlens, bh / H, gridDim.y / H, L, varlen);
+    if (q0 >= sq.qlen) return;  // a tile past a packed sequence's rows: nothing to store
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
-    const long base = attn_head_base(bh, H, L, ldqkv);
-    const int kvlen = attn_kv_len(seqlens, bh / H, L);
+    const long base = attn_head_base(sq, hh, ldqkv);
+    const int kvlen = sq.kvlen, qlen = sq.qlen;
     const int ntiles = attn_key_tiles(kvlen, q0, causal);
     const float sl2 = scale * ATTN_LOG2E;  // scores in log2 units: exp2 is the cheap exponential
 
-    attn_load_tile(Qs, q + base, q0, L, ldqkv);
+    attn_load_tile(Qs, q + base, q0, qlen, ldqkv);
     if (ntiles > 0) {
         attn_load_tile(KVs, k + base, 0, kvlen, ldqkv);
         attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, kvlen, ldqkv);
@@ -222,10 +250,10 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
     attn_zero(oacc);
     float mrow[2] = {attn_neg_inf(), attn_neg_inf()}, lrow[2] = {0.0f, 0.0f};
     const int row0 = q0 + warp * 16 + gq;  // this thread's rows: row0, row0 + 8
-    // The keys this warp's rows can see end at kend; a warp whose rows all lie past L does no
-    // products (its rows are never stored).
+    // The keys this warp's rows can see end at kend; a warp whose rows all lie past the
+    // sequence's queries does no products (its rows are never stored).
     int kend = causal && q0 + warp * 16 + 16 < kvlen ? q0 + warp * 16 + 16 : kvlen;
-    if (q0 + warp * 16 >= L) kend = 0;
+    if (q0 + warp * 16 >= qlen) kend = 0;
 
     for (int j = 0; j < ntiles; ++j) {
         mmkd_bf16* ks = KVs + (j % 2) * 2 * ATTN_TILE_ELEMS;
@@ -313,32 +341,37 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (B·L, ldqkv)
         lrow[h] += __shfl_xor_sync(0xffffffffu, lrow[h], 2);
         inv[h] = lrow[h] > 0.0f ? 1.0f / lrow[h] : 0.0f;
         const int row = row0 + h * 8;
-        if (t == 0 && row < L)
-            lse[(long)bh * L + row] =
+        if (t == 0 && row < qlen)
+            lse[(sq.row0 + row) * H + hh] =
                 lrow[h] > 0.0f ? (mrow[h] + log2f(lrow[h])) * ATTN_LN2 : attn_neg_inf();
     }
-    attn_store_rows(o + attn_head_base(bh, H, L, ldo), oacc, q0 + warp * 16, L, ldo, inv[0],
-                    inv[1]);
+    attn_store_rows(o + attn_head_base(sq, hh, ldo), oacc, q0 + warp * 16, qlen, ldo, inv[0], inv[1]);
 }
 MMKD_EXPORT(attn_fwd)
 
-MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
-                               const mmkd_bf16* __restrict__ k,   // (B·L, ldqkv)
-                               const mmkd_bf16* __restrict__ v,   // (B·L, ldqkv)
-                               const mmkd_bf16* __restrict__ dO,  // (B·L, ldo)
-                               const float* __restrict__ lse,     // (BH, L)
-                               const float* __restrict__ D,       // (BH, L)
-                               const int* __restrict__ seqlens,   // (B) or null
-                               mmkd_bf16* __restrict__ dk,        // (B·L, ldqkv) out
-                               mmkd_bf16* __restrict__ dv,        // (B·L, ldqkv) out
-                               int H, int L, int ldqkv, int ldo, float scale, int causal) {
+MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (rows, ldqkv)
+                               const mmkd_bf16* __restrict__ k,   // (rows, ldqkv)
+                               const mmkd_bf16* __restrict__ v,   // (rows, ldqkv)
+                               const mmkd_bf16* __restrict__ dO,  // (rows, ldo)
+                               const float* __restrict__ lse,     // (rows, H)
+                               const float* __restrict__ D,       // (rows, H)
+                               const int* __restrict__ seqlens,   // (B), (3·B) or null
+                               mmkd_bf16* __restrict__ dk,        // (rows, ldqkv) out
+                               mmkd_bf16* __restrict__ dv,        // (rows, ldqkv) out
+                               int H, int L, int ldqkv, int ldo, float scale, int causal,
+                               int varlen) {
     MMKD_DYNAMIC_SMEM(mmkd_bf16, smem);
     mmkd_bf16* QD = smem;  // (2 buffers, q then do, 64, PITCH)
     float* stats = reinterpret_cast<float*>(smem + 4 * ATTN_TILE_ELEMS);  // (2, lse·log2e | D, 64)
-    const int bh = blockIdx.y, k0 = blockIdx.x * ATTN_TILE;
+    const int bh = blockIdx.y, k0 = blockIdx.x * ATTN_TILE, hh = bh % H;
+    const AttnSeq sq = attn_seq(seqlens, bh / H, gridDim.y / H, L, varlen);
+    // Rows kvlen .. qlen of the sequence are not keys: their dk and dv are stored as zeros.
+    if (k0 >= sq.qlen) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
-    const long base = attn_head_base(bh, H, L, ldqkv), obase = attn_head_base(bh, H, L, ldo);
-    const int kvlen = attn_kv_len(seqlens, bh / H, L);
+    const long base = attn_head_base(sq, hh, ldqkv), obase = attn_head_base(sq, hh, ldo);
+    const int kvlen = sq.kvlen, qlen = sq.qlen;
+    const float* lse_h = lse + sq.row0 * H + hh;  // row r's statistics at r·H
+    const float* D_h = D + sq.row0 * H + hh;
     const float sl2 = scale * ATTN_LOG2E;
     const int krow = k0 + warp * 16 + gq;  // this thread's keys: krow, krow + 8
     const bool keys = k0 + warp * 16 < kvlen;  // this warp has a valid key: else no products
@@ -348,7 +381,7 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
     attn_zero(dvacc);
     // Query tiles that can see a key of this tile: all of them, or from the diagonal on.
     const int qt0 = causal ? k0 / ATTN_TILE : 0;
-    const int qt1 = k0 < kvlen ? (L + ATTN_TILE - 1) / ATTN_TILE : qt0;  // none: all masked
+    const int qt1 = k0 < kvlen ? (qlen + ATTN_TILE - 1) / ATTN_TILE : qt0;  // none: all masked
     if (qt0 < qt1) {
         // k and v go through the first buffer into registers, then the buffers stream q, do.
         attn_load_tile(QD, k + base, k0, kvlen, ldqkv);
@@ -365,25 +398,25 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
             const int bi = (i - qt0) % 2;
             // Stage tile i (the first one now, each next one while this one computes).
             if (i == qt0) {
-                attn_load_tile(QD, q + base, i * ATTN_TILE, L, ldqkv);
-                attn_load_tile(QD + ATTN_TILE_ELEMS, dO + obase, i * ATTN_TILE, L, ldo);
+                attn_load_tile(QD, q + base, i * ATTN_TILE, qlen, ldqkv);
+                attn_load_tile(QD + ATTN_TILE_ELEMS, dO + obase, i * ATTN_TILE, qlen, ldo);
                 if (threadIdx.x < ATTN_TILE) {
                     const int r = i * ATTN_TILE + threadIdx.x;
-                    stats[threadIdx.x] = r < L ? lse[(long)bh * L + r] * ATTN_LOG2E : 0.0f;
-                    stats[ATTN_TILE + threadIdx.x] = r < L ? D[(long)bh * L + r] : 0.0f;
+                    stats[threadIdx.x] = r < qlen ? lse_h[(long)r * H] * ATTN_LOG2E : 0.0f;
+                    stats[ATTN_TILE + threadIdx.x] = r < qlen ? D_h[(long)r * H] : 0.0f;
                 }
                 cp_async_commit();
             }
             if (i + 1 < qt1) {
                 const int nb = 1 - bi;
                 mmkd_bf16* qn = QD + nb * 2 * ATTN_TILE_ELEMS;
-                attn_load_tile(qn, q + base, (i + 1) * ATTN_TILE, L, ldqkv);
-                attn_load_tile(qn + ATTN_TILE_ELEMS, dO + obase, (i + 1) * ATTN_TILE, L, ldo);
+                attn_load_tile(qn, q + base, (i + 1) * ATTN_TILE, qlen, ldqkv);
+                attn_load_tile(qn + ATTN_TILE_ELEMS, dO + obase, (i + 1) * ATTN_TILE, qlen, ldo);
                 if (threadIdx.x < ATTN_TILE) {
                     const int r = (i + 1) * ATTN_TILE + threadIdx.x;
                     float* st = stats + nb * 2 * ATTN_TILE;
-                    st[threadIdx.x] = r < L ? lse[(long)bh * L + r] * ATTN_LOG2E : 0.0f;
-                    st[ATTN_TILE + threadIdx.x] = r < L ? D[(long)bh * L + r] : 0.0f;
+                    st[threadIdx.x] = r < qlen ? lse_h[(long)r * H] * ATTN_LOG2E : 0.0f;
+                    st[ATTN_TILE + threadIdx.x] = r < qlen ? D_h[(long)r * H] : 0.0f;
                 }
                 cp_async_commit();
                 cp_async_wait<1>();
@@ -397,7 +430,7 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
             const float* dd = lse2 + ATTN_TILE;
 
             // pᵀ (16 keys × 64 queries) = exp2(k·qᵀ · scale·log2e − lse·log2e), 0 where masked.
-            const int nb = keys ? attn_blocks(L, i * ATTN_TILE) : 0;  // queries below L
+            const int nb = keys ? attn_blocks(qlen, i * ATTN_TILE) : 0;  // queries below qlen
             float pacc[8][4];
             attn_zero(pacc);
             attn_mma_nt(pacc, kf, qs, nb);
@@ -413,7 +446,7 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
                     const int c = ni * 8 + 2 * t + (e & 1);
                     const int query = i * ATTN_TILE + c;
                     const int key = krow + (e >> 1) * 8;
-                    const bool ok = query < L && key < kvlen && (!causal || key <= query);
+                    const bool ok = query < qlen && key < kvlen && (!causal || key <= query);
                     const float p = ok ? exp2f(pacc[ni][e] * sl2 - lse2[c]) : 0.0f;
                     pacc[ni][e] = p;
                     dpacc[ni][e] = p * (dpacc[ni][e] - dd[c]);  // dsᵀ
@@ -428,43 +461,47 @@ MMKD_KERNEL void attn_bwd_dkdv(const mmkd_bf16* __restrict__ q,   // (B·L, ldqk
         }
     }
     cp_async_wait_all();
-    attn_store_rows(dk + base, dkacc, k0 + warp * 16, L, ldqkv, scale, scale);
-    attn_store_rows(dv + base, dvacc, k0 + warp * 16, L, ldqkv, 1.0f, 1.0f);
+    attn_store_rows(dk + base, dkacc, k0 + warp * 16, qlen, ldqkv, scale, scale);
+    attn_store_rows(dv + base, dvacc, k0 + warp * 16, qlen, ldqkv, 1.0f, 1.0f);
 }
 MMKD_EXPORT(attn_bwd_dkdv)
 
-MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
-                             const mmkd_bf16* __restrict__ k,   // (B·L, ldqkv)
-                             const mmkd_bf16* __restrict__ v,   // (B·L, ldqkv)
-                             const mmkd_bf16* __restrict__ o,   // (B·L, ldo)
-                             const mmkd_bf16* __restrict__ dO,  // (B·L, ldo)
-                             const float* __restrict__ lse,     // (BH, L)
-                             float* __restrict__ D,             // (BH, L) out
-                             const int* __restrict__ seqlens,   // (B) or null
-                             mmkd_bf16* __restrict__ dq,        // (B·L, ldqkv) out
-                             int H, int L, int ldqkv, int ldo, float scale, int causal) {
+MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (rows, ldqkv)
+                             const mmkd_bf16* __restrict__ k,   // (rows, ldqkv)
+                             const mmkd_bf16* __restrict__ v,   // (rows, ldqkv)
+                             const mmkd_bf16* __restrict__ o,   // (rows, ldo)
+                             const mmkd_bf16* __restrict__ dO,  // (rows, ldo)
+                             const float* __restrict__ lse,     // (rows, H)
+                             float* __restrict__ D,             // (rows, H) out
+                             const int* __restrict__ seqlens,   // (B), (3·B) or null
+                             mmkd_bf16* __restrict__ dq,        // (rows, ldqkv) out
+                             int H, int L, int ldqkv, int ldo, float scale, int causal,
+                             int varlen) {
     MMKD_DYNAMIC_SMEM(mmkd_bf16, smem);
     mmkd_bf16* KVs = smem;  // (2 buffers, k then v, 64, PITCH); q and do pass through buffer 1
-    const int bh = blockIdx.y, q0 = blockIdx.x * ATTN_TILE;
+    const int bh = blockIdx.y, q0 = blockIdx.x * ATTN_TILE, hh = bh % H;
+    const AttnSeq sq = attn_seq(seqlens, bh / H, gridDim.y / H, L, varlen);
+    if (q0 >= sq.qlen) return;  // as attn_fwd
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
-    const long base = attn_head_base(bh, H, L, ldqkv);
-    const int kvlen = attn_kv_len(seqlens, bh / H, L);
+    const long base = attn_head_base(sq, hh, ldqkv);
+    const int kvlen = sq.kvlen, qlen = sq.qlen;
     const int ntiles = attn_key_tiles(kvlen, q0, causal);
     const float sl2 = scale * ATTN_LOG2E;
     const int row0 = q0 + warp * 16 + gq;
-    // As attn_fwd: the keys this warp's rows see end at kend, none for rows all past L.
+    // As attn_fwd: the keys this warp's rows see end at kend, none for rows all past qlen.
     int kend = causal && q0 + warp * 16 + 16 < kvlen ? q0 + warp * 16 + 16 : kvlen;
-    if (q0 + warp * 16 >= L) kend = 0;
+    if (q0 + warp * 16 >= qlen) kend = 0;
     // D = rowsum(do ∘ o) of this thread's two rows: the quad's four lanes take 16 columns
     // each (two 16-byte loads per tensor), then add up across the quad.
-    const long obase = attn_head_base(bh, H, L, ldo);
+    const long obase = attn_head_base(sq, hh, ldo);
     float lse2[2], drow[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = row0 + h * 8;
-        lse2[h] = row < L ? lse[(long)bh * L + row] * ATTN_LOG2E : 0.0f;
+        const long at_stat = (sq.row0 + row) * H + hh;
+        lse2[h] = row < qlen ? lse[at_stat] * ATTN_LOG2E : 0.0f;
         float d = 0.0f;
-        if (row < L) {
+        if (row < qlen) {
             const long at = obase + (long)row * ldo + t * 16;
 #pragma unroll
             for (int c = 0; c < 16; c += 8) {
@@ -481,7 +518,7 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
         d += __shfl_xor_sync(0xffffffffu, d, 1);
         d += __shfl_xor_sync(0xffffffffu, d, 2);
         drow[h] = d;
-        if (t == 0 && row < L) D[(long)bh * L + row] = d;
+        if (t == 0 && row < qlen) D[at_stat] = d;
     }
 
     float dqacc[8][4];
@@ -489,8 +526,8 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
     unsigned qf[4][4], df[4][4];
     if (ntiles > 0) {
         // q and do through buffer 1 into registers, key tile 0 into buffer 0, one group.
-        attn_load_tile(KVs + 2 * ATTN_TILE_ELEMS, q + base, q0, L, ldqkv);
-        attn_load_tile(KVs + 3 * ATTN_TILE_ELEMS, dO + obase, q0, L, ldo);
+        attn_load_tile(KVs + 2 * ATTN_TILE_ELEMS, q + base, q0, qlen, ldqkv);
+        attn_load_tile(KVs + 3 * ATTN_TILE_ELEMS, dO + obase, q0, qlen, ldo);
         attn_load_tile(KVs, k + base, 0, kvlen, ldqkv);
         attn_load_tile(KVs + ATTN_TILE_ELEMS, v + base, 0, kvlen, ldqkv);
         cp_async_commit();
@@ -527,7 +564,7 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
             for (int e = 0; e < 4; ++e) {
                 const int key = j * ATTN_TILE + ni * 8 + 2 * t + (e & 1);
                 const int row = row0 + (e >> 1) * 8;
-                const bool ok = row < L && key < kvlen && (!causal || key <= row);
+                const bool ok = row < qlen && key < kvlen && (!causal || key <= row);
                 const float p = ok ? exp2f(pacc[ni][e] * sl2 - lse2[e >> 1]) : 0.0f;
                 dpacc[ni][e] = p * (dpacc[ni][e] - drow[e >> 1]);  // ds
             }
@@ -538,6 +575,6 @@ MMKD_KERNEL void attn_bwd_dq(const mmkd_bf16* __restrict__ q,   // (B·L, ldqkv)
         __syncthreads();
     }
     cp_async_wait_all();
-    attn_store_rows(dq + base, dqacc, q0 + warp * 16, L, ldqkv, scale, scale);
+    attn_store_rows(dq + base, dqacc, q0 + warp * 16, qlen, ldqkv, scale, scale);
 }
 MMKD_EXPORT(attn_bwd_dq)

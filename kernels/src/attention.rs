@@ -1,13 +1,21 @@
 //! Fused scaled-dot-product attention, head dim 64, forward and backward (`cuda/attention.cu`):
 //! CPU reference, emulation launcher and GPU launcher with the same parameters, and their tests.
 //!
-//! Tensors are token-major bf16: (B·L) rows, token i of sequence b in row b·L + i, head h in
-//! its columns h·64 .. h·64 + 64. The row pitch is free ([`AttnShape::qkv_pitch`] for q, k, v
+//! Tensors are token-major bf16: token i of sequence b in row row0(b) + i, head h in its
+//! columns h·64 .. h·64 + 64. The row pitch is free ([`AttnShape::qkv_pitch`] for q, k, v
 //! and their gradients, [`AttnShape::o_pitch`] for o and do), so q, k and v can be column views
-//! of one packed projection. `lse` and the backward's scratch `delta` are (B·H, L) fp32.
-//! Query row i of sequence b attends to key j when `j < seqlens[b]` (key padding; every key
-//! when `seqlens` is `None`) and, with `causal`, `j ≤ i`. A row with no key (`seqlens[b] = 0`)
-//! gets `o = 0`, `lse = −inf` and zero gradients, never a NaN.
+//! of one projection. `lse` and the backward's scratch `delta` are token-major (rows, H) fp32.
+//!
+//! Where the sequences lie. Padded (`AttnShape::varlen` = `None`): B·L rows, row0(b) = b·L,
+//! L query rows each, and `seqlens` (B) the valid keys of each sequence (every key when
+//! `None`). Packed ([`AttnShape::varlen`] = the number of rows): the sequences lie back to
+//! back, and `seqlens` (3·B) holds their valid keys, then their first rows, then their query
+//! rows (the rows past the keys are queries only: filler that rounds a packed batch up to a
+//! tile); rows of no sequence are neither read nor written.
+//!
+//! Query row i of sequence b attends to key j when `j < kvlen(b)` and, with `causal`,
+//! `j ≤ i`. A row with no key (`kvlen(b) = 0`) gets `o = 0`, `lse = −inf` and zero gradients,
+//! never a NaN.
 //!
 //! Forward: `o = softmax(scale·q·kᵀ)·v`, `lse = log Σ exp(scale·q·kᵀ)`. Backward (from `o`,
 //! `lse` and `do`): `dq`, `dk`, `dv`, each overwritten; the probabilities are recomputed from
@@ -52,6 +60,9 @@ pub struct AttnShape {
     pub qkv_pitch: usize,
     /// Elements from one token's row to the next in o and do.
     pub o_pitch: usize,
+    /// Packed sequences of variable length in this many rows, placed by the `seqlens` table
+    /// (see the module docs); `None`: B sequences of L rows.
+    pub varlen: Option<usize>,
 }
 
 impl AttnShape {
@@ -65,6 +76,19 @@ impl AttnShape {
             scale,
             qkv_pitch: heads * HEAD_DIM,
             o_pitch: heads * HEAD_DIM,
+            varlen: None,
+        }
+    }
+    /// Rows of the tensors: B·L, or the packed rows.
+    pub fn total_rows(&self) -> usize {
+        self.varlen.unwrap_or(self.batch * self.len)
+    }
+    /// Entries of the `seqlens` table: B, or 3·B when packed.
+    pub fn table_len(&self) -> usize {
+        if self.varlen.is_some() {
+            3 * self.batch
+        } else {
+            self.batch
         }
     }
     fn bh(&self) -> usize {
@@ -72,18 +96,32 @@ impl AttnShape {
     }
     /// The head columns of a token-major tensor of row pitch `pitch`, widened, in (B·H, L, 64)
     /// order: what a comparison of two results looks at (the columns between rows are not
-    /// the kernels').
+    /// the kernels'). Padded shapes; packed ones need their table ([`AttnShape::seq_columns`]).
     pub fn head_columns(&self, t: &[bf16], pitch: usize) -> Vec<f64> {
-        widen(self, t, pitch)
+        Seqs::new(self, None).widen(t, pitch)
     }
-    /// Elements a tensor of row pitch `pitch` spans from its first element: the last token's
-    /// row ends at its last head.
+    /// As [`AttnShape::head_columns`], with the `seqlens` table that places packed sequences
+    /// (rows past a sequence's query rows are zeros); the table and `t` are checked.
+    pub fn seq_columns(
+        &self,
+        t: &[bf16],
+        pitch: usize,
+        seqlens: Option<&[i32]>,
+    ) -> Result<Vec<f64>> {
+        self.validate()?;
+        check_seqlens(self, seqlens)?;
+        let span = (self.total_rows() - 1) * pitch + self.heads * HEAD_DIM;
+        check_len("attention columns", "t", t.len(), span)?;
+        Ok(Seqs::new(self, seqlens).widen(t, pitch))
+    }
+    /// Elements a tensor of row pitch `pitch` spans from its first element: the last row
+    /// ends at its last head.
     pub fn span(&self, pitch: usize) -> usize {
-        (self.batch * self.len - 1) * pitch + self.heads * HEAD_DIM
+        (self.total_rows() - 1) * pitch + self.heads * HEAD_DIM
     }
     fn validate(&self) -> Result<()> {
         ensure!(
-            self.batch > 0 && self.heads > 0 && self.len > 0,
+            self.batch > 0 && self.heads > 0 && self.len > 0 && self.total_rows() > 0,
             "attention: empty shape {self:?}"
         );
         for (name, p) in [("qkv_pitch", self.qkv_pitch), ("o_pitch", self.o_pitch)] {
@@ -106,10 +144,14 @@ impl AttnShape {
             self.bh()
         );
         Arg::int("attention B·H·L·64", self.bh() * self.len * HEAD_DIM)?;
+        // Row offsets are computed in 64 bits, but the table holds them as `int`.
+        Arg::int("attention rows", self.total_rows())?;
+        Arg::int("attention rows·H", self.total_rows() * self.heads)?;
         Ok(())
     }
+    /// Entries of `lse` and `delta`: one per row and head.
     fn rows(&self) -> usize {
-        self.bh() * self.len
+        self.total_rows() * self.heads
     }
     fn tiles(&self) -> LaunchShape {
         LaunchShape {
@@ -124,7 +166,7 @@ impl AttnShape {
             ..self.tiles()
         }
     }
-    fn tail_args(&self) -> Result<[Arg; 6]> {
+    fn tail_args(&self) -> Result<[Arg; 7]> {
         Ok([
             Arg::int("attention H", self.heads)?,
             Arg::int("attention L", self.len)?,
@@ -132,14 +174,15 @@ impl AttnShape {
             Arg::int("attention o pitch", self.o_pitch)?,
             Arg::F32(self.scale),
             Arg::I32(i32::from(self.causal)),
+            Arg::I32(i32::from(self.varlen.is_some())),
         ])
     }
 }
 
 impl AttnShape {
-    /// H, L, qkv pitch, o pitch, scale, causal. `validate` has checked that B·H·L·64 and the
-    /// pitches fit an `int`, so H and L do.
-    fn tail_params(&self) -> [P; 6] {
+    /// H, L, qkv pitch, o pitch, scale, causal, varlen. `validate` has checked that B·H·L·64
+    /// and the pitches fit an `int`, so H and L do.
+    fn tail_params(&self) -> [P; 7] {
         [
             P::I32(self.heads as i32),
             P::I32(self.len as i32),
@@ -147,14 +190,25 @@ impl AttnShape {
             P::I32(self.o_pitch as i32),
             P::F32(self.scale),
             P::I32(i32::from(self.causal)),
+            P::I32(i32::from(self.varlen.is_some())),
         ]
+    }
+
+    /// Packed sequences are placed by the table: a plan without one would read nothing.
+    fn check_plan_table(&self, seqlens: bool) -> Result<()> {
+        ensure!(
+            seqlens || self.varlen.is_none(),
+            "attention: packed sequences need the seqlens table"
+        );
+        Ok(())
     }
 
     /// The forward as a plan ([`crate::exec`]) over the buffer slots
     /// `[q, k, v, seqlens, o, lse]`; without `seqlens` slot 3 is passed as null. The caller
-    /// guarantees the lengths [`attention_forward_cpu`] checks and lengths in `0..=L`.
+    /// guarantees the buffer lengths and the table [`attention_forward_cpu`] checks.
     pub fn forward_plan(&self, seqlens: bool) -> Result<Vec<Step>> {
         self.validate()?;
+        self.check_plan_table(seqlens)?;
         let mut args = vec![
             P::Buf(0),
             P::Buf(1),
@@ -173,11 +227,12 @@ impl AttnShape {
     }
 
     /// The backward as a plan over the buffer slots
-    /// `[q, k, v, o, lse, do, seqlens, dq, dk, dv, delta]` (`delta` is scratch, (B·H, L)
+    /// `[q, k, v, o, lse, do, seqlens, dq, dk, dv, delta]` (`delta` is scratch, (rows, H)
     /// fp32); without `seqlens` slot 6 is passed as null. Same contract as
     /// [`AttnShape::forward_plan`].
     pub fn backward_plan(&self, seqlens: bool) -> Result<Vec<Step>> {
         self.validate()?;
+        self.check_plan_table(seqlens)?;
         let sl = if seqlens { P::Buf(6) } else { P::Null };
         let ins = [
             P::Buf(0),
@@ -217,24 +272,69 @@ impl AttnShape {
     }
 }
 
-/// Checks host-side sequence lengths: one per sequence, each in `0..=L`.
+/// Checks a host-side `seqlens` table: padded, one key count per sequence in `0..=L`; packed,
+/// the key counts, first rows and query rows of sequences that lie in order, without overlap,
+/// inside the rows, with `kvlen ≤ qlen ≤ L`.
 fn check_seqlens(sh: &AttnShape, seqlens: Option<&[i32]>) -> Result<()> {
-    if let Some(s) = seqlens {
+    let Some(s) = seqlens else {
         ensure!(
-            s.len() == sh.batch,
-            "attention: seqlens holds {} lengths, the batch has {} sequences",
-            s.len(),
-            sh.batch
+            sh.varlen.is_none(),
+            "attention: packed sequences need the seqlens table"
         );
-        for (b, &n) in s.iter().enumerate() {
+        return Ok(());
+    };
+    ensure!(
+        s.len() == sh.table_len(),
+        "attention: seqlens holds {} entries, the batch of {} sequences needs {}",
+        s.len(),
+        sh.batch,
+        sh.table_len()
+    );
+    let b = sh.batch;
+    let mut end = 0i64;
+    for i in 0..b {
+        let kv = i64::from(s[i]);
+        let q = if sh.varlen.is_some() {
+            i64::from(s[2 * b + i])
+        } else {
+            sh.len as i64
+        };
+        ensure!(
+            (0..=q).contains(&kv),
+            "attention: sequence {i} has {kv} keys, outside 0..={q}"
+        );
+        if sh.varlen.is_some() {
+            let row0 = i64::from(s[b + i]);
             ensure!(
-                (0..=sh.len as i64).contains(&i64::from(n)),
-                "attention: seqlens[{b}] = {n} is outside 0..={}",
+                q <= sh.len as i64,
+                "attention: sequence {i} has {q} query rows, more than L = {}",
                 sh.len
             );
+            ensure!(
+                row0 >= end && row0 + q <= sh.total_rows() as i64,
+                "attention: sequence {i} at rows {row0}..{} overlaps the one before (ending at \
+                 {end}) or runs past the {} rows",
+                row0 + q,
+                sh.total_rows()
+            );
+            end = row0 + q;
         }
     }
     Ok(())
+}
+
+/// Where each sequence lies, from a checked table: (first row, query rows, valid keys).
+/// The callers index only `0..len` of a table `check_seqlens` accepted.
+fn sequences(sh: &AttnShape, seqlens: Option<&[i32]>) -> Vec<(usize, usize, usize)> {
+    let b = sh.batch;
+    (0..b)
+        .map(|i| match (sh.varlen, seqlens) {
+            (Some(_), Some(s)) => (s[b + i] as usize, s[2 * b + i] as usize, s[i] as usize),
+            // Packed without a table: no rows (only `seq_columns` can get here).
+            (Some(_), None) => (0, 0, 0),
+            (None, s) => (i * sh.len, sh.len, s.map_or(sh.len, |s| s[i] as usize)),
+        })
+        .collect()
 }
 
 /// Forward buffer lengths: q, k, v, o, lse.
@@ -266,59 +366,107 @@ fn check_bwd(sh: &AttnShape, lens: [usize; 10]) -> Result<()> {
 // CPU reference
 // ------------------------------------------------------------------------------------------
 
-/// Index in a token-major tensor of pitch `pitch` of element c of head-sequence bh's row i.
-fn at(sh: &AttnShape, pitch: usize, bh: usize, i: usize, c: usize) -> usize {
-    let (b, h) = (bh / sh.heads, bh % sh.heads);
-    (b * sh.len + i) * pitch + h * HEAD_DIM + c
+/// The sequences of a call with the table they were placed by (checked): what the f64 code
+/// and the layout conversions index.
+struct Seqs<'a> {
+    sh: &'a AttnShape,
+    /// (first row, query rows, valid keys) per sequence.
+    seq: Vec<(usize, usize, usize)>,
 }
 
-/// A token-major tensor widened into the packed (B·H, L, 64) layout the f64 code works in.
-fn widen(sh: &AttnShape, t: &[bf16], pitch: usize) -> Vec<f64> {
-    let (l, d) = (sh.len, HEAD_DIM);
-    let mut out = vec![0.0; sh.rows() * d];
-    for bh in 0..sh.bh() {
-        for i in 0..l {
-            for c in 0..d {
-                out[(bh * l + i) * d + c] = f64::from(t[at(sh, pitch, bh, i, c)].to_f32());
+impl<'a> Seqs<'a> {
+    fn new(sh: &'a AttnShape, seqlens: Option<&[i32]>) -> Self {
+        Seqs {
+            sh,
+            seq: sequences(sh, seqlens),
+        }
+    }
+
+    /// Query rows of head-sequence bh.
+    fn qlen(&self, bh: usize) -> usize {
+        self.seq[bh / self.sh.heads].1
+    }
+
+    /// The token-major row of head-sequence bh's row i.
+    fn row(&self, bh: usize, i: usize) -> usize {
+        self.seq[bh / self.sh.heads].0 + i
+    }
+
+    /// Index in a token-major tensor of pitch `pitch` of element c of bh's row i.
+    fn at(&self, pitch: usize, bh: usize, i: usize, c: usize) -> usize {
+        self.row(bh, i) * pitch + (bh % self.sh.heads) * HEAD_DIM + c
+    }
+
+    /// Index in a token-major (rows, H) statistic of bh's row i.
+    fn stat(&self, bh: usize, i: usize) -> usize {
+        self.row(bh, i) * self.sh.heads + bh % self.sh.heads
+    }
+
+    /// A token-major tensor widened into the (B·H, L, 64) layout the f64 code works in; the
+    /// rows past a sequence's query rows are zeros.
+    fn widen(&self, t: &[bf16], pitch: usize) -> Vec<f64> {
+        let (l, d) = (self.sh.len, HEAD_DIM);
+        let mut out = vec![0.0; self.sh.bh() * l * d];
+        for bh in 0..self.sh.bh() {
+            for i in 0..self.qlen(bh) {
+                for c in 0..d {
+                    out[(bh * l + i) * d + c] = f64::from(t[self.at(pitch, bh, i, c)].to_f32());
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes the sequences' rows of a (B·H, L, 64) f64 tensor into a token-major bf16 one;
+    /// everything else (the columns beyond H·64, rows of no sequence) is left as it is.
+    fn narrow(&self, src: &[f64], dst: &mut [bf16], pitch: usize) {
+        let (l, d) = (self.sh.len, HEAD_DIM);
+        for bh in 0..self.sh.bh() {
+            for i in 0..self.qlen(bh) {
+                for c in 0..d {
+                    dst[self.at(pitch, bh, i, c)] = bf16::from_f64(src[(bh * l + i) * d + c]);
+                }
             }
         }
     }
-    out
-}
 
-/// Writes a packed (B·H, L, 64) f64 tensor into a token-major bf16 one; the columns between
-/// rows (pitch beyond H·64) are left as they are.
-fn narrow(sh: &AttnShape, src: &[f64], dst: &mut [bf16], pitch: usize) {
-    let (l, d) = (sh.len, HEAD_DIM);
-    for bh in 0..sh.bh() {
-        for i in 0..l {
-            for c in 0..d {
-                dst[at(sh, pitch, bh, i, c)] = bf16::from_f64(src[(bh * l + i) * d + c]);
+    /// A token-major (rows, H) statistic as (B·H, L) f64 (zeros past the query rows).
+    fn widen_stat(&self, t: &[f32]) -> Vec<f64> {
+        let l = self.sh.len;
+        let mut out = vec![0.0; self.sh.bh() * l];
+        for bh in 0..self.sh.bh() {
+            for i in 0..self.qlen(bh) {
+                out[bh * l + i] = f64::from(t[self.stat(bh, i)]);
+            }
+        }
+        out
+    }
+
+    /// Writes the sequences' rows of a (B·H, L) f64 statistic into a token-major fp32 one.
+    fn narrow_stat(&self, src: &[f64], dst: &mut [f32]) {
+        let l = self.sh.len;
+        for bh in 0..self.sh.bh() {
+            for i in 0..self.qlen(bh) {
+                dst[self.stat(bh, i)] = src[bh * l + i] as f32;
             }
         }
     }
+
+    fn visible(&self, bh: usize, i: usize, j: usize) -> bool {
+        j < self.seq[bh / self.sh.heads].2 && (!self.sh.causal || j <= i)
+    }
 }
 
-fn visible(sh: &AttnShape, seqlens: Option<&[i32]>, bh: usize, i: usize, j: usize) -> bool {
-    let kvlen = seqlens.map_or(sh.len, |s| s[bh / sh.heads] as usize);
-    j < kvlen && (!sh.causal || j <= i)
-}
-
-/// f64 forward on packed (B·H, L, 64) inputs: (o, lse).
-fn forward_f64(
-    sh: &AttnShape,
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    seqlens: Option<&[i32]>,
-) -> (Vec<f64>, Vec<f64>) {
+/// f64 forward on (B·H, L, 64) inputs: (o, lse) of every query row.
+fn forward_f64(ss: &Seqs, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let sh = ss.sh;
     let (l, d) = (sh.len, HEAD_DIM);
-    let mut o = vec![0.0; sh.rows() * d];
-    let mut lse = vec![f64::NEG_INFINITY; sh.rows()];
+    let mut o = vec![0.0; sh.bh() * l * d];
+    let mut lse = vec![f64::NEG_INFINITY; sh.bh() * l];
     for bh in 0..sh.bh() {
         let base = bh * l * d;
-        for i in 0..l {
-            let keys: Vec<usize> = (0..l).filter(|&j| visible(sh, seqlens, bh, i, j)).collect();
+        for i in 0..ss.qlen(bh) {
+            let keys: Vec<usize> = (0..l).filter(|&j| ss.visible(bh, i, j)).collect();
             if keys.is_empty() {
                 continue;
             }
@@ -345,33 +493,32 @@ fn forward_f64(
     (o, lse)
 }
 
-/// f64 backward on packed (B·H, L, 64) inputs, probabilities from `lse`: (dq, dk, dv,
-/// delta).
+/// f64 backward on (B·H, L, 64) inputs, probabilities from `lse`: (dq, dk, dv, delta).
 #[allow(clippy::too_many_arguments)]
 fn backward_f64(
-    sh: &AttnShape,
+    ss: &Seqs,
     q: &[f64],
     k: &[f64],
     v: &[f64],
     o: &[f64],
     lse: &[f64],
     d_o: &[f64],
-    seqlens: Option<&[i32]>,
 ) -> [Vec<f64>; 4] {
+    let sh = ss.sh;
     let (l, d) = (sh.len, HEAD_DIM);
     let scale = f64::from(sh.scale);
-    let e = sh.rows() * d;
+    let e = sh.bh() * l * d;
     let (mut dq, mut dk, mut dv) = (vec![0.0; e], vec![0.0; e], vec![0.0; e]);
-    let mut delta = vec![0.0; sh.rows()];
+    let mut delta = vec![0.0; sh.bh() * l];
     for bh in 0..sh.bh() {
         let base = bh * l * d;
         let row =
             |t: &[f64], i: usize| -> Vec<f64> { t[base + i * d..base + (i + 1) * d].to_vec() };
-        for i in 0..l {
+        for i in 0..ss.qlen(bh) {
             let (qi, doi) = (row(q, i), row(d_o, i));
             let di: f64 = doi.iter().zip(row(o, i)).map(|(a, b)| a * b).sum();
             delta[bh * l + i] = di;
-            for j in (0..l).filter(|&j| visible(sh, seqlens, bh, i, j)) {
+            for j in (0..l).filter(|&j| ss.visible(bh, i, j)) {
                 let (kj, vj) = (row(k, j), row(v, j));
                 let s: f64 = qi.iter().zip(&kj).map(|(a, b)| a * b).sum::<f64>() * scale;
                 let p = (s - lse[bh * l + i]).exp();
@@ -388,49 +535,43 @@ fn backward_f64(
     [dq, dk, dv, delta]
 }
 
-/// CPU reference of the forward, in f64. Only the head columns of `o` are written.
+/// CPU reference of the forward, in f64. Only the head columns of the sequences' rows of `o`
+/// and `lse` are written.
 pub fn attention_forward_cpu(
     sh: &AttnShape,
-    q: &[bf16],              // (B·L, qkv_pitch)
-    k: &[bf16],              // (B·L, qkv_pitch)
-    v: &[bf16],              // (B·L, qkv_pitch)
-    seqlens: Option<&[i32]>, // (B)
-    o: &mut [bf16],          // (B·L, o_pitch) out
-    lse: &mut [f32],         // (BH, L) out
+    q: &[bf16],              // (rows, qkv_pitch)
+    k: &[bf16],              // (rows, qkv_pitch)
+    v: &[bf16],              // (rows, qkv_pitch)
+    seqlens: Option<&[i32]>, // (B), or (3·B) packed
+    o: &mut [bf16],          // (rows, o_pitch) out
+    lse: &mut [f32],         // (rows, H) out
 ) -> Result<()> {
     check_fwd(sh, [q.len(), k.len(), v.len(), o.len(), lse.len()])?;
     check_seqlens(sh, seqlens)?;
+    let ss = Seqs::new(sh, seqlens);
     let p = sh.qkv_pitch;
-    let (of, lf) = forward_f64(
-        sh,
-        &widen(sh, q, p),
-        &widen(sh, k, p),
-        &widen(sh, v, p),
-        seqlens,
-    );
-    narrow(sh, &of, o, sh.o_pitch);
-    for (dst, x) in lse.iter_mut().zip(lf) {
-        *dst = x as f32;
-    }
+    let (of, lf) = forward_f64(&ss, &ss.widen(q, p), &ss.widen(k, p), &ss.widen(v, p));
+    ss.narrow(&of, o, sh.o_pitch);
+    ss.narrow_stat(&lf, lse);
     Ok(())
 }
 
 /// CPU reference of the backward, in f64; probabilities from the given `lse`. Only the head
-/// columns of the gradients are written.
+/// columns of the sequences' rows of the gradients and `delta` are written.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_cpu(
     sh: &AttnShape,
-    q: &[bf16],              // (B·L, qkv_pitch)
-    k: &[bf16],              // (B·L, qkv_pitch)
-    v: &[bf16],              // (B·L, qkv_pitch)
-    o: &[bf16],              // (B·L, o_pitch) from the forward
-    lse: &[f32],             // (BH, L) from the forward
-    d_o: &[bf16],            // (B·L, o_pitch)
-    seqlens: Option<&[i32]>, // (B)
-    dq: &mut [bf16],         // (B·L, qkv_pitch) out
-    dk: &mut [bf16],         // (B·L, qkv_pitch) out
-    dv: &mut [bf16],         // (B·L, qkv_pitch) out
-    delta: &mut [f32],       // (BH, L) out: rowsum(do ∘ o)
+    q: &[bf16],              // (rows, qkv_pitch)
+    k: &[bf16],              // (rows, qkv_pitch)
+    v: &[bf16],              // (rows, qkv_pitch)
+    o: &[bf16],              // (rows, o_pitch) from the forward
+    lse: &[f32],             // (rows, H) from the forward
+    d_o: &[bf16],            // (rows, o_pitch)
+    seqlens: Option<&[i32]>, // (B), or (3·B) packed
+    dq: &mut [bf16],         // (rows, qkv_pitch) out
+    dk: &mut [bf16],         // (rows, qkv_pitch) out
+    dv: &mut [bf16],         // (rows, qkv_pitch) out
+    delta: &mut [f32],       // (rows, H) out: rowsum(do ∘ o)
 ) -> Result<()> {
     check_bwd(
         sh,
@@ -448,24 +589,21 @@ pub fn attention_backward_cpu(
         ],
     )?;
     check_seqlens(sh, seqlens)?;
-    let lse64: Vec<f64> = lse.iter().map(|&x| f64::from(x)).collect();
+    let ss = Seqs::new(sh, seqlens);
     let (p, po) = (sh.qkv_pitch, sh.o_pitch);
     let [gq, gk, gv, dl] = backward_f64(
-        sh,
-        &widen(sh, q, p),
-        &widen(sh, k, p),
-        &widen(sh, v, p),
-        &widen(sh, o, po),
-        &lse64,
-        &widen(sh, d_o, po),
-        seqlens,
+        &ss,
+        &ss.widen(q, p),
+        &ss.widen(k, p),
+        &ss.widen(v, p),
+        &ss.widen(o, po),
+        &ss.widen_stat(lse),
+        &ss.widen(d_o, po),
     );
     for (dst, src) in [(dq, gq), (dk, gk), (dv, gv)] {
-        narrow(sh, &src, dst, p);
+        ss.narrow(&src, dst, p);
     }
-    for (d, x) in delta.iter_mut().zip(dl) {
-        *d = x as f32;
-    }
+    ss.narrow_stat(&dl, delta);
     Ok(())
 }
 
@@ -584,8 +722,9 @@ pub fn attention_forward_cuda(
     lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
     check_fwd(sh, [q.len(), k.len(), v.len(), o.len(), lse.len()])?;
-    if let Some(s) = seqlens {
-        check_len("attn_fwd", "seqlens", s.len(), sh.batch)?;
+    match seqlens {
+        Some(s) => check_len("attn_fwd", "seqlens", s.len(), sh.table_len())?,
+        None => sh.check_plan_table(false)?,
     }
     let st = gpu.stream();
     let (pq, _gq) = q.device_ptr(st);
@@ -639,8 +778,9 @@ pub fn attention_backward_cuda(
             delta.len(),
         ],
     )?;
-    if let Some(s) = seqlens {
-        check_len("attn_bwd", "seqlens", s.len(), sh.batch)?;
+    match seqlens {
+        Some(s) => check_len("attn_bwd", "seqlens", s.len(), sh.table_len())?,
+        None => sh.check_plan_table(false)?,
     }
     let st = gpu.stream();
     let (pq, _gq) = q.device_ptr(st);
@@ -931,11 +1071,12 @@ mod tests {
         ] {
             let seed = fresh_seed();
             let mut i = inputs(&sh, seed);
+            let ss = Seqs::new(&sh, None);
             for bh in 0..sh.bh() {
                 for j in sl[bh / sh.heads] as usize..sh.len {
                     for c in 0..HEAD_DIM {
-                        i.k[at(&sh, sh.qkv_pitch, bh, j, c)] = bf16::NAN;
-                        i.v[at(&sh, sh.qkv_pitch, bh, j, c)] = bf16::NAN;
+                        i.k[ss.at(sh.qkv_pitch, bh, j, c)] = bf16::NAN;
+                        i.v[ss.at(sh.qkv_pitch, bh, j, c)] = bf16::NAN;
                     }
                 }
             }
@@ -964,6 +1105,269 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Packed sequences of variable length (`AttnShape::varlen`): a table of key counts, first
+    /// rows and query rows, with rows of no sequence between them, a sequence of filler query
+    /// rows past its keys, one of no rows and one longer than a tile.
+    fn packed_cases() -> Vec<(AttnShape, Vec<i32>)> {
+        let packed = |sh: AttnShape, rows: usize| AttnShape {
+            varlen: Some(rows),
+            ..sh
+        };
+        // (kvlen, row0, qlen) per sequence.
+        let table = |seqs: &[(i32, i32, i32)]| -> Vec<i32> {
+            let mut t: Vec<i32> = seqs.iter().map(|s| s.0).collect();
+            t.extend(seqs.iter().map(|s| s.1));
+            t.extend(seqs.iter().map(|s| s.2));
+            t
+        };
+        vec![
+            (
+                packed(pitched(4, 2, 90, false), 190),
+                table(&[(37, 0, 37), (1, 40, 1), (0, 41, 0), (70, 100, 90)]),
+            ),
+            (
+                packed(shape(3, 1, 70, true), 140),
+                table(&[(9, 3, 9), (66, 12, 66), (20, 80, 60)]),
+            ),
+        ]
+    }
+
+    /// The sequences' rows of a token-major (rows, H) statistic, in (B·H, L) order.
+    fn seq_stats(sh: &AttnShape, sl: &[i32], t: &[f32]) -> Vec<f32> {
+        let ss = Seqs::new(sh, Some(sl));
+        let mut v = Vec::new();
+        for bh in 0..sh.bh() {
+            for i in 0..ss.qlen(bh) {
+                v.push(t[ss.stat(bh, i)]);
+            }
+        }
+        v
+    }
+
+    /// Whether row r of a token-major tensor belongs to no sequence.
+    fn outside(sh: &AttnShape, sl: &[i32], r: usize) -> bool {
+        Seqs::new(sh, Some(sl))
+            .seq
+            .iter()
+            .all(|&(r0, q, _)| r < r0 || r >= r0 + q)
+    }
+
+    /// Packed sequences match the reference; the rows between them hold NaN on input (so a
+    /// read of one shows) and still hold the poison after every kernel (so a write shows).
+    #[test]
+    fn packed_sequences_match_reference_and_touch_only_their_rows() {
+        for (sh, sl) in packed_cases() {
+            let seed = fresh_seed();
+            let mut i = inputs(&sh, seed);
+            let (p, po) = (sh.qkv_pitch, sh.o_pitch);
+            for (t, pitch) in [
+                (&mut i.q, p),
+                (&mut i.k, p),
+                (&mut i.v, p),
+                (&mut i.d_o, po),
+            ] {
+                for (e, x) in t.iter_mut().enumerate() {
+                    if outside(&sh, &sl, e / pitch) {
+                        *x = bf16::NAN;
+                    }
+                }
+            }
+            let ctx = format!("{sh:?} seqlens={sl:?} seed {seed}");
+            let cols = |t: &[bf16], pitch| sh.seq_columns(t, pitch, Some(&sl)).unwrap();
+            let want = forward(&sh, &i, Some(&sl), None);
+            let got = forward(&sh, &i, Some(&sl), Some(&Emu::default()));
+            let untouched = |t: &[bf16], pitch: usize| {
+                t.iter()
+                    .enumerate()
+                    .filter(|(e, _)| outside(&sh, &sl, e / pitch))
+                    .all(|(_, x)| x.to_bits() == BF16_POISON.to_bits())
+            };
+            assert!(
+                untouched(&got.0, po),
+                "{ctx}: o written outside the sequences"
+            );
+            let go = cols(&got.0, po);
+            assert!(go.iter().all(|x| x.is_finite()), "{ctx}: NaN in o");
+            let eo = rel_err(&go, &cols(&want.0, po));
+            let (gl, wl) = (seq_stats(&sh, &sl, &got.1), seq_stats(&sh, &sl, &want.1));
+            let el = lse_err(&gl, &wl);
+            assert!(eo <= 1e-2 && el <= 1e-4, "{ctx}: o {eo}, lse {el}");
+            let stat_rows = got.1.chunks(sh.heads).enumerate();
+            for (r, st) in stat_rows.filter(|(r, _)| outside(&sh, &sl, *r)) {
+                assert!(
+                    st.iter().all(|x| x.is_nan()),
+                    "{ctx}: lse of row {r} written"
+                );
+            }
+            for emu in [None, Some(Emu::default())] {
+                let e = sh.span(p);
+                let mut g = [
+                    vec![BF16_POISON; e],
+                    vec![BF16_POISON; e],
+                    vec![BF16_POISON; e],
+                ];
+                let mut delta = vec![f32::NAN; sh.rows()];
+                let [dq, dk, dv] = &mut g;
+                let (o, lse) = (&want.0, &want.1);
+                match &emu {
+                    Some(em) => attention_backward_emu(
+                        em,
+                        &sh,
+                        &i.q,
+                        &i.k,
+                        &i.v,
+                        o,
+                        lse,
+                        &i.d_o,
+                        Some(&sl),
+                        dq,
+                        dk,
+                        dv,
+                        &mut delta,
+                    ),
+                    None => attention_backward_cpu(
+                        &sh,
+                        &i.q,
+                        &i.k,
+                        &i.v,
+                        o,
+                        lse,
+                        &i.d_o,
+                        Some(&sl),
+                        dq,
+                        dk,
+                        dv,
+                        &mut delta,
+                    ),
+                }
+                .unwrap();
+                for (n, t) in ["dq", "dk", "dv"].iter().zip(&g) {
+                    assert!(untouched(t, p), "{ctx}: {n} written outside the sequences");
+                    assert!(
+                        gaps_hold_poison(&sh, t, p),
+                        "{ctx}: {n} written between heads"
+                    );
+                }
+                if emu.is_none() {
+                    continue;
+                }
+                // Against the reference's gradients (computed in the first pass above).
+                let mut wg = [
+                    vec![BF16_POISON; e],
+                    vec![BF16_POISON; e],
+                    vec![BF16_POISON; e],
+                ];
+                let mut wd = vec![f32::NAN; sh.rows()];
+                let [wq, wk, wv] = &mut wg;
+                attention_backward_cpu(
+                    &sh,
+                    &i.q,
+                    &i.k,
+                    &i.v,
+                    o,
+                    lse,
+                    &i.d_o,
+                    Some(&sl),
+                    wq,
+                    wk,
+                    wv,
+                    &mut wd,
+                )
+                .unwrap();
+                for (n, (gt, wt)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&wg)) {
+                    let gc = cols(gt, p);
+                    assert!(gc.iter().all(|x| x.is_finite()), "{ctx}: NaN in {n}");
+                    let err = rel_err(&gc, &cols(wt, p));
+                    assert!(err <= 1e-2, "{ctx}: {n} {err}");
+                }
+                let to64 = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
+                let ed = rel_err(
+                    &to64(seq_stats(&sh, &sl, &delta)),
+                    &to64(seq_stats(&sh, &sl, &wd)),
+                );
+                assert!(ed <= 1e-4, "{ctx}: delta {ed}");
+            }
+        }
+    }
+
+    /// A packed sequence gives the rows it gives alone: the same sequence placed at row 0 of a
+    /// padded call of its own length, bit for bit (forward) and within rounding (backward,
+    /// whose padded call has no filler rows either: qlen = kvlen = L).
+    #[test]
+    fn packed_sequence_equals_the_sequence_alone() {
+        let seed = fresh_seed();
+        let (len, row0, heads) = (45usize, 70usize, 2usize);
+        let alone = pitched(1, heads, len, false);
+        let packed = AttnShape {
+            batch: 2,
+            len: 64,
+            varlen: Some(row0 + len),
+            ..alone
+        };
+        // Sequence 0: 30 rows at row 3 (random); sequence 1: the lone sequence at `row0`.
+        let sl = vec![30, len as i32, 3, row0 as i32, 30, len as i32];
+        let a = inputs(&alone, seed);
+        let mut b = inputs(&packed, seed ^ 1);
+        let (p, po) = (alone.qkv_pitch, alone.o_pitch);
+        for (dst, src, pitch) in [
+            (&mut b.q, &a.q, p),
+            (&mut b.k, &a.k, p),
+            (&mut b.v, &a.v, p),
+            (&mut b.d_o, &a.d_o, po),
+        ] {
+            dst[row0 * pitch..row0 * pitch + src.len()].copy_from_slice(src);
+        }
+        let emu = Emu::default();
+        let fa = forward(&alone, &a, None, Some(&emu));
+        let fb = forward(&packed, &b, Some(&sl), Some(&emu));
+        let ctx = format!("seed {seed}");
+        let w = heads * HEAD_DIM;
+        let rows = |t: &[bf16], pitch: usize, r0: usize| -> Vec<u16> {
+            (0..len)
+                .flat_map(|r| t[(r0 + r) * pitch..(r0 + r) * pitch + w].to_vec())
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert!(rows(&fb.0, po, row0) == rows(&fa.0, po, 0), "{ctx}: o");
+        assert!(
+            fb.1[row0 * heads..(row0 + len) * heads] == fa.1[..],
+            "{ctx}: lse"
+        );
+        let ga = backward(&alone, &a, &fa, None, Some(&emu));
+        let e = packed.span(p);
+        let mut g = [
+            vec![BF16_POISON; e],
+            vec![BF16_POISON; e],
+            vec![BF16_POISON; e],
+        ];
+        let mut delta = vec![f32::NAN; packed.rows()];
+        let [dq, dk, dv] = &mut g;
+        attention_backward_emu(
+            &emu,
+            &packed,
+            &b.q,
+            &b.k,
+            &b.v,
+            &fb.0,
+            &fb.1,
+            &b.d_o,
+            Some(&sl),
+            dq,
+            dk,
+            dv,
+            &mut delta,
+        )
+        .unwrap();
+        for (n, (got, want)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&ga)) {
+            // Sequence 1 of the packed columns is the lone sequence's (B·H, L, 64) = (H, len, 64).
+            let cols = packed.seq_columns(got, p, Some(&sl)).unwrap();
+            let seq1: Vec<f64> = (heads..2 * heads)
+                .flat_map(|bh| cols[bh * 64 * HEAD_DIM..(bh * 64 + len) * HEAD_DIM].to_vec())
+                .collect();
+            assert!(seq1 == *want, "{ctx}: {n} differs from the sequence alone");
         }
     }
 
@@ -1026,17 +1430,18 @@ mod tests {
         let seed = fresh_seed();
         let i = inputs(&sh, seed);
         let sl = [4];
+        let ss = Seqs::new(&sh, Some(&sl));
         let p = sh.qkv_pitch;
         let (q, k, v, d_o) = (
-            widen(&sh, &i.q, p),
-            widen(&sh, &i.k, p),
-            widen(&sh, &i.v, p),
-            widen(&sh, &i.d_o, sh.o_pitch),
+            ss.widen(&i.q, p),
+            ss.widen(&i.k, p),
+            ss.widen(&i.v, p),
+            ss.widen(&i.d_o, sh.o_pitch),
         );
-        let (o, lse) = forward_f64(&sh, &q, &k, &v, Some(&sl));
-        let [dq, dk, dv, _] = backward_f64(&sh, &q, &k, &v, &o, &lse, &d_o, Some(&sl));
+        let (o, lse) = forward_f64(&ss, &q, &k, &v);
+        let [dq, dk, dv, _] = backward_f64(&ss, &q, &k, &v, &o, &lse, &d_o);
         let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-            let (o, _) = forward_f64(&sh, q, k, v, Some(&sl));
+            let (o, _) = forward_f64(&ss, q, k, v);
             o.iter().zip(&d_o).map(|(a, b)| a * b).sum()
         };
         let h = 1e-6;
@@ -1083,12 +1488,42 @@ mod tests {
         let e = attention_forward_cpu(&sh, &i.q, &i.k, &i.v, Some(&[3, 9]), &mut o, &mut lse)
             .unwrap_err();
         assert!(
-            format!("{e}").contains("seqlens[1] = 9 is outside 0..=8"),
+            format!("{e}").contains("sequence 1 has 9 keys, outside 0..=8"),
             "{e}"
         );
         let e =
             attention_forward_cpu(&sh, &i.q, &i.k, &i.v, Some(&[3]), &mut o, &mut lse).unwrap_err();
-        assert!(format!("{e}").contains("holds 1 lengths"), "{e}");
+        assert!(format!("{e}").contains("holds 1 entries"), "{e}");
+        // Packed sequences in the same 16 rows: kvlen, first row, query rows.
+        let packed = AttnShape {
+            varlen: Some(16),
+            ..sh
+        };
+        for (table, want) in [
+            (
+                vec![4, 5, 0, 3, 3, 6],
+                "sequence 0 has 4 keys, outside 0..=3",
+            ),
+            (vec![3, 5, 0, 2, 4, 6], "sequence 1 at rows 2..8 overlaps"),
+            (vec![3, 5, 0, 12, 4, 6], "sequence 1 at rows 12..18"),
+            (
+                vec![3, 5, 0, 4, 9, 6],
+                "sequence 0 has 9 query rows, more than L = 8",
+            ),
+            (
+                vec![3, 5, 0, 4],
+                "holds 4 entries, the batch of 2 sequences needs 6",
+            ),
+        ] {
+            let e =
+                attention_forward_cpu(&packed, &i.q, &i.k, &i.v, Some(&table), &mut o, &mut lse)
+                    .unwrap_err();
+            assert!(format!("{e}").contains(want), "{table:?}: {e}");
+        }
+        let e =
+            attention_forward_cpu(&packed, &i.q, &i.k, &i.v, None, &mut o, &mut lse).unwrap_err();
+        assert!(format!("{e}").contains("need the seqlens table"), "{e}");
+        assert!(packed.forward_plan(false).is_err() && packed.backward_plan(false).is_err());
         // Pitches: 16-byte rows for cp.async, and room for every head.
         for (qkv_pitch, o_pitch, want) in [
             (68, 64, "qkv_pitch 68 must be a multiple of 8"),

@@ -263,25 +263,36 @@ fn check_gemm(gpu: &Gpu, cfg: &BenchConfig, out: &mut Vec<CheckRecord>) -> Resul
     Ok(())
 }
 
-/// Attention forward and backward at L = 197 with key padding (one sequence fully padded)
-/// against the CPU references; q, k, v and their gradients at the pitch of the engine's packed
-/// projection, o and do at a pitch that is not a multiple of 64.
+/// Attention forward and backward at L = 197 with key padding (one sequence fully padded),
+/// with and without the causal mask, and on packed sequences of variable length (the text
+/// tower's layout: one with filler rows past its keys), against the CPU references; q, k, v
+/// and their gradients at the pitch of the engine's QKV projection, o and do at a pitch that
+/// is not a multiple of 64.
 fn check_attention(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
     let st = gpu.stream();
-    for causal in [false, true] {
-        let heads = 2;
-        let sh = AttnShape {
-            qkv_pitch: 3 * heads * HEAD_DIM,
-            o_pitch: heads * HEAD_DIM + 8,
-            ..AttnShape::packed(3, heads, 197, causal, 0.125)
-        };
+    let heads = 2;
+    let padded = |causal| AttnShape {
+        qkv_pitch: 3 * heads * HEAD_DIM,
+        o_pitch: heads * HEAD_DIM + 8,
+        ..AttnShape::packed(3, heads, 197, causal, 0.125)
+    };
+    // Packed: keys, then first rows, then rows of three sequences in 190 rows.
+    let packed = AttnShape {
+        varlen: Some(190),
+        ..padded(false)
+    };
+    let cases = [
+        (padded(false), vec![197, 120, 0]),
+        (padded(true), vec![197, 120, 0]),
+        (packed, vec![120, 1, 60, 0, 120, 121, 120, 1, 69]),
+    ];
+    for (sh, sl) in cases {
         let seed = fresh_seed();
         let mut g = rng(seed);
         let (e, eo) = (sh.span(sh.qkv_pitch), sh.span(sh.o_pitch));
-        let r = sh.batch * sh.heads * sh.len;
+        let r = sh.total_rows() * sh.heads;
         let [q, k, v] = [0; 3].map(|_| random_bf16(&mut g, e, -2.0, 2.0));
         let d_o = random_bf16(&mut g, eo, -2.0, 2.0);
-        let sl = [197, 120, 0];
         let (mut o, mut lse) = (vec![bf16::ZERO; eo], vec![0.0f32; r]);
         attention::attention_forward_cpu(&sh, &q, &k, &v, Some(&sl), &mut o, &mut lse)?;
         let [mut dq, mut dk, mut dv] = [0; 3].map(|_| vec![bf16::ZERO; e]);
@@ -329,17 +340,20 @@ fn check_attention(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
             &mut gdv,
             &mut gdelta,
         )?;
-        // The head columns only: the columns between them keep their poison.
+        // The sequences' head columns only: the columns between them keep their poison.
+        let cols = |t: &[bf16], pitch| sh.seq_columns(t, pitch, Some(&sl));
         let down = |d: &CudaSlice<u16>, pitch| -> Result<Vec<f64>> {
-            let host = from_bits(st.clone_dtoh(d).map_err(|e| anyhow!("{e:?}"))?);
-            Ok(sh.head_columns(&host, pitch))
+            cols(
+                &from_bits(st.clone_dtoh(d).map_err(|e| anyhow!("{e:?}"))?),
+                pitch,
+            )
         };
         let (p, po) = (sh.qkv_pitch, sh.o_pitch);
         for (name, got, want) in [
-            ("o", down(&go, po)?, sh.head_columns(&o, po)),
-            ("dq", down(&gdq, p)?, sh.head_columns(&dq, p)),
-            ("dk", down(&gdk, p)?, sh.head_columns(&dk, p)),
-            ("dv", down(&gdv, p)?, sh.head_columns(&dv, p)),
+            ("o", down(&go, po)?, cols(&o, po)?),
+            ("dq", down(&gdq, p)?, cols(&dq, p)?),
+            ("dk", down(&gdk, p)?, cols(&dk, p)?),
+            ("dv", down(&gdv, p)?, cols(&dv, p)?),
         ] {
             let e = rel_err(&got, &want);
             out.push(CheckRecord {

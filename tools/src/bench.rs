@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::kstep::KernelTrainer;
-use mmkd_engine::cuda::{KernelStep, KernelTarget, Section, ICL_SCALE};
+use mmkd_engine::cuda::{KernelStep, KernelTarget, Section, ICL_SCALE, PACKED_ROW_TILE};
 
 /// Bf16 dense peak of an H200 as measured for this project (issue 6: about 790 TFLOP/s); the
 /// default MFU denominator on CUDA.
@@ -78,14 +78,16 @@ pub struct MemoryArgs {
     /// Overrides `key=value` of the config.
     #[arg(long = "set")]
     sets: Vec<String>,
+    /// Caption batches drawn for the text rows the step runs on (`bench train`'s first ones).
+    #[arg(long, default_value_t = 20)]
+    caption_batches: usize,
+    #[command(flatten)]
+    captions: CaptionArgs,
 }
 
-/// The synthetic batches of `bench train` and `bench parity`.
+/// The caption lengths of the synthetic batches.
 #[derive(Args, Debug)]
-pub struct SynthArgs {
-    /// Teacher slots of the synthetic stage-2 targets `[N, T, D]`.
-    #[arg(long, default_value_t = 8)]
-    teachers: usize,
+pub struct CaptionArgs {
     /// Median caption length in tokens (default: a quarter of the context length).
     #[arg(long)]
     caption_median: Option<f64>,
@@ -95,6 +97,16 @@ pub struct SynthArgs {
     /// Seed of the synthetic data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+/// The synthetic batches of `bench train` and `bench parity`.
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Teacher slots of the synthetic stage-2 targets `[N, T, D]`.
+    #[arg(long, default_value_t = 8)]
+    teachers: usize,
+    #[command(flatten)]
+    captions: CaptionArgs,
 }
 
 #[derive(Args, Debug)]
@@ -407,9 +419,9 @@ pub(crate) struct StepTimes {
     pub(crate) optimizer: f64,
     /// Bytes the tape held for backward after the forward (`Tape::activation_bytes`).
     pub(crate) activation_bytes: usize,
-    /// The token length the text tower ran at (the kernels round the longest caption up to
-    /// their tile; the CPU runs at the longest caption).
-    pub(crate) text_len: usize,
+    /// The rows the text tower ran on: the valid tokens, packed (the kernels round each
+    /// pass's up to their row tile).
+    pub(crate) text_rows: usize,
 }
 
 /// The model, optimiser and loss settings of a benchmark run.
@@ -471,7 +483,8 @@ impl Trainer {
         let t1 = Instant::now();
         // Measured outside the timed parts.
         t.activation_bytes = tape.activation_bytes();
-        t.text_len = inp.tokens.shape()[1];
+        // The tape packs the valid tokens (`ClipModel::encode_text`).
+        t.text_rows = inp.lengths.iter().sum();
         let t1b = Instant::now();
         self.model.params.zero_grad();
         tape.backward(&mut self.model.params, &[(vi, &d_image), (vt, &d_text)])?;
@@ -701,7 +714,11 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         (None, false) => None,
     };
     let ctx = mcfg.text.context_length;
-    let median = check_caption_args(a.data.caption_sigma, a.data.caption_median, ctx)?;
+    let median = check_caption_args(
+        a.data.captions.caption_sigma,
+        a.data.captions.caption_median,
+        ctx,
+    )?;
 
     let model = setup.model()?;
     // Device memory in use before the step's arena and kernels exist (the context, and on a
@@ -719,19 +736,25 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
             a.data.teachers,
         )?)),
     };
-    let syn = Synthetic::new(mcfg, a.batch, a.data.teachers, a.data.seed);
-    let mut len_rng = SplitMix64::new(a.data.seed);
+    let syn = Synthetic::new(mcfg, a.batch, a.data.teachers, a.data.captions.seed);
+    let mut len_rng = SplitMix64::new(a.data.captions.seed);
 
     let mut times = StepTimes::default();
     let mut flops = 0.0;
-    let (mut tokens, mut padded) = (0usize, 0usize);
+    let (mut tokens, mut text_rows) = (0usize, 0usize);
     let mut last = LossParts::default();
     let mut act_max = 0usize;
     for i in 0..a.warmup + a.steps {
         let timed = i >= a.warmup;
         let mut t = StepTimes::default();
         let t0 = Instant::now();
-        let lengths = caption_lengths(&mut len_rng, a.batch, median, a.data.caption_sigma, ctx);
+        let lengths = caption_lengths(
+            &mut len_rng,
+            a.batch,
+            median,
+            a.data.captions.caption_sigma,
+            ctx,
+        );
         if timed {
             flops += batch_flops(mcfg, &lengths);
             tokens += lengths.iter().sum::<usize>();
@@ -748,7 +771,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
             a.stage,
             distill.teacher_mode,
             mcfg.embed_dim,
-            a.data.seed.wrapping_add(i as u64),
+            a.data.captions.seed.wrapping_add(i as u64),
             with_images,
         )?;
         t.data = t0.elapsed().as_secs_f64();
@@ -768,7 +791,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
             times.backward += t.backward;
             times.optimizer += t.optimizer;
             act_max = act_max.max(t.activation_bytes);
-            padded += t.text_len;
+            text_rows += t.text_rows;
         }
         eprintln!(
             "{} step {}/{}: {:.1} ms, loss {:.4}",
@@ -819,13 +842,13 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         "device_used_bytes": device_used,
         "arena_bytes": arena_bytes,
         "flops_per_sample": flops_per_sample,
-        // The largest step's saved activations over its batch (the padded length varies).
+        // The largest step's saved activations over its batch (the caption lengths vary).
         "activation_bytes_per_sample": act_max as f64 / a.batch as f64,
         "achieved_tflops": achieved / 1e12,
         "peak_tflops": peak_tflops,
         "mfu": peak_tflops.map(|p| achieved / (p * 1e12)),
         "text_tokens_per_sample": tokens as f64 / (a.batch as f64 * steps),
-        "padded_text_len": padded as f64 / steps,
+        "text_rows_per_sample": text_rows as f64 / (a.batch as f64 * steps),
         "teacher_mode": format!("{:?}", distill.teacher_mode).to_lowercase(),
         "checkpointing": setup.tcfg.checkpointing,
         "micro_batch": setup.tcfg.micro_batch,
@@ -873,6 +896,7 @@ fn bench_memory(a: &MemoryArgs) -> Result<()> {
         by.insert(name.into(), lay.section_bytes(sec).into());
     }
     let acts = lay.section_bytes(Section::Acts);
+    let text = text_rows(&setup.mcfg, a, setup.tcfg.micro_batch)?;
     let out = serde_json::json!({
         "config": a.config.display().to_string(),
         "stage": match a.stage { BenchStage::Clip => "clip", BenchStage::Kd => "kd" },
@@ -883,6 +907,7 @@ fn bench_memory(a: &MemoryArgs) -> Result<()> {
         "sections": by,
         "activation_bytes_per_sample": acts as f64 / a.batch as f64,
         "regions": lay.regions().len(),
+        "text_rows": text,
     });
     let text = serde_json::to_string_pretty(&out)?;
     println!("{text}");
@@ -890,6 +915,47 @@ fn bench_memory(a: &MemoryArgs) -> Result<()> {
         write_json(p, &text)?;
     }
     Ok(())
+}
+
+/// The rows the step's text tower runs on at `bench train`'s caption lengths, against padding
+/// each batch to its longest caption (what the step did before it packed, and what
+/// `tools/torch_reference.py` does): per sample, with the training FLOPs of both
+/// (`flops::batch_flops`; the packed rows' filler, under 64 per pass, is not counted).
+fn text_rows(mcfg: &ModelConfig, a: &MemoryArgs, micro: usize) -> Result<serde_json::Value> {
+    let ctx = mcfg.text.context_length;
+    let c = &a.captions;
+    let median = check_caption_args(c.caption_sigma, c.caption_median, ctx)?;
+    if a.caption_batches == 0 {
+        bail!("--caption-batches must be at least 1");
+    }
+    let pass = if micro == 0 { a.batch } else { micro };
+    let mut rng = SplitMix64::new(c.seed);
+    let (mut tokens, mut padded, mut packed) = (0usize, 0usize, 0usize);
+    let (mut f_tokens, mut f_padded) = (0.0, 0.0);
+    for _ in 0..a.caption_batches {
+        let lengths = caption_lengths(&mut rng, a.batch, median, c.caption_sigma, ctx);
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        tokens += lengths.iter().sum::<usize>();
+        padded += longest * a.batch;
+        for p in lengths.chunks(pass) {
+            let t: usize = p.iter().sum();
+            packed += t
+                .div_ceil(PACKED_ROW_TILE)
+                .saturating_mul(PACKED_ROW_TILE)
+                .min(p.len() * ctx);
+        }
+        f_tokens += batch_flops(mcfg, &lengths);
+        f_padded += batch_flops(mcfg, &vec![longest; a.batch]);
+    }
+    let samples = (a.batch * a.caption_batches) as f64;
+    Ok(serde_json::json!({
+        "caption_batches": a.caption_batches,
+        "tokens_per_sample": tokens as f64 / samples,
+        "packed_rows_per_sample": packed as f64 / samples,
+        "padded_rows_per_sample": padded as f64 / samples,
+        "flops_per_sample": f_tokens / samples,
+        "padded_flops_per_sample": f_padded / samples,
+    }))
 }
 
 /// Relative difference of `b` from `a`, against `|a|` (at least 1e-6).
@@ -917,12 +983,16 @@ fn bench_parity(a: &ParityArgs) -> Result<()> {
     let setup = Setup::load(&a.config, &a.sets, a.batch, a.stage, a.steps as u64)?;
     let mcfg = &setup.mcfg;
     let ctx = mcfg.text.context_length;
-    let median = check_caption_args(a.data.caption_sigma, a.data.caption_median, ctx)?;
+    let median = check_caption_args(
+        a.data.captions.caption_sigma,
+        a.data.captions.caption_median,
+        ctx,
+    )?;
     let model = setup.model()?;
     let mut kern = setup.kernels(&target, &model, a.batch, a.data.teachers)?;
     let mut cpu = setup.cpu(model)?;
-    let syn = Synthetic::new(mcfg, a.batch, a.data.teachers, a.data.seed);
-    let mut len_rng = SplitMix64::new(a.data.seed);
+    let syn = Synthetic::new(mcfg, a.batch, a.data.teachers, a.data.captions.seed);
+    let mut len_rng = SplitMix64::new(a.data.captions.seed);
     let mut rows = Vec::with_capacity(a.steps);
     let mut worst = (0usize, 0.0f64);
     eprintln!(
@@ -935,14 +1005,20 @@ fn bench_parity(a: &ParityArgs) -> Result<()> {
         a.tol
     );
     for i in 0..a.steps {
-        let lengths = caption_lengths(&mut len_rng, a.batch, median, a.data.caption_sigma, ctx);
+        let lengths = caption_lengths(
+            &mut len_rng,
+            a.batch,
+            median,
+            a.data.captions.caption_sigma,
+            ctx,
+        );
         let inp = assemble(
             &syn,
             lengths,
             a.stage,
             setup.distill.teacher_mode,
             mcfg.embed_dim,
-            a.data.seed.wrapping_add(i as u64),
+            a.data.captions.seed.wrapping_add(i as u64),
             true,
         )?;
         let mut t = StepTimes::default();

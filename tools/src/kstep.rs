@@ -120,7 +120,7 @@ impl KernelTrainer {
         t.forward += r.phases.forward;
         t.backward += r.phases.backward;
         t.optimizer += r.phases.update;
-        t.text_len = r.text_len;
+        t.text_rows = r.text_rows;
         Ok(LossParts {
             task: r.loss.task as f64,
             fd: r.loss.fd as f64,

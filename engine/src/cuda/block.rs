@@ -38,6 +38,14 @@
 //! plans built for that L ([`CudaBlock::set_padded_lengths`]). The kernels take their shapes
 //! as launch arguments, so a plan for another length is only a new list of launches.
 //!
+//! Packed sequences. A batch may instead lie back to back in m rows with no padding at all
+//! ([`CudaBlock::set_packed`]): every op but the attention is row-wise, so it runs on the m
+//! rows as they are, and the attention reads each sequence's rows through a table of first
+//! rows and lengths (`AttnShape::varlen`). The GEMMs then do no work on pad tokens. m is a
+//! multiple of [`PACKED_ROW_TILE`] (or all B·L rows), which bounds the plans a run builds;
+//! the rows past the tokens are filler queries of the last sequence (defined values whose
+//! gradients are zero, as pad tokens are).
+//!
 //! Gradients are overwritten by each backward (the kernels store, they do not accumulate).
 
 use super::arena::{Arena, Dtype, Layout, RegionId, Section};
@@ -51,8 +59,31 @@ use mmkd_kernels::gemm::{
     TUNED_SMS,
 };
 use mmkd_kernels::layernorm::{backward_scratch_len, LnShape};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+
+/// A packed batch runs on a multiple of this many rows (or on all B·L): its last sequence gets
+/// up to `PACKED_ROW_TILE − 1` filler rows. One attention tile.
+pub const PACKED_ROW_TILE: usize = 64;
+
+/// One sequence of a packed batch ([`CudaBlock::set_packed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedSeq {
+    /// Its first row.
+    pub row0: usize,
+    /// Its rows: its tokens, then any filler rows (queries only, never keys).
+    pub rows: usize,
+    /// Its valid tokens, the keys every row of it attends to (at most `rows`).
+    pub keys: usize,
+}
+
+/// The rows a batch runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchRows {
+    /// B sequences padded to L tokens: the first B·L rows.
+    Padded(usize),
+    /// Sequences packed back to back in the first m rows.
+    Packed(usize),
+}
 
 /// Sizes of one block and of the batch it runs on.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -87,6 +118,12 @@ impl BlockDims {
     /// Tokens per batch at the longest length, B·L.
     pub fn tokens(&self) -> usize {
         self.batch * self.len
+    }
+
+    /// The most rows one sequence of a packed batch may have: the longest length and the
+    /// filler of a tile. The attention's grid covers it.
+    pub fn packed_rows_cap(&self) -> usize {
+        self.len + PACKED_ROW_TILE - 1
     }
 
     /// The (out, in) shapes of the block's four weights: QKV, output projection, MLP in and
@@ -302,14 +339,15 @@ struct Acts {
     s: Scratch,
 }
 
-/// Per-batch tables: the key length of each attention sequence.
+/// Per-batch tables: the attention's sequence table, (3·B) int: the key length of each
+/// sequence, then (packed batches) its first row and its rows.
 struct Tables {
     seqlens: RegionId,
     /// False when the table is the previous block's (a twin), which writes it.
     own_seqlens: bool,
 }
 
-/// The forward and backward plans of one padded length, over their own slot list.
+/// The forward and backward plans of one batch shape, over their own slot list.
 struct Plans {
     slots: Vec<(RegionId, usize)>,
     forward: Vec<Step>,
@@ -338,8 +376,10 @@ pub struct CudaBlock {
     /// tile and so asks for a handful; building one costs only the planning of its launches
     /// (no compilation: shapes are launch arguments). The longest is built with the block.
     plans: Vec<OnceLock<Plans>>,
-    /// The padded length selected by the last [`CudaBlock::set_padded_lengths`].
-    len: AtomicUsize,
+    /// Plans per packed row count m (entry ⌈m / [`PACKED_ROW_TILE`]⌉ − 1), built on first use.
+    packed_plans: Vec<OnceLock<Plans>>,
+    /// The batch shape selected last.
+    sel: Mutex<BatchRows>,
 }
 
 impl CudaBlock {
@@ -493,7 +533,7 @@ impl CudaBlock {
         let tables = Tables {
             seqlens: match twin {
                 Some(p) => p.tables.seqlens,
-                None => tab("seqlens", Dtype::I32, dims.batch)?,
+                None => tab("seqlens", Dtype::I32, 3 * dims.batch)?,
             },
             own_seqlens: twin.is_none(),
         };
@@ -509,39 +549,57 @@ impl CudaBlock {
             acts,
             tables,
             plans: (0..dims.len).map(|_| OnceLock::new()).collect(),
-            len: AtomicUsize::new(dims.len),
+            packed_plans: (0..dims.tokens().div_ceil(PACKED_ROW_TILE))
+                .map(|_| OnceLock::new())
+                .collect(),
+            sel: Mutex::new(BatchRows::Padded(dims.len)),
         };
-        block.plans(dims.len)?;
+        block.plans(BatchRows::Padded(dims.len))?;
         Ok(block)
     }
 
-    /// The plans of padded length `len`, built on first use.
-    fn plans(&self, len: usize) -> Result<&Plans> {
-        let cell = self.plans.get(len.wrapping_sub(1)).ok_or_else(|| {
-            anyhow!(
-                "cuda block: padded length {len} is not in 1..={}",
-                self.dims.len
-            )
-        })?;
+    /// The plans of a batch shape, built on first use.
+    fn plans(&self, rows: BatchRows) -> Result<&Plans> {
+        let cap = self.dims.tokens();
+        let cell = match rows {
+            BatchRows::Padded(len) => self.plans.get(len.wrapping_sub(1)).ok_or_else(|| {
+                anyhow!(
+                    "cuda block: padded length {len} is not in 1..={}",
+                    self.dims.len
+                )
+            })?,
+            BatchRows::Packed(m) => {
+                ensure!(
+                    (1..=cap).contains(&m) && (m.is_multiple_of(PACKED_ROW_TILE) || m == cap),
+                    "cuda block: a packed batch of {m} rows; it needs a multiple of \
+                     {PACKED_ROW_TILE} rows up to {cap}, or all {cap}"
+                );
+                &self.packed_plans[m.div_ceil(PACKED_ROW_TILE) - 1]
+            }
+        };
         if let Some(p) = cell.get() {
             return Ok(p);
         }
-        let p = self.build_plans(len)?;
+        let p = self.build_plans(rows)?;
         Ok(cell.get_or_init(|| p))
     }
 
-    /// Builds (once) and checks the plans of padded length `len`, so that a caller can have
-    /// every error of a batch before it writes anything.
-    pub(super) fn prepare_len(&self, len: usize) -> Result<()> {
-        self.plans(len).map(|_| ())
+    /// Builds (once) and checks the plans of a packed batch of `m` rows, so that a caller can
+    /// have every error of a batch before it writes anything.
+    pub(super) fn prepare_packed(&self, m: usize) -> Result<()> {
+        self.plans(BatchRows::Packed(m)).map(|_| ())
     }
 
-    /// Builds the forward (weight cast included) and backward plans for a batch padded to
-    /// `len` (≤ `dims.len`): every op runs on m = B·len rows, the prefix of its regions.
-    fn build_plans(&self, len: usize) -> Result<Plans> {
+    /// Builds the forward (weight cast included) and backward plans for a batch shape: every
+    /// op runs on its m rows (B·len padded), the prefix of its regions.
+    fn build_plans(&self, shape: BatchRows) -> Result<Plans> {
         let d = self.dims;
         let post = self.post;
-        let (w, hd, fh, m) = (d.width, d.heads, d.hidden, d.batch * len);
+        let m = match shape {
+            BatchRows::Padded(len) => d.batch * len,
+            BatchRows::Packed(m) => m,
+        };
+        let (w, hd, fh) = (d.width, d.heads, d.hidden);
         let lay = &self.layout;
         let (ac, tb) = (&self.acts, &self.tables);
         let s1 = || ac.k.s1.ok_or_else(|| anyhow!("post-norm block without s1"));
@@ -651,12 +709,23 @@ impl CudaBlock {
             aux: AuxUse::ActGrad,
             ..plain
         };
-        let attn = AttnShape {
-            qkv_pitch: 3 * w,
-            o_pitch: w,
-            ..AttnShape::packed(d.batch, hd, len, false, 1.0 / (HEAD_DIM as f32).sqrt())
+        let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+        let attn = match shape {
+            BatchRows::Padded(len) => AttnShape {
+                qkv_pitch: 3 * w,
+                o_pitch: w,
+                ..AttnShape::packed(d.batch, hd, len, false, scale)
+            },
+            // The table places the sequences; L bounds their rows and sizes the grid (tiles
+            // past a sequence's rows return at once).
+            BatchRows::Packed(m) => AttnShape {
+                qkv_pitch: 3 * w,
+                o_pitch: w,
+                varlen: Some(m),
+                ..AttnShape::packed(d.batch, hd, d.packed_rows_cap(), false, scale)
+            },
         };
-        // q, k or v (i = 0, 1, 2): the i-th W columns of a `(B·L, 3·W)` region, from its first
+        // q, k or v (i = 0, 1, 2): the i-th W columns of an `(m, 3·W)` region, from its first
         // row's column i·W to the last row's column (i + 1)·W.
         let qkv_view = |id: RegionId, i: usize| part(id, i * w, attn.span(3 * w));
         let (mut forward, mut backward) = (Vec::new(), Vec::new());
@@ -1026,7 +1095,7 @@ impl CudaBlock {
     /// The kernels of the forward and backward plans at padded length `len` (built now if
     /// they were not), in launch order.
     pub fn kernel_names_at(&self, len: usize) -> Result<(Vec<&'static str>, Vec<&'static str>)> {
-        let p = self.plans(len)?;
+        let p = self.plans(BatchRows::Padded(len))?;
         let names = |v: &[Step]| v.iter().map(|s| s.kernel).collect();
         Ok((names(&p.forward), names(&p.backward)))
     }
@@ -1038,11 +1107,24 @@ impl CudaBlock {
         self.kernel_names_at(self.dims.len).unwrap_or_default()
     }
 
-    /// The padded length L of the current batch (the last one set; `dims().len` before any).
+    /// The shape of the current batch (the last one set; `dims().len` padded before any).
     /// The block, not the arena, holds it: an arena shared by two batches in flight would need
     /// a block each.
-    pub fn padded_len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+    pub fn batch_rows(&self) -> BatchRows {
+        // A poisoned lock still holds a whole `BatchRows` (it is only ever assigned).
+        *self.sel.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The padded length L of the current batch; `None` when it is packed.
+    pub fn padded_len(&self) -> Option<usize> {
+        match self.batch_rows() {
+            BatchRows::Padded(len) => Some(len),
+            BatchRows::Packed(_) => None,
+        }
+    }
+
+    fn select(&self, rows: BatchRows) {
+        *self.sel.lock().unwrap_or_else(|e| e.into_inner()) = rows;
     }
 
     fn spec_index(&self, name: &str) -> Result<usize> {
@@ -1122,13 +1204,67 @@ impl CudaBlock {
             bail!("cuda block: sequence {b} has length {n}, the batch is padded to {len}");
         }
         // Built (and checked) before anything is written.
-        self.plans(len)?;
+        self.plans(BatchRows::Padded(len))?;
         // Lengths are at most `len` ≤ `dims.len`, which the plan's i32 shapes already hold.
         if self.tables.own_seqlens {
-            let seqlens: Vec<i32> = lengths.iter().map(|&n| n as i32).collect();
-            arena.write_i32(self.tables.seqlens, &seqlens)?;
+            let mut table = vec![0i32; 3 * d.batch];
+            for (t, &n) in table.iter_mut().zip(lengths) {
+                *t = n as i32;
+            }
+            arena.write_i32(self.tables.seqlens, &table)?;
         }
-        self.len.store(len, Ordering::Relaxed);
+        self.select(BatchRows::Padded(len));
+        Ok(())
+    }
+
+    /// Selects a packed batch: its B sequences lie back to back in the first `m` rows of the
+    /// input, output and every activation (`seqs[0]` from row 0, each starting where the one
+    /// before ends, the last ending at row m), with no padding; every op runs on those m rows
+    /// and the attention reads each sequence's own (see [`PackedSeq`]). `m` is a multiple of
+    /// [`PACKED_ROW_TILE`] up to B·L, or B·L; a sequence has at most
+    /// [`BlockDims::packed_rows_cap`] rows. Writes the attention's table (3·B integers) as
+    /// [`CudaBlock::set_padded_lengths`] writes its lengths: set a stack from its first block on.
+    pub fn set_packed(&self, arena: &mut Arena, m: usize, seqs: &[PackedSeq]) -> Result<()> {
+        self.check_arena(arena)?;
+        let d = &self.dims;
+        ensure!(
+            seqs.len() == d.batch,
+            "cuda block: {} packed sequences for a batch of {}",
+            seqs.len(),
+            d.batch
+        );
+        let mut end = 0;
+        for (b, s) in seqs.iter().enumerate() {
+            ensure!(
+                s.row0 == end,
+                "cuda block: packed sequence {b} starts at row {}, the one before ends at {end}",
+                s.row0
+            );
+            ensure!(
+                s.keys <= s.rows && s.rows <= d.packed_rows_cap(),
+                "cuda block: packed sequence {b} has {} keys in {} rows; at most {} rows, \
+                 and no more keys than rows",
+                s.keys,
+                s.rows,
+                d.packed_rows_cap()
+            );
+            end += s.rows;
+        }
+        ensure!(
+            end == m,
+            "cuda block: the packed sequences cover {end} rows, the batch has {m}"
+        );
+        // Built (and checked) before anything is written; m ≤ B·L fits the shapes' i32s.
+        self.plans(BatchRows::Packed(m))?;
+        if self.tables.own_seqlens {
+            let col = |f: fn(&PackedSeq) -> usize| seqs.iter().map(move |s| f(s) as i32);
+            let table: Vec<i32> = col(|s| s.keys)
+                .chain(col(|s| s.row0))
+                .chain(col(|s| s.rows))
+                .collect();
+            arena.write_i32(self.tables.seqlens, &table)?;
+        }
+        self.select(BatchRows::Packed(m));
         Ok(())
     }
 
@@ -1136,7 +1272,7 @@ impl CudaBlock {
     /// blocks), then computes `y` from `x`.
     pub fn forward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
-        let p = self.plans(self.padded_len())?;
+        let p = self.plans(self.batch_rows())?;
         // SAFETY: the arena has this block's layout and every slot was checked against its
         // region when the plan was built.
         unsafe { arena.run(&p.forward, &p.slots) }
@@ -1148,7 +1284,7 @@ impl CudaBlock {
     /// (which must still hold what that forward read).
     pub fn backward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
-        let p = self.plans(self.padded_len())?;
+        let p = self.plans(self.batch_rows())?;
         // SAFETY: as in `forward`.
         unsafe { arena.run(&p.backward, &p.slots) }
     }

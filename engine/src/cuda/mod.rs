@@ -6,8 +6,8 @@
 //! ([`tower::CudaImageTower`]) and the whole text tower ([`text::CudaTextTower`]), forward and
 //! backward, and the whole stage-2 training step of the student ([`student::CudaStudent`]:
 //! both towers, the fused multi-teacher loss, gradient clipping and AdamW in one arena).
-//! The text side runs at each batch's own padded length ([`student::TEXT_LEN_TILE`]); the
-//! arena is sized for the longest.
+//! The text side runs on each batch's valid tokens, packed ([`text::CudaTextTower::set_batch`]);
+//! the arena is sized for the longest captions.
 
 pub mod arena;
 pub mod block;
@@ -18,12 +18,11 @@ pub mod tower;
 pub mod train_step;
 
 pub use arena::{Arena, Dtype, Layout, Region, RegionId, Section};
-pub use block::{param_specs, BlockDims, CudaBlock};
+pub use block::{param_specs, BatchRows, BlockDims, CudaBlock, PackedSeq, PACKED_ROW_TILE};
 pub use student::{
-    padded_text_len, CudaStudent, Images, StepPhases, StepReport, StudentBatch, StudentSetup,
-    ICL_SCALE, LOGIT_SCALE, TEXT_LEN_TILE, TEXT_PAD_ID,
+    CudaStudent, Images, StepPhases, StepReport, StudentBatch, StudentSetup, ICL_SCALE, LOGIT_SCALE,
 };
 pub use target::KernelTarget;
-pub use text::{CudaTextTower, ParamSlice, TextTowerDims};
+pub use text::{CudaTextTower, ParamSlice, TextTowerDims, TEXT_FILLER_ID};
 pub use tower::{CudaImageTower, ImageTowerDims};
 pub use train_step::KernelStep;

@@ -9,10 +9,9 @@
 //! norm and AdamW run once over whole sections, and AdamW writes the bf16 copy the next
 //! forward reads (no separate cast after the first).
 //!
-//! Text length. Each batch is padded only to its longest row rounded up to [`TEXT_LEN_TILE`]
-//! (at most `text_len`, which sizes the arena), and the text tower runs the plans of that
-//! length: short captions do not pay for the whole context. The key-padding mask hides the
-//! pad tokens, so the features do not depend on the padded length.
+//! Text length. The text tower packs each pass's valid tokens back to back
+//! ([`CudaTextTower::set_batch`]): a caption costs its own tokens, not the batch's longest or
+//! the context (`text_len`, the longest caption a batch may hold, sizes the arena).
 //!
 //! Host traffic per step. The loss plan takes the logit scale as a launch argument, so the
 //! scale is read back (4 bytes) and clamped to `[0, ln 100]` on the host after each update; the
@@ -36,7 +35,6 @@ use mmkd_kernels::exec::Step;
 use mmkd_kernels::gemm::GemmPath;
 use mmkd_kernels::image_norm::{self, ImageNormConfig, CLIP_MEAN, CLIP_STD};
 use mmkd_kernels::mt_loss::{self, LossConfig, LossResult};
-use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
@@ -46,33 +44,13 @@ pub const LOGIT_SCALE: &str = "logit_scale";
 /// The trainer's name of the learned icl scale `ℓ` (`c = e^ℓ`).
 pub const ICL_SCALE: &str = "icl_scale";
 
-/// A batch's token length is rounded up to a multiple of this (capped at `text_len`). The
-/// bf16 tensor-core fragments (`mma.m16n8k16`) of the GEMMs and of the attention are 16 rows
-/// tall: with L a multiple of 16 the B·L rows of the GEMMs and each sequence's query and key
-/// rows fill whole fragments (none half out of bounds), while a short caption pays at most
-/// 15 padded tokens (the attention's 64-row tile would cost up to 63). A run also meets at
-/// most `text_len / 16` distinct lengths, each planned once.
-pub const TEXT_LEN_TILE: usize = 16;
-
-/// The token id the step pads rows with: `[PAD]`, id 0 of the vocabulary, as the loader pads
-/// (any id would do: the key-padding mask hides the padded positions).
-pub const TEXT_PAD_ID: u32 = 0;
-
-/// The length a batch of `len` tokens per row is padded to: `len` rounded up to
-/// [`TEXT_LEN_TILE`], at most `max` (for `1 ≤ len ≤ max`).
-pub fn padded_text_len(len: usize, max: usize) -> usize {
-    len.div_ceil(TEXT_LEN_TILE)
-        .saturating_mul(TEXT_LEN_TILE)
-        .min(max)
-}
-
 /// Shapes and switches of a [`CudaStudent`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StudentSetup {
     /// Pairs per batch N.
     pub batch: usize,
     /// The longest token length of a batch (at most the text context): it sizes the arena;
-    /// each batch is padded only to [`padded_text_len`] of its own length.
+    /// each batch runs on its own valid tokens, packed.
     pub text_len: usize,
     /// Teacher slots T of the `[N, T, D]` targets; 0 trains stage 1 (the CLIP loss alone,
     /// `loss` is then not read).
@@ -154,8 +132,9 @@ pub struct StepReport {
     pub logit_scale: f32,
     /// The learned icl scale's `ℓ` after the update (`None` for a constant).
     pub icl_log_scale: Option<f32>,
-    /// The token length the batch was padded to and the text tower ran at.
-    pub text_len: usize,
+    /// The rows the text tower ran on, over the step's passes: the valid tokens, each pass's
+    /// rounded up to [`super::block::PACKED_ROW_TILE`].
+    pub text_rows: usize,
     /// Host wall time of the step's parts.
     pub phases: StepPhases,
 }
@@ -589,7 +568,7 @@ impl CudaStudent {
     }
 
     /// Checks one batch and writes what the loss reads (teacher targets, mask, picks); stages
-    /// raw crops; pads the tokens to the text tile. The towers' inputs are written per pass.
+    /// raw crops. The towers' inputs are written per pass.
     fn write_batch<'a>(&mut self, arena: &mut Arena, b: &StudentBatch<'a>) -> Result<Prepared<'a>> {
         let c = self.loss_cfg;
         let max = self.setup.text_len;
@@ -660,19 +639,6 @@ impl CudaStudent {
             }
             Images::Staged => Source::Staged(self.pop_staged()?),
         };
-        let padded = padded_text_len(l, max);
-        let tokens = if padded == l {
-            Cow::Borrowed(b.tokens)
-        } else {
-            let mut tokens = vec![TEXT_PAD_ID; c.n * padded];
-            for (dst, src) in tokens
-                .chunks_exact_mut(padded)
-                .zip(b.tokens.chunks_exact(l))
-            {
-                dst[..l].copy_from_slice(src);
-            }
-            Cow::Owned(tokens)
-        };
         if let (Some(ti), Some(tt), Some(m)) =
             (self.r.teacher_image, self.r.teacher_text, self.r.mask)
         {
@@ -684,8 +650,8 @@ impl CudaStudent {
             arena.write_i32(id, p)?;
         }
         Ok(Prepared {
-            padded,
-            tokens,
+            len: l,
+            tokens: b.tokens,
             lengths: b.lengths,
             images,
         })
@@ -713,7 +679,7 @@ impl CudaStudent {
             }
             Source::Staged(id) => self.normalize_rows(arena, id, pass)?,
         }
-        let l = b.padded;
+        let l = b.len;
         self.text.set_batch(
             arena,
             &b.tokens[rows.start * l..rows.end * l],
@@ -763,7 +729,7 @@ impl CudaStudent {
         );
         let t0 = Instant::now();
         let prep = self.write_batch(arena, batch)?;
-        let text_len = prep.padded;
+        let mut text_rows = 0;
         let s = arena.read_f32(self.r.logit_scale)?[0];
         let icl = match self.r.icl {
             Some((p, _)) => mt_loss::IclScale::Learned(arena.read_f32(p)?[0]),
@@ -781,6 +747,7 @@ impl CudaStudent {
         // Forward. With several passes, each pass's features go to its rows of the batch's.
         for pass in 0..passes {
             self.load_pass(arena, &prep, pass)?;
+            text_rows += self.text.batch_rows();
             self.image.forward(arena)?;
             self.text.forward(arena)?;
             if let Some((fi, ft)) = r.features {
@@ -975,7 +942,7 @@ impl CudaStudent {
                 Some((p, _)) => Some(arena.read_f32(p)?[0]),
                 None => None,
             },
-            text_len,
+            text_rows,
             phases,
         })
     }
@@ -983,10 +950,10 @@ impl CudaStudent {
 
 /// A batch checked and written except for what each pass loads ([`CudaStudent::load_pass`]).
 struct Prepared<'a> {
-    /// The token length the batch runs at (its longest caption rounded to the text tile).
-    padded: usize,
-    /// Token ids `(N, padded)`.
-    tokens: Cow<'a, [u32]>,
+    /// The token length of the rows (the longest caption or more).
+    len: usize,
+    /// Token ids `(N, len)`.
+    tokens: &'a [u32],
     /// Valid tokens per row.
     lengths: &'a [usize],
     /// Where the images come from.

@@ -14,14 +14,19 @@
 //! query, key and value packed as the attention kernel reads them; [`CudaTextTower::param_map`]
 //! says where each Hugging Face `BertLayer` tensor lies in them.
 //!
-//! Variable length. `TextTowerDims::block.len` is the longest padded length and sizes the
-//! arena; [`CudaTextTower::set_batch`] takes token ids `(B, L)` for any L up to it and runs the
-//! plans of that L (see [`super::block`]: the first B·L rows of every `(B·L, ·)` region).
+//! Packed tokens. `TextTowerDims::block.len` is the longest caption and sizes the arena;
+//! [`CudaTextTower::set_batch`] takes token ids `(B, L)` for any L up to it with each row's
+//! length, and packs the valid tokens back to back: the embeddings, every block
+//! ([`CudaBlock::set_packed`]) and the pooling run on those rows only, so a short caption costs
+//! its own tokens, not the batch's longest. The rows are rounded up to
+//! [`PACKED_ROW_TILE`] with filler rows at the end (the `[PAD]` token at position 0, queries
+//! of the last caption: defined values, never pooled, so their gradients are zero), which bounds
+//! the distinct row counts, each planned once, to B·L / 64.
 //!
 //! Gradients are overwritten by each backward.
 
 use super::arena::{Arena, Dtype, Layout, RegionId, Section};
-use super::block::{cast_weights, BlockDims, Buf, CudaBlock, Planner};
+use super::block::{cast_weights, BlockDims, Buf, CudaBlock, PackedSeq, Planner, PACKED_ROW_TILE};
 use crate::config::{ModelConfig, NormPlacement, Pooling};
 use anyhow::{anyhow, bail, ensure, Result};
 use mmkd_kernels::elementwise::Ew;
@@ -91,6 +96,10 @@ impl TextTowerDims {
 }
 
 const EMB: &str = "text.transformer.embeddings";
+
+/// The token id of the filler rows that round a packed batch up to its rows: `[PAD]`, id 0 of
+/// the vocabulary, at position 0.
+pub const TEXT_FILLER_ID: u32 = 0;
 
 /// The tower's own parameters (Hugging Face / open_clip names, lengths) in arena order.
 fn own_params(d: &TextTowerDims) -> Vec<(String, usize)> {
@@ -176,7 +185,7 @@ struct Regions {
     bad: RegionId,
 }
 
-/// The tower's own plans (the blocks keep theirs) for one padded length.
+/// The tower's own plans (the blocks keep theirs) for one packed row count.
 struct Plans {
     slots: Vec<(RegionId, usize)>,
     embed_fwd: Vec<Step>,
@@ -196,11 +205,11 @@ pub struct CudaTextTower {
     grads: Vec<RegionId>,
     blocks: Vec<CudaBlock>,
     r: Regions,
-    /// Plans per padded length (entry L − 1), built on first use, as the blocks do theirs
-    /// (see `CudaBlock`: any length is accepted, training asks for a few).
+    /// Plans per packed row count m (entry ⌈m / [`PACKED_ROW_TILE`]⌉ − 1), built on first
+    /// use, as the blocks do theirs.
     plans: Vec<OnceLock<Plans>>,
-    /// The padded length of the batch set last.
-    len: AtomicUsize,
+    /// The packed rows of the batch set last.
+    rows: AtomicUsize,
 }
 
 impl CudaTextTower {
@@ -311,35 +320,48 @@ impl CudaTextTower {
             grads,
             blocks,
             r,
-            plans: (0..l).map(|_| OnceLock::new()).collect(),
-            len: AtomicUsize::new(l),
+            plans: (0..m.div_ceil(PACKED_ROW_TILE))
+                .map(|_| OnceLock::new())
+                .collect(),
+            rows: AtomicUsize::new(m),
         };
-        tower.plans(l)?;
+        tower.plans(m)?;
         Ok(tower)
     }
 
-    /// The tower's plans of padded length `len`, built on first use.
-    fn plans(&self, len: usize) -> Result<&Plans> {
-        let cell = self.plans.get(len.wrapping_sub(1)).ok_or_else(|| {
-            anyhow!(
-                "text tower: padded length {len} is not in 1..={}",
-                self.dims.block.len
-            )
-        })?;
+    /// The rows a batch of `tokens` valid tokens is packed into: a multiple of
+    /// [`PACKED_ROW_TILE`], or all B·L rows when that is fewer.
+    pub fn packed_rows(&self, tokens: usize) -> usize {
+        let cap = self.dims.block.tokens();
+        tokens
+            .max(1)
+            .div_ceil(PACKED_ROW_TILE)
+            .saturating_mul(PACKED_ROW_TILE)
+            .min(cap)
+    }
+
+    /// The tower's plans for `m` packed rows, built on first use.
+    fn plans(&self, m: usize) -> Result<&Plans> {
+        let cap = self.dims.block.tokens();
+        ensure!(
+            (1..=cap).contains(&m) && (m.is_multiple_of(PACKED_ROW_TILE) || m == cap),
+            "text tower: {m} packed rows; a batch needs a multiple of {PACKED_ROW_TILE} up to \
+             {cap}, or all {cap}"
+        );
+        let cell = &self.plans[m.div_ceil(PACKED_ROW_TILE) - 1];
         if let Some(p) = cell.get() {
             return Ok(p);
         }
-        let p = self.build_plans(len)?;
+        let p = self.build_plans(m)?;
         Ok(cell.get_or_init(|| p))
     }
 
-    /// The embedding, pooling and projection plans for a batch padded to `len` tokens: every
-    /// `(B·L, ·)` op runs on the first m = B·`len` rows of its regions.
-    fn build_plans(&self, len: usize) -> Result<Plans> {
+    /// The embedding, pooling and projection plans for a batch packed into `m` rows: every
+    /// per-token op runs on the first m rows of its regions.
+    fn build_plans(&self, m: usize) -> Result<Plans> {
         let d = self.dims;
         let bd = d.block;
         let (w, b, ph, e) = (bd.width, bd.batch, d.proj_hidden, d.embed);
-        let m = b * len;
         let lay = &self.layout;
         let r = &self.r;
         let mut pl = Planner {
@@ -741,10 +763,10 @@ impl CudaTextTower {
         Ok(())
     }
 
-    /// Writes a batch: token ids `(B, L)` row-major for any L in 1..=`dims().block.len` (the
-    /// batch's padded length, selected for the next forward and backward) and the valid
-    /// length of each sequence (1..=L; keys past it are masked), and every index table
-    /// derived from them.
+    /// Writes a batch: token ids `(B, L)` row-major for any L in 1..=`dims().block.len` and
+    /// the valid length of each row (1..=L; the ids past it are not read). The valid tokens
+    /// are packed back to back into [`CudaTextTower::packed_rows`] rows (see the module docs),
+    /// selected for the next forward and backward, with every index table derived from them.
     pub fn set_batch(&self, arena: &mut Arena, tokens: &[u32], lengths: &[usize]) -> Result<()> {
         self.check_arena(arena)?;
         let d = &self.dims;
@@ -763,56 +785,85 @@ impl CudaTextTower {
         if let Some((i, &n)) = lengths.iter().enumerate().find(|(_, &n)| n == 0 || n > l) {
             bail!("text tower: length {n} of row {i} is not in 1..={l}");
         }
-        if let Some((i, &t)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t as usize >= d.vocab)
-        {
-            bail!(
-                "text tower: token {t} at position {i} is outside the vocabulary of {}",
-                d.vocab
-            );
+        let valid = |i: usize| &tokens[i * l..i * l + lengths[i]];
+        for i in 0..b {
+            if let Some((j, &t)) = valid(i)
+                .iter()
+                .enumerate()
+                .find(|(_, &t)| t as usize >= d.vocab)
+            {
+                bail!(
+                    "text tower: token {t} at position {j} of row {i} is outside the vocabulary \
+                     of {}",
+                    d.vocab
+                );
+            }
         }
-        // Every plan of this length is built (and checked) before anything is written.
-        self.plans(l)?;
+        let total: usize = lengths.iter().sum();
+        let m = self.packed_rows(total);
+        // Row b − 1 takes the filler rows: at most PACKED_ROW_TILE − 1 (total ≥ B·L − (B·L
+        // mod 64) when m is capped), which `packed_rows_cap` allows.
+        let mut seqs = Vec::with_capacity(b);
+        let mut row0 = 0;
+        for (i, &n) in lengths.iter().enumerate() {
+            let rows = if i + 1 == b { m - row0 } else { n };
+            seqs.push(PackedSeq {
+                row0,
+                rows,
+                keys: n,
+            });
+            row0 += rows;
+        }
+        // Every plan of this batch is built (and checked) before anything is written.
+        self.plans(m)?;
         for blk in &self.blocks {
-            blk.prepare_len(l)?;
+            blk.prepare_packed(m)?;
         }
         let idx = |v: usize| v as i32;
-        let pool: Vec<usize> = (0..b)
-            .map(|i| match d.pooling {
-                Pooling::Cls => i * l,
-                Pooling::Eot => i * l + lengths[i] - 1,
+        let mut tok = Vec::with_capacity(m);
+        let mut pos = Vec::with_capacity(m);
+        for (i, &n) in lengths.iter().enumerate() {
+            tok.extend(valid(i).iter().map(|&t| t as i32));
+            pos.extend((0..n).map(idx));
+        }
+        // Filler: `[PAD]` at position 0.
+        tok.resize(m, TEXT_FILLER_ID as i32);
+        pos.resize(m, 0);
+        let pool: Vec<usize> = seqs
+            .iter()
+            .map(|s| match d.pooling {
+                Pooling::Cls => s.row0,
+                Pooling::Eot => s.row0 + s.keys - 1,
             })
             .collect();
         // Output-gradient row r: the pooled gradient of its sequence, else the zero row B.
-        let mut dy_rows = vec![idx(b); b * l];
+        let mut dy_rows = vec![idx(b); m];
         for (i, &p) in pool.iter().enumerate() {
             dy_rows[p] = idx(i);
         }
-        // `(B·L)` tables are written whole: past the B·L entries of this length they hold
-        // index 0 (in range, never read).
+        // `(B·L)` tables are written whole: past the m entries of this batch they hold index 0
+        // (in range, never read).
         let r = &self.r;
         let mut rows = |id: RegionId, mut v: Vec<i32>| -> Result<()> {
             v.resize(self.layout.region(id).len, 0);
             arena.write_i32(id, &v)
         };
-        rows(r.tokens, tokens.iter().map(|&t| idx(t as usize)).collect())?;
-        rows(r.pos_index, (0..b * l).map(|p| idx(p % l)).collect())?;
-        rows(r.type_index, vec![0; b * l])?;
+        rows(r.tokens, tok)?;
+        rows(r.pos_index, pos)?;
+        rows(r.type_index, vec![0; m])?;
         rows(r.dy_rows, dy_rows)?;
         arena.write_i32(r.pool_rows, &pool.into_iter().map(idx).collect::<Vec<_>>())?;
         arena.write_i32(r.bad, &[0])?;
         for blk in &self.blocks {
-            blk.set_padded_lengths(arena, l, lengths)?;
+            blk.set_packed(arena, m, &seqs)?;
         }
-        self.len.store(l, Ordering::Relaxed);
+        self.rows.store(m, Ordering::Relaxed);
         Ok(())
     }
 
-    /// The padded length L of the current batch (the last one set; the longest before any).
-    pub fn batch_len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+    /// The rows the current batch is packed into (the last one set; all B·L before any).
+    pub fn batch_rows(&self) -> usize {
+        self.rows.load(Ordering::Relaxed)
     }
 
     /// Out-of-range gather indices seen so far (the blocks gather nothing).
@@ -821,11 +872,11 @@ impl CudaTextTower {
         Ok(arena.read_i32(self.r.bad)?[0])
     }
 
-    /// Forward at the batch's padded length: casts the master weights to bf16 (standalone
+    /// Forward on the batch's packed rows: casts the master weights to bf16 (standalone
     /// towers), then computes the features of the batch.
     pub fn forward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
-        let p = self.plans(self.batch_len())?;
+        let p = self.plans(self.batch_rows())?;
         // SAFETY: the arena has this tower's layout and every slot was checked against its
         // region when the plans were built.
         unsafe { arena.run(&p.embed_fwd, &p.slots)? };
@@ -840,7 +891,7 @@ impl CudaTextTower {
     /// activations of the last [`CudaTextTower::forward`].
     pub fn backward(&self, arena: &mut Arena) -> Result<()> {
         self.check_arena(arena)?;
-        let p = self.plans(self.batch_len())?;
+        let p = self.plans(self.batch_rows())?;
         // SAFETY: as in `forward`.
         unsafe { arena.run(&p.head_bwd, &p.slots)? };
         for blk in self.blocks.iter().rev() {
