@@ -634,7 +634,7 @@ pub fn attention_forward_emu(
         Arg::host_mut(lse),
     ];
     args.extend(sh.tail_args()?);
-    // SAFETY: every buffer was checked against the shape the kernel indexes.
+    // SAFETY: every buffer was checked against the shape the kernel indexes, and the table.
     unsafe { emu.launch("attn_fwd", sh.with_smem(FWD_SMEM), &args) }
 }
 
@@ -697,7 +697,7 @@ pub fn attention_backward_emu(
         Arg::host_mut(dv),
     ];
     dkdv.extend(sh.tail_args()?);
-    // SAFETY: every buffer was checked against the shape the kernels index.
+    // SAFETY: every buffer was checked against the shape the kernels index, and the table.
     unsafe {
         emu.launch("attn_bwd_dq", sh.with_smem(DQ_SMEM), &dqa)?;
         emu.launch("attn_bwd_dkdv", sh.with_smem(DKDV_SMEM), &dkdv)
@@ -708,8 +708,35 @@ pub fn attention_backward_emu(
 // GPU launchers (bf16 buffers as raw u16 bits)
 // ------------------------------------------------------------------------------------------
 
+/// Checks a device `seqlens` table: its length, and for packed sequences its contents
+/// (read back: the kernels take first rows as they are, and a row outside the buffers, or two
+/// sequences on the same rows, would be an access out of bounds or a race). Padded lengths
+/// need no read: the kernels clamp them to `0..=L`.
+fn check_device_table(
+    gpu: &Gpu,
+    kernel: &str,
+    sh: &AttnShape,
+    seqlens: Option<&CudaSlice<i32>>,
+) -> Result<()> {
+    match seqlens {
+        Some(s) => {
+            check_len(kernel, "seqlens", s.len(), sh.table_len())?;
+            if sh.varlen.is_some() {
+                let host = gpu
+                    .stream()
+                    .clone_dtoh(s)
+                    .map_err(|e| anyhow::anyhow!("{kernel}: reading the seqlens table: {e:?}"))?;
+                check_seqlens(sh, Some(&host[..sh.table_len()]))?;
+            }
+            Ok(())
+        }
+        None => sh.check_plan_table(false),
+    }
+}
+
 /// The forward kernel on a GPU; same parameters as [`attention_forward_cpu`], device buffers.
-/// Lengths in `seqlens` outside `0..=L` are clamped by the kernel.
+/// Lengths in `seqlens` outside `0..=L` are clamped by the kernel; a packed table is read back
+/// and checked first.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_cuda(
     gpu: &Gpu,
@@ -722,10 +749,7 @@ pub fn attention_forward_cuda(
     lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
     check_fwd(sh, [q.len(), k.len(), v.len(), o.len(), lse.len()])?;
-    match seqlens {
-        Some(s) => check_len("attn_fwd", "seqlens", s.len(), sh.table_len())?,
-        None => sh.check_plan_table(false)?,
-    }
+    check_device_table(gpu, "attn_fwd", sh, seqlens)?;
     let st = gpu.stream();
     let (pq, _gq) = q.device_ptr(st);
     let (pk, _gk) = k.device_ptr(st);
@@ -741,12 +765,12 @@ pub fn attention_forward_cuda(
     let (pl, _gl) = lse.device_ptr_mut(st);
     let mut args: Vec<Arg> = [pq, pk, pv, ps, po, pl].map(Arg::Ptr).to_vec();
     args.extend(sh.tail_args()?);
-    // SAFETY: every buffer was checked against the shape the kernel indexes.
+    // SAFETY: every buffer was checked against the shape the kernel indexes, and the table.
     unsafe { gpu.launch(&ATTENTION, "attn_fwd", sh.with_smem(FWD_SMEM), &args) }
 }
 
 /// The backward kernels on a GPU; same parameters as [`attention_backward_cpu`], device
-/// buffers.
+/// buffers; the table is checked as [`attention_forward_cuda`] checks it.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_cuda(
     gpu: &Gpu,
@@ -778,10 +802,7 @@ pub fn attention_backward_cuda(
             delta.len(),
         ],
     )?;
-    match seqlens {
-        Some(s) => check_len("attn_bwd", "seqlens", s.len(), sh.table_len())?,
-        None => sh.check_plan_table(false)?,
-    }
+    check_device_table(gpu, "attn_bwd", sh, seqlens)?;
     let st = gpu.stream();
     let (pq, _gq) = q.device_ptr(st);
     let (pk, _gk) = k.device_ptr(st);
@@ -809,7 +830,7 @@ pub fn attention_backward_cuda(
         .map(Arg::Ptr)
         .to_vec();
     dkdv.extend(sh.tail_args()?);
-    // SAFETY: every buffer was checked against the shape the kernels index.
+    // SAFETY: every buffer was checked against the shape the kernels index, and the table.
     unsafe {
         gpu.launch(&ATTENTION, "attn_bwd_dq", sh.with_smem(DQ_SMEM), &dqa)?;
         gpu.launch(&ATTENTION, "attn_bwd_dkdv", sh.with_smem(DKDV_SMEM), &dkdv)
