@@ -720,7 +720,12 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         ctx,
     )?;
 
+    // One model: the CPU step trains it, the kernels copy it into their arena and it is
+    // dropped (a second copy of ViT-B/16 + BERT's weights and gradients is 1.5 GB).
     let model = setup.model()?;
+    if let Some(dir) = &a.save_parity {
+        save_parity_weights(dir, &model)?;
+    }
     // Device memory in use before the step's arena and kernels exist (the context, and on a
     // GPU whatever else runs there): `peak_mem_bytes` counts what the step added.
     let used_before = match &target {
@@ -728,13 +733,12 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         Target::Cpu => None,
     };
     let mut stepper = match &target {
-        Target::Cpu => Stepper::Cpu(Box::new(setup.cpu(setup.model()?)?)),
-        Target::Kernels(k) => Stepper::Kernels(Box::new(setup.kernels(
-            k,
-            &model,
-            a.batch,
-            a.data.teachers,
-        )?)),
+        Target::Cpu => Stepper::Cpu(Box::new(setup.cpu(model)?)),
+        Target::Kernels(k) => {
+            let kern = setup.kernels(k, &model, a.batch, a.data.teachers)?;
+            drop(model);
+            Stepper::Kernels(Box::new(kern))
+        }
     };
     let syn = Synthetic::new(mcfg, a.batch, a.data.teachers, a.data.captions.seed);
     let mut len_rng = SplitMix64::new(a.data.captions.seed);
@@ -776,7 +780,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         )?;
         t.data = t0.elapsed().as_secs_f64();
         if let (0, Some(dir)) = (i, &a.save_parity) {
-            save_parity_inputs(dir, &model, &inp)?;
+            save_parity_batch(dir, &inp)?;
         }
         last = stepper.step(&inp, syn.pixels(), &mut t)?;
         if let (0, Some(dir)) = (i, &a.save_parity) {
@@ -1079,13 +1083,19 @@ fn bench_parity(a: &ParityArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes the weights before the first step and that step's inputs (every tensor as f32:
-/// images, tokens, lengths, teacher targets and mask) into `dir`.
-fn save_parity_inputs(dir: &Path, model: &ClipModel, inp: &StepInputs) -> Result<()> {
+/// Writes the weights before the first step of a `--save-parity` run into `dir`
+/// (`model.safetensors`).
+fn save_parity_weights(dir: &Path, model: &ClipModel) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     model
         .params
         .save_safetensors(&dir.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// Writes the first step's inputs of a `--save-parity` run (every tensor as f32: images,
+/// tokens, lengths, teacher targets and mask) beside its weights (`batch.safetensors`).
+fn save_parity_batch(dir: &Path, inp: &StepInputs) -> Result<()> {
     let as_f32 = |v: &[u32]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
     let n = inp.lengths.len();
     let mut t: BTreeMap<String, NamedTensor> = BTreeMap::new();
