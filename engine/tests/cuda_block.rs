@@ -188,7 +188,24 @@ fn cuda_block_at(
     dy: &[f32],
 ) -> Run {
     let d = *block.dims();
-    for (name, _) in param_specs(&d) {
+    load_and_poison(block, arena, ps);
+    if len == d.len {
+        block.set_lengths(arena, lengths).unwrap();
+    } else {
+        block.set_padded_lengths(arena, len, lengths).unwrap();
+    }
+    assert_eq!(block.padded_len(), Some(len));
+    assert_eq!(
+        (x.len(), dy.len()),
+        (d.batch * len * d.width, d.batch * len * d.width)
+    );
+    run_rows(block, arena, x, dy)
+}
+
+/// Writes the masters from `ps` and poisons every output, gradient, activation and scratch
+/// region with NaN.
+fn load_and_poison(block: &CudaBlock, arena: &mut Arena, ps: &ParamStore) {
+    for (name, _) in param_specs(block.dims()) {
         let id = ps.require(&format!("{PREFIX}.{name}")).unwrap();
         arena
             .write_f32(block.param(name).unwrap(), ps.value(id))
@@ -201,14 +218,14 @@ fn cuda_block_at(
             arena.poison(layout.id(&r.name).unwrap()).unwrap();
         }
     }
-    if len == d.len {
-        block.set_lengths(arena, lengths).unwrap();
-    } else {
-        block.set_padded_lengths(arena, len, lengths).unwrap();
-    }
-    assert_eq!(block.padded_len(), Some(len));
-    let n = d.batch * len * d.width;
-    assert_eq!((x.len(), dy.len()), (n, n));
+}
+
+/// Forward and backward of the selected batch on the rows `x` and `dy` hold (the rest of the
+/// input and output gradient NaN); the output and input gradient of those rows and the
+/// parameter gradients.
+fn run_rows(block: &CudaBlock, arena: &mut Arena, x: &[f32], dy: &[f32]) -> Run {
+    let d = *block.dims();
+    let n = x.len();
     let nan_tail = |v: &[f32]| {
         let mut v = bf(v);
         v.resize(d.tokens() * d.width, bf16::NAN);
@@ -482,49 +499,12 @@ fn cuda_block_packed(
     x: &[f32],
     dy: &[f32],
 ) -> Run {
-    let d = *block.dims();
-    for (name, _) in param_specs(&d) {
-        let id = ps.require(&format!("{PREFIX}.{name}")).unwrap();
-        arena
-            .write_f32(block.param(name).unwrap(), ps.value(id))
-            .unwrap();
-    }
-    let layout = arena.layout().clone();
-    for r in layout.regions() {
-        let float = r.dtype != Dtype::I32;
-        if float && matches!(r.section, Section::Grads | Section::Acts | Section::Scratch) {
-            arena.poison(layout.id(&r.name).unwrap()).unwrap();
-        }
-    }
-    let m = x.len() / d.width;
+    load_and_poison(block, arena, ps);
+    let m = x.len() / block.dims().width;
     block.set_packed(arena, m, seqs).unwrap();
     assert_eq!(block.batch_rows(), BatchRows::Packed(m));
     assert_eq!(block.padded_len(), None);
-    let nan_tail = |v: &[f32]| {
-        let mut v = bf(v);
-        v.resize(d.tokens() * d.width, bf16::NAN);
-        v
-    };
-    arena.write_bf16(block.input(), &nan_tail(x)).unwrap();
-    arena
-        .write_bf16(block.output_grad(), &nan_tail(dy))
-        .unwrap();
-    block.forward(arena).unwrap();
-    block.backward(arena).unwrap();
-    let n = m * d.width;
-    let f = |v: Vec<bf16>| {
-        v[..n]
-            .iter()
-            .map(|x| f64::from(x.to_f32()))
-            .collect::<Vec<_>>()
-    };
-    let y = f(arena.read_bf16(block.output()).unwrap());
-    let dx = f(arena.read_bf16(block.input_grad()).unwrap());
-    let grads = param_specs(&d)
-        .iter()
-        .map(|(name, _)| widen(&arena.read_f32(block.grad(name).unwrap()).unwrap()))
-        .collect();
-    Run { y, dx, grads }
+    run_rows(block, arena, x, dy)
 }
 
 /// A packed batch (the valid tokens back to back, two filler rows after the last sequence)

@@ -909,23 +909,7 @@ mod tests {
         sl: Option<&[i32]>,
         emu: Option<&Emu>,
     ) -> [Vec<f64>; 4] {
-        let e = sh.span(sh.qkv_pitch);
-        let (mut dq, mut dk, mut dv) = (
-            vec![BF16_POISON; e],
-            vec![BF16_POISON; e],
-            vec![BF16_POISON; e],
-        );
-        let mut delta = vec![f32::NAN; sh.rows()];
-        let (o, lse) = (&f.0, &f.1);
-        match emu {
-            Some(em) => attention_backward_emu(
-                em, sh, &i.q, &i.k, &i.v, o, lse, &i.d_o, sl, &mut dq, &mut dk, &mut dv, &mut delta,
-            ),
-            None => attention_backward_cpu(
-                sh, &i.q, &i.k, &i.v, o, lse, &i.d_o, sl, &mut dq, &mut dk, &mut dv, &mut delta,
-            ),
-        }
-        .unwrap();
+        let ([dq, dk, dv], delta) = backward_raw(sh, i, f, sl, emu);
         let p = sh.qkv_pitch;
         for t in [&dq, &dk, &dv] {
             assert!(
@@ -939,6 +923,32 @@ mod tests {
             sh.head_columns(&dv, p),
             delta.iter().map(|&x| f64::from(x)).collect(),
         ]
+    }
+
+    /// dq, dk, dv and delta as the reference (`emu` = `None`) or the kernels write them into
+    /// poisoned buffers.
+    fn backward_raw(
+        sh: &AttnShape,
+        i: &Inputs,
+        f: &Fwd,
+        sl: Option<&[i32]>,
+        emu: Option<&Emu>,
+    ) -> ([Vec<bf16>; 3], Vec<f32>) {
+        let e = sh.span(sh.qkv_pitch);
+        let mut g = [0; 3].map(|_| vec![BF16_POISON; e]);
+        let mut delta = vec![f32::NAN; sh.rows()];
+        let [dq, dk, dv] = &mut g;
+        let (o, lse) = (&f.0, &f.1);
+        match emu {
+            Some(em) => attention_backward_emu(
+                em, sh, &i.q, &i.k, &i.v, o, lse, &i.d_o, sl, dq, dk, dv, &mut delta,
+            ),
+            None => attention_backward_cpu(
+                sh, &i.q, &i.k, &i.v, o, lse, &i.d_o, sl, dq, dk, dv, &mut delta,
+            ),
+        }
+        .unwrap();
+        (g, delta)
     }
 
     /// The plans run the same launches as the emulation launchers: bit-identical results.
@@ -1223,94 +1233,31 @@ mod tests {
                     "{ctx}: lse of row {r} written"
                 );
             }
-            for emu in [None, Some(Emu::default())] {
-                let e = sh.span(p);
-                let mut g = [
-                    vec![BF16_POISON; e],
-                    vec![BF16_POISON; e],
-                    vec![BF16_POISON; e],
-                ];
-                let mut delta = vec![f32::NAN; sh.rows()];
-                let [dq, dk, dv] = &mut g;
-                let (o, lse) = (&want.0, &want.1);
-                match &emu {
-                    Some(em) => attention_backward_emu(
-                        em,
-                        &sh,
-                        &i.q,
-                        &i.k,
-                        &i.v,
-                        o,
-                        lse,
-                        &i.d_o,
-                        Some(&sl),
-                        dq,
-                        dk,
-                        dv,
-                        &mut delta,
-                    ),
-                    None => attention_backward_cpu(
-                        &sh,
-                        &i.q,
-                        &i.k,
-                        &i.v,
-                        o,
-                        lse,
-                        &i.d_o,
-                        Some(&sl),
-                        dq,
-                        dk,
-                        dv,
-                        &mut delta,
-                    ),
-                }
-                .unwrap();
-                for (n, t) in ["dq", "dk", "dv"].iter().zip(&g) {
-                    assert!(untouched(t, p), "{ctx}: {n} written outside the sequences");
+            // Both backwards from the reference forward, so each is judged on its own.
+            let (wg, wd) = backward_raw(&sh, &i, &want, Some(&sl), None);
+            let (g, delta) = backward_raw(&sh, &i, &want, Some(&sl), Some(&Emu::default()));
+            for (n, (gt, wt)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&wg)) {
+                for (who, t) in [("kernel", gt), ("reference", wt)] {
+                    assert!(
+                        untouched(t, p),
+                        "{ctx}: {who} wrote {n} outside the sequences"
+                    );
                     assert!(
                         gaps_hold_poison(&sh, t, p),
-                        "{ctx}: {n} written between heads"
+                        "{ctx}: {who} wrote {n} between heads"
                     );
                 }
-                if emu.is_none() {
-                    continue;
-                }
-                // Against the reference's gradients (computed in the first pass above).
-                let mut wg = [
-                    vec![BF16_POISON; e],
-                    vec![BF16_POISON; e],
-                    vec![BF16_POISON; e],
-                ];
-                let mut wd = vec![f32::NAN; sh.rows()];
-                let [wq, wk, wv] = &mut wg;
-                attention_backward_cpu(
-                    &sh,
-                    &i.q,
-                    &i.k,
-                    &i.v,
-                    o,
-                    lse,
-                    &i.d_o,
-                    Some(&sl),
-                    wq,
-                    wk,
-                    wv,
-                    &mut wd,
-                )
-                .unwrap();
-                for (n, (gt, wt)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&wg)) {
-                    let gc = cols(gt, p);
-                    assert!(gc.iter().all(|x| x.is_finite()), "{ctx}: NaN in {n}");
-                    let err = rel_err(&gc, &cols(wt, p));
-                    assert!(err <= 1e-2, "{ctx}: {n} {err}");
-                }
-                let to64 = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
-                let ed = rel_err(
-                    &to64(seq_stats(&sh, &sl, &delta)),
-                    &to64(seq_stats(&sh, &sl, &wd)),
-                );
-                assert!(ed <= 1e-4, "{ctx}: delta {ed}");
+                let gc = cols(gt, p);
+                assert!(gc.iter().all(|x| x.is_finite()), "{ctx}: NaN in {n}");
+                let err = rel_err(&gc, &cols(wt, p));
+                assert!(err <= 1e-2, "{ctx}: {n} {err}");
             }
+            let to64 = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
+            let ed = rel_err(
+                &to64(seq_stats(&sh, &sl, &delta)),
+                &to64(seq_stats(&sh, &sl, &wd)),
+            );
+            assert!(ed <= 1e-4, "{ctx}: delta {ed}");
         }
     }
 
@@ -1358,30 +1305,7 @@ mod tests {
             "{ctx}: lse"
         );
         let ga = backward(&alone, &a, &fa, None, Some(&emu));
-        let e = packed.span(p);
-        let mut g = [
-            vec![BF16_POISON; e],
-            vec![BF16_POISON; e],
-            vec![BF16_POISON; e],
-        ];
-        let mut delta = vec![f32::NAN; packed.rows()];
-        let [dq, dk, dv] = &mut g;
-        attention_backward_emu(
-            &emu,
-            &packed,
-            &b.q,
-            &b.k,
-            &b.v,
-            &fb.0,
-            &fb.1,
-            &b.d_o,
-            Some(&sl),
-            dq,
-            dk,
-            dv,
-            &mut delta,
-        )
-        .unwrap();
+        let (g, _) = backward_raw(&packed, &b, &fb, Some(&sl), Some(&emu));
         for (n, (got, want)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&ga)) {
             // Sequence 1 of the packed columns is the lone sequence's (B·H, L, 64) = (H, len, 64).
             let cols = packed.seq_columns(got, p, Some(&sl)).unwrap();

@@ -683,15 +683,39 @@ impl Setup {
     }
 }
 
-fn check_caption_args(sigma: f64, median: Option<f64>, ctx: usize) -> Result<f64> {
-    if !(sigma >= 0.0 && sigma.is_finite()) {
-        bail!("--caption-sigma must be a finite number ≥ 0");
+/// The caption lengths of a run's batches, drawn in order ([`caption_lengths`]).
+struct CaptionDraws {
+    rng: SplitMix64,
+    median: f64,
+    sigma: f64,
+    context: usize,
+}
+
+impl CaptionArgs {
+    /// The draws for a text tower of `context` tokens (median: a quarter of it by default).
+    fn draws(&self, context: usize) -> Result<CaptionDraws> {
+        let sigma = self.caption_sigma;
+        if !(sigma >= 0.0 && sigma.is_finite()) {
+            bail!("--caption-sigma must be a finite number ≥ 0");
+        }
+        let median = self.caption_median.unwrap_or(context as f64 / 4.0);
+        if !(median >= 1.0 && median.is_finite()) {
+            bail!("--caption-median must be a finite number ≥ 1");
+        }
+        Ok(CaptionDraws {
+            rng: SplitMix64::new(self.seed),
+            median,
+            sigma,
+            context,
+        })
     }
-    let median = median.unwrap_or(ctx as f64 / 4.0);
-    if !(median >= 1.0 && median.is_finite()) {
-        bail!("--caption-median must be a finite number ≥ 1");
+}
+
+impl CaptionDraws {
+    /// The next batch's `batch` lengths.
+    fn next(&mut self, batch: usize) -> Vec<usize> {
+        caption_lengths(&mut self.rng, batch, self.median, self.sigma, self.context)
     }
-    Ok(median)
 }
 
 fn bench_train(a: &TrainBenchArgs) -> Result<()> {
@@ -713,12 +737,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         (None, true) => Some(H200_BF16_PEAK_TFLOPS),
         (None, false) => None,
     };
-    let ctx = mcfg.text.context_length;
-    let median = check_caption_args(
-        a.data.captions.caption_sigma,
-        a.data.captions.caption_median,
-        ctx,
-    )?;
+    let mut captions = a.data.captions.draws(mcfg.text.context_length)?;
 
     // One model: the CPU step trains it, the kernels copy it into their arena and it is
     // dropped (a second copy of ViT-B/16 + BERT's weights and gradients is 1.5 GB).
@@ -741,7 +760,6 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         }
     };
     let syn = Synthetic::new(mcfg, a.batch, a.data.teachers, a.data.captions.seed);
-    let mut len_rng = SplitMix64::new(a.data.captions.seed);
 
     let mut times = StepTimes::default();
     let mut flops = 0.0;
@@ -752,13 +770,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
         let timed = i >= a.warmup;
         let mut t = StepTimes::default();
         let t0 = Instant::now();
-        let lengths = caption_lengths(
-            &mut len_rng,
-            a.batch,
-            median,
-            a.data.captions.caption_sigma,
-            ctx,
-        );
+        let lengths = captions.next(a.batch);
         if timed {
             flops += batch_flops(mcfg, &lengths);
             tokens += lengths.iter().sum::<usize>();
@@ -927,17 +939,15 @@ fn bench_memory(a: &MemoryArgs) -> Result<()> {
 /// (`flops::batch_flops`; the packed rows' filler, under 64 per pass, is not counted).
 fn text_rows(mcfg: &ModelConfig, a: &MemoryArgs, micro: usize) -> Result<serde_json::Value> {
     let ctx = mcfg.text.context_length;
-    let c = &a.captions;
-    let median = check_caption_args(c.caption_sigma, c.caption_median, ctx)?;
+    let mut captions = a.captions.draws(ctx)?;
     if a.caption_batches == 0 {
         bail!("--caption-batches must be at least 1");
     }
     let pass = if micro == 0 { a.batch } else { micro };
-    let mut rng = SplitMix64::new(c.seed);
     let (mut tokens, mut padded, mut packed) = (0usize, 0usize, 0usize);
     let (mut f_tokens, mut f_padded) = (0.0, 0.0);
     for _ in 0..a.caption_batches {
-        let lengths = caption_lengths(&mut rng, a.batch, median, c.caption_sigma, ctx);
+        let lengths = captions.next(a.batch);
         let longest = lengths.iter().copied().max().unwrap_or(0);
         tokens += lengths.iter().sum::<usize>();
         padded += longest * a.batch;
@@ -986,17 +996,11 @@ fn bench_parity(a: &ParityArgs) -> Result<()> {
     };
     let setup = Setup::load(&a.config, &a.sets, a.batch, a.stage, a.steps as u64)?;
     let mcfg = &setup.mcfg;
-    let ctx = mcfg.text.context_length;
-    let median = check_caption_args(
-        a.data.captions.caption_sigma,
-        a.data.captions.caption_median,
-        ctx,
-    )?;
+    let mut captions = a.data.captions.draws(mcfg.text.context_length)?;
     let model = setup.model()?;
     let mut kern = setup.kernels(&target, &model, a.batch, a.data.teachers)?;
     let mut cpu = setup.cpu(model)?;
     let syn = Synthetic::new(mcfg, a.batch, a.data.teachers, a.data.captions.seed);
-    let mut len_rng = SplitMix64::new(a.data.captions.seed);
     let mut rows = Vec::with_capacity(a.steps);
     let mut worst = (0usize, 0.0f64);
     eprintln!(
@@ -1009,13 +1013,7 @@ fn bench_parity(a: &ParityArgs) -> Result<()> {
         a.tol
     );
     for i in 0..a.steps {
-        let lengths = caption_lengths(
-            &mut len_rng,
-            a.batch,
-            median,
-            a.data.captions.caption_sigma,
-            ctx,
-        );
+        let lengths = captions.next(a.batch);
         let inp = assemble(
             &syn,
             lengths,
