@@ -40,32 +40,20 @@ struct BlockGeom {
     eps: f64,
     lengths: Option<Arc<Vec<usize>>>,
     causal: bool,
-    /// The tower runs on the valid tokens only, packed as rows `(T, W)`; attention unpacks them
-    /// to `(B, L, ·)` and packs its output.
-    packed: Option<Arc<Packed>>,
+    /// The tower runs on the valid tokens only, packed as rows `(T, W)`, the attention too
+    /// (`lengths` places the sequences).
+    packed: bool,
 }
 
-/// Where a batch's valid tokens sit in its padded `(B, L)` layout.
-#[derive(Debug)]
-struct Packed {
-    /// Flat padded row (`b · L + t`) of each packed row, sequence by sequence.
-    rows: Vec<usize>,
-    batch: usize,
-    len: usize,
-}
-
-impl Packed {
-    /// The packing of sequences of `lengths` tokens padded to `len`; `None` when nothing is
-    /// padded (packing would only copy).
-    fn of(lengths: &[usize], len: usize) -> Option<Self> {
-        lengths.iter().any(|&n| n < len).then(|| Packed {
-            rows: (0..lengths.len())
-                .flat_map(|b| (0..lengths[b]).map(move |t| b * len + t))
-                .collect(),
-            batch: lengths.len(),
-            len,
-        })
-    }
+/// Where a batch's valid tokens sit in its padded `(B, L)` layout: the flat padded row
+/// (`b · L + t`) of each packed row, sequence by sequence; `None` when nothing is padded
+/// (packing would only copy).
+fn packed_rows(lengths: &[usize], len: usize) -> Option<Vec<usize>> {
+    lengths.iter().any(|&n| n < len).then(|| {
+        (0..lengths.len())
+            .flat_map(|b| (0..lengths[b]).map(move |t| b * len + t))
+            .collect()
+    })
 }
 
 /// One transformer block on `x (B, L, W)`, or on its valid tokens `(T, W)` when packed.
@@ -79,14 +67,10 @@ fn block_forward(
     let attn = |t: &mut Tape, h: Var| -> Result<Var> {
         // (B, L, 3W), or (T, 3W) when packed
         let qkv = t.linear(p, h, b.qkv_w, Some(b.qkv_b), WLayout::OutIn, 3 * g.width)?;
-        let qkv = match &g.packed {
-            Some(k) => t.unpack_rows(qkv, &k.rows, &[k.batch, k.len, 3 * g.width])?,
-            None => qkv,
-        };
-        let a = t.attention(qkv, g.heads, g.lengths.as_deref().map(|v| &v[..]), g.causal)?; // (B, L, W)
-        let a = match &g.packed {
-            Some(k) => t.pack_rows(a, &k.rows)?,
-            None => a,
+        let lengths = g.lengths.as_deref().map(|v| &v[..]);
+        let a = match (g.packed, lengths) {
+            (true, Some(n)) => t.attention_packed(qkv, g.heads, n, g.causal)?, // (T, W)
+            _ => t.attention(qkv, g.heads, lengths, g.causal)?,                // (B, L, W)
         };
         t.linear(p, a, b.out_w, Some(b.out_b), WLayout::OutIn, g.width)
     };
@@ -164,7 +148,7 @@ impl TransformerBlock {
             eps: 1e-5,
             lengths: None,
             causal: false,
-            packed: None,
+            packed: false,
         };
         Ok(TransformerBlock { params, geom })
     }
@@ -541,7 +525,7 @@ impl ClipModel {
             eps: v.ln_eps,
             lengths: None,
             causal: false,
-            packed: None,
+            packed: false,
         };
         let x = self.run_blocks(tape, x, &vp.blocks, &geom)?;
         let l = tape.shape(x)[1]; // 1 + patches
@@ -590,10 +574,11 @@ impl ClipModel {
         };
         let x = tape.add_param(p, x, typ0)?;
         let x = tape.layer_norm(p, x, tp.emb_ln.0, tp.emb_ln.1, t.ln_eps)?;
-        // Token-wise work on the valid tokens only: short captions do not pay for the padding.
-        let packed = Packed::of(lengths, l).map(Arc::new);
+        // Every block's work on the valid tokens only: short captions do not pay for the
+        // padding.
+        let packed = packed_rows(lengths, l);
         let x = match &packed {
-            Some(k) => tape.pack_rows(x, &k.rows)?, // (T, W)
+            Some(rows) => tape.pack_rows(x, rows)?, // (T, W)
             None => x,
         };
         let geom = BlockGeom {
@@ -605,7 +590,7 @@ impl ClipModel {
             eps: t.ln_eps,
             lengths: Some(Arc::new(lengths.to_vec())),
             causal: t.causal,
-            packed: packed.clone(),
+            packed: packed.is_some(),
         };
         let x = self.run_blocks(tape, x, &tp.blocks, &geom)?;
         let rows: Vec<usize> = match t.pooling {

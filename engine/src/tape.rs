@@ -40,7 +40,6 @@ pub(crate) enum Op {
     L2Normalize(ops::l2_normalize::Saved),
     Reduce(ops::reduce::Saved),
     PackRows(ops::pack_rows::Saved),
-    UnpackRows(ops::pack_rows::Saved),
     Reshape(ops::reshape::Saved),
     Transpose(ops::reshape::SavedT),
     MatmulNt(ops::matmul::Saved),
@@ -310,7 +309,6 @@ impl Tape {
                     }
                     Op::Reduce(s) => ops::reduce::backward(s, &dy, nodes, g),
                     Op::PackRows(s) => ops::pack_rows::backward_pack(s, &dy, nodes, g),
-                    Op::UnpackRows(s) => ops::pack_rows::backward_unpack(s, &dy, nodes, g),
                     Op::Reshape(s) => ops::reshape::backward(s, dy, nodes, g),
                     Op::Transpose(s) => ops::reshape::backward_t(s, &dy, nodes, g),
                     Op::MatmulNt(s) => ops::matmul::backward(s, &dy, nodes, g),

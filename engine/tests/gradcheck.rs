@@ -173,25 +173,25 @@ fn activations_backward() {
 }
 
 fn attention_case(rng: &mut ChaCha8Rng, spec: AttnSpec) {
-    let (b, l, w) = (spec.batch, spec.len, spec.width);
-    let qkv: Vec<f64> = rv(rng, b * l * 3 * w).iter().map(|v| v * 2.0).collect();
-    let g = rv(rng, b * l * w);
-    let mut out = vec![0.0; b * l * w];
-    let mut probs = vec![0.0; b * spec.heads * l * l];
+    let (r, w) = (spec.rows(), spec.width);
+    let qkv: Vec<f64> = rv(rng, r * 3 * w).iter().map(|v| v * 2.0).collect();
+    let g = rv(rng, r * w);
+    let mut out = vec![0.0; r * w];
+    let mut probs = vec![0.0; spec.probs_len()];
     attention::forward(&qkv, &spec, &mut out, Some(&mut probs));
     assert!(
         out.iter().all(|v| v.is_finite()),
         "attention output not finite for {spec:?}"
     );
     // Outputs without a probs buffer (inference path) are identical.
-    let mut out2 = vec![0.0; b * l * w];
+    let mut out2 = vec![0.0; r * w];
     attention::forward(&qkv, &spec, &mut out2, None);
     assert_eq!(out, out2, "inference path differs for {spec:?}");
     let mut dq = vec![0.0; qkv.len()];
     attention::backward_cpu(&qkv, &probs, &g, &spec, &mut dq);
     assert!(dq.iter().all(|v| v.is_finite()));
     let num = numeric(&qkv, &mut |v| {
-        let mut o = vec![0.0; b * l * w];
+        let mut o = vec![0.0; r * w];
         attention::forward(v, &spec, &mut o, None);
         dot(&o, &g)
     });
@@ -214,10 +214,83 @@ fn attention_backward_masks_on_and_off() {
                         width,
                         lengths,
                         causal,
+                        packed: false,
                     },
                 );
             }
         }
+    }
+    // Packed sequences of 3, 1, 0 and 4 tokens back to back (8 rows).
+    for causal in [false, true] {
+        attention_case(
+            &mut rng,
+            AttnSpec {
+                batch: 4,
+                len: 4,
+                heads: 2,
+                width: 8,
+                lengths: Some(vec![3, 1, 0, 4]),
+                causal,
+                packed: true,
+            },
+        );
+    }
+}
+
+/// Packed sequences give each token the output the padded batch gives it, to the last bit,
+/// and the same gradient when the padding's output gradient is zero (up to the order of the
+/// sums, whose length differs): the padded rows' work is skipped, not approximated.
+#[test]
+fn packed_attention_matches_the_padded_batch() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let (b, l, heads, w) = (3, 5, 2, 8);
+    let lengths = vec![5, 2, 3];
+    for causal in [false, true] {
+        let padded = AttnSpec {
+            batch: b,
+            len: l,
+            heads,
+            width: w,
+            lengths: Some(lengths.clone()),
+            causal,
+            packed: false,
+        };
+        let packed = AttnSpec {
+            packed: true,
+            ..padded.clone()
+        };
+        let qkv = rv(&mut rng, b * l * 3 * w);
+        let mut g = rv(&mut rng, b * l * w);
+        let rows: Vec<usize> = (0..b)
+            .flat_map(|i| (0..lengths[i]).map(move |t| i * l + t))
+            .collect();
+        for r in (0..b * l).filter(|r| !rows.contains(r)) {
+            g[r * w..(r + 1) * w].fill(0.0);
+        }
+        let pick = |v: &[f64], d: usize| -> Vec<f64> {
+            rows.iter()
+                .flat_map(|&r| v[r * d..(r + 1) * d].to_vec())
+                .collect()
+        };
+        let run = |spec: &AttnSpec, qkv: &[f64], g: &[f64]| {
+            let mut out = vec![0.0; spec.rows() * w];
+            let mut probs = vec![0.0; spec.probs_len()];
+            attention::forward(qkv, spec, &mut out, Some(&mut probs));
+            let mut d = vec![0.0; qkv.len()];
+            attention::backward_cpu(qkv, &probs, g, spec, &mut d);
+            (out, d)
+        };
+        let (o_pad, d_pad) = run(&padded, &qkv, &g);
+        let (o_pk, d_pk) = run(&packed, &pick(&qkv, 3 * w), &pick(&g, w));
+        assert_eq!(o_pk, pick(&o_pad, w), "causal {causal}: output");
+        let d_want = pick(&d_pad, 3 * w);
+        let worst = d_pk
+            .iter()
+            .zip(&d_want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst <= 1e-14, "causal {causal}: gradient off by {worst:e}");
+        assert!(packed.probs_len() < padded.probs_len());
     }
 }
 
@@ -235,6 +308,7 @@ fn attention_never_reads_padded_keys() {
             width,
             lengths: Some(vec![4, 1]),
             causal,
+            packed: false,
         };
         let run = |qkv: &[f64]| {
             let mut out = vec![0.0; b * l * width];
@@ -282,6 +356,7 @@ fn attention_fully_masked_rows_are_zero() {
         width: 4,
         lengths: Some(vec![2, 0]),
         causal: true,
+        packed: false,
     };
     let qkv = rv(&mut rng, 2 * 3 * 12);
     let mut out = vec![0.0; 2 * 3 * 4];
@@ -475,7 +550,7 @@ fn reductions_select_transpose_matmul_scale_backward() {
             &numeric(&x, &mut |v| 0.3 * reduce::forward(v, r)),
         );
     }
-    // pack_rows: x (6 rows of 2) rows [4, 0, 5]; unpack_rows: those 3 rows back into 6.
+    // pack_rows: x (6 rows of 2) rows [4, 0, 5].
     let idx = [4usize, 0, 5];
     let g = rv(&mut rng, 6);
     let mut dx = vec![0.0; 12];
@@ -486,15 +561,6 @@ fn reductions_select_transpose_matmul_scale_backward() {
         dot(&y, &g)
     });
     assert_close("pack_rows", &dx, &num);
-    let (xs, g) = (rv(&mut rng, 6), rv(&mut rng, 12));
-    let mut dxs = vec![0.0; 6];
-    pack_rows::gather(&g, &idx, 2, &mut dxs);
-    let num = numeric(&xs, &mut |v| {
-        let mut y = vec![0.0; 12];
-        pack_rows::scatter_add(v, &idx, 2, &mut y);
-        dot(&y, &g)
-    });
-    assert_close("unpack_rows", &dxs, &num);
     // transpose (3, 4)
     let g = rv(&mut rng, 12);
     let mut dx = vec![0.0; 12];

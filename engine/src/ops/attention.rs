@@ -2,6 +2,8 @@
 //!
 //! Input `qkv (B, L, 3W)` packed as `[Q | K | V]` along the last axis, each split into `H` heads
 //! of width `d = W/H` (open_clip `in_proj` and BERT query/key/value order). Output `o (B, L, W)`.
+//! Or packed sequences (`AttnSpec::packed`): `qkv (T, 3W)` holds the B sequences' tokens back
+//! to back, `lengths[b]` rows each, and `o` is `(T, W)`; no row is padding, so no work is.
 //! Per batch `b` and head `h`:
 //!   `S = Q Kᵀ / √d + M` (L, L), where `M` is −∞ at keys `j ≥ len[b]` (key padding) and at
 //!   `j > i` (causal);  `P = softmax_rows(S)`;  `O = P V`.
@@ -35,6 +37,18 @@ pub struct AttnSpec {
     pub lengths: Option<Vec<usize>>,
     /// Mask keys after the query position.
     pub causal: bool,
+    /// The sequences lie back to back, `lengths[b]` rows each (at most `len`), instead of `len`
+    /// rows each.
+    pub packed: bool,
+}
+
+/// One sequence's rows of `qkv`, `o` and `dqkv`, and its block of the saved probabilities.
+struct Slab {
+    row0: usize,
+    rows: usize,
+    valid: usize,
+    /// First element of its `(H, rows, rows)` probabilities.
+    p0: usize,
 }
 
 impl AttnSpec {
@@ -43,6 +57,55 @@ impl AttnSpec {
             .as_ref()
             .map_or(self.len, |l| l[b].min(self.len))
     }
+
+    /// Rows of `qkv` and `o`: B·L, or the sum of the lengths when packed.
+    pub fn rows(&self) -> usize {
+        if self.packed {
+            (0..self.batch).map(|b| self.valid(b)).sum()
+        } else {
+            self.batch * self.len
+        }
+    }
+
+    /// Elements of the saved probabilities: `(B, H, L, L)`, or `(H, n, n)` per sequence of
+    /// n rows when packed.
+    pub fn probs_len(&self) -> usize {
+        self.slabs()
+            .iter()
+            .map(|s| self.heads * s.rows * s.rows)
+            .sum()
+    }
+
+    fn slabs(&self) -> Vec<Slab> {
+        let (mut row0, mut p0) = (0, 0);
+        (0..self.batch)
+            .map(|b| {
+                let valid = self.valid(b);
+                let rows = if self.packed { valid } else { self.len };
+                let s = Slab {
+                    row0,
+                    rows,
+                    valid,
+                    p0,
+                };
+                row0 += rows;
+                p0 += self.heads * rows * rows;
+                s
+            })
+            .collect()
+    }
+}
+
+/// Splits `buf` into consecutive disjoint pieces of `sizes` elements (each sequence's own
+/// rows, so the sequences run in parallel without write races).
+fn split_mut<T>(mut buf: &mut [T], sizes: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    let mut out = Vec::new();
+    for n in sizes {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);
+        out.push(head);
+        buf = tail;
+    }
+    out
 }
 
 /// Softmax of the masked, scaled score rows of one (batch, head) in place. The exponentials
@@ -75,15 +138,19 @@ fn softmax_rows<T: Real>(p: &mut [T], l: usize, valid: usize, causal: bool, scal
     }
 }
 
-/// CPU forward. `probs` (B·H·L·L) receives P when given (training); otherwise a scratch buffer
-/// per batch item is used.
+/// CPU forward. `probs` (`AttnSpec::probs_len`) receives P when given (training); otherwise a
+/// scratch buffer per sequence is used.
 pub fn forward<T: Real>(qkv: &[T], spec: &AttnSpec, out: &mut [T], probs: Option<&mut [T]>) {
-    let (l, w, h) = (spec.len, spec.width, spec.heads);
+    let (w, h) = (spec.width, spec.heads);
     let d = w / h;
     let scale = T::from_f64(1.0 / (d as f64).sqrt());
-    let body = |b: usize, ob: &mut [T], pb: &mut [T], per_head: bool| {
-        let xb = &qkv[b * l * 3 * w..(b + 1) * l * 3 * w];
-        let valid = spec.valid(b);
+    let slabs = spec.slabs();
+    let body = |sl: &Slab, ob: &mut [T], pb: &mut [T], per_head: bool| {
+        let (l, valid) = (sl.rows, sl.valid);
+        if l == 0 {
+            return; // a packed sequence of no tokens
+        }
+        let xb = &qkv[sl.row0 * 3 * w..(sl.row0 + l) * 3 * w];
         for hd in 0..h {
             let p = if per_head {
                 &mut pb[hd * l * l..(hd + 1) * l * l]
@@ -124,33 +191,41 @@ pub fn forward<T: Real>(qkv: &[T], spec: &AttnSpec, out: &mut [T], probs: Option
             );
         }
     };
+    let outs = split_mut(out, slabs.iter().map(|s| s.rows * w));
     match probs {
-        Some(pr) => out
-            .par_chunks_mut(l * w)
-            .zip(pr.par_chunks_mut(h * l * l))
-            .enumerate()
-            .for_each(|(b, (ob, pb))| body(b, ob, pb, true)),
-        None => out.par_chunks_mut(l * w).enumerate().for_each(|(b, ob)| {
-            let mut scratch = vec![T::zero(); l * l];
-            body(b, ob, &mut scratch, false)
+        Some(pr) => {
+            let ps = split_mut(pr, slabs.iter().map(|s| h * s.rows * s.rows));
+            outs.into_par_iter()
+                .zip(ps)
+                .zip(&slabs)
+                .for_each(|((ob, pb), sl)| body(sl, ob, pb, true))
+        }
+        None => outs.into_par_iter().zip(&slabs).for_each(|(ob, sl)| {
+            let mut scratch = vec![T::zero(); sl.rows * sl.rows];
+            body(sl, ob, &mut scratch, false)
         }),
     }
 }
 
-/// CPU backward: accumulates into `dqkv (B, L, 3W)`.
+/// CPU backward: accumulates into `dqkv` (the shape of `qkv`).
 pub fn backward_cpu<T: Real>(qkv: &[T], probs: &[T], dout: &[T], spec: &AttnSpec, dqkv: &mut [T]) {
-    let (l, w, h) = (spec.len, spec.width, spec.heads);
+    let (w, h) = (spec.width, spec.heads);
     let d = w / h;
     let scale = T::from_f64(1.0 / (d as f64).sqrt());
-    dqkv.par_chunks_mut(l * 3 * w)
-        .enumerate()
-        .for_each(|(b, dxb)| {
-            let xb = &qkv[b * l * 3 * w..(b + 1) * l * 3 * w];
-            let dob = &dout[b * l * w..(b + 1) * l * w];
-            let valid = spec.valid(b);
+    let slabs = spec.slabs();
+    split_mut(dqkv, slabs.iter().map(|s| s.rows * 3 * w))
+        .into_par_iter()
+        .zip(&slabs)
+        .for_each(|(dxb, sl)| {
+            let (l, valid) = (sl.rows, sl.valid);
+            if l == 0 {
+                return;
+            }
+            let xb = &qkv[sl.row0 * 3 * w..(sl.row0 + l) * 3 * w];
+            let dob = &dout[sl.row0 * w..(sl.row0 + l) * w];
             let mut ds = vec![T::zero(); l * l];
             for hd in 0..h {
-                let p = &probs[(b * h + hd) * l * l..(b * h + hd + 1) * l * l];
+                let p = &probs[sl.p0 + hd * l * l..sl.p0 + (hd + 1) * l * l];
                 let dout_h = Mat {
                     data: &dob[hd * d..],
                     rs: w,
@@ -236,8 +311,8 @@ impl Saved {
 }
 
 impl Tape {
-    /// Multi-head attention over packed `qkv (B, L, 3W)` → `(B, L, W)`. `lengths` (one per
-    /// batch item, at most L) masks padded keys; `causal` masks future keys.
+    /// Multi-head attention over `qkv (B, L, 3W)` → `(B, L, W)`. `lengths` (one per batch
+    /// item, at most L) masks padded keys; `causal` masks future keys.
     pub fn attention(
         &mut self,
         qkv: Var,
@@ -247,15 +322,8 @@ impl Tape {
     ) -> Result<Var> {
         self.check_var("attention", qkv)?;
         let s = self.shape(qkv).to_vec();
-        if s.len() != 3
-            || !s[2].is_multiple_of(3)
-            || heads == 0
-            || !(s[2] / 3).is_multiple_of(heads)
-        {
-            return shape_err(
-                "attention",
-                format!("qkv must be (B, L, 3W) with W divisible by {heads} heads, got {s:?}"),
-            );
+        if s.len() != 3 {
+            return shape_err("attention", format!("qkv must be (B, L, 3W), got {s:?}"));
         }
         if let Some(lens) = lengths {
             if lens.len() != s[0] {
@@ -266,7 +334,6 @@ impl Tape {
                 )));
             }
         }
-        self.dispatch("attention")?;
         let spec = AttnSpec {
             batch: s[0],
             len: s[1],
@@ -274,11 +341,61 @@ impl Tape {
             width: s[2] / 3,
             lengths: lengths.map(|l| l.to_vec()),
             causal,
+            packed: false,
         };
-        let mut out = vec![0.0f32; s[0] * s[1] * spec.width];
+        self.attention_of(qkv, s[2], spec)
+    }
+
+    /// Multi-head attention over packed sequences: `qkv (T, 3W)` holds sequence b's
+    /// `lengths[b]` tokens after those of the sequences before it (T = Σ lengths) → `(T, W)`.
+    /// The same result, row for row, as [`Tape::attention`] on the padded batch, without the
+    /// padding's rows or work.
+    pub fn attention_packed(
+        &mut self,
+        qkv: Var,
+        heads: usize,
+        lengths: &[usize],
+        causal: bool,
+    ) -> Result<Var> {
+        self.check_var("attention_packed", qkv)?;
+        let s = self.shape(qkv).to_vec();
+        let total: usize = lengths.iter().sum();
+        if s.len() != 2 || s[0] != total || lengths.is_empty() {
+            return shape_err(
+                "attention_packed",
+                format!(
+                    "qkv must be (T, 3W) with T = {total}, the sum of {} lengths, got {s:?}",
+                    lengths.len()
+                ),
+            );
+        }
+        let spec = AttnSpec {
+            batch: lengths.len(),
+            len: lengths.iter().copied().max().unwrap_or(0),
+            heads,
+            width: s[1] / 3,
+            lengths: Some(lengths.to_vec()),
+            causal,
+            packed: true,
+        };
+        self.attention_of(qkv, s[1], spec)
+    }
+
+    /// Checks the heads against the `3W` columns, runs the forward and records the op.
+    fn attention_of(&mut self, qkv: Var, cols: usize, spec: AttnSpec) -> Result<Var> {
+        let heads = spec.heads;
+        if !cols.is_multiple_of(3) || heads == 0 || !(cols / 3).is_multiple_of(heads) {
+            return shape_err(
+                "attention",
+                format!("{cols} qkv columns are not 3W with W divisible by {heads} heads"),
+            );
+        }
+        self.dispatch("attention")?;
+        let rows = spec.rows();
+        let mut out = vec![0.0f32; rows * spec.width];
         let record = self.is_recording();
         let mut probs = if record {
-            vec![0.0f32; s[0] * heads * s[1] * s[1]]
+            vec![0.0f32; spec.probs_len()]
         } else {
             Vec::new()
         };
@@ -288,7 +405,11 @@ impl Tape {
             &mut out,
             record.then_some(&mut probs[..]),
         );
-        let shape = vec![s[0], s[1], spec.width];
+        let shape = if spec.packed {
+            vec![rows, spec.width]
+        } else {
+            vec![spec.batch, spec.len, spec.width]
+        };
         let ng = self.needs_grad(qkv);
         Ok(self.push(out, shape, ng, Op::Attention(Saved { qkv, spec, probs })))
     }

@@ -1,14 +1,12 @@
-//! Packing the valid tokens of a padded batch into consecutive rows, and back.
+//! Packing the valid tokens of a padded batch into consecutive rows.
 //!
-//! `pack_rows`: `x (N, D)` (leading dims flattened), `idx (T)` → `y (T, D)`, `y[i] = x[idx[i]]`;
-//! backward `dx[idx[i]] += dy[i]`.
-//! `unpack_rows`: `x (T, D)`, `idx (T)` → `y (N, D)`, `y[idx[i]] = x[i]`, the other rows zero;
-//! backward `dx[i] += dy[idx[i]]`. `idx` holds distinct rows.
+//! `pack_rows`: `x (N, D)` (leading dims flattened), `idx (T)` distinct rows → `y (T, D)`,
+//! `y[i] = x[idx[i]]`; backward `dx[idx[i]] += dy[i]`.
 //!
 //! Token pooling is `pack_rows` of one row per sequence (the class token, the end of text).
-//! The text tower runs its token-wise ops (LayerNorm, the linears, the activations) on the
-//! packed rows only, so a caption pays for its own tokens and not for the padding up to the
-//! batch's longest; attention unpacks its input to the padded layout and packs its output.
+//! The text tower runs its blocks on the packed rows only (the attention through
+//! [`Tape::attention_packed`]), so a caption pays for its own tokens and not for the padding up
+//! to the batch's longest.
 
 use crate::error::{shape_err, Result};
 use crate::real::Real;
@@ -73,45 +71,11 @@ impl Tape {
         };
         Ok(self.push(y, vec![idx.len(), d], ng, Op::PackRows(saved)))
     }
-
-    /// The inverse of [`Tape::pack_rows`]: `x (T, D)` into rows `idx` of a zero tensor of
-    /// `shape` (last dim D, `idx.len() == T`, distinct rows).
-    pub fn unpack_rows(&mut self, x: Var, idx: &[usize], shape: &[usize]) -> Result<Var> {
-        self.check_var("unpack_rows", x)?;
-        let s = self.shape(x).to_vec();
-        let d = *shape.last().unwrap_or(&0);
-        if s.len() != 2 || s[0] != idx.len() || s[1] != d || d == 0 {
-            return shape_err(
-                "unpack_rows",
-                format!("x {s:?} with {} rows into {shape:?}", idx.len()),
-            );
-        }
-        let n = shape.iter().product::<usize>() / d;
-        self.check_rows("unpack_rows", x, idx, n)?;
-        self.dispatch("unpack_rows")?;
-        let mut y = vec![0.0f32; n * d];
-        scatter_add(self.value(x), idx, d, &mut y);
-        let ng = self.needs_grad(x);
-        let saved = Saved {
-            x,
-            idx: idx.to_vec(),
-            d,
-        };
-        Ok(self.push(y, shape.to_vec(), ng, Op::UnpackRows(saved)))
-    }
 }
 
 pub(crate) fn backward_pack(s: &Saved, dy: &[f32], nodes: &[Node], g: &mut Grads) {
     if nodes[s.x.0].needs_grad {
         scatter_add(dy, &s.idx, s.d, g.of(nodes, s.x));
-    }
-}
-
-pub(crate) fn backward_unpack(s: &Saved, dy: &[f32], nodes: &[Node], g: &mut Grads) {
-    if nodes[s.x.0].needs_grad {
-        let mut dx = vec![0.0f32; s.idx.len() * s.d];
-        gather(dy, &s.idx, s.d, &mut dx);
-        g.add(s.x, dx);
     }
 }
 
@@ -121,7 +85,7 @@ mod tests {
     use crate::tape::Tape;
 
     #[test]
-    fn pack_then_unpack_keeps_the_rows_and_zeroes_the_rest() {
+    fn pack_keeps_the_rows_and_scatters_their_gradient_back() {
         let mut t = Tape::new();
         let x = t
             .input((1..=12).map(|v| v as f32).collect(), &[2, 3, 2])
@@ -129,15 +93,12 @@ mod tests {
         let p = t.pack_rows(x, &[1, 3, 4]).unwrap();
         assert_eq!(t.shape(p), &[3, 2]);
         assert_eq!(t.value(p), &[3.0, 4.0, 7.0, 8.0, 9.0, 10.0]);
-        let u = t.unpack_rows(p, &[1, 3, 4], &[2, 3, 2]).unwrap();
-        let want = [0.0, 0.0, 3.0, 4.0, 0.0, 0.0, 7.0, 8.0, 9.0, 10.0, 0.0, 0.0];
-        assert_eq!(t.value(u), &want);
-        let seed: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let seed: Vec<f32> = (0..6).map(|v| v as f32).collect();
         let mut ps = ParamStore::new();
-        let dx = t.backward_collect(&mut ps, &[(u, &seed)], &[x]).unwrap();
+        let dx = t.backward_collect(&mut ps, &[(p, &seed)], &[x]).unwrap();
         assert_eq!(
             dx[0],
-            [0.0, 0.0, 2.0, 3.0, 0.0, 0.0, 6.0, 7.0, 8.0, 9.0, 0.0, 0.0]
+            [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0]
         );
     }
 
@@ -147,9 +108,6 @@ mod tests {
         let x = t.input(vec![0.0; 8], &[4, 2]).unwrap();
         assert!(t.pack_rows(x, &[0, 4]).is_err());
         assert!(t.pack_rows(x, &[1, 1]).is_err());
-        let p = t.pack_rows(x, &[2, 0]).unwrap();
-        assert!(t.unpack_rows(p, &[2, 0], &[4, 3]).is_err());
-        assert!(t.unpack_rows(p, &[2, 2], &[4, 2]).is_err());
-        assert!(t.unpack_rows(p, &[2], &[4, 2]).is_err());
+        t.pack_rows(x, &[2, 0]).unwrap();
     }
 }
