@@ -511,3 +511,59 @@ fn memory_report_adds_up_and_shrinks_with_checkpointing_and_micro_batches() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("divide"));
 }
+
+/// `bench memory` counts the rows the kernels' text tower runs on at `bench train`'s caption
+/// lengths: the valid tokens packed per pass and rounded up to a 64-row tile (at most the
+/// batch's B·context rows), against padding each batch to its longest caption.
+#[test]
+fn memory_report_counts_the_packed_text_rows() {
+    let cfg = tiny();
+    let c = cfg.to_str().unwrap();
+    let rows = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench", "memory", "--config", c, "--batch", "8"];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {err}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["text_rows"].clone()
+    };
+    // Every caption 30 tokens of the tiny config's 32: 240 tokens a batch, packed into all
+    // 8 · 32 = 256 rows (the next tile, 256, is the cap), padded to 30 a row.
+    let fixed = rows(&["--caption-median", "30", "--caption-sigma", "0"]);
+    assert_eq!(num(&fixed, "tokens_per_sample"), 30.0, "{fixed}");
+    assert_eq!(num(&fixed, "padded_rows_per_sample"), 30.0, "{fixed}");
+    assert_eq!(num(&fixed, "packed_rows_per_sample"), 32.0, "{fixed}");
+    assert_eq!(
+        num(&fixed, "flops_per_sample"),
+        num(&fixed, "padded_flops_per_sample")
+    );
+    // The default log-normal lengths: filler under one tile per pass, padding to the longest.
+    for (extra, passes) in [(&[][..], 1.0), (&["--set", "micro_batch=4"][..], 2.0)] {
+        let v = rows(extra);
+        let (tok, packed) = (
+            num(&v, "tokens_per_sample"),
+            num(&v, "packed_rows_per_sample"),
+        );
+        let padded = num(&v, "padded_rows_per_sample");
+        assert!(tok >= 2.0 && packed >= tok, "{extra:?}: {v}");
+        assert!(packed - tok < passes * 64.0 / 8.0, "{extra:?}: {v}");
+        assert!(padded >= tok && padded <= 32.0, "{extra:?}: {v}");
+        let (f, fp) = (
+            num(&v, "flops_per_sample"),
+            num(&v, "padded_flops_per_sample"),
+        );
+        assert!(f > 0.0 && fp >= f, "{extra:?}: {v}");
+    }
+    let out = run(&[
+        "bench",
+        "memory",
+        "--config",
+        c,
+        "--batch",
+        "8",
+        "--caption-batches",
+        "0",
+    ]);
+    assert!(!out.status.success());
+}
