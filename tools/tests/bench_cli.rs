@@ -468,6 +468,24 @@ fn emulated_parity_of_stage_1_and_a_learned_icl_scale() {
     }
 }
 
+/// `mmkd bench memory` on the tiny config at batch 8 with `extra` flags; its JSON.
+fn memory_report(extra: &[&str]) -> serde_json::Value {
+    let cfg = tiny();
+    let mut args = vec![
+        "bench",
+        "memory",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--batch",
+        "8",
+    ];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{extra:?}: {err}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `bench memory` builds the step's table without allocating it: the sections add up to the
 /// arena (within the alignment gaps), and checkpointing and micro-batches shrink the
 /// activations; a micro-batch that does not divide the batch is refused.
@@ -475,14 +493,7 @@ fn emulated_parity_of_stage_1_and_a_learned_icl_scale() {
 fn memory_report_adds_up_and_shrinks_with_checkpointing_and_micro_batches() {
     let cfg = tiny();
     let c = cfg.to_str().unwrap();
-    let report = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["bench", "memory", "--config", c, "--batch", "8"];
-        args.extend_from_slice(extra);
-        let out = run(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{extra:?}: {err}");
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let report = memory_report;
     let plain = report(&[]);
     let sum: f64 = plain["sections"]
         .as_object()
@@ -519,15 +530,7 @@ fn memory_report_adds_up_and_shrinks_with_checkpointing_and_micro_batches() {
 fn memory_report_counts_the_packed_text_rows() {
     let cfg = tiny();
     let c = cfg.to_str().unwrap();
-    let rows = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["bench", "memory", "--config", c, "--batch", "8"];
-        args.extend_from_slice(extra);
-        let out = run(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{extra:?}: {err}");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["text_rows"].clone()
-    };
+    let rows = |extra: &[&str]| memory_report(extra)["text_rows"].clone();
     // Every caption 30 tokens of the tiny config's 32: 240 tokens a batch, packed into all
     // 8 · 32 = 256 rows (the next tile, 256, is the cap), padded to 30 a row.
     let fixed = rows(&["--caption-median", "30", "--caption-sigma", "0"]);

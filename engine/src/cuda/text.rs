@@ -53,14 +53,13 @@ pub struct TextTowerDims {
     pub embed: usize,
     /// Which row of each sequence is projected.
     pub pooling: Pooling,
-    /// One block's sizes; `len` is the longest padded length of a batch (at most `context`),
-    /// which sizes the arena.
+    /// One block's sizes; `len` is the longest caption a batch may hold (at most `context`),
+    /// which sizes the arena (B·len rows).
     pub block: BlockDims,
 }
 
 impl TextTowerDims {
-    /// The text tower of `config` for batches of `batch` sequences padded to at most `len`
-    /// tokens.
+    /// The text tower of `config` for batches of `batch` captions of at most `len` tokens.
     pub fn from_config(config: &ModelConfig, batch: usize, len: usize) -> Result<Self> {
         let t = &config.text;
         ensure!(
@@ -237,7 +236,7 @@ impl CudaTextTower {
         );
         ensure!(
             bd.len > 0 && bd.len <= d.context,
-            "text tower: padded length {} is not in 1..={}",
+            "text tower: longest caption {} is not in 1..={}",
             bd.len,
             d.context
         );
