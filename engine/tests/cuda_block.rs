@@ -6,7 +6,8 @@
 use half::bf16;
 use mmkd_engine::cuda::arena::ALIGN;
 use mmkd_engine::cuda::{
-    param_specs, Arena, BatchRows, BlockDims, CudaBlock, Dtype, Layout, PackedSeq, Section,
+    packed_rows, param_specs, Arena, BatchRows, BlockDims, CudaBlock, Dtype, Layout, PackedSeq,
+    Section,
 };
 use mmkd_engine::{Activation, NormPlacement, ParamStore, Tape, TransformerBlock, WLayout};
 use mmkd_kernels::gemm::GemmPath;
@@ -605,6 +606,21 @@ fn packed_batch_matches_the_padded_batch() {
         block.set_packed(&mut arena, 120, &full).unwrap();
         let long = [at(0, 40, 40), at(40, 40, 40), at(80, 103, 40)];
         assert!(block.set_packed(&mut arena, 183, &long).is_err());
+    }
+}
+
+/// Packed row counts: the tokens rounded up to a 64-row tile, capped at the block's rows.
+#[test]
+fn packed_row_counts_round_up_to_the_tile_within_the_cap() {
+    for (tokens, cap, want) in [
+        (1, 120, 64),
+        (64, 120, 64),
+        (65, 120, 120),
+        (62, 120, 64),
+        (130, 1000, 192),
+        (7, 48, 48),
+    ] {
+        assert_eq!(packed_rows(tokens, cap), want, "{tokens} tokens, cap {cap}");
     }
 }
 

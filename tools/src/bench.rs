@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::kstep::KernelTrainer;
-use mmkd_engine::cuda::{KernelStep, KernelTarget, Section, ICL_SCALE, PACKED_ROW_TILE};
+use mmkd_engine::cuda::{packed_rows, KernelStep, KernelTarget, Section, ICL_SCALE};
 
 /// Bf16 dense peak of an H200 as measured for this project (issue 6: about 790 TFLOP/s); the
 /// default MFU denominator on CUDA.
@@ -952,11 +952,7 @@ fn text_rows(mcfg: &ModelConfig, a: &MemoryArgs, micro: usize) -> Result<serde_j
         tokens += lengths.iter().sum::<usize>();
         padded += longest * a.batch;
         for p in lengths.chunks(pass) {
-            let t: usize = p.iter().sum();
-            packed += t
-                .div_ceil(PACKED_ROW_TILE)
-                .saturating_mul(PACKED_ROW_TILE)
-                .min(p.len() * ctx);
+            packed += packed_rows(p.iter().sum(), p.len() * ctx);
         }
         f_tokens += batch_flops(mcfg, &lengths);
         f_padded += batch_flops(mcfg, &vec![longest; a.batch]);

@@ -65,6 +65,29 @@ use std::sync::{Mutex, OnceLock};
 /// up to `PACKED_ROW_TILE − 1` filler rows. One attention tile.
 pub const PACKED_ROW_TILE: usize = 64;
 
+/// The rows a packed batch of `tokens` valid tokens runs on when at most `cap` rows are
+/// there: `tokens` rounded up to [`PACKED_ROW_TILE`], or all `cap` when that is fewer (the
+/// filler stays under a tile either way, since `tokens ≤ cap`).
+pub fn packed_rows(tokens: usize, cap: usize) -> usize {
+    tokens
+        .max(1)
+        .div_ceil(PACKED_ROW_TILE)
+        .saturating_mul(PACKED_ROW_TILE)
+        .min(cap)
+}
+
+/// The plan slot of a packed batch of `m` rows out of at most `cap` ([`packed_rows`] gives
+/// only these counts): ⌈m / [`PACKED_ROW_TILE`]⌉ − 1, one per count, as only `cap` itself may
+/// be no multiple of the tile. `what` names the caller in the error.
+pub(super) fn packed_slot(what: &str, m: usize, cap: usize) -> Result<usize> {
+    ensure!(
+        (1..=cap).contains(&m) && (m.is_multiple_of(PACKED_ROW_TILE) || m == cap),
+        "{what}: a packed batch of {m} rows; it needs a multiple of {PACKED_ROW_TILE} rows up \
+         to {cap}, or all {cap}"
+    );
+    Ok(m.div_ceil(PACKED_ROW_TILE) - 1)
+}
+
 /// One sequence of a packed batch ([`CudaBlock::set_packed`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PackedSeq {
@@ -549,7 +572,7 @@ impl CudaBlock {
             acts,
             tables,
             plans: (0..dims.len).map(|_| OnceLock::new()).collect(),
-            packed_plans: (0..dims.tokens().div_ceil(PACKED_ROW_TILE))
+            packed_plans: (0..=packed_slot("cuda block", dims.tokens(), dims.tokens())?)
                 .map(|_| OnceLock::new())
                 .collect(),
             sel: Mutex::new(BatchRows::Padded(dims.len)),
@@ -568,14 +591,7 @@ impl CudaBlock {
                     self.dims.len
                 )
             })?,
-            BatchRows::Packed(m) => {
-                ensure!(
-                    (1..=cap).contains(&m) && (m.is_multiple_of(PACKED_ROW_TILE) || m == cap),
-                    "cuda block: a packed batch of {m} rows; it needs a multiple of \
-                     {PACKED_ROW_TILE} rows up to {cap}, or all {cap}"
-                );
-                &self.packed_plans[m.div_ceil(PACKED_ROW_TILE) - 1]
-            }
+            BatchRows::Packed(m) => &self.packed_plans[packed_slot("cuda block", m, cap)?],
         };
         if let Some(p) = cell.get() {
             return Ok(p);

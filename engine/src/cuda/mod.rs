@@ -18,7 +18,9 @@ pub mod tower;
 pub mod train_step;
 
 pub use arena::{Arena, Dtype, Layout, Region, RegionId, Section};
-pub use block::{param_specs, BatchRows, BlockDims, CudaBlock, PackedSeq, PACKED_ROW_TILE};
+pub use block::{
+    packed_rows, param_specs, BatchRows, BlockDims, CudaBlock, PackedSeq, PACKED_ROW_TILE,
+};
 pub use student::{
     CudaStudent, Images, StepPhases, StepReport, StudentBatch, StudentSetup, ICL_SCALE, LOGIT_SCALE,
 };

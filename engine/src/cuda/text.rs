@@ -19,14 +19,16 @@
 //! length, and packs the valid tokens back to back: the embeddings, every block
 //! ([`CudaBlock::set_packed`]) and the pooling run on those rows only, so a short caption costs
 //! its own tokens, not the batch's longest. The rows are rounded up to
-//! [`PACKED_ROW_TILE`] with filler rows at the end (the `[PAD]` token at position 0, queries
+//! [`PACKED_ROW_TILE`](super::block::PACKED_ROW_TILE) with filler rows at the end (the `[PAD]` token at position 0, queries
 //! of the last caption: defined values, never pooled, so their gradients are zero), which bounds
 //! the distinct row counts, each planned once, to B·L / 64.
 //!
 //! Gradients are overwritten by each backward.
 
 use super::arena::{Arena, Dtype, Layout, RegionId, Section};
-use super::block::{cast_weights, BlockDims, Buf, CudaBlock, PackedSeq, Planner, PACKED_ROW_TILE};
+use super::block::{
+    cast_weights, packed_rows, packed_slot, BlockDims, Buf, CudaBlock, PackedSeq, Planner,
+};
 use crate::config::{ModelConfig, NormPlacement, Pooling};
 use anyhow::{anyhow, bail, ensure, Result};
 use mmkd_kernels::elementwise::Ew;
@@ -204,7 +206,7 @@ pub struct CudaTextTower {
     grads: Vec<RegionId>,
     blocks: Vec<CudaBlock>,
     r: Regions,
-    /// Plans per packed row count m (entry ⌈m / [`PACKED_ROW_TILE`]⌉ − 1), built on first
+    /// Plans per packed row count m (entry ⌈m / [`PACKED_ROW_TILE`](super::block::PACKED_ROW_TILE)⌉ − 1), built on first
     /// use, as the blocks do theirs.
     plans: Vec<OnceLock<Plans>>,
     /// The packed rows of the batch set last.
@@ -319,7 +321,7 @@ impl CudaTextTower {
             grads,
             blocks,
             r,
-            plans: (0..m.div_ceil(PACKED_ROW_TILE))
+            plans: (0..=packed_slot("text tower", m, m)?)
                 .map(|_| OnceLock::new())
                 .collect(),
             rows: AtomicUsize::new(m),
@@ -329,25 +331,14 @@ impl CudaTextTower {
     }
 
     /// The rows a batch of `tokens` valid tokens is packed into: a multiple of
-    /// [`PACKED_ROW_TILE`], or all B·L rows when that is fewer.
+    /// [`PACKED_ROW_TILE`](super::block::PACKED_ROW_TILE), or all B·L rows when that is fewer.
     pub fn packed_rows(&self, tokens: usize) -> usize {
-        let cap = self.dims.block.tokens();
-        tokens
-            .max(1)
-            .div_ceil(PACKED_ROW_TILE)
-            .saturating_mul(PACKED_ROW_TILE)
-            .min(cap)
+        packed_rows(tokens, self.dims.block.tokens())
     }
 
     /// The tower's plans for `m` packed rows, built on first use.
     fn plans(&self, m: usize) -> Result<&Plans> {
-        let cap = self.dims.block.tokens();
-        ensure!(
-            (1..=cap).contains(&m) && (m.is_multiple_of(PACKED_ROW_TILE) || m == cap),
-            "text tower: {m} packed rows; a batch needs a multiple of {PACKED_ROW_TILE} up to \
-             {cap}, or all {cap}"
-        );
-        let cell = &self.plans[m.div_ceil(PACKED_ROW_TILE) - 1];
+        let cell = &self.plans[packed_slot("text tower", m, self.dims.block.tokens())?];
         if let Some(p) = cell.get() {
             return Ok(p);
         }
