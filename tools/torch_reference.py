@@ -3,7 +3,7 @@
 
     python3 tools/torch_reference.py --config configs/vit-b16-biomedbert.toml --stage kd \
         --batch 256 --steps 20 [--warmup 3] [--json FILE] [--device cpu|cuda|auto] \
-        [--compile] [--set key=value ...]
+        [--compile] [--text-layout padded|packed] [--set key=value ...]
 
 It builds the same model as engine/src/model.rs from the same TOML config (DESIGN.md §2): an
 open_clip ViT image tower (bias-free patch embedding, class token, learned positions, ln_pre,
@@ -19,9 +19,11 @@ On CUDA it trains the way fast PyTorch trainers do: bf16 autocast, SDPA attentio
 (and torch.compile with --compile). On the CPU it runs in fp32 with plain AdamW.
 
 The synthetic batches have the shapes `mmkd bench train` uses, and the caption lengths are drawn
-with the same SplitMix64 stream and formula, so both time the same amount of work. The JSON
-result has the shape of `mmkd bench train --json`, with "engine": "torch-eager" or
-"torch-compile".
+with the same SplitMix64 stream and formula. By default the captions are padded to the batch's
+longest, as PyTorch trainers usually run them; `--text-layout packed` runs the text tower on the
+valid tokens back to back, as mmkd does, with variable-length flash attention on CUDA (on the
+CPU the attention alone goes through the padded layout). The JSON result has the shape of
+`mmkd bench train --json`, with "engine": "torch-eager" or "torch-compile", and "text_layout".
 
 Parity mode (no timing): `--parity-weights W.safetensors --parity-batch B.safetensors` loads
 mmkd's weights (open_clip / HF names) and a batch (`mmkd bench train --save-parity DIR` writes
@@ -195,6 +197,46 @@ def attention(q, k, v, heads: int, key_mask, causal: bool):
     return o.transpose(1, 2).reshape(b, l, w)
 
 
+class Packed:
+    """The valid tokens of a caption batch back to back, as mmkd's text tower runs them.
+
+    `cu` (B+1,) int32 holds each caption's first row and the total; `rows` (T,) int64 maps each
+    packed row to its place in the padded (B·L) layout, which the CPU path needs."""
+
+    def __init__(self, lengths: list[int], device: torch.device):
+        self.batch, self.max_len = len(lengths), max(lengths)
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        self.total = cu[-1]
+        self.cu = torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
+        rows = torch.cat([torch.arange(n) + i * self.max_len for i, n in enumerate(lengths)])
+        self.rows = rows.to(device, non_blocking=True)
+        lens = torch.tensor(lengths, dtype=torch.int64).to(device, non_blocking=True)
+        self.key_mask = torch.arange(self.max_len, device=device)[None, :] < lens[:, None]
+
+
+def packed_attention(q, k, v, heads: int, packed: Packed, causal: bool):
+    """Attention over (T, W) projections of packed captions. On CUDA, PyTorch's
+    variable-length flash attention reads each caption's rows where they lie; on the CPU (no
+    such kernel) the rows go to the padded layout for SDPA and come back."""
+    t, w = q.shape
+    d = w // heads
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+        o = varlen_attn(q.view(t, heads, d), k.view(t, heads, d), v.view(t, heads, d),
+                        packed.cu, packed.cu, packed.max_len, packed.max_len,
+                        window_size=(-1, 0) if causal else (-1, -1))
+        return o.reshape(t, w)
+    b, l = packed.batch, packed.max_len
+
+    def pad(x):  # (T, W) -> (B, L, W), zeros past each caption
+        return x.new_zeros(b * l, w).index_copy(0, packed.rows, x).view(b, l, w)
+
+    o = attention(pad(q), pad(k), pad(v), heads, packed.key_mask, causal)
+    return o.reshape(b * l, w).index_select(0, packed.rows)
+
+
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -316,13 +358,19 @@ class BertLayer(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def _attn(self, x, key_mask):
+    def _attn(self, x, keys):
+        """`keys`: the (B, L) valid-key mask of a padded batch, or the `Packed` layout of
+        (T, W) rows."""
         s = self.attention.self
         # One packed QKV product, as the engine's fused projection (weights laid out q, k, v).
         wqkv = torch.cat([s.query.weight, s.key.weight, s.value.weight])
         bqkv = torch.cat([s.query.bias, s.key.bias, s.value.bias])
         q, k, v = F.linear(x, wqkv, bqkv).chunk(3, dim=-1)
-        return self.attention.output.dense(attention(q, k, v, self.heads, key_mask, self.causal))
+        if isinstance(keys, Packed):
+            o = packed_attention(q, k, v, self.heads, keys, self.causal)
+        else:
+            o = attention(q, k, v, self.heads, keys, self.causal)
+        return self.attention.output.dense(o)
 
     def _mlp(self, x):
         return self.output.dense(self.act(self.intermediate.dense(x)))
@@ -378,6 +426,22 @@ class TextTower(nn.Module):
             x = x[:, 0]
         else:
             x = x[torch.arange(b, device=x.device), lengths - 1]
+        return self._head(x)
+
+    def forward_packed(self, tokens, positions, packed: Packed):  # (T,), (T,) int64 -> (B, J)
+        """The same tower on the valid tokens only, back to back: every op but attention is
+        row-wise, so each caption gets what the padded batch gives it."""
+        emb = self.transformer.embeddings
+        x = (emb.word_embeddings(tokens) + emb.position_embeddings(positions)
+             + emb.token_type_embeddings.weight[0])
+        x = emb.LayerNorm(x)
+        for layer in self.transformer.encoder.layer:
+            x = _run(layer, self.checkpointing, x, packed)
+        first = packed.cu[:-1].long()
+        x = x[first] if self.pooling == "cls" else x[packed.cu[1:].long() - 1]
+        return self._head(x)
+
+    def _head(self, x):  # pooled (B, W) -> (B, J)
         if self.ln_final is not None:
             x = self.ln_final(x)
         return self.proj(x)
@@ -454,9 +518,10 @@ def distill_parts(i_hat, t_hat, s, u_img, u_txt, mask, train: dict, icl_log_c):
     return task, fd, icl
 
 
-def loss_parts(model, images, tokens, lengths, stage, targets, train, icl_log_c):
+def loss_parts(model, images, text, stage, targets, train, icl_log_c):
+    """`text`: (tokens (B, L), lengths (B,)) padded, or (tokens (T,), positions (T,), Packed)."""
     img = model.visual(images)
-    txt = model.text(tokens, lengths)
+    txt = model.text.forward_packed(*text) if len(text) == 3 else model.text(*text)
     # The losses run in fp32 at least (the engine's run in f64 internally); parity runs in f64.
     # Outside autocast: under it the products below would run in bf16 whatever their inputs.
     with torch.autocast(img.device.type, enabled=False):
@@ -540,6 +605,7 @@ def bench(args) -> dict:
     params = [p for g in opt.param_groups for p in g["params"]]
 
     b = args.batch
+    packed = args.text_layout == "packed"
     v, t = model_cfg["vision"], model_cfg["text"]
     s, c, ctx, d = v["image_size"], v["channels"], t["context_length"], model_cfg["embed_dim"]
     # Raw synthetic data, built once: u8 images, full-context token rows, unit-norm targets.
@@ -565,12 +631,23 @@ def bench(args) -> dict:
     len_rng = SplitMix64(args.seed)
 
     def assemble(lengths):
-        """The batch as the loader hands it over: normalised images, padded tokens, targets."""
+        """The batch as the loader hands it over: normalised images, the captions (padded, or
+        packed on the host from the lengths it knows), targets."""
         images = (images_u8.to(dev, non_blocking=True).float() / 255.0 - mean) / std
-        l = max(lengths)
-        lens = torch.tensor(lengths, dtype=torch.int64).to(dev, non_blocking=True)
-        tok = tokens_all[:, :l].to(dev, non_blocking=True)
-        tok = tok.masked_fill(torch.arange(l, device=dev)[None, :] >= lens[:, None], 0)
+        if packed:
+            layout = Packed(lengths, dev)
+            rows = torch.cat([torch.arange(n) + i * ctx for i, n in enumerate(lengths)])
+            tok = tokens_all.view(-1)[rows]
+            pos = rows % ctx
+            if dev.type == "cuda":
+                tok, pos = tok.pin_memory(), pos.pin_memory()
+            text = (tok.to(dev, non_blocking=True), pos.to(dev, non_blocking=True), layout)
+        else:
+            l = max(lengths)
+            lens = torch.tensor(lengths, dtype=torch.int64).to(dev, non_blocking=True)
+            tok = tokens_all[:, :l].to(dev, non_blocking=True)
+            tok = tok.masked_fill(torch.arange(l, device=dev)[None, :] >= lens[:, None], 0)
+            text = (tok, lens)
         targets = None
         if args.stage == "kd":
             t_img = t_img_h.to(dev, non_blocking=True)
@@ -584,11 +661,11 @@ def bench(args) -> dict:
                            torch.ones(b, 1, dtype=torch.bool, device=dev))
             else:
                 targets = (t_img, t_txt, t_mask)
-        return images, tok, lens, targets
+        return images, text, targets
 
-    def forward(images, tok, lens, targets):
+    def forward(images, text, targets):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            return loss_parts(model, images, tok, lens, args.stage, targets, train, icl_log_c)
+            return loss_parts(model, images, text, args.stage, targets, train, icl_log_c)
 
     fwd = torch.compile(forward) if args.compile else forward
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -599,7 +676,7 @@ def bench(args) -> dict:
     total_steps = args.warmup + args.steps
     times = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     flops = 0.0
-    tokens, padded = 0, 0
+    tokens, text_rows = 0, 0
     last = float("nan")
     act_max = 0
     for i in range(total_steps):
@@ -609,12 +686,17 @@ def bench(args) -> dict:
         lengths = caption_lengths(len_rng, b, median, args.caption_sigma, ctx)
         batch = assemble(lengths)
         if args.compile:
-            # The padded caption length changes every step: compile it as a symbolic size once
-            # instead of recompiling for each new length. "maybe": a guard the compiler adds on
-            # the length (SDPA kernels may want a multiple of 8) then specialises instead of
-            # failing, as mark_dynamic would.
+            # The padded caption length (or the packed token count) changes every step: compile
+            # it as a symbolic size once instead of recompiling for each new length. "maybe": a
+            # guard the compiler adds on the length (SDPA kernels may want a multiple of 8) then
+            # specialises instead of failing, as mark_dynamic would.
             mark = getattr(torch._dynamo, "maybe_mark_dynamic", torch._dynamo.mark_dynamic)
-            mark(batch[1], 1)
+            text = batch[1]
+            if packed:
+                mark(text[0], 0)
+                mark(text[1], 0)
+            else:
+                mark(text[0], 1)
         sync()
         before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
         t1 = time.perf_counter()
@@ -647,7 +729,7 @@ def bench(args) -> dict:
                 times[k] += dt
             flops += sum(flops_per_sample(model_cfg, n) for n in lengths)
             tokens += sum(lengths)
-            padded += max(lengths)
+            text_rows += sum(lengths) if packed else b * max(lengths)
         print(f"{'timed' if timed else 'warm-up'} step {i + 1}/{total_steps}: "
               f"{(t4 - t0) * 1e3:.1f} ms, loss {last:.4f}", file=sys.stderr)
 
@@ -687,7 +769,8 @@ def bench(args) -> dict:
         "peak_tflops": peak,
         "mfu": achieved / (peak * 1e12) if peak else None,
         "text_tokens_per_sample": tokens / (b * steps),
-        "text_rows_per_sample": padded / steps,
+        "text_rows_per_sample": text_rows / (b * steps),
+        "text_layout": args.text_layout,
         "teacher_mode": train["teacher_mode"],
         "checkpointing": checkpointing,
         "last_loss": last,
@@ -749,10 +832,16 @@ def parity(args) -> dict:
     if args.stage == "kd":
         targets = (batch["teacher_image"].float(), batch["teacher_text"].float(),
                    batch["teacher_mask"].bool())
+    text = (tokens, lengths)
+    if args.text_layout == "packed":
+        layout = Packed(lengths.tolist(), torch.device("cpu"))
+        rows = torch.cat([torch.arange(int(n)) + i * tokens.shape[1]
+                          for i, n in enumerate(lengths)])
+        text = (tokens.reshape(-1)[rows], rows % tokens.shape[1], layout)
     with torch.no_grad():
         model.double()
         task, fd, icl, total = loss_parts(
-            model, images.double(), tokens, lengths, args.stage,
+            model, images.double(), text, args.stage,
             None if targets is None else (targets[0].double(), targets[1].double(), targets[2]),
             train, None if icl_log_c is None else icl_log_c.double())
     return {"task": float(task), "fd": float(fd), "icl": float(icl), "total": float(total)}
@@ -774,6 +863,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward and loss")
+    ap.add_argument("--text-layout", choices=["padded", "packed"], default="padded",
+                    help="captions padded to the batch's longest (the default), or their valid "
+                         "tokens back to back as mmkd runs them (variable-length attention)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--parity-weights")
     ap.add_argument("--parity-batch")
