@@ -1,6 +1,6 @@
 //! Reverse-mode autograd over a tape of coarse ops.
 //!
-//! Forward: every op appends one [`Node`] holding its output value and what its backward needs
+//! Forward: every op appends one `Node` holding its output value and what its backward needs
 //! (input `Var`s, parameter views, small saved statistics). Backward walks the nodes in reverse,
 //! seeds the gradients the caller hands in, and *adds* (`+=`) parameter gradients into the
 //! store's flat gradient buffer — adding, not assigning, so several backward passes (gradient

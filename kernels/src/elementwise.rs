@@ -1,7 +1,7 @@
 //! The small kernels (`cuda/elementwise.cu`): casts, axpby, embedding gather and scatter-add,
 //! GELU/QuickGELU forward and backward, row softmax. Each is an [`Ew`] value
 //! naming the op and its sizes; [`ew_cpu`], [`ew_emu`] and [`ew_cuda`] run it on the same
-//! buffer list (slots in the order [`Ew::slots`] documents), so one test body checks all of
+//! buffer list (slots in the order `Ew::slots` documents), so one test body checks all of
 //! them.
 
 use crate::device::Gpu;

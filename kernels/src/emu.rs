@@ -2,7 +2,7 @@
 //! compiler (see `build.rs` and `cuda/mmkd_emu.h`) and run on the CPU with CUDA's execution
 //! semantics. Slow, and meant for small sizes: every launch runs each block's threads as fibers.
 //!
-//! Adding a kernel: list its entry points in the [`emu_kernels!`] table below (and any test
+//! Adding a kernel: list its entry points in the `emu_kernels!` table below (and any test
 //! variant declared in its `.cu` file by a `// mmkd-emu-variant: NAME MACRO` line).
 
 use crate::launch::{Arg, LaunchShape};

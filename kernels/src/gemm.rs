@@ -986,7 +986,7 @@ pub fn check_epilogue(layout: GemmLayout) -> (bool, AuxUse) {
     }
 }
 
-/// Runs `layout` on `path` once on `gpu` at [`CHECK_SHAPE`] with the epilogue of
+/// Runs `layout` on `path` once on `gpu` at `CHECK_SHAPE` with the epilogue of
 /// [`check_epilogue`] against [`gemm_cpu`], on fresh random inputs with the outputs poisoned.
 /// A path whose products a device gets wrong shows here before anything uses it, and one
 /// whose kernels never finish is an error after [`crate::device::CHECK_HANG_LIMIT`].

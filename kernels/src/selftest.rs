@@ -655,7 +655,7 @@ const MAX_REPS: usize = 64;
 
 /// Median GPU milliseconds per call of `f`, timed with CUDA events: `warmup` calls, then
 /// `samples` samples of `reps` calls queued back to back between one pair of events, `reps`
-/// chosen from one timed call so that a sample lasts about [`SAMPLE_MS`]. A pair of events
+/// chosen from one timed call so that a sample lasts about `SAMPLE_MS`. A pair of events
 /// around a single call would time the host's launch latency too (the GPU is idle when the
 /// first event is reached); queued calls hide it behind the previous call's work, except
 /// when the host cannot launch as fast as the GPU runs, which then is the real rate.

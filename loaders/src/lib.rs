@@ -2,8 +2,8 @@
 //!
 //! Files → shards → batches. [`shard`] is the binary shard format (see `FORMAT.md`),
 //! [`dataset`] opens a folder of shards with its manifest, [`pt`] reads and writes PyTorch
-//! `.pt` tensor dicts without executing pickle code, [`pack`] imports MMKD-CLIP, manifest and
-//! webdataset sources, [`synth`] generates the built-in synthetic data, and [`batch`] streams
+//! `.pt` tensor dicts without executing pickle code, [`pack`](mod@pack) imports MMKD-CLIP, manifest and
+//! webdataset sources, [`synth`](mod@synth) generates the built-in synthetic data, and [`batch`] streams
 //! shuffled, augmented, device-ready batches on worker threads.
 
 pub mod batch;

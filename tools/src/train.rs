@@ -163,7 +163,7 @@ fn align_dataset(a: &AlignArgs) -> Result<serde_json::Value> {
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Model config TOML (top-level model keys, optional [train] table).
+    /// Model config TOML (top-level model keys, an optional train table).
     #[arg(long)]
     config: PathBuf,
     /// clip or kd.
