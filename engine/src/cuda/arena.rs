@@ -533,9 +533,26 @@ impl Arena {
     /// region ([`Arena::run_staged`]) is done. Under the emulation it is a plain write.
     /// Stage into two regions in turn to overlap a batch's copy with the previous step.
     pub fn stage_u8(&mut self, id: RegionId, src: &[u8]) -> Result<()> {
-        let off = self.checked(id, Dtype::U8, src.len())?.offset;
+        self.stage_bytes(id, Dtype::U8, src.len(), src)
+    }
+
+    /// [`Arena::stage_u8`] for a whole fp32 region. [`Arena::write_f32`] copies from pageable
+    /// memory on the compute stream, behind every launch queued there; this returns once `v`
+    /// is in the region's pinned buffer, and the copy engine moves it while those launches
+    /// run.
+    pub fn stage_f32(&mut self, id: RegionId, v: &[f32]) -> Result<()> {
+        self.stage_bytes(id, Dtype::F32, v.len(), bytemuck::cast_slice(v))
+    }
+
+    /// [`Arena::stage_f32`] for an i32 region.
+    pub fn stage_i32(&mut self, id: RegionId, v: &[i32]) -> Result<()> {
+        self.stage_bytes(id, Dtype::I32, v.len(), bytemuck::cast_slice(v))
+    }
+
+    fn stage_bytes(&mut self, id: RegionId, dtype: Dtype, len: usize, src: &[u8]) -> Result<()> {
+        let off = self.checked(id, dtype, len)?.offset;
         let (gpu, buf, staging) = match &mut self.mem {
-            Mem::Host { .. } => return self.write_u8(id, src),
+            Mem::Host { .. } => return self.write_bytes(id, dtype, len, src),
             Mem::Device { gpu, buf, staging } => (gpu, buf, staging),
         };
         let ctx = gpu.context();

@@ -143,9 +143,10 @@ pub struct StepReport {
 /// for the device anyway (a read-back), so no synchronisation is added to measure them.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepPhases {
-    /// The batch written into the arena.
+    /// The batch checked and its crops staged (the logit scale read back).
     pub upload: f64,
-    /// Both towers' forward and the loss, up to reading the loss back.
+    /// Both towers' forward (each pass's tokens and images loaded first), the staging of the
+    /// teacher targets beside it, and the loss, up to reading the loss back.
     pub forward: f64,
     /// Both towers' backward and the gradient norm, up to reading it back.
     pub backward: f64,
@@ -567,8 +568,9 @@ impl CudaStudent {
         Ok(arena.read_f32(self.r.logit_scale)?[0])
     }
 
-    /// Checks one batch and writes what the loss reads (teacher targets, mask, picks); stages
-    /// raw crops. The towers' inputs are written per pass.
+    /// Checks one batch and stages its raw crops. The towers' inputs are written per pass
+    /// ([`CudaStudent::load_pass`]), what the loss reads once the forward is queued
+    /// ([`CudaStudent::stage_targets`]).
     fn write_batch<'a>(&mut self, arena: &mut Arena, b: &StudentBatch<'a>) -> Result<Prepared<'a>> {
         let c = self.loss_cfg;
         let max = self.setup.text_len;
@@ -639,22 +641,36 @@ impl CudaStudent {
             }
             Images::Staged => Source::Staged(self.pop_staged()?),
         };
-        if let (Some(ti), Some(tt), Some(m)) =
-            (self.r.teacher_image, self.r.teacher_text, self.r.mask)
-        {
-            arena.write_f32(ti, b.teacher_image)?;
-            arena.write_f32(tt, b.teacher_text)?;
-            arena.write_u8(m, b.mask)?;
-        }
-        if let Some((id, p)) = pick {
-            arena.write_i32(id, p)?;
-        }
         Ok(Prepared {
             len: l,
             tokens: b.tokens,
             lengths: b.lengths,
             images,
+            teacher_image: b.teacher_image,
+            teacher_text: b.teacher_text,
+            mask: b.mask,
+            pick: pick.map(|(_, p)| p),
         })
+    }
+
+    /// Stages what only the loss reads (teacher targets, mask, picks) and returns their
+    /// regions, for the loss to wait on. Called once the forward passes are queued: on a GPU
+    /// the copies then run beside them instead of before them.
+    fn stage_targets(&self, arena: &mut Arena, b: &Prepared<'_>) -> Result<Vec<RegionId>> {
+        let mut staged = Vec::new();
+        if let (Some(ti), Some(tt), Some(m)) =
+            (self.r.teacher_image, self.r.teacher_text, self.r.mask)
+        {
+            arena.stage_f32(ti, b.teacher_image)?;
+            arena.stage_f32(tt, b.teacher_text)?;
+            arena.stage_u8(m, b.mask)?;
+            staged.extend([ti, tt, m]);
+        }
+        if let (Some(id), Some(p)) = (self.r.pick, b.pick) {
+            arena.stage_i32(id, p)?;
+            staged.push(id);
+        }
+        Ok(staged)
     }
 
     /// The oldest staged crops.
@@ -763,6 +779,7 @@ impl CudaStudent {
                 unsafe { arena.run(&gather, &pl.slots)? };
             }
         }
+        let staged = self.stage_targets(arena, &prep)?;
         let (fimage, ftext) = r
             .features
             .unwrap_or((self.image.features(), self.text.features()));
@@ -789,7 +806,7 @@ impl CudaStudent {
             ],
         )?;
         // SAFETY: the arena has this student's layout; the planner checked every slot.
-        unsafe { arena.run(&loss, &pl.slots)? };
+        unsafe { arena.run_staged(&loss, &pl.slots, &staged)? };
         let out = LossResult::from_out(&arena.read_f32(r.out)?)?;
         let t2 = Instant::now();
         let parts = [
@@ -958,6 +975,12 @@ struct Prepared<'a> {
     lengths: &'a [usize],
     /// Where the images come from.
     images: Source<'a>,
+    /// Teacher targets `[N, T, D]` (image, text) and the availability mask `[N, T]`.
+    teacher_image: &'a [f32],
+    teacher_text: &'a [f32],
+    mask: &'a [u8],
+    /// The drawn slot per sample (random-teacher mode).
+    pick: Option<&'a [i32]>,
 }
 
 /// The images of a batch: host values, or crops in a staged region.
