@@ -2,12 +2,14 @@
 //! [`arena::Arena`] per model with a table of named regions, and launch plans over it that run
 //! unchanged under the CPU emulation (host arena) or on a GPU (one device allocation).
 //!
-//! So far: one transformer block ([`block::CudaBlock`]), the whole image tower
-//! ([`tower::CudaImageTower`]) and the whole text tower ([`text::CudaTextTower`]), forward and
-//! backward, and the whole stage-2 training step of the student ([`student::CudaStudent`]:
-//! both towers, the fused multi-teacher loss, gradient clipping and AdamW in one arena).
-//! The text side runs on each batch's valid tokens, packed ([`text::CudaTextTower::set_batch`]);
-//! the arena is sized for the longest captions.
+//! From the bottom up: one transformer block ([`block::CudaBlock`]), the image tower
+//! ([`tower::CudaImageTower`]) and the text tower ([`text::CudaTextTower`]), forward and
+//! backward, and the training step of the student for both stages ([`student::CudaStudent`]:
+//! both towers, the fused multi-teacher loss, gradient clipping and AdamW in one arena), which
+//! [`train_step::KernelStep`] drives for `mmkd train --device cuda`. [`target::KernelTarget`]
+//! picks the backend and checks the GEMM path on the device first. The text side runs on each
+//! batch's valid tokens, packed ([`text::CudaTextTower::set_batch`]); the arena is sized for
+//! the longest captions.
 
 pub mod arena;
 pub mod block;

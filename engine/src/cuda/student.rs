@@ -13,9 +13,23 @@
 //! ([`CudaTextTower::set_batch`]): a caption costs its own tokens, not the batch's longest or
 //! the context (`text_len`, the longest caption a batch may hold, sizes the arena).
 //!
-//! Host traffic per step. The loss plan takes the logit scale as a launch argument, so the
-//! scale is read back (4 bytes) and clamped to `[0, ln 100]` on the host after each update; the
-//! loss components (8 floats) and the gradient norm (2 floats) are read back before the
+//! One step, in the order the host queues it ([`CudaStudent::step`]):
+//! 1. per pass of `micro_batch` samples (one pass without micro-batches): the pass's tokens
+//!    packed and written, its crops normalised on the device from a staged region (or its
+//!    images written from host values), both towers' forward, and with several passes the
+//!    features copied into the batch's rows;
+//! 2. the teacher targets, mask and picks staged on the copy stream (they go beside the
+//!    forward, not before it), then the fused loss, which waits for them;
+//! 3. per pass, the feature gradients seeding both towers' backward (with several passes each
+//!    first runs its forward again, and the gradients are summed); during the first pass the
+//!    next batch's crops are staged;
+//! 4. the global gradient norm with clipping, AdamW, the logit-scale clamp.
+//!
+//! Host traffic per step. Raw crops and the loss's inputs travel through pinned buffers on a
+//! second stream ([`Arena::stage_u8`]); the text tower's index tables (about 1 MB at batch
+//! 256) are copied directly. The loss plan takes the logit scale as a launch argument, so the
+//! scale is read back (4 bytes) and clamped to `[0, ln 100]` on the host after each update;
+//! the loss components (8 floats) and the gradient norm (2 floats) are read back before the
 //! backward and before the update, so a non-finite loss or gradient stops the step before any
 //! weight changes, as the CPU trainer does.
 
