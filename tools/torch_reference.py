@@ -695,6 +695,8 @@ def bench(args) -> dict:
             if packed:
                 mark(text[0], 0)
                 mark(text[1], 0)
+                mark(text[2].rows, 0)
+                mark(text[2].key_mask, 1)
             else:
                 mark(text[0], 1)
         sync()
