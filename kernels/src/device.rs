@@ -259,6 +259,21 @@ impl Gpu {
         }
     }
 
+    /// Starts (`on`) or stops what a profiler attached with a capture range on the CUDA
+    /// profiler API records (`nsys profile --capture-range=cudaProfilerApi`, `ncu
+    /// --profile-from-start off`); without such a profiler it does nothing.
+    pub fn profiler_capture(&self, on: bool) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
+        let r = if on {
+            cudarc::driver::profiler_start()
+        } else {
+            cudarc::driver::profiler_stop()
+        };
+        r.map_err(|e| anyhow!("cuProfiler{}: {e:?}", if on { "Start" } else { "Stop" }))
+    }
+
     /// The context (for allocations and copies).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx

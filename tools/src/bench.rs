@@ -766,8 +766,21 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
     let (mut tokens, mut text_rows) = (0usize, 0usize);
     let mut last = LossParts::default();
     let mut act_max = 0usize;
+    // On a GPU the timed steps are the capture range of a profiler attached through the CUDA
+    // profiler API, so a kernel profile holds steady-state steps only (a step ends with its
+    // kernels done: it reads back the clamped logit scale).
+    let capture = |on: bool| {
+        if let Target::Kernels(k @ KernelTarget::Gpu(_)) = &target {
+            if let Err(e) = k.profiler_capture(on) {
+                eprintln!("warning: {e:#}");
+            }
+        }
+    };
     for i in 0..a.warmup + a.steps {
         let timed = i >= a.warmup;
+        if i == a.warmup {
+            capture(true);
+        }
         let mut t = StepTimes::default();
         let t0 = Instant::now();
         let lengths = captions.next(a.batch);
@@ -818,6 +831,7 @@ fn bench_train(a: &TrainBenchArgs) -> Result<()> {
             last.total
         );
     }
+    capture(false);
     let steps = a.steps as f64;
     let ms = |s: f64| s / steps * 1e3;
     let total_s = times.data + times.forward + times.backward + times.optimizer;

@@ -41,6 +41,14 @@ impl KernelTarget {
         })
     }
 
+    /// [`mmkd_kernels::Gpu::profiler_capture`] on a GPU; nothing under the emulation.
+    pub fn profiler_capture(&self, on: bool) -> Result<()> {
+        match self {
+            KernelTarget::Gpu(g) => g.profiler_capture(on),
+            KernelTarget::Emu => Ok(()),
+        }
+    }
+
     /// `cuda:N` or `emu`, for reports.
     pub fn label(&self) -> String {
         match self {
