@@ -215,6 +215,22 @@ fn staged_crops_are_used_first_in_first_out() {
     b.stage_pixels(&mut ba, &p2).unwrap();
     let e = b.stage_pixels(&mut ba, &p1).unwrap_err();
     assert!(format!("{e:#}").contains("two batches are staged"), "{e:#}");
+    // With two staged, a step that stages the next batch would overwrite crops still needed
+    // (its own, which a micro-batched step reads once per pass), and crops given with the
+    // batch would not be the ones it takes: both refused before anything runs.
+    let third = StudentBatch {
+        stage_next: Some(&p1),
+        ..none
+    };
+    let e = b.step(&mut ba, &third, 1e-3).unwrap_err();
+    assert!(format!("{e:#}").contains("free staging region"), "{e:#}");
+    let given = StudentBatch {
+        images: Images::U8(&p1),
+        ..none
+    };
+    let e = b.step(&mut ba, &given, 1e-3).unwrap_err();
+    assert!(format!("{e:#}").contains("would take the oldest"), "{e:#}");
+    assert_eq!(b.steps(), 0);
     let first = step(&mut b, &mut ba, Images::Staged, &r).loss;
     assert_input_is(&mut b, &mut ba, &normalise(&p1), seed);
     let second = step(&mut b, &mut ba, Images::Staged, &r).loss;

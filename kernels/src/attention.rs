@@ -21,6 +21,7 @@
 //! `lse` and `do`): `dq`, `dk`, `dv`, each overwritten; the probabilities are recomputed from
 //! `lse`, `delta = rowsum(do ∘ o)` is written to the caller's scratch first.
 
+use crate::device::DtohSynced;
 use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::exec::{Step, P};
@@ -724,7 +725,7 @@ fn check_device_table(
             if sh.varlen.is_some() {
                 let host = gpu
                     .stream()
-                    .clone_dtoh(s)
+                    .dtoh_synced(s)
                     .map_err(|e| anyhow::anyhow!("{kernel}: reading the seqlens table: {e:?}"))?;
                 check_seqlens(sh, Some(&host[..sh.table_len()]))?;
             }
@@ -1524,8 +1525,8 @@ mod tests {
             let mut lse = st.clone_htod(&vec![f32::NAN; sh.rows()]).unwrap();
             attention_forward_cuda(&gpu, &sh, &dq_, &dk_, &dv_, dsl.as_ref(), &mut o, &mut lse)
                 .unwrap();
-            let go = from_bits(st.clone_dtoh(&o).unwrap());
-            let gl = st.clone_dtoh(&lse).unwrap();
+            let go = from_bits(st.dtoh_synced(&o).unwrap());
+            let gl = st.dtoh_synced(&lse).unwrap();
             let ctx = format!("GPU {sh:?} seed {seed}");
             let (p, po) = (sh.qkv_pitch, sh.o_pitch);
             assert!(
@@ -1564,7 +1565,7 @@ mod tests {
                 .iter()
                 .zip([&gq, &gk, &gv].iter().zip(&gw))
             {
-                let got = from_bits(st.clone_dtoh(*d).unwrap());
+                let got = from_bits(st.dtoh_synced(*d).unwrap());
                 assert!(
                     gaps_hold_poison(&sh, &got, p),
                     "{ctx}: {n} written between heads"

@@ -133,6 +133,29 @@ fn check_driver_version() -> Result<()> {
     Ok(())
 }
 
+/// Copies from the device into a new host vector and returns once they are there. A copy into
+/// pageable memory "might be synchronous" with respect to the host by the driver's documented
+/// semantics (cudarc does not wait after it), so the stream is synchronised before the vector
+/// is read.
+pub trait DtohSynced {
+    /// `src` on the host, the copy complete.
+    fn dtoh_synced<T: cudarc::driver::DeviceRepr, S: cudarc::driver::DevicePtr<T>>(
+        &self,
+        src: &S,
+    ) -> std::result::Result<Vec<T>, cudarc::driver::DriverError>;
+}
+
+impl DtohSynced for Arc<CudaStream> {
+    fn dtoh_synced<T: cudarc::driver::DeviceRepr, S: cudarc::driver::DevicePtr<T>>(
+        &self,
+        src: &S,
+    ) -> std::result::Result<Vec<T>, cudarc::driver::DriverError> {
+        let v = self.clone_dtoh(src)?;
+        self.synchronize()?;
+        Ok(v)
+    }
+}
+
 /// What [`Gpu::finish_within`]'s error says of a kernel that did not end in time.
 const HUNG: &str = "a kernel never finished";
 
@@ -249,11 +272,15 @@ impl Gpu {
                 Err(e) => bail!("{what}: {e:?}"),
             }
             if t0.elapsed() > limit {
-                bail!(
-                    "{what}: {HUNG} within {} s (a deadlock?); the GPU is \
-                     unusable for the rest of this process",
+                let msg = format!(
+                    "{what}: {HUNG} within {} s (a deadlock?); the GPU is unusable for the rest \
+                     of this process",
                     limit.as_secs()
                 );
+                // Said at once: tearing the context down later may wait for the hung kernel,
+                // and the error would then never be printed.
+                eprintln!("error: {msg}");
+                bail!("{msg}");
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }

@@ -4,6 +4,7 @@
 //! The self-test ([`crate::selftest`]) runs plans on host-owned [`HostBuf`]s on either backend
 //! and times them on a GPU.
 
+use crate::device::DtohSynced;
 use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::launch::{Arg, LaunchShape};
@@ -242,16 +243,16 @@ impl DevBuf {
     pub fn download(&self, st: &Arc<CudaStream>) -> Result<HostBuf> {
         let e = |e| anyhow!("copy from the device: {e:?}");
         Ok(match self {
-            DevBuf::F32(d) => HostBuf::F32(st.clone_dtoh(d).map_err(e)?),
+            DevBuf::F32(d) => HostBuf::F32(st.dtoh_synced(d).map_err(e)?),
             DevBuf::U16(d) => HostBuf::Bf16(
-                st.clone_dtoh(d)
+                st.dtoh_synced(d)
                     .map_err(e)?
                     .into_iter()
                     .map(bf16::from_bits)
                     .collect(),
             ),
-            DevBuf::U8(d) => HostBuf::U8(st.clone_dtoh(d).map_err(e)?),
-            DevBuf::I32(d) => HostBuf::I32(st.clone_dtoh(d).map_err(e)?),
+            DevBuf::U8(d) => HostBuf::U8(st.dtoh_synced(d).map_err(e)?),
+            DevBuf::I32(d) => HostBuf::I32(st.dtoh_synced(d).map_err(e)?),
         })
     }
     /// The device address. The guard is released at once: every launch and copy of the

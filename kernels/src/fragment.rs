@@ -1,6 +1,7 @@
 //! Launchers and tests for `cuda/fragment_test.cu`: the emulation's `mma.sync` m16n8k16 and
 //! `ldmatrix` against a plain matrix product and against the PTX ISA's fragment tables.
 
+use crate::device::DtohSynced;
 use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::launch::{check_len, Arg, LaunchShape};
@@ -127,7 +128,7 @@ pub fn mma_direct_cuda(gpu: &Gpu, a: &[bf16], b: &[bf16], c: &[f32], d: &mut [f3
             )?
         };
     }
-    d[..128].copy_from_slice(&driver(st.clone_dtoh(&dd), "copy D back")?);
+    d[..128].copy_from_slice(&driver(st.dtoh_synced(&dd), "copy D back")?);
     Ok(())
 }
 
@@ -175,8 +176,8 @@ pub fn mma_ldmatrix_cuda(
             )?
         };
     }
-    d1[..128].copy_from_slice(&driver(st.clone_dtoh(&dd1), "copy D1 back")?);
-    d2[..128].copy_from_slice(&driver(st.clone_dtoh(&dd2), "copy D2 back")?);
+    d1[..128].copy_from_slice(&driver(st.dtoh_synced(&dd1), "copy D1 back")?);
+    d2[..128].copy_from_slice(&driver(st.dtoh_synced(&dd2), "copy D2 back")?);
     Ok(())
 }
 
@@ -200,7 +201,7 @@ pub fn ldmatrix_dump_cuda(gpu: &Gpu, m: &[bf16], out: &mut [u32]) -> Result<()> 
             )?
         };
     }
-    out[..6 * 32 * 4].copy_from_slice(&driver(st.clone_dtoh(&dout), "copy out back")?);
+    out[..6 * 32 * 4].copy_from_slice(&driver(st.dtoh_synced(&dout), "copy out back")?);
     Ok(())
 }
 

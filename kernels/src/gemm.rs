@@ -21,6 +21,7 @@
 //! `WeightGrad`, `dbias(m) = Σ_k A(k, m)` is reduced in the same pass (fp32, overwritten). All matrices are contiguous; batch `z` of each starts
 //! at `z · rows · cols`; `bias` is shared by the batches, `dbias` is (batch, M).
 
+use crate::device::DtohSynced;
 use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::exec::{Step, P};
@@ -1059,7 +1060,7 @@ pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmC
     )?;
     let down = |d: &CudaSlice<u16>| -> Result<Vec<f64>> {
         let v: Vec<bf16> = st
-            .clone_dtoh(d)
+            .dtoh_synced(d)
             .map_err(driver)?
             .into_iter()
             .map(bf16::from_bits)
@@ -1071,7 +1072,7 @@ pub fn check_cuda(gpu: &Gpu, path: GemmPath, layout: GemmLayout) -> Result<GemmC
         err = err.max(rel_err(&down(&daux)?, &bf16_to_f64(&want_pre)));
     }
     let dbias_rel_err = if wg {
-        let gdb = st.clone_dtoh(&ddb).map_err(driver)?;
+        let gdb = st.dtoh_synced(&ddb).map_err(driver)?;
         Some(rel_err(&f32_to_f64(&gdb), &f32_to_f64(&wdb)))
     } else {
         None
@@ -1148,8 +1149,8 @@ pub fn check_split_cuda(gpu: &Gpu, path: GemmPath) -> Result<GemmCheck> {
         &format!("gemm split check ({})", path.name()),
         crate::device::CHECK_HANG_LIMIT,
     )?;
-    let got = st.clone_dtoh(&dc).map_err(driver)?;
-    let gdb = st.clone_dtoh(&ddb).map_err(driver)?;
+    let got = st.dtoh_synced(&dc).map_err(driver)?;
+    let gdb = st.dtoh_synced(&ddb).map_err(driver)?;
     Ok(GemmCheck {
         shape: sh,
         path,
@@ -2504,14 +2505,14 @@ mod tests {
                 )
                 .unwrap();
                 let got: Vec<bf16> = st
-                    .clone_dtoh(&o)
+                    .dtoh_synced(&o)
                     .unwrap()
                     .into_iter()
                     .map(bf16::from_bits)
                     .collect();
                 let e = rel_err(&bf16_to_f64(&got), &want);
                 let edb = if c.dbias {
-                    rel_err(&f32_to_f64(&st.clone_dtoh(&db).unwrap()), &wdb)
+                    rel_err(&f32_to_f64(&st.dtoh_synced(&db).unwrap()), &wdb)
                 } else {
                     0.0
                 };

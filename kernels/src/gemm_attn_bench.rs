@@ -8,6 +8,7 @@
 //! `cargo bench -p mmkd-benches --bench gemm_attn` (or its executable in the GPU bundle).
 
 use crate::attention::{self, AttnShape, HEAD_DIM};
+use crate::device::DtohSynced;
 use crate::device::Gpu;
 use crate::gemm::{self, Activation, GemmCheck, GemmLayout, GemmOutCuda, GemmPath, GemmShape};
 use crate::testing::{bf16_bits, f32_to_f64, fresh_seed, random_bf16, rel_err, rng};
@@ -344,7 +345,7 @@ fn check_attention(gpu: &Gpu, out: &mut Vec<CheckRecord>) -> Result<()> {
         let cols = |t: &[bf16], pitch| sh.seq_columns(t, pitch, Some(&sl));
         let down = |d: &CudaSlice<u16>, pitch| -> Result<Vec<f64>> {
             cols(
-                &from_bits(st.clone_dtoh(d).map_err(|e| anyhow!("{e:?}"))?),
+                &from_bits(st.dtoh_synced(d).map_err(|e| anyhow!("{e:?}"))?),
                 pitch,
             )
         };

@@ -590,6 +590,7 @@ pub fn layernorm_backward_cuda(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::DtohSynced;
     use crate::emu::Schedule;
     use crate::testing::bf16_bits;
     use crate::testing::{
@@ -1246,10 +1247,10 @@ mod tests {
             )
             .unwrap();
             let got = FwdOut {
-                s: from_bits(st.clone_dtoh(&s).unwrap()),
-                y: from_bits(st.clone_dtoh(&y).unwrap()),
-                mean: st.clone_dtoh(&m).unwrap(),
-                rstd: st.clone_dtoh(&v).unwrap(),
+                s: from_bits(st.dtoh_synced(&s).unwrap()),
+                y: from_bits(st.dtoh_synced(&y).unwrap()),
+                mean: st.dtoh_synced(&m).unwrap(),
+                rstd: st.dtoh_synced(&v).unwrap(),
             };
             let (bf, fp) = fwd_errors(&got, &want);
             assert!(
@@ -1282,15 +1283,15 @@ mod tests {
             )
             .unwrap();
             let e_ds = rel_err(
-                &bf16_to_f64(&from_bits(st.clone_dtoh(&dds).unwrap())),
+                &bf16_to_f64(&from_bits(st.dtoh_synced(&dds).unwrap())),
                 &bf16_to_f64(&ds0),
             );
             let e_dg = rel_err(
-                &f32_to_f64(&st.clone_dtoh(&ddg).unwrap()),
+                &f32_to_f64(&st.dtoh_synced(&ddg).unwrap()),
                 &f32_to_f64(&dg0),
             );
             let e_db = rel_err(
-                &f32_to_f64(&st.clone_dtoh(&ddb).unwrap()),
+                &f32_to_f64(&st.dtoh_synced(&ddb).unwrap()),
                 &f32_to_f64(&db0),
             );
             assert!(

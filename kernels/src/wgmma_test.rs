@@ -5,6 +5,7 @@
 //! Both kernels compute the same `D = A·Bᵀ + C`; [`FragKernel`] says how the operands are
 //! stored in global and shared memory.
 
+use crate::device::DtohSynced;
 use crate::device::Gpu;
 use crate::emu::Emu;
 use crate::launch::{check_len, Arg, LaunchShape};
@@ -135,7 +136,7 @@ pub fn wgmma_gpu(
         // SAFETY: every buffer holds what the kernel reads or writes at this fixed shape.
         unsafe { gpu.launch(&WGMMA_TEST, kernel.entry(), GROUP, &args)? };
     }
-    d.copy_from_slice(&driver(s.clone_dtoh(&dd), "copy D back")?);
+    d.copy_from_slice(&driver(s.dtoh_synced(&dd), "copy D back")?);
     Ok(())
 }
 

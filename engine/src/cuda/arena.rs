@@ -259,11 +259,12 @@ enum Mem {
     Host { emu: Emu, buf: Vec<Chunk> },
     /// One device allocation, and the staging of regions filled on a copy stream. Fields drop
     /// in order: the staging first, which waits for copies in flight, then the memory they
-    /// write (freed on the compute stream, which does not wait for the copy stream).
+    /// write (freed on the compute stream, which does not wait for the copy stream), then the
+    /// device (its modules, which launches still queued may use).
     Device {
-        gpu: Arc<Gpu>,
         staging: Staging,
         buf: CudaSlice<u8>,
+        gpu: Arc<Gpu>,
     },
 }
 
@@ -635,7 +636,9 @@ impl Arena {
             }
         }
         // SAFETY: forwarded from this function's contract.
-        unsafe { self.run(steps, slots)? };
+        let ran = unsafe { self.run(steps, slots) };
+        // Marked read even when a launch failed: some of the plan's kernels may be queued, and
+        // the next copy into the region must wait for them.
         if let Mem::Device { gpu, staging, .. } = &self.mem {
             for id in staged {
                 if let Some(st) = staging.regions.get(id) {
@@ -645,7 +648,7 @@ impl Arena {
                 }
             }
         }
-        Ok(())
+        ran
     }
 
     /// Waits until every launch on the arena's backend is done (a no-op on the host).

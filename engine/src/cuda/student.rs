@@ -647,6 +647,25 @@ impl CudaStudent {
             (Some(_), None) => bail!("cuda student: random-teacher mode needs `pick`"),
             (None, Some(_)) => bail!("cuda student: `pick` is only read in random-teacher mode"),
         };
+        // Two staging regions: the step's own crops, while it runs, and those queued after
+        // them are all there is room for. A third batch would overwrite one still needed (with
+        // several passes each pass normalises the step's crops again).
+        ensure!(
+            !matches!(b.images, Images::U8(_)) || self.staged.is_empty(),
+            "cuda student: crops given with the batch while {} staged batch(es) wait (the \
+             step would take the oldest); use `Images::Staged`",
+            self.staged.len()
+        );
+        let (busy, waiting) = match b.images {
+            Images::F32(_) => (0, self.staged.len()),
+            Images::U8(_) => (1, 0),
+            Images::Staged => (1, self.staged.len().saturating_sub(1)),
+        };
+        ensure!(
+            b.stage_next.is_none() || busy + waiting < 2,
+            "cuda student: `stage_next` needs a free staging region, but {waiting} staged \
+             batch(es) wait beside this step's; run a step without it first"
+        );
         let images = match b.images {
             Images::F32(v) => Source::Host(v),
             Images::U8(p) => {
