@@ -4,11 +4,13 @@
 //   axpby_f32 / axpby_bf16          y = a·x + b·y (fp32 arithmetic); a = 0 reads no x and
 //                                   b = 0 no y, so a = b = 0 clears y whatever it holds
 //   embedding_gather                out[n, :] = table[idx[n], :]
-//   embedding_scatter_add           dtable[idx[n], :] += dout[n, :]  (fp32 atomics: rows repeat)
+//   embedding_scatter_add           dtable[v, :] += Σ dout[n, :] over the rows n with index v,
+//                                   from the host's segment tables, in a fixed order
 //   act_fwd / act_bwd               kind 0: GELU (erf form, BERT), kind 1: QuickGELU x·σ(1.702x)
 //   softmax_rows                    y = softmax(scale · x) per row, fp32 statistics
-// Out-of-range embedding indices write zeros (gather) or nothing (scatter) and are counted in
-// `bad[0]`, which the caller reads back. bf16 storage, fp32 arithmetic.
+// Out-of-range gather indices write zeros and are counted in `bad[0]`, which the caller reads
+// back (the scatter's tables are built, and checked, on the host). bf16 storage, fp32
+// arithmetic.
 #include "prelude.cuh"
 
 #define EW_MAX_WARPS 32
@@ -70,20 +72,46 @@ MMKD_KERNEL void embedding_gather(const mmkd_bf16* __restrict__ table,  // (V, C
 }
 MMKD_EXPORT(embedding_gather)
 
+// Rows share a table row (repeated tokens, every caption's position 0, the one token type), so
+// their sums are gathered by segment instead of added with float atomics, whose order, and so
+// whose rounding, would change from run to run. The host sorts the row indices by table row:
+// segment s adds the rows order[starts[s] .. starts[s + 1]) into row targets[s] (−1: an unused
+// segment). Block (s, y) owns 64 columns of one segment, so no two blocks write the same
+// element; its 8 warps take every 8th row and their partial sums are added in warp order.
+// Grid (S, ceil(C / 64)), block 256.
+#define SCATTER_WARPS 8
+#define SCATTER_COLS 64
 MMKD_KERNEL void embedding_scatter_add(const mmkd_bf16* __restrict__ dout,  // (N, C)
-                                       const int* __restrict__ idx,         // (N)
+                                       const int* __restrict__ order,       // (N)
+                                       const int* __restrict__ starts,      // (S + 1)
+                                       const int* __restrict__ targets,     // (S)
                                        float* __restrict__ dtable,          // (V, C) in/out
-                                       int* __restrict__ bad,               // (1) in/out
-                                       int V, int C) {
-    const long n = blockIdx.x;
-    const int r = idx[n];
-    if (r < 0 || r >= V) {
-        if (threadIdx.x == 0) atomicAdd(bad, 1);
-        return;
+                                       int C) {
+    __shared__ float part[SCATTER_WARPS][SCATTER_COLS];
+    const int s = blockIdx.x;
+    const int v = targets[s];
+    if (v < 0) return;  // the whole block: an unused segment
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c = blockIdx.y * SCATTER_COLS + 2 * lane;
+    float acc0 = 0.0f, acc1 = 0.0f;
+    for (int j = starts[s] + warp; j < starts[s + 1]; j += SCATTER_WARPS) {
+        const long row = order[j];
+        if (c < C) acc0 += bf16_to_f32(dout[row * C + c]);
+        if (c + 1 < C) acc1 += bf16_to_f32(dout[row * C + c + 1]);
     }
-    // Several n may share a row r, and their blocks run concurrently: atomics.
-    for (int c = threadIdx.x; c < C; c += blockDim.x)
-        atomicAdd(&dtable[(long)r * C + c], bf16_to_f32(dout[n * C + c]));
+    part[warp][2 * lane] = acc0;
+    part[warp][2 * lane + 1] = acc1;
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            if (c + e >= C) continue;
+            float t = dtable[(long)v * C + c + e];
+#pragma unroll
+            for (int w = 0; w < SCATTER_WARPS; ++w) t += part[w][2 * lane + e];
+            dtable[(long)v * C + c + e] = t;
+        }
+    }
 }
 MMKD_EXPORT(embedding_scatter_add)
 

@@ -35,7 +35,9 @@ pub enum Ew {
     AxpbyBf16 { n: usize, a: f32, b: f32 },
     /// `[table bf16 (v, c), idx i32 (n), out bf16 (n, c), bad i32 (1)]`.
     Gather { n: usize, v: usize, c: usize },
-    /// `[dout bf16 (n, c), idx i32 (n), dtable f32 (v, c), bad i32 (1)]`: dtable += rows.
+    /// `[dout bf16 (n, c), order i32 (n), starts i32 (u + 1), targets i32 (u), dtable f32
+    /// (v, c)]` with u = min(n, v): dtable += the rows of dout by table row, summed in a fixed
+    /// order through the segment tables of [`ScatterTables`] (no float atomics).
     ScatterAdd { n: usize, v: usize, c: usize },
     /// `[x bf16 (n), y bf16 (n)]`.
     ActFwd { n: usize, act: Act },
@@ -62,7 +64,16 @@ impl Ew {
             Ew::AxpbyF32 { n, .. } => vec![(F32, n), (F32, n)],
             Ew::AxpbyBf16 { n, .. } | Ew::ActFwd { n, .. } => vec![(Bf16, n), (Bf16, n)],
             Ew::Gather { n, v, c } => vec![(Bf16, v * c), (I32, n), (Bf16, n * c), (I32, 1)],
-            Ew::ScatterAdd { n, v, c } => vec![(Bf16, n * c), (I32, n), (F32, v * c), (I32, 1)],
+            Ew::ScatterAdd { n, v, c } => {
+                let u = n.min(v);
+                vec![
+                    (Bf16, n * c),
+                    (I32, n),
+                    (I32, u + 1),
+                    (I32, u),
+                    (F32, v * c),
+                ]
+            }
             Ew::ActBwd { n, .. } => vec![(Bf16, n), (Bf16, n), (Bf16, n)],
             Ew::Softmax { r, c, .. } => vec![(Bf16, r * c), (Bf16, r * c)],
         }
@@ -71,7 +82,8 @@ impl Ew {
     /// Indices of the slots the op writes.
     pub fn outputs(&self) -> &'static [usize] {
         match self {
-            Ew::Gather { .. } | Ew::ScatterAdd { .. } => &[2, 3],
+            Ew::Gather { .. } => &[2, 3],
+            Ew::ScatterAdd { .. } => &[4],
             Ew::ActBwd { .. } => &[2],
             _ => &[1],
         }
@@ -88,7 +100,7 @@ impl Ew {
             Ew::AxpbyBf16 { n, .. } => total += 2 * n,
             // only the gathered rows of the table are read; dtable rows are read and written
             Ew::Gather { n, v, c } => total = total - 2 * v * c + 2 * n * c,
-            Ew::ScatterAdd { n, v, c } => total = total - 4 * v * c + 8 * n * c,
+            Ew::ScatterAdd { n, v, c } => total = total - 4 * v * c + 8 * n.min(v) * c,
             _ => {}
         }
         total
@@ -184,8 +196,12 @@ impl Ew {
             ),
             Ew::ScatterAdd { n, v, c } => step(
                 "embedding_scatter_add",
-                LaunchShape::linear(n as u32, 128, 0),
-                vec![P::Buf(0), P::Buf(1), P::Buf(2), P::Buf(3), i(v), i(c)],
+                LaunchShape {
+                    grid: [n.min(v) as u32, c.div_ceil(SCATTER_COLS) as u32, 1],
+                    block: [256, 1, 1],
+                    shared_bytes: 0,
+                },
+                vec![P::Buf(0), P::Buf(1), P::Buf(2), P::Buf(3), P::Buf(4), i(c)],
             ),
             Ew::ActFwd { n, act } => step(
                 "act_fwd",
@@ -206,6 +222,66 @@ impl Ew {
                 )
             }
         }])
+    }
+}
+
+/// Columns of one `embedding_scatter_add` block (`SCATTER_COLS` in `elementwise.cu`).
+const SCATTER_COLS: usize = 64;
+
+/// The segment tables of [`Ew::ScatterAdd`] for `n` row indices into a table of `v` rows: the
+/// rows sorted by table row (stably), and for each table row that some row names, its segment
+/// of the sorted list. Built on the host from indices it knows (the towers' index tables), so
+/// the device adds each table row's gradients in one fixed order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScatterTables {
+    /// `(n)`: the row indices sorted by table row, ascending within a table row.
+    pub order: Vec<i32>,
+    /// `(u + 1)`, u = min(n, v): segment s is `order[starts[s] .. starts[s + 1]]`; unused
+    /// segments are empty at the end.
+    pub starts: Vec<i32>,
+    /// `(u)`: each segment's table row, −1 for the unused ones.
+    pub targets: Vec<i32>,
+}
+
+impl ScatterTables {
+    /// The tables of `idx` (row i adds into table row `idx[i]`); an index outside `0..v` is
+    /// an error naming the row.
+    pub fn new(idx: &[i32], v: usize) -> Result<ScatterTables> {
+        let n = idx.len();
+        Arg::int("scatter rows", n)?;
+        let mut count = vec![0usize; v];
+        for (i, &k) in idx.iter().enumerate() {
+            ensure!(
+                k >= 0 && (k as usize) < v,
+                "scatter: row {i} names table row {k}, outside 0..{v}"
+            );
+            count[k as usize] += 1;
+        }
+        let u = n.min(v);
+        let (mut starts, mut targets) = (Vec::with_capacity(u + 1), Vec::with_capacity(u));
+        let mut first = vec![0usize; v];
+        let mut at = 0usize;
+        for (t, &c) in count.iter().enumerate() {
+            first[t] = at;
+            if c > 0 {
+                starts.push(at as i32);
+                targets.push(t as i32);
+                at += c;
+            }
+        }
+        let mut order = vec![0i32; n];
+        for (i, &k) in idx.iter().enumerate() {
+            let slot = &mut first[k as usize];
+            order[*slot] = i as i32;
+            *slot += 1;
+        }
+        starts.resize(u + 1, n as i32);
+        targets.resize(u, -1);
+        Ok(ScatterTables {
+            order,
+            starts,
+            targets,
+        })
     }
 }
 
@@ -270,28 +346,17 @@ pub fn ew_cpu(op: &Ew, bufs: &mut [HostBuf]) -> Result<()> {
                 put(&mut out[0], e, xa + yb);
             }
         }
-        Ew::Gather { n, v, c } | Ew::ScatterAdd { n, v, c } => {
+        Ew::Gather { n, v, c } => {
             let HostBuf::I32(idx) = out[0].clone() else {
                 bail!("idx must be i32")
             };
-            let scatter = matches!(op, Ew::ScatterAdd { .. });
-            let mut acc = if scatter {
-                f(&out[1])
-            } else {
-                vec![0.0; n * c]
-            };
+            let mut acc = vec![0.0; n * c];
             let mut bad = 0;
             for (r, &k) in idx.iter().enumerate().take(n) {
                 let ok = k >= 0 && (k as usize) < v;
                 bad += i32::from(!ok);
                 for j in 0..c {
-                    if scatter {
-                        if ok {
-                            acc[k as usize * c + j] += x[r * c + j];
-                        }
-                    } else {
-                        acc[r * c + j] = if ok { x[k as usize * c + j] } else { 0.0 };
-                    }
+                    acc[r * c + j] = if ok { x[k as usize * c + j] } else { 0.0 };
                 }
             }
             for (e, &val) in acc.iter().enumerate() {
@@ -301,6 +366,48 @@ pub fn ew_cpu(op: &Ew, bufs: &mut [HostBuf]) -> Result<()> {
                 bail!("bad must be i32")
             };
             b[0] += bad;
+        }
+        Ew::ScatterAdd { n, v, c } => {
+            let (HostBuf::I32(order), HostBuf::I32(starts), HostBuf::I32(targets)) =
+                (&out[0], &out[1], &out[2])
+            else {
+                bail!("the scatter tables must be i32")
+            };
+            // Each row's table row, from the tables (checked, so a bad table is an error
+            // here rather than a wrong reference).
+            let mut row_of = vec![None; n];
+            for (s, &t) in targets.iter().enumerate().take(n.min(v)) {
+                let (a, b) = (starts[s], starts[s + 1]);
+                ensure!(
+                    0 <= a && a <= b && b as usize <= n,
+                    "scatter tables: segment {s} spans {a}..{b} of {n} rows"
+                );
+                if t < 0 {
+                    continue;
+                }
+                ensure!(
+                    (t as usize) < v,
+                    "scatter tables: segment {s} targets row {t} of {v}"
+                );
+                for &r in &order[a as usize..b as usize] {
+                    let slot = row_of.get_mut(r as usize).ok_or_else(|| {
+                        anyhow::anyhow!("scatter tables: row {r} of {n} in segment {s}")
+                    })?;
+                    ensure!(slot.is_none(), "scatter tables: row {r} in two segments");
+                    *slot = Some(t as usize);
+                }
+            }
+            let mut acc = f(&out[3]);
+            for (r, t) in row_of.iter().enumerate() {
+                if let Some(t) = *t {
+                    for j in 0..c {
+                        acc[t * c + j] += x[r * c + j];
+                    }
+                }
+            }
+            for (e, &val) in acc.iter().enumerate() {
+                put(&mut out[3], e, val);
+            }
         }
         Ew::ActFwd { n, act } => (0..n).for_each(|e| put(&mut out[0], e, gelu(x[e], act).0)),
         Ew::ActBwd { n, act } => {
@@ -376,8 +483,8 @@ pub fn random_buffers(op: &Ew, rng: &mut impl rand::Rng) -> Vec<HostBuf> {
         })
         .collect();
     match *op {
-        Ew::Gather { n, v, .. } | Ew::ScatterAdd { n, v, .. } => {
-            // Repeated rows (scatter must add), and one bad index when n > 2.
+        Ew::Gather { n, v, .. } => {
+            // Repeated rows, and one bad index when n > 2.
             let idx: Vec<i32> = (0..n)
                 .map(|r| {
                     if r == 1 && n > 2 {
@@ -388,9 +495,16 @@ pub fn random_buffers(op: &Ew, rng: &mut impl rand::Rng) -> Vec<HostBuf> {
                 })
                 .collect();
             bufs[1] = HostBuf::I32(idx);
-            if matches!(op, Ew::Gather { .. }) {
-                bufs[2].poison();
-            }
+            bufs[2].poison();
+        }
+        Ew::ScatterAdd { n, v, .. } => {
+            // Repeated rows (they must add up); rows of the table no index names keep their
+            // values.
+            let idx: Vec<i32> = (0..n).map(|_| rng.gen_range(0..v as i32)).collect();
+            let t = ScatterTables::new(&idx, v).expect("indices drawn below v");
+            bufs[1] = HostBuf::I32(t.order);
+            bufs[2] = HostBuf::I32(t.starts);
+            bufs[3] = HostBuf::I32(t.targets);
         }
         Ew::AxpbyF32 { b, .. } | Ew::AxpbyBf16 { b, .. } if b == 0.0 => bufs[1].poison(),
         Ew::AxpbyF32 { .. } | Ew::AxpbyBf16 { .. } => {}
@@ -519,6 +633,25 @@ mod tests {
             ew_cpu(&op, &mut bufs).unwrap();
             assert_eq!(bufs[1].to_f64(), vec![0.0; 37], "{} reference", op.name());
         }
+    }
+
+    /// Rows grouped by table row, each group in row order; unused segments empty at the end;
+    /// an index outside the table is an error naming its row.
+    #[test]
+    fn scatter_tables_group_rows_by_table_row_in_order() {
+        let t = ScatterTables::new(&[2, 0, 2, 2, 0], 4).unwrap();
+        assert_eq!(t.order, vec![1, 4, 0, 2, 3]);
+        assert_eq!(t.starts, vec![0, 2, 5, 5, 5]);
+        assert_eq!(t.targets, vec![0, 2, -1, -1]);
+        let t = ScatterTables::new(&[1, 1], 9).unwrap();
+        assert_eq!((t.starts, t.targets), (vec![0, 2, 2], vec![1, -1]));
+        let e = ScatterTables::new(&[0, 4], 4).unwrap_err();
+        assert!(format!("{e}").contains("row 1 names table row 4"), "{e}");
+        // The reference refuses tables that do not partition the rows.
+        let op = Ew::ScatterAdd { n: 3, v: 2, c: 4 };
+        let mut bufs = random_buffers(&op, &mut rng(3));
+        bufs[1] = HostBuf::I32(vec![0, 0, 2]);
+        assert!(ew_cpu(&op, &mut bufs).is_err());
     }
 
     #[test]

@@ -52,7 +52,7 @@ use super::arena::{Arena, Dtype, Layout, RegionId, Section};
 use crate::config::{Activation, NormPlacement};
 use anyhow::{anyhow, bail, ensure, Result};
 use mmkd_kernels::attention::{AttnShape, HEAD_DIM};
-use mmkd_kernels::elementwise::Ew;
+use mmkd_kernels::elementwise::{Ew, ScatterTables};
 use mmkd_kernels::exec::{Step, P};
 use mmkd_kernels::gemm::{
     choose_split_k, Activation as Epilogue, AuxUse, GemmLayout, GemmOpts, GemmPath, GemmShape,
@@ -220,6 +220,85 @@ pub(super) struct Buf {
     /// The kernel runs on past the region's end through the rest of its section (the
     /// section-wide weight cast).
     pub(super) span: bool,
+}
+
+/// The table regions of one embedding scatter-add ([`Ew::ScatterAdd`]): the segment tables
+/// ([`ScatterTables`]) of up to `n` rows into a table of `v` rows, which the host writes with
+/// the index table they are built from.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ScatterRegions {
+    order: RegionId,
+    starts: RegionId,
+    targets: RegionId,
+    v: usize,
+}
+
+impl ScatterRegions {
+    /// Adds the regions `{prefix}.order`, `.starts` and `.targets` to the tables section.
+    pub(super) fn add(lay: &mut Layout, prefix: &str, n: usize, v: usize) -> Result<Self> {
+        let u = n.min(v);
+        let mut add = |what: &str, len: usize| {
+            lay.add(
+                &format!("{prefix}.{what}"),
+                Section::Tables,
+                Dtype::I32,
+                len,
+            )
+        };
+        Ok(ScatterRegions {
+            order: add("order", n)?,
+            starts: add("starts", u + 1)?,
+            targets: add("targets", u)?,
+            v,
+        })
+    }
+
+    /// The scatter-add of the first `m` rows of `dout` (row width `c`) into `dtable`.
+    pub(super) fn plan(
+        &self,
+        pl: &mut Planner<'_>,
+        steps: &mut Vec<Step>,
+        m: usize,
+        c: usize,
+        dout: Option<Buf>,
+        dtable: Option<Buf>,
+    ) -> Result<()> {
+        let u = m.min(self.v);
+        let buf = |id, need| {
+            Some(Buf {
+                id,
+                off: 0,
+                need,
+                span: false,
+            })
+        };
+        pl.add(
+            steps,
+            Ew::ScatterAdd { n: m, v: self.v, c }.plan()?,
+            &[
+                dout,
+                buf(self.order, m),
+                buf(self.starts, u + 1),
+                buf(self.targets, u),
+                dtable,
+            ],
+        )
+    }
+
+    /// Writes the tables of `idx` (row i adds into table row `idx[i]`) at the start of the
+    /// regions; entries past them are never read by the plan of `idx.len()` rows.
+    pub(super) fn write(&self, arena: &mut Arena, idx: &[i32]) -> Result<()> {
+        let t = ScatterTables::new(idx, self.v)?;
+        for (id, mut v) in [
+            (self.order, t.order),
+            (self.starts, t.starts),
+            (self.targets, t.targets),
+        ] {
+            v.resize(arena.layout().region(id).len, 0);
+            arena.write_i32(id, &v)?;
+        }
+        Ok(())
+    }
 }
 
 /// Collects plans of single ops, renumbering each op's slots into one shared slot list.

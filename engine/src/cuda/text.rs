@@ -28,6 +28,7 @@
 use super::arena::{Arena, Dtype, Layout, RegionId, Section};
 use super::block::{
     cast_weights, packed_rows, packed_slot, BlockDims, Buf, CudaBlock, PackedSeq, Planner,
+    ScatterRegions,
 };
 use crate::config::{ModelConfig, NormPlacement, Pooling};
 use anyhow::{anyhow, bail, ensure, Result};
@@ -181,6 +182,9 @@ struct Regions {
     tokens: RegionId,
     pos_index: RegionId,
     type_index: RegionId,
+    /// The segment tables of the backward's scatter-adds into the word, position and token
+    /// type embeddings, written with each batch.
+    scatters: [ScatterRegions; 3],
     pool_rows: RegionId,
     dy_rows: RegionId,
     bad: RegionId,
@@ -255,6 +259,11 @@ impl CudaTextTower {
             let blk = CudaBlock::in_layout(bd, lay, &block_prefix(i), blocks.last())?;
             blocks.push(blk);
         }
+        let scatters = [
+            ScatterRegions::add(lay, "table.text.word_scatter", m, d.vocab)?,
+            ScatterRegions::add(lay, "table.text.pos_scatter", m, d.context)?,
+            ScatterRegions::add(lay, "table.text.type_scatter", m, d.type_vocab)?,
+        ];
         let (bfl, f32l, i32l) = (Dtype::Bf16, Dtype::F32, Dtype::I32);
         let mut add = |sec: Section, kind: &str, name: &str, dt: Dtype, n: usize| {
             lay.add(&format!("{kind}.text.{name}"), sec, dt, n)
@@ -309,6 +318,7 @@ impl CudaTextTower {
             tokens: add(t, "table", "tokens", i32l, m)?,
             pos_index: add(t, "table", "pos_rows", i32l, m)?,
             type_index: add(t, "table", "type_rows", i32l, m)?,
+            scatters,
             pool_rows: add(t, "table", "pool_rows", i32l, b)?,
             dy_rows: add(t, "table", "dy_rows", i32l, m)?,
             bad: add(t, "table", "bad_index_count", i32l, 1)?,
@@ -634,10 +644,10 @@ impl CudaTextTower {
                 part(r.part_emb, 0, backward_scratch_len(ln_m)),
             ],
         )?;
-        for (p, v, idx) in [
-            (Tp::Word, d.vocab, r.tokens),
-            (Tp::Pos, d.context, r.pos_index),
-            (Tp::Type, d.type_vocab, r.type_index),
+        for (p, v, scatter) in [
+            (Tp::Word, d.vocab, &r.scatters[0]),
+            (Tp::Pos, d.context, &r.scatters[1]),
+            (Tp::Type, d.type_vocab, &r.scatters[2]),
         ] {
             // Cleared (a = b = 0 reads nothing: the gradient may hold anything), then the
             // rows' gradients added.
@@ -651,11 +661,7 @@ impl CudaTextTower {
                 .plan()?,
                 &[gr(p), gr(p)],
             )?;
-            pl.add(
-                bwd,
-                Ew::ScatterAdd { n: m, v, c: w }.plan()?,
-                &[rows(r.ds_emb, w), rows(idx, 1), gr(p), bad],
-            )?;
+            scatter.plan(&mut pl, bwd, m, w, rows(r.ds_emb, w), gr(p))?;
         }
         Ok(Plans {
             slots: pl.slots,
@@ -831,6 +837,11 @@ impl CudaTextTower {
         for (i, &p) in pool.iter().enumerate() {
             dy_rows[p] = idx(i);
         }
+        // The backward's scatter-adds read segment tables built from the same indices.
+        let types = vec![0; m];
+        for (scatter, idx) in self.r.scatters.iter().zip([&tok, &pos, &types]) {
+            scatter.write(arena, idx)?;
+        }
         // `(B·L)` tables are written whole: past the m entries of this batch they hold index 0
         // (in range, never read).
         let r = &self.r;
@@ -840,7 +851,7 @@ impl CudaTextTower {
         };
         rows(r.tokens, tok)?;
         rows(r.pos_index, pos)?;
-        rows(r.type_index, vec![0; m])?;
+        rows(r.type_index, types)?;
         rows(r.dy_rows, dy_rows)?;
         arena.write_i32(r.pool_rows, &pool.into_iter().map(idx).collect::<Vec<_>>())?;
         arena.write_i32(r.bad, &[0])?;

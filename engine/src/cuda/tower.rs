@@ -22,7 +22,7 @@
 //! Gradients are overwritten by each backward.
 
 use super::arena::{Arena, Dtype, Layout, RegionId, Section};
-use super::block::{cast_weights, BlockDims, Buf, CudaBlock, Planner};
+use super::block::{cast_weights, BlockDims, Buf, CudaBlock, Planner, ScatterRegions};
 use crate::config::{ModelConfig, NormPlacement};
 use anyhow::{anyhow, ensure, Result};
 use mmkd_kernels::elementwise::Ew;
@@ -155,6 +155,10 @@ struct Regions {
     im2col: RegionId,
     token_rows: RegionId,
     pos_index: RegionId,
+    /// The segment tables of the backward's two scatter-adds: into the token rows (patches
+    /// and the shared class token) and into the positional embedding.
+    token_scatter: ScatterRegions,
+    pos_scatter: ScatterRegions,
     cls_rows: RegionId,
     dy_rows: RegionId,
     bad: RegionId,
@@ -237,6 +241,8 @@ impl CudaImageTower {
             .first()
             .and_then(CudaBlock::split_workspace)
             .filter(|&id| lay.region(id).len >= patch_split);
+        let token_scatter = ScatterRegions::add(lay, "table.visual.token_scatter", m, b * np + 1)?;
+        let pos_scatter = ScatterRegions::add(lay, "table.visual.pos_scatter", m, l)?;
         let (bfl, f32l) = (Dtype::Bf16, Dtype::F32);
         let mut add = |sec: Section, kind: &str, name: &str, dt: Dtype, n: usize| {
             lay.add(&format!("{kind}.visual.{name}"), sec, dt, n)
@@ -291,6 +297,8 @@ impl CudaImageTower {
             )?,
             token_rows: add(t, "table", "token_rows", Dtype::I32, m)?,
             pos_index: add(t, "table", "pos_rows", Dtype::I32, m)?,
+            token_scatter,
+            pos_scatter,
             cls_rows: add(t, "table", "cls_rows", Dtype::I32, b)?,
             dy_rows: add(t, "table", "dy_rows", Dtype::I32, m)?,
             bad: add(t, "table", "bad_index_count", Dtype::I32, 1)?,
@@ -589,16 +597,8 @@ impl CudaImageTower {
             .plan()?,
             &[whole(r.dtokens), whole(r.dtokens)],
         )?;
-        pl.add(
-            bwd,
-            Ew::ScatterAdd {
-                n: m,
-                v: b * np + 1,
-                c: w,
-            }
-            .plan()?,
-            &[whole(r.ds_pre), whole(r.token_rows), whole(r.dtokens), bad],
-        )?;
+        r.token_scatter
+            .plan(&mut pl, bwd, m, w, whole(r.ds_pre), whole(r.dtokens))?;
         pl.add(
             bwd,
             Ew::AxpbyF32 {
@@ -609,11 +609,8 @@ impl CudaImageTower {
             .plan()?,
             &[gr(Tp::Pos), gr(Tp::Pos)],
         )?;
-        pl.add(
-            bwd,
-            Ew::ScatterAdd { n: m, v: l, c: w }.plan()?,
-            &[whole(r.ds_pre), whole(r.pos_index), gr(Tp::Pos), bad],
-        )?;
+        r.pos_scatter
+            .plan(&mut pl, bwd, m, w, whole(r.ds_pre), gr(Tp::Pos))?;
         pl.add(
             bwd,
             Ew::AxpbyF32 {
@@ -764,6 +761,8 @@ impl CudaImageTower {
         arena.write_i32(r.im2col, &im2col)?;
         arena.write_i32(r.token_rows, &token_rows)?;
         arena.write_i32(r.pos_index, &pos_rows)?;
+        r.token_scatter.write(arena, &token_rows)?;
+        r.pos_scatter.write(arena, &pos_rows)?;
         arena.write_i32(r.cls_rows, &cls_rows)?;
         arena.write_i32(r.dy_rows, &dy_rows)?;
         arena.write_i32(r.bad, &[0])?;
