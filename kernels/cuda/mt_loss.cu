@@ -225,6 +225,9 @@ MMKD_KERNEL void mtl_row_stats(const float* __restrict__ A,     // (N, D)
         return;
     }
     for (int e = threadIdx.x; e < D; e += blockDim.x) a[e] = A[i * D + e];
+    // NaN until row i's own column is seen: were it ever skipped, the loss would be NaN (which
+    // stops the step) instead of reading what an earlier block left here.
+    if (threadIdx.x == 0) zdiag[0] = __uint_as_float(0x7fc00000u);
     __syncthreads();
     const float* Bk = B + k * N * D;
     float m = __uint_as_float(0xff800000u), l = 0.0f;  // running max (−inf) and sum
