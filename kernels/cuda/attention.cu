@@ -47,9 +47,11 @@
 // covers the longest).
 // Dynamic shared memory: ATTN_SMEM_BYTES (attn_fwd), ATTN_DQ_SMEM_BYTES, ATTN_DKDV_SMEM_BYTES.
 //
-// Test-only variant: MMKD_ATTN_BROKEN_RESCALE drops the online-softmax rescale of the running
-// output when the row maximum grows (right for a single key tile, wrong beyond it).
+// Test-only variants: MMKD_ATTN_BROKEN_RESCALE drops the online-softmax rescale of the running
+// output when the row maximum grows (right for a single key tile, wrong beyond it);
+// MMKD_ATTN_NO_REFILL_BARRIER drops attn_fwd's barrier before a key/value buffer is refilled.
 // mmkd-emu-variant: broken_rescale MMKD_ATTN_BROKEN_RESCALE
+// mmkd-emu-variant: no_refill_barrier MMKD_ATTN_NO_REFILL_BARRIER
 #include "prelude.cuh"
 
 #define ATTN_D 64
@@ -330,7 +332,9 @@ MMKD_KERNEL void attn_fwd(const mmkd_bf16* __restrict__ q,  // (rows, ldqkv)
         unsigned pf[4][4];
         attn_acc_to_a(pf, sacc);
         attn_mma_nn(oacc, pf, vs, nb);
+#ifndef MMKD_ATTN_NO_REFILL_BARRIER
         __syncthreads();  // the next iteration's prefetch overwrites this buffer's partner
+#endif
     }
     cp_async_wait_all();  // the q tile is in flight when there is no key tile
 

@@ -84,10 +84,15 @@ struct Warp {
     uint32_t snap[32][8];
 };
 
-// Fiber order policy: 0 forward, 1 reverse, 2 seeded shuffle (per block).
+// Fiber order policy: 0 forward, 1 reverse, 2 seeded shuffle (per block): each pass resumes every
+// runnable thread once, so the warps of a block advance about one warp operation per pass.
+// 3 greedy: always the first runnable thread, so warp 0 runs as far ahead of the others as the
+// barriers allow, then warp 1, and so on. `eager_copies`: each cp.async lands when it is issued
+// instead of at the wait that covers it.
 struct Schedule {
     int mode = -1;
     uint64_t seed = 0;
+    bool eager_copies = false;
 };
 
 struct Block {
@@ -112,6 +117,7 @@ struct Block {
     std::vector<uint32_t> generic_writer;
     std::unordered_map<uintptr_t, MBar> mbars;
     bool failed = false;
+    bool greedy = false;  // schedule 3
 };
 
 constexpr size_t kStackBytes = 256 * 1024;
@@ -333,6 +339,7 @@ bool run_block(Block& b, std::vector<char*>& stacks) {
 #endif
             if (b.failed) return false;
             progress = true;
+            if (b.greedy) break;  // rescan from the first thread
         }
         if (b.live == 0) {
             // A tensor copy still in flight when the block ends writes into freed shared memory.
@@ -417,6 +424,10 @@ const uint32_t (*warp_exchange(int tag, unsigned mask, const uint32_t* words, in
     return w.snap;
 }
 
+// A copy lands, by default, at the wait that covers it: the latest the hardware allows, so a
+// read before that wait sees stale data. With eager copies it lands when issued, the earliest:
+// a copy into a buffer that another warp still reads (a missing barrier before a refill) then
+// changes what that warp reads. Correct kernels give the same results either way.
 void cp_async(void* dst, const void* src, int bytes) {
     if (reinterpret_cast<uintptr_t>(dst) % bytes || reinterpret_cast<uintptr_t>(src) % bytes)
         fail("cp.async: address not aligned to the copy size");
@@ -425,6 +436,11 @@ void cp_async(void* dst, const void* src, int bytes) {
     if (d >= b.dyn_smem && d < b.dyn_smem + b.dyn_bytes && !b.wg_reads.empty() &&
         b.wg_reads[(size_t)(d - b.dyn_smem) / 16] != 0)
         fail("cp.async into shared memory that an unfinished wgmma reads");
+    if (g_schedule.eager_copies) {
+        std::memcpy(dst, src, (size_t)bytes);
+        generic_write(dst, bytes);
+        return;
+    }
     g_fiber->open.push_back(Copy{dst, src, bytes});
 }
 void cp_async_commit() {
@@ -874,6 +890,7 @@ const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
     for (auto& s : stacks) s = static_cast<char*>(std::malloc(kStackBytes));
     Schedule sch = current_schedule();
     uint64_t rng = sch.seed;
+    b.greedy = sch.mode == 3;
     bool ok = true;
     g_block = &b;
     for (unsigned z = 0; z < gd.z && ok; ++z)
@@ -905,10 +922,12 @@ const char* run_grid(const LaunchCfg* cfg, void (*body)(void*), void* ctx) {
 }  // namespace mmkd_emu
 
 /// Sets the fiber order for launches on this OS thread: 0 forward, 1 reverse, 2 shuffled by
-/// `seed`; -1 returns to the default (MMKD_EMU_SCHEDULE, else forward).
-extern "C" void mmkd_emu_set_schedule(int mode, uint64_t seed) {
+/// `seed`; -1 returns to the default (MMKD_EMU_SCHEDULE, else forward). `eager_copies` != 0:
+/// cp.async copies land when issued.
+extern "C" void mmkd_emu_set_schedule(int mode, uint64_t seed, int eager_copies) {
     mmkd_emu::g_schedule.mode = mode;
     mmkd_emu::g_schedule.seed = seed;
+    mmkd_emu::g_schedule.eager_copies = eager_copies != 0;
 }
 
 /// Marks host memory off limits to instrumented code (on != 0) or back in bounds; a no-op

@@ -1355,6 +1355,38 @@ mod tests {
         }
     }
 
+    /// Copies landing when issued (`Emu::with_eager_copies`) give the same results as copies
+    /// landing at their wait, forward and backward, whatever the thread order, the greedy one
+    /// (warp 0 as far ahead as the barriers allow) included. Without the barrier before a
+    /// key tile's buffer is refilled, warp 0 runs ahead under the greedy order and refills
+    /// the buffer the other warps still read: the forward goes wrong (the round-robin orders
+    /// keep the warps in step and miss it).
+    #[test]
+    fn eager_copies_and_a_greedy_order_catch_a_missing_refill_barrier() {
+        let sh = shape(2, 1, 256, false);
+        let seed = fresh_seed();
+        let i = inputs(&sh, seed);
+        let sl = [256, 200];
+        let f = forward(&sh, &i, Some(&sl), Some(&Emu::default()));
+        let g = backward(&sh, &i, &f, Some(&sl), Some(&Emu::default()));
+        for sched in [
+            Schedule::Greedy,
+            Schedule::Reverse,
+            Schedule::Shuffled(seed),
+        ] {
+            let e = Emu::default().with_schedule(sched).with_eager_copies();
+            let what = format!("{sched:?}, eager copies, seed {seed}");
+            assert_eq!(forward(&sh, &i, Some(&sl), Some(&e)).0, f.0, "{what}");
+            assert_eq!(backward(&sh, &i, &f, Some(&sl), Some(&e)), g, "{what}");
+        }
+        let broken = Emu::variant("no_refill_barrier")
+            .with_schedule(Schedule::Greedy)
+            .with_eager_copies();
+        let got = forward(&sh, &i, Some(&sl), Some(&broken));
+        let e = rel_err(&bf16_to_f64(&got.0), &bf16_to_f64(&f.0));
+        assert!(e > 1e-2, "seed {seed}: the missing barrier passed ({e})");
+    }
+
     /// Without the online rescale the forward is right for one key tile only; across two it
     /// must fail the comparison the real kernel passes.
     #[test]

@@ -23,7 +23,7 @@ macro_rules! emu_kernels {
     ($($name:literal => $sym:ident,)*) => {
         extern "C" {
             $(fn $sym(cfg: *const EmuLaunchCfg, args: *mut *mut c_void) -> *const c_char;)*
-            fn mmkd_emu_set_schedule(mode: i32, seed: u64);
+            fn mmkd_emu_set_schedule(mode: i32, seed: u64, eager_copies: i32);
             fn mmkd_emu_poison(ptr: *const c_void, bytes: usize, on: i32);
         }
         /// Every emulated entry point: `kernel` or `variant:kernel`.
@@ -134,6 +134,7 @@ emu_kernels! {
     "attn_bwd_dkdv" => mmkd_emu_attn_bwd_dkdv,
     "attn_bwd_dq" => mmkd_emu_attn_bwd_dq,
     "broken_rescale:attn_fwd" => mmkd_emu_broken_rescale_attn_fwd,
+    "no_refill_barrier:attn_fwd" => mmkd_emu_no_refill_barrier_attn_fwd,
 }
 
 /// True when the emulated kernels are instrumented with AddressSanitizer (built with
@@ -174,6 +175,11 @@ pub enum Schedule {
     Reverse,
     /// A shuffled order per block, reproducible from the seed.
     Shuffled(u64),
+    /// Always the first runnable thread: warp 0 runs as far ahead of the others as the
+    /// barriers allow (the orders above advance every warp about one warp operation per
+    /// round), so a shared buffer refilled without a barrier shows, with
+    /// [`Emu::with_eager_copies`], as a wrong result.
+    Greedy,
 }
 
 /// Handle for launching emulated kernels. `Emu::default()` runs the normal build of each
@@ -182,6 +188,7 @@ pub enum Schedule {
 pub struct Emu {
     variant: Option<&'static str>,
     schedule: Option<Schedule>,
+    eager_copies: bool,
 }
 
 impl Emu {
@@ -189,7 +196,7 @@ impl Emu {
     pub fn variant(name: &'static str) -> Self {
         Emu {
             variant: Some(name),
-            schedule: None,
+            ..Emu::default()
         }
     }
 
@@ -197,6 +204,17 @@ impl Emu {
     pub fn with_schedule(self, schedule: Schedule) -> Self {
         Emu {
             schedule: Some(schedule),
+            ..self
+        }
+    }
+
+    /// The same handle with every `cp.async` landing when it is issued rather than at the
+    /// wait that covers it (the default, which makes a read before the wait see stale data).
+    /// Landing early makes a refill of a buffer that another warp still reads (a missing
+    /// barrier) change what it reads; a correct kernel gives the same results both ways.
+    pub fn with_eager_copies(self) -> Self {
+        Emu {
+            eager_copies: true,
             ..self
         }
     }
@@ -246,14 +264,15 @@ impl Emu {
             Some(Schedule::Forward) => (0, 0),
             Some(Schedule::Reverse) => (1, 0),
             Some(Schedule::Shuffled(s)) => (2, s),
+            Some(Schedule::Greedy) => (3, 0),
         };
-        // SAFETY: the schedule setter only stores two thread-local values; `entry` reads
+        // SAFETY: the schedule setter only stores thread-local values; `entry` reads
         // `ptrs.len()` parameter slots, each valid for the kernel's parameter type (4 or 8
         // bytes, little-endian), and the pointers are valid per this function's contract.
         let err = unsafe {
-            mmkd_emu_set_schedule(mode, seed);
+            mmkd_emu_set_schedule(mode, seed, i32::from(self.eager_copies));
             let e = entry(&cfg, ptrs.as_mut_ptr());
-            mmkd_emu_set_schedule(-1, 0);
+            mmkd_emu_set_schedule(-1, 0, 0);
             e
         };
         if err.is_null() {

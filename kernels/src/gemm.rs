@@ -1346,12 +1346,24 @@ mod tests {
         assert_order_free(&case(sh, false, false, true, seed), seed);
     }
 
-    /// The same results bit for bit under the reverse and a shuffled thread order.
+    /// The same results bit for bit under the reverse, a shuffled and the greedy thread order,
+    /// and with the cp.async copies landing when issued (the pipeline refills no stage that a
+    /// warp running ahead could still read).
     fn assert_order_free(c: &Case, seed: u64) {
         let first = run(c, Some(&Emu::default()));
-        for sched in [Schedule::Reverse, Schedule::Shuffled(seed)] {
+        for sched in [
+            Schedule::Reverse,
+            Schedule::Shuffled(seed),
+            Schedule::Greedy,
+        ] {
             let got = run(c, Some(&Emu::default().with_schedule(sched)));
             assert_eq!(got, first, "{sched:?} seed {seed}");
+            let eager = Emu::default().with_schedule(sched).with_eager_copies();
+            assert_eq!(
+                run(c, Some(&eager)),
+                first,
+                "{sched:?}, eager copies, seed {seed}"
+            );
         }
     }
 
@@ -1627,7 +1639,8 @@ mod tests {
     type LayoutCase = (usize, usize, usize, usize, Activation, bool, bool, bool);
 
     /// Every layout of every case on `path` against the reference; the second case also
-    /// under two other thread orders; `extra` runs more checks on each case.
+    /// under three other thread orders, with copies landing late and early
+    /// (`assert_order_free`); `extra` runs more checks on each case.
     fn check_layouts(path: GemmPath, cases: &[LayoutCase], extra: impl Fn(&Case)) {
         for layout in LAYOUTS {
             for (i, &(batch, m, n, k, act, bias, res, f32o)) in cases.iter().enumerate() {
