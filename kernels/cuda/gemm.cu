@@ -192,8 +192,9 @@ MMKD_DEVICE void gemm_body(const mmkd_bf16* __restrict__ A,    // see the table 
     // adjacent in memory and aligned.
     const int g = lane / 4, t = lane % 4;
     const long cbase = z * sc;
-    const bool cpair = ldc % 2 == 0 && (reinterpret_cast<unsigned long long>(C) &
-                                        (out_f32 ? 7ull : 3ull)) == 0;
+    // The batch offset must keep pairs aligned too (z·sc is even for every shape used today).
+    const bool cpair = ldc % 2 == 0 && cbase % 2 == 0 &&
+                       (reinterpret_cast<unsigned long long>(C) & (out_f32 ? 7ull : 3ull)) == 0;
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll

@@ -189,6 +189,7 @@ MMKD_DEVICE void ws_body(const mmkd_tensor_map* ta, const mmkd_tensor_map* tb,
         wgmma_hold_n<128>(acc);
 #ifndef MMKD_WS_EARLY_RELEASE
         __syncwarp();
+        // (KT ≥ 1: the launcher refuses K = 0, which would name empty[−1] here.)
         if (lane == 0) mbarrier_arrive(&empty[(i - 1) % WS_STAGES]);
 #endif
         if (sum_bias) wg_dbias_store(db, dbias + (long)z * M, m0, M, ct);

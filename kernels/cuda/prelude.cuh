@@ -410,8 +410,9 @@ MMKD_DEVICE void wg_epilogue(const float* acc, int m0, int n0, int wg, long cbas
                              mmkd_bf16* __restrict__ aux, void* __restrict__ C, int act,
                              int out_f32) {
     const int w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-    const bool cpair = ldc % 2 == 0 && (reinterpret_cast<unsigned long long>(C) &
-                                        (out_f32 ? 7ull : 3ull)) == 0;
+    // The batch offset must keep pairs aligned too (even for every shape used today).
+    const bool cpair = ldc % 2 == 0 && cbase % 2 == 0 &&
+                       (reinterpret_cast<unsigned long long>(C) & (out_f32 ? 7ull : 3ull)) == 0;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = m0 + wg * 64 + 16 * w + g + h * 8;
