@@ -463,6 +463,10 @@ void generic_write(const void* p, int bytes) {
     Fiber& f = *g_fiber;
     const size_t first = (size_t)(q - b.dyn_smem) / 16, last = ((size_t)(q - b.dyn_smem) + bytes - 1) / 16;
     for (size_t c = first; c <= last && c < b.generic_writer.size(); ++c) {
+        // A store (or a landing copy) into operands an issued wgmma has not read yet: the
+        // product may see either value on the hardware.
+        if (c < b.wg_reads.size() && b.wg_reads[c] != 0)
+            fail("store into shared memory that an unfinished wgmma reads");
         b.generic_writer[c] = f.linear + 1;
         f.unfenced.push_back((uint32_t)c);
     }

@@ -1704,6 +1704,27 @@ mod tests {
                 let e = variant_error(variant, GemmPath::Wgmma, &c);
                 assert!(e.contains("unfinished wgmma"), "{layout:?} {variant}: {e}");
             }
+            // Misaligned operands go into shared memory by plain stores (the element path),
+            // which the emulation checks against unfinished products too.
+            let (pa, pb) = (shifted(&c.a), shifted(&c.b));
+            let mut out = vec![BF16_POISON; sh.lens().2];
+            let e = gemm_emu_on(
+                &Emu::variant("ahead3"),
+                GemmPath::Wgmma,
+                &sh,
+                &pa[1..],
+                &pb[1..],
+                None,
+                Aux::None,
+                GemmOut::Bf16(&mut out),
+                None,
+            )
+            .expect_err("ahead3 on the element path");
+            let e = format!("{e:#}");
+            assert!(
+                e.contains("store into shared memory that an unfinished wgmma"),
+                "{layout:?}: {e}"
+            );
         }
     }
 
