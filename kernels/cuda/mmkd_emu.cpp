@@ -224,6 +224,7 @@ Schedule current_schedule() {
     if (const char* e = std::getenv("MMKD_EMU_SCHEDULE")) {
         std::string v(e);
         if (v == "reverse") s.mode = 1;
+        else if (v == "greedy") s.mode = 3;
         else if (v.rfind("seed:", 0) == 0) {
             s.mode = 2;
             s.seed = std::strtoull(v.c_str() + 5, nullptr, 10);
