@@ -135,6 +135,9 @@ run() {
 
   step device 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
   echo "MMKD_NVRTC_PATH=${MMKD_NVRTC_PATH:-<search>}" >> "$out/device.log"
+  # The machine's runtime (gVisor reports kernel 4.4.0): what profilers and checkers work there
+  # differs (the device library's KINDS.md).
+  echo "kernel: $(uname -r)" >> "$out/device.log"
   step kernels_check 90 sh -c "'$bin' kernels check --json > '$out/kernels_check.json'"
   step selftest 120 "$bin" selftest --device cuda --json "$out/selftest.json"
   step torch_loss_bench 45 python3 "$here/torch_loss_bench.py" --json "$out/torch_loss_bench.json"
