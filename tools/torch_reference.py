@@ -197,6 +197,18 @@ def attention(q, k, v, heads: int, key_mask, causal: bool):
     return o.transpose(1, 2).reshape(b, l, w)
 
 
+def valid_rows(lengths: list[int], width: int) -> torch.Tensor:
+    """(T,) int64: the index of each valid token in a (B, width) row-major layout, captions
+    in order."""
+    return torch.cat([torch.arange(n) + i * width for i, n in enumerate(lengths)])
+
+
+def pack_tokens(tokens: torch.Tensor, lengths: list[int]):
+    """The valid tokens of host rows `tokens` (B, W) back to back, and their positions."""
+    rows = valid_rows(lengths, tokens.shape[1])
+    return tokens.reshape(-1)[rows], rows % tokens.shape[1]
+
+
 class Packed:
     """The valid tokens of a caption batch back to back, as mmkd's text tower runs them.
 
@@ -210,8 +222,7 @@ class Packed:
             cu.append(cu[-1] + n)
         self.total = cu[-1]
         self.cu = torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)
-        rows = torch.cat([torch.arange(n) + i * self.max_len for i, n in enumerate(lengths)])
-        self.rows = rows.to(device, non_blocking=True)
+        self.rows = valid_rows(lengths, self.max_len).to(device, non_blocking=True)
         lens = torch.tensor(lengths, dtype=torch.int64).to(device, non_blocking=True)
         self.key_mask = torch.arange(self.max_len, device=device)[None, :] < lens[:, None]
 
@@ -636,9 +647,7 @@ def bench(args) -> dict:
         images = (images_u8.to(dev, non_blocking=True).float() / 255.0 - mean) / std
         if packed:
             layout = Packed(lengths, dev)
-            rows = torch.cat([torch.arange(n) + i * ctx for i, n in enumerate(lengths)])
-            tok = tokens_all.view(-1)[rows]
-            pos = rows % ctx
+            tok, pos = pack_tokens(tokens_all, lengths)
             if dev.type == "cuda":
                 tok, pos = tok.pin_memory(), pos.pin_memory()
             text = (tok.to(dev, non_blocking=True), pos.to(dev, non_blocking=True), layout)
@@ -836,10 +845,8 @@ def parity(args) -> dict:
                    batch["teacher_mask"].bool())
     text = (tokens, lengths)
     if args.text_layout == "packed":
-        layout = Packed(lengths.tolist(), torch.device("cpu"))
-        rows = torch.cat([torch.arange(int(n)) + i * tokens.shape[1]
-                          for i, n in enumerate(lengths)])
-        text = (tokens.reshape(-1)[rows], rows % tokens.shape[1], layout)
+        lens = lengths.tolist()
+        text = (*pack_tokens(tokens, lens), Packed(lens, torch.device("cpu")))
     with torch.no_grad():
         model.double()
         task, fd, icl, total = loss_parts(
