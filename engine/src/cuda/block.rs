@@ -253,6 +253,11 @@ impl ScatterRegions {
         })
     }
 
+    /// Rows of the table the scatter-add writes into.
+    pub(super) fn table_rows(&self) -> usize {
+        self.v
+    }
+
     /// The scatter-add of the first `m` rows of `dout` (row width `c`) into `dtable`.
     pub(super) fn plan(
         &self,

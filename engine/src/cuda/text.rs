@@ -644,17 +644,14 @@ impl CudaTextTower {
                 part(r.part_emb, 0, backward_scratch_len(ln_m)),
             ],
         )?;
-        for (p, v, scatter) in [
-            (Tp::Word, d.vocab, &r.scatters[0]),
-            (Tp::Pos, d.context, &r.scatters[1]),
-            (Tp::Type, d.type_vocab, &r.scatters[2]),
-        ] {
+        // In the order of `r.scatters`.
+        for (p, scatter) in [Tp::Word, Tp::Pos, Tp::Type].into_iter().zip(&r.scatters) {
             // Cleared (a = b = 0 reads nothing: the gradient may hold anything), then the
             // rows' gradients added.
             pl.add(
                 bwd,
                 Ew::AxpbyF32 {
-                    n: v * w,
+                    n: scatter.table_rows() * w,
                     a: 0.0,
                     b: 0.0,
                 }
