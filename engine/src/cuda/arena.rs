@@ -6,6 +6,7 @@
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use half::bf16;
+use mmkd_kernels::device::DtohSynced;
 use mmkd_kernels::exec::{self, Backend, Step};
 use mmkd_kernels::testing::BF16_POISON;
 use mmkd_kernels::{Emu, Gpu};
@@ -421,16 +422,10 @@ impl Arena {
         let (off, n, name) = (r.offset, r.len * r.dtype.bytes(), r.name.clone());
         match &mut self.mem {
             Mem::Host { buf, .. } => Ok(Self::host_bytes(buf)[off..off + n].to_vec()),
-            Mem::Device { gpu, buf, .. } => {
-                let mut out = vec![0u8; n];
-                let src = buf.slice(off..off + n);
-                let st = gpu.stream();
-                st.memcpy_dtoh(&src, &mut out)
-                    .map_err(|e| anyhow!("copy from arena region `{name}`: {e:?}"))?;
-                st.synchronize()
-                    .map_err(|e| anyhow!("waiting for arena region `{name}`: {e:?}"))?;
-                Ok(out)
-            }
+            Mem::Device { gpu, buf, .. } => gpu
+                .stream()
+                .dtoh_synced(&buf.slice(off..off + n))
+                .map_err(|e| anyhow!("copy from arena region `{name}`: {e:?}")),
         }
     }
 
